@@ -1,0 +1,349 @@
+"""Messages that actors exchange over the bus (msgspec Structs, msgpack on the wire).
+
+Per-token arrays (token ids, logprobs, loss mask, policy versions) travel as
+compact typed buffers — a msgpack extension holding the raw little-endian bytes
+— and come back as read-only numpy arrays of a fixed dtype:
+
+=============  ========  =================================================
+field          dtype     meaning
+=============  ========  =================================================
+``tokens``     int32     prompt + response token ids, in the order the engine saw them
+``loss_mask``  uint8     1 = a model token to train on, 0 = prompt / tool / env token
+``logprobs``   float32   behaviour logprob of each token under the policy that sampled it (0 where mask is 0)
+``versions``   int32     policy version that produced each token (-1 for tokens the model did not sample)
+=============  ========  =================================================
+
+Every message carries ``schema``; :func:`decode` refuses a message whose schema
+is newer than :data:`SCHEMA_VERSION` with :class:`~agentrl.errors.SchemaVersionError`
+and any other malformed input with :class:`~agentrl.errors.DecodeError`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from agentrl.errors import DecodeError, SchemaVersionError
+
+__all__ = [
+    "NOT_SAMPLED",
+    "SCHEMA_VERSION",
+    "ChatMessage",
+    "Event",
+    "Message",
+    "PartialRollout",
+    "SamplingParams",
+    "Task",
+    "Trajectory",
+    "TrajectoryStatus",
+    "Turn",
+    "WeightUpdate",
+    "decode",
+    "encode",
+    "new_id",
+]
+
+SCHEMA_VERSION = 1
+NOT_SAMPLED = -1  # the version of tokens the policy did not produce (prompt, tool output)
+
+_EXT_ARRAY = 1
+_DTYPE_CODES: dict[str, int] = {"<i4": 1, "<f4": 2, "|u1": 3, "<i8": 4, "<f8": 5}
+_CODE_DTYPES = {code: np.dtype(name) for name, code in _DTYPE_CODES.items()}
+
+TrajectoryStatus = Literal["completed", "truncated", "aborted", "failed"]
+
+IntArray = npt.NDArray[np.int32]
+FloatArray = npt.NDArray[np.float32]
+MaskArray = npt.NDArray[np.uint8]
+
+
+def new_id() -> str:
+    """A fresh random id (32 hex chars), used for tasks, groups and trajectories."""
+    return uuid.uuid4().hex
+
+
+def as_array(value: Any, dtype: str, field: str) -> np.ndarray:
+    """Coerce ``value`` (array, list, buffer) to a 1-D little-endian array of ``dtype``; names ``field`` on error."""
+    try:
+        arr = np.asarray(value, dtype=np.dtype(dtype))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{field}: cannot convert to {dtype} array: {exc}") from exc
+    if arr.ndim != 1:
+        raise ValueError(f"{field}: expected a 1-D array, got shape {arr.shape}")
+    return arr
+
+
+# ---------------------------------------------------------------- wire format
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        dt = obj.dtype.newbyteorder("<") if obj.dtype.byteorder == ">" else obj.dtype
+        code = _DTYPE_CODES.get(dt.str)
+        if code is None or obj.ndim != 1:
+            raise TypeError(f"cannot encode array of dtype {obj.dtype} and shape {obj.shape}")
+        data = np.ascontiguousarray(obj, dtype=dt).tobytes()
+        return msgspec.msgpack.Ext(_EXT_ARRAY, bytes([code]) + data)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot encode objects of type {type(obj).__name__}")
+
+
+def _ext_hook(code: int, data: memoryview) -> Any:
+    if code != _EXT_ARRAY or len(data) < 1:
+        raise ValueError(f"unknown msgpack extension code {code}")
+    dtype = _CODE_DTYPES.get(data[0])
+    if dtype is None:
+        raise ValueError(f"unknown array dtype code {data[0]}")
+    body = data[1:]
+    if len(body) % dtype.itemsize:
+        raise ValueError(f"array buffer of {len(body)} bytes is not a multiple of {dtype.itemsize}")
+    # bytes(body) copies once so the array owns its memory and does not pin the whole message.
+    return np.frombuffer(bytes(body), dtype=dtype)
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is np.ndarray:
+        if isinstance(obj, np.ndarray):
+            return obj
+        raise ValueError(f"expected a typed array buffer, got {type(obj).__name__}")
+    raise NotImplementedError(f"cannot decode into {typ}")
+
+
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+
+
+# ---------------------------------------------------------------- structs
+
+
+class Message(msgspec.Struct, kw_only=True, tag_field="msg", tag=True):
+    """Base of every bus message: carries the schema version it was written with."""
+
+    schema: int = SCHEMA_VERSION
+
+
+class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One chat turn in OpenAI form."""
+
+    role: str
+    content: str = ""
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """SGLang sampling parameters; ``None`` means the engine default."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    sampling_seed: int | None = None
+
+    def to_sglang(self) -> dict[str, Any]:
+        """The ``sampling_params`` object of an SGLang ``/generate`` request."""
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return {k: v for k, v in out.items() if v is not None}
+
+
+class Turn(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One entry of a trajectory's turn log: a model call, a tool call, or an error."""
+
+    kind: str  # "model" | "tool" | "env" | "error"
+    start: int = 0  # first token index of this turn within Trajectory.tokens
+    end: int = 0  # one past the last token index
+    text: str = ""
+    tool: str | None = None
+    reward: float | None = None
+    finish_reason: str | None = None
+    seconds: float = 0.0
+    info: dict[str, Any] = {}
+
+
+class PartialRollout(msgspec.Struct, kw_only=True):
+    """What an aborted episode had produced, so it can resume token for token."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    logprobs: np.ndarray
+    versions: np.ndarray
+    prompt_len: int
+    turns: list[Turn] = []
+    state: dict[str, Any] = {}  # agent-defined resume state (e.g. turn counter)
+
+    def __post_init__(self) -> None:
+        _align(self, "partial rollout")
+
+
+class Task(Message, kw_only=True):
+    """One episode to run: delivered to exactly one agent worker through the work queue."""
+
+    id: str
+    group_id: str
+    group_size: int = 1
+    index_in_group: int = 0
+    prompt: list[ChatMessage] | None = None
+    prompt_ids: np.ndarray | None = None
+    env: str = ""
+    env_args: dict[str, Any] = {}
+    label: Any = None
+    metadata: dict[str, Any] = {}
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    attempt: int = 0
+    admitted_version: int = 0
+    is_eval: bool = False
+    partial: PartialRollout | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt is None and self.prompt_ids is None:
+            raise ValueError(f"task {self.id}: needs `prompt` (chat messages) or `prompt_ids`")
+        if self.prompt_ids is not None:
+            self.prompt_ids = as_array(self.prompt_ids, "<i4", "prompt_ids")
+        if self.group_size < 1 or not 0 <= self.index_in_group < self.group_size:
+            raise ValueError(
+                f"task {self.id}: index_in_group={self.index_in_group} outside group_size={self.group_size}"
+            )
+
+
+class Trajectory(Message, kw_only=True):
+    """One finished (or aborted/failed) episode: the tokens the engine consumed and produced.
+
+    ``tokens``, ``loss_mask``, ``logprobs`` and ``versions`` always have the same
+    length; construction raises ``ValueError`` naming the fields and lengths otherwise.
+    """
+
+    id: str
+    task_id: str
+    group_id: str
+    group_size: int = 1
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    logprobs: np.ndarray
+    versions: np.ndarray
+    prompt_len: int
+    reward: float = 0.0
+    turn_rewards: list[float] = []
+    status: TrajectoryStatus = "completed"
+    turns: list[Turn] = []
+    worker_id: str = ""
+    engine_id: str = ""
+    env: str = ""
+    is_eval: bool = False
+    attempt: int = 0
+    metadata: dict[str, Any] = {}
+    created_at: float = msgspec.field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        _align(self, f"trajectory {self.id}")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_trained_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    def staleness(self, current_version: int) -> np.ndarray:
+        """Per trained token: how many versions behind ``current_version`` it was sampled."""
+        trained = self.versions[self.loss_mask.astype(bool)]
+        return (current_version - trained).astype(np.int64)
+
+
+class WeightUpdate(Message, kw_only=True):
+    """Announces new policy weights: where they are and how to check them."""
+
+    version: int
+    uri: str  # file:///abs/dir (HF layout) or nats-object://<bucket>/<name>
+    format: str = "safetensors"
+    sha256: str = ""
+    nbytes: int = 0
+    created_at: float = msgspec.field(default_factory=time.time)
+
+
+class Event(Message, kw_only=True):
+    """Everything else on ``<run>.events``: metrics, logs, abort broadcasts, actor lifecycle."""
+
+    type: str  # "metrics" | "log" | "abort" | "started" | "stopped" | ...
+    source: str = ""
+    data: dict[str, Any] = {}
+    time: float = msgspec.field(default_factory=time.time)
+
+
+_ALIGN_DTYPES = {"tokens": "<i4", "loss_mask": "|u1", "logprobs": "<f4", "versions": "<i4"}
+
+
+def _align(obj: Trajectory | PartialRollout, what: str) -> None:
+    for name, dtype in _ALIGN_DTYPES.items():
+        arr = as_array(getattr(obj, name), dtype, f"{what}: {name}")
+        arr.setflags(write=False)
+        setattr(obj, name, arr)
+    lengths = {name: len(getattr(obj, name)) for name in _ALIGN_DTYPES}
+    if len(set(lengths.values())) != 1:
+        detail = ", ".join(f"{k}={v}" for k, v in lengths.items())
+        raise ValueError(f"{what}: misaligned per-token arrays ({detail})")
+    if not 0 <= obj.prompt_len <= lengths["tokens"]:
+        raise ValueError(f"{what}: prompt_len={obj.prompt_len} outside 0..{lengths['tokens']}")
+    if obj.loss_mask.size and obj.loss_mask.max() > 1:
+        raise ValueError(f"{what}: loss_mask must hold only 0 and 1")
+
+
+# ---------------------------------------------------------------- encode / decode
+
+M = TypeVar("M", bound=Message)
+AnyMessage = Task | Trajectory | WeightUpdate | Event
+
+
+class _Header(msgspec.Struct):
+    schema: int = SCHEMA_VERSION
+    msg: str = ""
+
+
+_DECODERS: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+_HEADER = msgspec.msgpack.Decoder(_Header, ext_hook=lambda code, data: None)
+
+
+def _decoder(typ: Any) -> msgspec.msgpack.Decoder[Any]:
+    dec = _DECODERS.get(typ)
+    if dec is None:
+        dec = _DECODERS[typ] = msgspec.msgpack.Decoder(typ, ext_hook=_ext_hook, dec_hook=_dec_hook)
+    return dec
+
+
+def encode(msg: Message) -> bytes:
+    """Serialize a message to msgpack bytes."""
+    return _ENCODER.encode(msg)
+
+
+def decode(data: bytes | memoryview, typ: type[M] | Any = AnyMessage) -> M:
+    """Decode bytes into ``typ`` (default: any message type, by its tag).
+
+    Raises :class:`SchemaVersionError` for a newer schema, :class:`DecodeError` for anything else invalid.
+    """
+    try:
+        header = _HEADER.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+        raise DecodeError(f"not an agentrl message ({len(data)} bytes): {exc}") from exc
+    if header.schema > SCHEMA_VERSION or header.schema < 1:
+        raise SchemaVersionError(
+            f"{header.msg or 'message'} has schema version {header.schema}; "
+            f"this agentrl reads versions 1..{SCHEMA_VERSION} (upgrade agentrl to read it)"
+        )
+    try:
+        return _decoder(typ).decode(data)  # type: ignore[no-any-return]
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+        name = getattr(typ, "__name__", str(typ))
+        raise DecodeError(f"invalid {header.msg or name} message ({len(data)} bytes): {exc}") from exc
