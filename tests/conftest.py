@@ -1,0 +1,3 @@
+"""Shared pytest fixtures live in tests/fixtures/, one module per subsystem."""
+
+pytest_plugins = ["tests.fixtures.nats"]
