@@ -1,0 +1,42 @@
+"""The config of a whole run: one section per actor, composed in :class:`RunConfig`.
+
+Each actor reads the same file and uses its own section, so one YAML in
+``configs/`` describes a run end to end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+from agentrl.config.loader import Section
+
+__all__ = ["NatsConfig", "RunConfig"]
+
+
+class NatsConfig(Section):
+    """Where the bus is, and how the embedded server is set up when none is given."""
+
+    url: str | None = None  # nats://host:4222; None starts the embedded nats-server
+    connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    connect_attempts: Annotated[int, msgspec.Meta(ge=1)] = 10
+    max_payload_mb: Annotated[int, msgspec.Meta(ge=1, le=64)] = 32
+    stream_max_age_s: Annotated[float, msgspec.Meta(ge=0)] = 7 * 24 * 3600.0  # 0 = forever
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    max_deliver: Annotated[int, msgspec.Meta(ge=1)] = 20  # deliveries before a message is dead-lettered
+    ack_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+
+
+class RunConfig(Section):
+    """Everything about one run."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "default"
+    dir: str = "runs/{name}"  # run directory; {name} is replaced by the run name
+    seed: int = 0
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.dir.format(name=self.name))
