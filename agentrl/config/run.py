@@ -22,7 +22,7 @@ class NatsConfig(Section):
     url: str | None = None  # nats://host:4222; None starts the embedded nats-server
     connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     connect_attempts: Annotated[int, msgspec.Meta(ge=1)] = 10
-    max_payload_mb: Annotated[int, msgspec.Meta(ge=1, le=64)] = 32
+    max_payload_mb: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
     stream_max_age_s: Annotated[float, msgspec.Meta(ge=0)] = 7 * 24 * 3600.0  # 0 = forever
     replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     max_deliver: Annotated[int, msgspec.Meta(ge=1)] = 20  # deliveries before a message is dead-lettered

@@ -1,0 +1,354 @@
+"""The run's bus: one NATS connection, the run's streams, KV bucket and object store.
+
+``Bus.connect`` connects with bounded retries and creates-or-verifies every
+stream, consumer and bucket of the run, so a second process (or a second run
+with the same name) reuses them, and a conflicting existing config raises
+:class:`~agentrl.errors.BusConfigConflict` instead of being changed silently.
+
+nats-py sharp edges handled here:
+
+* ``publish_async_completed()`` can wait forever when the server answers with an
+  error; agentrl never uses it. :meth:`Bus.publish_many` pipelines ordinary
+  request/reply publishes under a semaphore, each with its own timeout.
+* JetStream answers 429 (too many requests) / 503 under ingest pressure; those
+  publishes are retried with bounded backoff, never dropped.
+* the object store's ``get()`` concatenates bytes chunk by chunk (quadratic);
+  :mod:`agentrl.bus.blobs` reads chunks with its own consumer instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import (
+    ConsumerConfig,
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from agentrl.bus import blobs
+from agentrl.bus.consumer import Consumer
+from agentrl.bus.subjects import Subjects
+from agentrl.config.run import NatsConfig
+from agentrl.errors import BusConfigConflict, BusConnectError, BusError, VersionConflict
+from agentrl.messages import Event, Message, encode
+
+__all__ = ["Bus"]
+
+M = TypeVar("M", bound=Message)
+
+VERSION_KEY = "policy_version"
+_RETRYABLE_API_CODES = {408, 429, 500, 503}
+_PUBLISH_ATTEMPTS = 8
+_PUBLISH_TIMEOUT_S = 10.0
+_DUPLICATE_WINDOW_S = 600.0
+
+
+def _stream_configs(s: Subjects, cfg: NatsConfig) -> list[StreamConfig]:
+    max_age = cfg.stream_max_age_s or None
+    common: dict[str, Any] = {
+        "storage": StorageType.FILE,
+        "num_replicas": cfg.replicas,
+        "duplicate_window": _DUPLICATE_WINDOW_S,
+        "discard": DiscardPolicy.OLD,
+    }
+    return [
+        StreamConfig(name=s.tasks_stream, subjects=[s.tasks_all], retention=RetentionPolicy.WORK_QUEUE, **common),
+        StreamConfig(name=s.traj_stream, subjects=[s.traj], retention=RetentionPolicy.LIMITS, max_age=max_age, **common),
+        StreamConfig(name=s.dlq_stream, subjects=[s.dead_letter], retention=RetentionPolicy.LIMITS, **common),
+    ]
+
+
+_VERIFIED_STREAM_FIELDS = ("subjects", "retention", "storage", "num_replicas", "max_age", "discard")
+
+
+def _conflicts(existing: Any, wanted: Any, fields: Iterable[str]) -> list[str]:
+    out = []
+    for name in fields:
+        have, want = getattr(existing, name, None), getattr(wanted, name, None)
+        if name == "max_age":
+            have, want = have or None, want or None
+        if have != want:
+            out.append(f"{name}: existing {have!r}, this run wants {want!r}")
+    return out
+
+
+class Bus:
+    """A connected bus for one run. Use ``async with await Bus.connect(...)`` or call :meth:`close`."""
+
+    def __init__(self, nc: NatsClient, run: str, config: NatsConfig) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=_PUBLISH_TIMEOUT_S)
+        self.subjects = Subjects(run)
+        self.config = config
+        self._kv: KeyValue | None = None
+        self._obs: ObjectStore | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def connect(cls, url: str, run: str, config: NatsConfig | None = None, *, ensure: bool = True) -> Bus:
+        """Connect to ``url`` (bounded retries) and create-or-verify the run's streams and buckets."""
+        config = config or NatsConfig()
+        nc = await _connect(url, config)
+        bus = cls(nc, run, config)
+        if ensure:
+            try:
+                await bus.ensure()
+            except BaseException:
+                await nc.close()
+                raise
+        return bus
+
+    async def ensure(self) -> None:
+        """Create the run's streams, KV bucket and object store, or verify existing ones match."""
+        for wanted in _stream_configs(self.subjects, self.config):
+            await self._ensure_stream(wanted)
+        self._kv = await self._ensure_kv()
+        self._obs = await self._ensure_object_store()
+
+    async def _ensure_stream(self, wanted: StreamConfig) -> None:
+        assert wanted.name is not None
+        try:
+            info = await self.js.stream_info(wanted.name)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.add_stream(wanted)
+                return
+            except nats.js.errors.BadRequestError:
+                info = await self.js.stream_info(wanted.name)  # lost a creation race; verify the winner's config
+        problems = _conflicts(info.config, wanted, _VERIFIED_STREAM_FIELDS)
+        if problems:
+            raise BusConfigConflict(f"stream {wanted.name} exists with a different config: " + "; ".join(problems))
+
+    async def _ensure_kv(self) -> KeyValue:
+        name = self.subjects.kv_bucket
+        try:
+            kv = await self.js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            return await self.js.create_key_value(
+                KeyValueConfig(bucket=name, history=8, storage=StorageType.FILE, replicas=self.config.replicas)
+            )
+        status = await kv.status()
+        replicas = status.stream_info.config.num_replicas
+        if replicas not in (None, self.config.replicas):
+            raise BusConfigConflict(
+                f"KV bucket {name} exists with replicas={replicas}, this run wants {self.config.replicas}"
+            )
+        return kv
+
+    async def _ensure_object_store(self) -> ObjectStore:
+        name = self.subjects.weights_bucket
+        try:
+            return await self.js.object_store(name)
+        except nats.js.errors.BucketNotFoundError:
+            return await self.js.create_object_store(
+                name, ObjectStoreConfig(bucket=name, storage=StorageType.FILE, replicas=self.config.replicas)
+            )
+
+    async def close(self) -> None:
+        """Flush pending publishes and close the connection (idempotent)."""
+        if self.nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self.nc.drain(), timeout=5.0)
+        except (TimeoutError, nats.errors.Error):
+            await self.nc.close()
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ publish
+
+    async def publish(self, subject: str, msg: Message | bytes, *, msg_id: str | None = None) -> int:
+        """Store ``msg`` in the subject's stream and return its stream sequence.
+
+        ``msg_id`` becomes ``Nats-Msg-Id``: a second publish with the same id inside
+        the duplicate window is stored once (the original sequence is returned).
+        429 / 503 / timeouts are retried with bounded backoff; then :class:`BusError`.
+        """
+        payload = msg if isinstance(msg, bytes) else encode(msg)
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        delay = 0.05
+        for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
+            try:
+                ack = await self.js.publish(subject, payload, timeout=_PUBLISH_TIMEOUT_S, headers=headers)
+                return int(ack.seq)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                last: Exception = exc
+            except nats.js.errors.APIError as exc:
+                if exc.code not in _RETRYABLE_API_CODES:
+                    raise BusError(f"publish to {subject} rejected: {exc}") from exc
+                last = exc
+            if attempt < _PUBLISH_ATTEMPTS:
+                await asyncio.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 2.0)
+        raise BusError(f"publish to {subject} failed after {_PUBLISH_ATTEMPTS} attempts: {last!r}") from last
+
+    async def publish_many(
+        self, subject: str, msgs: Sequence[Message | bytes], *, msg_ids: Sequence[str | None] | None = None,
+        max_in_flight: int = 256,
+    ) -> list[int]:
+        """Publish many messages pipelined (up to ``max_in_flight`` unacked); every one acked or an error raised."""
+        ids = list(msg_ids) if msg_ids is not None else [None] * len(msgs)
+        if len(ids) != len(msgs):
+            raise ValueError(f"publish_many: {len(msgs)} messages but {len(ids)} msg_ids")
+        gate = asyncio.Semaphore(max_in_flight)
+
+        async def one(m: Message | bytes, i: str | None) -> int:
+            async with gate:
+                return await self.publish(subject, m, msg_id=i)
+
+        return list(await asyncio.gather(*(one(m, i) for m, i in zip(msgs, ids, strict=True))))
+
+    async def publish_event(self, event: Event) -> None:
+        """Fire-and-forget an event on ``<run>.events.<type>`` (core NATS, not stored)."""
+        await self.nc.publish(self.subjects.events(event.type), encode(event))
+
+    # ------------------------------------------------------------ consume
+
+    async def consumer(
+        self, subject: str, durable: str, typ: type[M], *, ack_wait: float | None = None,
+        max_deliver: int | None = None, max_ack_pending: int = 20_000,
+    ) -> Consumer[M]:
+        """A durable pull consumer on ``subject`` (created, or verified against an existing one)."""
+        stream = self.subjects.stream_of(subject)
+        config = ConsumerConfig(
+            durable_name=durable,
+            filter_subject=subject,
+            ack_wait=ack_wait or self.config.ack_wait_s,
+            max_deliver=-1,  # the bound is enforced by Consumer, which dead-letters instead of dropping
+            max_ack_pending=max_ack_pending,
+        )
+        await self._ensure_consumer(stream, config)
+        sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream)
+        return Consumer(self, sub, typ, stream=stream, max_deliver=max_deliver or self.config.max_deliver)
+
+    async def _ensure_consumer(self, stream: str, wanted: ConsumerConfig) -> None:
+        assert wanted.durable_name is not None
+        try:
+            info = await self.js.consumer_info(stream, wanted.durable_name)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_consumer(stream, wanted)
+            return
+        problems = _conflicts(info.config, wanted, ("filter_subject",))
+        if problems:
+            raise BusConfigConflict(
+                f"consumer {wanted.durable_name} on {stream} exists with a different config: " + "; ".join(problems)
+            )
+
+    async def dead_letter(self, stream: str, data: bytes, *, reason: str, origin: dict[str, str]) -> int:
+        """Store an undeliverable message in the DLQ stream with why and where it came from."""
+        headers = {"Agentrl-Reason": reason[:1000], **{f"Agentrl-{k}": v for k, v in origin.items()}}
+        ack = await self.js.publish(self.subjects.dead_letter_for(stream), data, headers=headers)
+        return int(ack.seq)
+
+    # ------------------------------------------------------------ KV: policy version
+
+    @property
+    def kv(self) -> KeyValue:
+        if self._kv is None:
+            raise BusError("bus not ensured: call Bus.connect(..., ensure=True) or await bus.ensure()")
+        return self._kv
+
+    async def kv_get(self, key: str) -> bytes | None:
+        try:
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return entry.value
+
+    async def kv_put(self, key: str, value: bytes, *, expected_revision: int | None = None) -> int:
+        """Write ``key``; with ``expected_revision`` (0 = must not exist) it is a compare-and-set."""
+        try:
+            if expected_revision is None:
+                return int(await self.kv.put(key, value))
+            if expected_revision == 0:
+                return int(await self.kv.create(key, value))
+            return int(await self.kv.update(key, value, last=expected_revision))
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise VersionConflict(f"KV key {key}: revision is no longer {expected_revision}") from exc
+
+    async def kv_get_entry(self, key: str) -> tuple[bytes | None, int]:
+        """``(value, revision)``; ``(None, 0)`` when the key does not exist."""
+        try:
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None, 0
+        return entry.value, int(entry.revision or 0)
+
+    async def get_version(self) -> int:
+        """The current policy version (0 before the first update)."""
+        value = await self.kv_get(VERSION_KEY)
+        return int(value) if value else 0
+
+    async def cas_version(self, expected: int, new: int) -> None:
+        """Set the policy version to ``new`` only if it is still ``expected``; else :class:`VersionConflict`."""
+        value, revision = await self.kv_get_entry(VERSION_KEY)
+        current = int(value) if value else 0
+        if current != expected:
+            raise VersionConflict(f"policy version is {current}, not {expected}: a newer writer got there first")
+        await self.kv_put(VERSION_KEY, str(new).encode(), expected_revision=revision)
+
+    # ------------------------------------------------------------ blobs (weights)
+
+    @property
+    def objects(self) -> ObjectStore:
+        if self._obs is None:
+            raise BusError("bus not ensured: call Bus.connect(..., ensure=True) or await bus.ensure()")
+        return self._obs
+
+    async def put_blob(self, name: str, data: bytes | str | Path) -> int:
+        """Store bytes (or a file's contents) under ``name`` in the run's object store; returns the size."""
+        return await blobs.put(self.js, self.subjects.weights_bucket, name, data)
+
+    async def get_blob(self, name: str) -> bytes:
+        """Read a blob back (linear time, digest-checked)."""
+        return await blobs.get(self.js, self.subjects.weights_bucket, name)
+
+    async def get_blob_to(self, name: str, path: str | Path) -> int:
+        """Read a blob into a file; returns its size."""
+        data = await self.get_blob(name)
+        Path(path).write_bytes(data)
+        return len(data)
+
+
+async def _connect(url: str, config: NatsConfig) -> NatsClient:
+    delay = 0.1
+    last: BaseException | None = None
+    for _ in range(config.connect_attempts):
+        try:
+            return await nats.connect(
+                url,
+                connect_timeout=config.connect_timeout_s,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                pending_size=512 * 1024 * 1024,
+            )
+        except (OSError, TimeoutError, nats.errors.NoServersError, nats.errors.Error) as exc:
+            last = exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise BusConnectError(f"could not connect to NATS at {url} after {config.connect_attempts} attempts: {last!r}")

@@ -1,0 +1,117 @@
+"""Durable pull consumers that hand out decoded messages with explicit ack / nak / term.
+
+A message that does not decode as the consumer's type, or that has been delivered
+more than ``max_deliver`` times (a poison message that keeps crashing its
+consumer), is copied to the run's dead-letter stream with the reason and then
+terminated: never redelivered forever, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from agentrl.errors import DecodeError
+from agentrl.messages import Message, decode
+
+if TYPE_CHECKING:
+    from agentrl.bus.client import Bus
+
+__all__ = ["Consumer", "Delivery"]
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
+
+
+class Delivery(Generic[M]):
+    """One delivered message: the decoded ``msg`` plus the ack operations of its raw NATS message."""
+
+    __slots__ = ("_raw", "msg", "num_delivered", "seq")
+
+    def __init__(self, raw: Msg, msg: M) -> None:
+        self._raw = raw
+        self.msg = msg
+        meta = raw.metadata
+        self.seq = int(meta.sequence.stream)
+        self.num_delivered = int(meta.num_delivered)
+
+    async def ack(self) -> None:
+        """Acknowledge and wait for the server to confirm (so an ack is never lost in a crash)."""
+        await self._raw.ack_sync(timeout=10.0)
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Ask for redelivery, after ``delay`` seconds if given."""
+        await self._raw.nak(delay=delay)
+
+    async def term(self) -> None:
+        """Never deliver this message again."""
+        await self._raw.term()
+
+    async def in_progress(self) -> None:
+        """Reset the ack timer: still working on it."""
+        await self._raw.in_progress()
+
+
+class Consumer(Generic[M]):
+    """Fetches batches from a durable pull consumer and decodes them as ``typ``."""
+
+    def __init__(
+        self, bus: Bus, sub: JetStreamContext.PullSubscription, typ: type[M], *, stream: str, max_deliver: int
+    ) -> None:
+        self._bus = bus
+        self._sub = sub
+        self._typ = typ
+        self.stream = stream
+        self.max_deliver = max_deliver
+        self.dead_lettered = 0
+
+    async def fetch(self, batch: int = 64, timeout: float = 1.0) -> list[Delivery[M]]:
+        """Up to ``batch`` deliveries, waiting at most ``timeout`` seconds; ``[]`` if none arrived."""
+        try:
+            raws = await self._sub.fetch(batch, timeout=timeout)
+        except nats.errors.TimeoutError:
+            return []
+        out = []
+        for raw in raws:
+            delivery = await self._accept(raw)
+            if delivery is not None:
+                out.append(delivery)
+        return out
+
+    async def _accept(self, raw: Msg) -> Delivery[M] | None:
+        meta = raw.metadata
+        if meta.num_delivered > self.max_deliver:
+            await self._dead_letter(raw, f"delivered {meta.num_delivered} times (max_deliver={self.max_deliver})")
+            return None
+        try:
+            msg: M = decode(raw.data, self._typ)
+        except DecodeError as exc:
+            await self._dead_letter(raw, str(exc))
+            return None
+        return Delivery(raw, msg)
+
+    async def _dead_letter(self, raw: Msg, reason: str) -> None:
+        meta = raw.metadata
+        origin = {"Subject": raw.subject, "Stream": self.stream, "Seq": str(meta.sequence.stream)}
+        await self._bus.dead_letter(self.stream, raw.data, reason=reason, origin=origin)
+        await raw.term()
+        self.dead_lettered += 1
+        log.warning("dead-lettered %s seq %s: %s", raw.subject, meta.sequence.stream, reason)
+
+    def __aiter__(self) -> AsyncIterator[Delivery[M]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Delivery[M]]:
+        while True:
+            for delivery in await self.fetch(batch=16, timeout=1.0):
+                yield delivery
+            await asyncio.sleep(0)
+
+    async def unsubscribe(self) -> None:
+        await self._sub.unsubscribe()

