@@ -11,6 +11,7 @@ from typing import Annotated
 
 import msgspec
 
+from agentrl.config.engine import EngineConfig
 from agentrl.config.loader import Section
 
 __all__ = ["NatsConfig", "RunConfig"]
@@ -36,6 +37,7 @@ class RunConfig(Section):
     dir: str = "runs/{name}"  # run directory; {name} is replaced by the run name
     seed: int = 0
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -1,0 +1,44 @@
+"""Config of the inference engines: the embedded server and the client/router that reaches any engine."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from agentrl.config.loader import Section
+
+__all__ = ["EngineClientConfig", "EngineConfig"]
+
+
+class EngineClientConfig(Section):
+    """How agents reach engines (embedded or real SGLang) over HTTP."""
+
+    urls: list[str] = msgspec.field(default_factory=list)  # http://host:port of each engine; empty = the local one
+    connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0  # one whole /generate call
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 4  # tries on connection errors, 429, 5xx
+    backoff_s: Annotated[float, msgspec.Meta(ge=0)] = 0.2  # first retry delay; doubles, capped at 5 s
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 1024  # pooled connections per client
+    health_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # router health-check period
+
+
+class EngineConfig(Section):
+    """The embedded engine (``agentrl engine``) and the client used to reach engines."""
+
+    model: str | None = None  # Hugging Face model directory
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 30000
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_running: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64  # requests decoded together; the rest queue
+    max_queued: Annotated[int, msgspec.Meta(ge=0)] = 100_000  # waiting requests beyond this get HTTP 429
+    context_length: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = min(model max positions, 4096)
+    prefix_cache_slots: Annotated[int, msgspec.Meta(ge=0)] = 16  # finished sequences kept for prefix reuse
+    cuda_graph: bool = True  # capture decode steps as CUDA graphs (CUDA only)
+    cuda_graph_batch_sizes: list[int] = msgspec.field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256]
+    )
+    torch_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = torch default
+    weight_version: Annotated[int, msgspec.Meta(ge=0)] = 0  # version reported before any weight update
+    client: EngineClientConfig = msgspec.field(default_factory=EngineClientConfig)
