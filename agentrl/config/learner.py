@@ -1,0 +1,97 @@
+"""Config of the learner (``agentrl learner`` / ``agentrl sft``): what to train, on what, and how.
+
+Extension points (advantage, loss, group filter) are named by dotted path
+(``"trainer.advantages.grpo"``) and resolved when the learner starts; see the
+README's extension-point table for their signatures.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from agentrl.config.loader import Section
+
+__all__ = ["Aggregation", "BatchConfig", "LearnerConfig", "LossConfig", "OptimConfig"]
+
+Aggregation = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
+
+
+class LossConfig(Section):
+    """The policy loss: PPO-style clipping, off-policy correction, KL and entropy terms."""
+
+    fn: str = "trainer.losses.ppo_loss"  # dotted path of a LossFn (trainer.losses.sft_loss for warm-up)
+    clip_low: Annotated[float, msgspec.Meta(ge=0)] = 0.2  # ratio clipped below at 1 - clip_low
+    clip_high: Annotated[float, msgspec.Meta(ge=0)] = 0.2  # ... and above at 1 + clip_high (0.28 = DAPO clip-higher)
+    dual_clip: Annotated[float, msgspec.Meta(gt=1)] | None = None  # cap on -A·ratio for A < 0 (e.g. 3.0)
+    ratio_level: Literal["token", "sequence"] = "token"  # "sequence" = GSPO's length-normalised sequence ratio
+    # Decoupled PPO: ratio against proximal logprobs (the pre-update weights, recomputed by the learner) and a
+    # detached behaviour weight exp(proximal - behaviour). Off: ratio against the engine's behaviour logprobs.
+    proximal: bool = True
+    # What to do with the behaviour weight: "none" keeps it, "truncate" = TIS min(w, is_cap),
+    # "mask" zeroes tokens with w > is_cap (AReaL's cap), "off" uses weight 1.
+    behaviour_correction: Literal["none", "truncate", "mask", "off"] = "truncate"
+    is_cap: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    kl_coef: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # weight of KL(policy || frozen reference); 0 = no reference
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # entropy bonus (subtracted from the loss)
+    aggregation: Aggregation = "token-mean"
+
+
+class OptimConfig(Section):
+    """AdamW with linear warm-up then constant or cosine decay; global-norm gradient clipping."""
+
+    lr: Annotated[float, msgspec.Meta(gt=0)] = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: Annotated[float, msgspec.Meta(gt=0)] = 1e-8
+    weight_decay: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    warmup_steps: Annotated[int, msgspec.Meta(ge=0)] = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    total_steps: Annotated[int, msgspec.Meta(ge=1)] = 1000  # horizon of the cosine schedule
+    min_lr_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    grad_clip: Annotated[float, msgspec.Meta(gt=0)] | None = 1.0
+
+
+class BatchConfig(Section):
+    """How trajectories become training batches."""
+
+    trajectories_per_step: Annotated[int, msgspec.Meta(ge=1)] = 64  # B: whole groups are taken until >= B
+    max_tokens_per_micro_batch: Annotated[int, msgspec.Meta(ge=1)] = 8192  # packing budget (one sequence may exceed it alone)
+    max_staleness: Annotated[int, msgspec.Meta(ge=0)] | None = None  # η: tokens older than this many versions...
+    stale_policy: Literal["drop", "mask"] = "drop"  # ...drop the whole trajectory, or mask those tokens out
+    incomplete_group: Literal["wait", "drop", "partial"] = "wait"  # after group_timeout_s: drop or train what came
+    group_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
+    group_filter: str | None = None  # dotted path of a GroupFilter, e.g. trainer.batching.drop_zero_variance
+    fetch_batch: Annotated[int, msgspec.Meta(ge=1)] = 64  # messages pulled from the bus per fetch
+
+
+class LearnerConfig(Section):
+    """The learner actor: model, algorithm, batching, optimizer, outputs."""
+
+    model: str = ""  # Hugging Face model directory (config.json + safetensors) to start from
+    backend: Literal["torch"] = "torch"
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto = bf16 on GPU, float32 on CPU
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (packed via position ids in all three)
+    gradient_checkpointing: bool = False
+    advantage: str = "trainer.advantages.grpo"  # dotted path of an AdvantageFn
+    loss: LossConfig = msgspec.field(default_factory=LossConfig)
+    optim: OptimConfig = msgspec.field(default_factory=OptimConfig)
+    batch: BatchConfig = msgspec.field(default_factory=BatchConfig)
+    max_steps: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = run until stopped
+    weights_dir: str = "{run_dir}/weights"  # v<version>/ in HF layout, one per published version
+    keep_weights: Annotated[int, msgspec.Meta(ge=1)] = 3  # published versions kept on disk
+    publish_to_object_store: bool = False  # also put the safetensors into the bus object store
+    checkpoint_dir: str = "{run_dir}/checkpoints"
+    keep_checkpoints: Annotated[int, msgspec.Meta(ge=1)] = 2
+    metrics_file: str = "{run_dir}/learner_metrics.jsonl"
+    torch_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = torch default
+    sft_data: str = ""  # `agentrl sft`: JSONL, one {"messages": [...]} per line
+    sft_epochs: Annotated[int, msgspec.Meta(ge=1)] = 1
+    sft_batch_size: Annotated[int, msgspec.Meta(ge=1)] = 8
+    sft_output: str = "{run_dir}/sft"  # `agentrl sft`: final HF checkpoint directory
+
+    def path(self, template: str, run_dir: str) -> str:
+        """Fill ``{run_dir}`` in one of the path fields."""
+        return template.format(run_dir=run_dir)
