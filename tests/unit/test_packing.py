@@ -104,10 +104,11 @@ def test_plan_respects_budget_and_covers_everything(seed: int) -> None:
     rng = np.random.default_rng(seed)
     lengths = [int(x) for x in rng.integers(1, 120, size=40)]
     budget = 256
-    plan = plan_micro_batches(lengths + [400], budget)
+    lengths = [*lengths, 400]
+    plan = plan_micro_batches(lengths, budget)
     flat = sorted(i for b in plan for i in b)
-    assert flat == list(range(len(lengths) + 1))
+    assert flat == list(range(len(lengths)))
     for b in plan:
-        assert sum((lengths + [400])[i] for i in b) <= budget or b == [len(lengths)]
-    assert sum(lengths) / budget <= len(plan) - 1 <= sum(lengths) / budget * 1.25 + 1  # bins are well filled
-    assert plan == plan_micro_batches(lengths + [400], budget)
+        assert sum(lengths[i] for i in b) <= budget or b == [len(lengths) - 1]
+    assert sum(lengths[:-1]) / budget <= len(plan) - 1 <= sum(lengths[:-1]) / budget * 1.25 + 1  # bins are well filled
+    assert plan == plan_micro_batches(lengths, budget)
