@@ -11,6 +11,7 @@ from typing import Annotated
 
 import msgspec
 
+from agentrl.config.controller import ControllerConfig
 from agentrl.config.engine import EngineConfig
 from agentrl.config.loader import Section
 
@@ -38,6 +39,7 @@ class RunConfig(Section):
     seed: int = 0
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    controller: ControllerConfig = msgspec.field(default_factory=ControllerConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -1,0 +1,365 @@
+"""The controller as a state machine: events in, actions out, no I/O.
+
+The real bus loop (:mod:`agentrl.controller.controller`) and the discrete-event simulator in the
+tests drive this same object, so what the property tests show about staleness and task accounting is
+what the deployed controller does.
+
+Events (methods):  :meth:`start` (fresh or restarted), :meth:`on_version` (policy version bumped),
+:meth:`on_trajectory` (an episode finished), :meth:`on_batch_taken` (the learner took a batch),
+:meth:`mark_published` (tasks reached the queue).
+
+Actions (returned):  :class:`PublishTasks` (to the ``new`` or ``eval`` queue),
+:class:`AbortTasks` (APRIL surplus), :class:`Report` (a finished eval pass).
+
+Every training task ends in exactly one of: trained (``batch_taken``), filtered (dynamic sampling,
+zero-variance group), dropped (reported by the learner) — each counted in :class:`Counters`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from agentrl.bus.subjects import TaskPriority
+from agentrl.config.controller import ControllerConfig
+from agentrl.controller.admission import admissible_groups
+from agentrl.controller.april import choose_surplus, in_flight_limit
+from agentrl.controller.dataset import PromptDataset
+from agentrl.controller.state import ControllerState, EvalPass, GroupRecord, TaskRecord
+from agentrl.messages import SamplingParams, Task
+
+__all__ = ["AbortTasks", "Action", "ControllerCore", "FinishedEpisode", "PublishTasks", "Report"]
+
+
+@dataclass(frozen=True)
+class PublishTasks:
+    """Publish these first-attempt tasks to ``queue`` with msg id ``f"{task.id}-{task.attempt}"``."""
+
+    tasks: tuple[Task, ...]
+    queue: TaskPriority
+
+
+@dataclass(frozen=True)
+class AbortTasks:
+    """Ask workers to abort these episodes; they re-queue them as partials on ``resume``."""
+
+    task_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    """Results to publish as a metrics event (a finished eval pass)."""
+
+    data: dict[str, float]
+
+
+Action = PublishTasks | AbortTasks | Report
+
+
+class FinishedEpisode(Protocol):
+    """What the controller reads from a finished episode (a :class:`~agentrl.messages.Trajectory`)."""
+
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def group_id(self) -> str: ...
+    @property
+    def is_eval(self) -> bool: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def reward(self) -> float: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def versions(self) -> np.ndarray: ...
+    @property
+    def loss_mask(self) -> np.ndarray: ...
+
+
+class ControllerCore:
+    """Admission, APRIL and accounting for one run. Mutates ``self.state``; persist it as a whole."""
+
+    def __init__(
+        self, cfg: ControllerConfig, dataset: PromptDataset, state: ControllerState | None = None,
+        eval_dataset: PromptDataset | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.dataset = dataset
+        self.eval_dataset = eval_dataset
+        self.state = state or ControllerState()
+        self.max_in_flight = in_flight_limit(cfg.batch_size, cfg.april_alpha)
+        self.sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+        self._taken_early: dict[str, int] = {}  # taken by the learner before we saw the trajectory
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def version(self) -> int:
+        return self.state.version
+
+    def running_training(self) -> int:
+        return sum(1 for r in self.state.running.values() if not r.is_eval)
+
+    @property
+    def done(self) -> bool:
+        """All prompts issued and every issued task finished."""
+        return self.state.exhausted and not self.state.running
+
+    def task_for(self, rec: TaskRecord) -> Task:
+        """Rebuild the exact task of a record (same id, prompt, group) from the dataset."""
+        dataset = self.eval_dataset if rec.is_eval else self.dataset
+        if dataset is None:
+            raise ValueError(f"task {rec.task_id}: eval task but no eval dataset configured")
+        tasks = dataset.group_tasks(
+            rec.row, rec.group_id, rec.group_size, self.sampling, version=rec.admitted_version, is_eval=rec.is_eval
+        )
+        task = tasks[rec.index_in_group]
+        if rec.is_eval:
+            task.metadata["eval_version"] = rec.admitted_version
+        return task
+
+    # ------------------------------------------------------------ events
+
+    def start(self) -> list[Action]:
+        """After a (re)start: re-publish what may not have reached the queue, then admit."""
+        unpublished = [r for r in self.state.running.values() if not r.published]
+        actions: list[Action] = []
+        queues: tuple[tuple[bool, TaskPriority], ...] = ((False, "new"), (True, "eval"))
+        for is_eval, queue in queues:
+            tasks = tuple(self.task_for(r) for r in unpublished if r.is_eval == is_eval)
+            if tasks:
+                actions.append(PublishTasks(tasks, queue))
+        return actions + self._maybe_eval() + self.admit()
+
+    def mark_published(self, task_ids: Iterable[str]) -> None:
+        for tid in task_ids:
+            rec = self.state.running.get(tid)
+            if rec is not None:
+                rec.published = True
+
+    def on_version(self, version: int) -> list[Action]:
+        """The policy version is now ``version`` (idempotent; older versions are ignored)."""
+        if version <= self.state.version:
+            return []
+        self.state.version = version
+        self._prune_pending()
+        return self._maybe_eval() + self.admit()
+
+    def on_trajectory(self, traj: FinishedEpisode) -> list[Action]:
+        """An episode finished (any status). Duplicates and unknown tasks are counted and ignored."""
+        rec = self.state.running.pop(traj.task_id, None)
+        if rec is None:
+            self.state.counters.duplicates += 1
+            return []
+        if rec.is_eval:
+            return self._eval_finished(rec, traj)
+        c = self.state.counters
+        c.finished += 1
+        c.accepted += 1
+        c.resumed += traj.attempt > 0
+        c.failed += traj.status == "failed"
+        self._remember_versions(traj)
+        self._group_finished(rec, traj.reward)
+        return self.admit()
+
+    def on_batch_taken(
+        self, step: int, version: int, task_ids: Iterable[str], dropped_task_ids: Iterable[str] = ()
+    ) -> list[Action]:
+        """The learner took ``task_ids`` (trained at ``version``) and dropped ``dropped_task_ids``."""
+        taken = list(task_ids)
+        for tid in taken:
+            self._account_trained(tid, version)
+        for tid in dropped_task_ids:
+            if self.state.pending_versions.pop(tid, None) is not None:
+                self.state.pending_finished_at.pop(tid, None)
+                self.state.counters.dropped += 1
+                self.state.counters.accepted -= 1
+        return self._abort_surplus(taken) + self.admit()
+
+    # ------------------------------------------------------------ admission
+
+    def admit(self) -> list[Action]:
+        """Admit as many whole groups as the staleness bound (and APRIL cap) allow."""
+        cfg, st = self.cfg, self.state
+        if st.exhausted:
+            return []
+        running = self.running_training()
+        k = admissible_groups(
+            st.counters.accepted, running, st.version, cfg.max_staleness, cfg.batch_size, cfg.group_size,
+            self.max_in_flight,
+        )
+        if cfg.max_steps is not None:
+            room = cfg.max_steps * cfg.batch_size - st.counters.accepted - running
+            k = min(k, max(room, 0) // cfg.group_size)
+        tasks: list[Task] = []
+        for _ in range(k):
+            group = self._next_group()
+            if group is None:
+                break
+            tasks.extend(group)
+        return [PublishTasks(tuple(tasks), "new")] if tasks else []
+
+    def _next_group(self) -> list[Task] | None:
+        st, n = self.state, self.cfg.group_size
+        step = self.dataset.advance(st.cursor, self.cfg.epochs)
+        if step is None:
+            st.exhausted = True
+            return None
+        row, st.cursor = step
+        group_id = f"g{st.counters.groups_issued:07d}"
+        st.counters.groups_issued += 1
+        st.groups[group_id] = GroupRecord(size=n)
+        tasks = self.dataset.group_tasks(row, group_id, n, self.sampling, version=st.version)
+        for t in tasks:
+            st.running[t.id] = TaskRecord(
+                task_id=t.id, group_id=group_id, row=row, index_in_group=t.index_in_group, group_size=n,
+                admitted_version=st.version,
+            )
+        st.counters.admitted += n
+        return tasks
+
+    # ------------------------------------------------------------ APRIL
+
+    def _abort_surplus(self, taken: list[str]) -> list[Action]:
+        if self.max_in_flight is None:
+            return []
+        for rec in self.state.running.values():
+            rec.abort_requested = False  # each task may be aborted once per step
+        ids = choose_surplus(self.state.running.values(), taken)
+        for tid in ids:
+            self.state.running[tid].abort_requested = True
+        self.state.counters.aborted += len(ids)
+        return [AbortTasks(tuple(ids))] if ids else []
+
+    # ------------------------------------------------------------ groups / dynamic sampling
+
+    def _group_finished(self, rec: TaskRecord, reward: float) -> None:
+        group = self.state.groups.get(rec.group_id)
+        if group is None:
+            return
+        group.rewards.append(float(reward))
+        group.task_ids.append(rec.task_id)
+        if len(group.rewards) < group.size:
+            return
+        del self.state.groups[rec.group_id]
+        if self.cfg.dynamic_sampling and group.size > 1 and float(np.var(group.rewards)) == 0.0:
+            self._filter_group(group)
+
+    def _filter_group(self, group: GroupRecord) -> None:
+        """A zero-variance group teaches nothing: stop counting it so a replacement is admitted."""
+        c = self.state.counters
+        for tid in group.task_ids:
+            if tid in self._taken_early:  # the learner already took it; it is trained, not filtered
+                continue
+            self.state.pending_versions.pop(tid, None)
+            self.state.pending_finished_at.pop(tid, None)
+            c.filtered += 1
+            c.accepted -= 1
+
+    # ------------------------------------------------------------ staleness accounting
+
+    def _remember_versions(self, traj: FinishedEpisode) -> None:
+        trained = np.asarray(traj.versions)[np.asarray(traj.loss_mask).astype(bool)]
+        values, counts = np.unique(trained, return_counts=True)
+        hist = {int(v): int(n) for v, n in zip(values, counts, strict=True)}
+        early = self._taken_early.pop(traj.task_id, None)
+        self.state.pending_versions[traj.task_id] = hist
+        self.state.pending_finished_at[traj.task_id] = self.state.version
+        if early is not None:
+            self._account_trained(traj.task_id, early)
+
+    def _account_trained(self, tid: str, train_version: int) -> None:
+        hist = self.state.pending_versions.pop(tid, None)
+        if hist is None:
+            if tid in self.state.running:
+                self._taken_early[tid] = train_version
+            return
+        self.state.pending_finished_at.pop(tid, None)
+        c = self.state.counters
+        c.trained += 1
+        for token_version, n in hist.items():
+            age = train_version - token_version
+            self.state.staleness_hist[age] = self.state.staleness_hist.get(age, 0) + n
+            c.trained_tokens += n
+            c.off_policy_tokens += n if age > 0 else 0
+
+    def _prune_pending(self) -> None:
+        """Forget version histograms of tasks that finished long ago (their batch_taken was missed)."""
+        horizon = self.state.version - self.cfg.max_staleness - 2
+        old = [t for t, v in self.state.pending_finished_at.items() if v < horizon]
+        for tid in old:
+            self.state.pending_finished_at.pop(tid)
+            self.state.pending_versions.pop(tid, None)
+
+    # ------------------------------------------------------------ eval
+
+    def _maybe_eval(self) -> list[Action]:
+        ev, st = self.cfg.eval, self.state
+        if self.eval_dataset is None:
+            return []
+        next_due = (st.eval_done_through // ev.interval + 1) * ev.interval
+        if st.eval_done_through < 0:
+            next_due = 0 if ev.at_start else ev.interval
+        if st.version < next_due:
+            return []
+        st.eval_done_through = st.version
+        return [PublishTasks(tuple(self._eval_pass(st.version)), "eval")]
+
+    def _eval_pass(self, version: int) -> list[Task]:
+        assert self.eval_dataset is not None
+        ev, st = self.cfg.eval, self.state
+        rows = range(min(len(self.eval_dataset), ev.max_prompts or len(self.eval_dataset)))
+        tasks: list[Task] = []
+        for row in rows:
+            group_id = f"eval{version}-r{row}"
+            for t in self.eval_dataset.group_tasks(
+                row, group_id, ev.group_size, self.sampling, version=version, is_eval=True
+            ):
+                t.metadata["eval_version"] = version
+                st.running[t.id] = TaskRecord(
+                    task_id=t.id, group_id=group_id, row=row, index_in_group=t.index_in_group,
+                    group_size=ev.group_size, admitted_version=version, is_eval=True,
+                )
+                tasks.append(t)
+        st.eval_passes[version] = EvalPass(version=version, issued=len(tasks))
+        st.counters.eval_admitted += len(tasks)
+        return tasks
+
+    def _eval_finished(self, rec: TaskRecord, traj: FinishedEpisode) -> list[Action]:
+        self.state.counters.eval_finished += 1
+        p = self.state.eval_passes.get(rec.admitted_version)
+        if p is None:
+            return []
+        p.finished += 1
+        p.reward_sum += float(traj.reward)
+        if p.finished < p.issued:
+            return []
+        del self.state.eval_passes[rec.admitted_version]
+        return [Report({
+            "controller/eval/version": float(p.version),
+            "controller/eval/reward_mean": p.reward_sum / p.issued,
+            "controller/eval/episodes": float(p.issued),
+        })]
+
+    # ------------------------------------------------------------ metrics
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters and staleness as one flat dict with ``controller/...`` keys."""
+        st, c = self.state, self.state.counters
+        out: dict[str, Any] = {f"controller/{k}": v for k, v in _fields(c).items()}
+        out["controller/version"] = st.version
+        out["controller/running"] = self.running_training()
+        out["controller/eval_running"] = len(st.running) - out["controller/running"]
+        out["controller/buffered"] = len(st.pending_versions)
+        out["controller/off_policy_token_frac"] = c.off_policy_tokens / c.trained_tokens if c.trained_tokens else 0.0
+        out["controller/staleness_hist"] = {str(k): v for k, v in sorted(st.staleness_hist.items())}
+        out["controller/staleness_max"] = max(st.staleness_hist, default=0)
+        return out
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in obj.__struct_fields__}
