@@ -1,0 +1,144 @@
+"""Group assembly, staleness drop/mask, incomplete-group policies, dynamic sampling and dedupe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agentrl.config.learner import BatchConfig
+from agentrl.messages import Trajectory
+from trainer.batching import GroupBuffer, drop_zero_variance, staleness_histogram
+
+
+class FakeDelivery:
+    def __init__(self, traj: Trajectory) -> None:
+        self.msg = traj
+        self.acked = 0
+
+    async def ack(self) -> None:
+        self.acked += 1
+
+
+def traj(tid: str, group: str, size: int, reward: float = 0.0, versions: list[int] | None = None) -> Trajectory:
+    v = versions if versions is not None else [0, 0, 0]
+    n = 2 + len(v)
+    return Trajectory(
+        id=tid, task_id=tid, group_id=group, group_size=size, tokens=np.arange(n), prompt_len=2,
+        loss_mask=[0, 0] + [1] * len(v), logprobs=np.zeros(n), versions=[-1, -1, *v], reward=reward,
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def buffer(**kw: object) -> tuple[GroupBuffer, Clock]:
+    clock = Clock()
+    return GroupBuffer(BatchConfig(**kw), set(), clock=clock), clock  # type: ignore[arg-type]
+
+
+def test_waits_for_complete_groups_and_takes_whole_groups_fifo() -> None:
+    buf, _ = buffer(trajectories_per_step=3)
+    for d in [FakeDelivery(traj("a0", "a", 2)), FakeDelivery(traj("b0", "b", 2)), FakeDelivery(traj("b1", "b", 2))]:
+        assert buf.add(d)
+    assert buf.take(0) is None  # b complete (2) < 3, a incomplete
+    buf.add(FakeDelivery(traj("a1", "a", 2)))
+    batch = buf.take(0)
+    assert batch is not None
+    assert [[i.traj.id for i in g] for g in batch.groups] == [["a0", "a1"], ["b0", "b1"]]
+    assert sorted(d.msg.id for d in batch.consumed) == ["a0", "a1", "b0", "b1"]
+    assert buf.num_buffered == 0
+
+
+def test_staleness_drop_and_mask() -> None:
+    versions = [3, 5, 5]  # at version 5: staleness 2, 0, 0
+    drop, _ = buffer(trajectories_per_step=1, max_staleness=1, stale_policy="drop")
+    drop.add(FakeDelivery(traj("x", "g", 2, versions=versions)))
+    drop.add(FakeDelivery(traj("y", "g", 2, versions=[5, 5, 5])))
+    batch = drop.take(5)
+    assert batch is not None and batch.trained_ids == ["y"]
+    assert batch.dropped == {"x": "staler than max_staleness=1"} and len(batch.consumed) == 2
+
+    mask, _ = buffer(trajectories_per_step=1, max_staleness=1, stale_policy="mask")
+    mask.add(FakeDelivery(traj("x", "g", 1, versions=versions)))
+    batch = mask.take(5)
+    assert batch is not None
+    assert batch.items[0].mask.tolist() == [0, 0, 0, 1, 1]
+    assert staleness_histogram(batch.items, 5) == {"0": 2}
+    assert staleness_histogram(batch.items, 6) == {"1": 2}
+
+
+def test_incomplete_group_policies() -> None:
+    for policy, trained, dropped in (("drop", ["c0"], ["a0"]), ("partial", ["a0"], [])):
+        buf, clock = buffer(trajectories_per_step=1, incomplete_group=policy, group_timeout_s=10)
+        buf.add(FakeDelivery(traj("a0", "a", 3)))
+        assert buf.take(0) is None
+        clock.t = 11
+        buf.add(FakeDelivery(traj("c0", "c", 1)))
+        batch = buf.take(0)
+        assert batch is not None
+        assert batch.trained_ids == trained  # partial: a0 (oldest) alone fills B=1
+        assert sorted(batch.dropped) == dropped
+        assert sorted(d.msg.id for d in batch.consumed) == sorted({*trained, *dropped})
+
+    wait, clock = buffer(trajectories_per_step=1, incomplete_group="wait", group_timeout_s=10)
+    wait.add(FakeDelivery(traj("a0", "a", 3)))
+    clock.t = 1e9
+    assert wait.take(0) is None
+
+
+def test_dynamic_sampling_filter_discards_zero_variance_groups_and_acks_them_later() -> None:
+    buf = GroupBuffer(BatchConfig(trajectories_per_step=2), set(), group_filter=drop_zero_variance)
+    buf.add(FakeDelivery(traj("z0", "z", 2, reward=1.0)))
+    buf.add(FakeDelivery(traj("z1", "z", 2, reward=1.0)))
+    assert buf.take(0) is None  # z rejected; nothing to train yet
+    assert buf.num_buffered == 0
+    buf.add(FakeDelivery(traj("k0", "k", 2, reward=0.0)))
+    buf.add(FakeDelivery(traj("k1", "k", 2, reward=1.0)))
+    batch = buf.take(0)
+    assert batch is not None and batch.trained_ids == ["k0", "k1"]
+    assert batch.dropped == {"z0": "rejected by group filter", "z1": "rejected by group filter"}
+    assert sorted(d.msg.id for d in batch.consumed) == ["k0", "k1", "z0", "z1"]
+    assert batch.consumed_ids == ["k0", "k1", "z0", "z1"]
+
+
+def test_redeliveries_are_deduplicated() -> None:
+    buf, _ = buffer(trajectories_per_step=2)
+    first, again = FakeDelivery(traj("a0", "a", 2)), FakeDelivery(traj("a0", "a", 2))
+    buf.add(first)
+    buf.add(again)
+    buf.add(FakeDelivery(traj("a1", "a", 2)))
+    batch = buf.take(0)
+    assert batch is not None and batch.trained_ids == ["a0", "a1"]
+    assert sum(d is first or d is again for d in batch.consumed) == 2  # both deliveries get acked
+
+    late = FakeDelivery(traj("a1", "a", 2))
+    assert buf.add(late)  # step in flight: held, acked with the next batch, never retrained
+    buf.commit(batch)
+    assert not buf.add(FakeDelivery(traj("a0", "a", 2)))  # committed: ack now
+    buf.add(FakeDelivery(traj("b0", "b", 1)))
+    buf.add(FakeDelivery(traj("b1", "b2", 1)))
+    nxt = buf.take(1)
+    assert nxt is not None and nxt.trained_ids == ["b0", "b1"] and late in nxt.consumed
+
+
+def test_eval_trajectories_are_never_trained() -> None:
+    buf, _ = buffer(trajectories_per_step=1)
+    t = traj("e", "e", 1)
+    t.is_eval = True
+    assert not buf.add(FakeDelivery(t))
+    assert buf.take(0) is None
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_batch_takes_at_least_b(n: int) -> None:
+    buf, _ = buffer(trajectories_per_step=n)
+    for g in range(4):
+        for i in range(2):
+            buf.add(FakeDelivery(traj(f"{g}-{i}", str(g), 2)))
+    batch = buf.take(0)
+    assert batch is not None and len(batch.trained_ids) == 2 * ((n + 1) // 2)

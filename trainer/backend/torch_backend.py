@@ -1,0 +1,219 @@
+"""The PyTorch backend: one Hugging Face causal LM in one process, on CPU or one GPU.
+
+Packed micro-batches are forwarded as one row with per-sequence position ids and no attention mask, which
+transformers turns into attention kept within each sequence. Parameters stay float32; with
+``dtype=bfloat16`` (the default on GPU) the forward runs under bf16 autocast and logprobs are computed in
+float32. The optimizer is AdamW with linear warm-up then constant or cosine decay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from agentrl.config.learner import LearnerConfig, LossConfig, OptimConfig
+from agentrl.errors import ConfigError
+from trainer.backend.base import StepResult
+from trainer.losses import LossFn, LossInputs
+from trainer.packing import MicroBatch, token_logprobs
+
+__all__ = ["TorchBackend", "build_torch_backend", "lr_lambda", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = the first GPU if there is one, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_lambda(cfg: OptimConfig) -> Any:
+    """LR multiplier per step: linear warm-up to 1, then constant or cosine down to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class TorchBackend:
+    """Train ``model`` in place; ``ref_model`` (frozen) scores the KL reference when the loss asks for one."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        optim: OptimConfig,
+        *,
+        device: torch.device | str = "cpu",
+        bf16: bool = False,
+        gradient_checkpointing: bool = False,
+        ref_model: PreTrainedModel | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.model.config.use_cache = False
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.ref_model = ref_model.to(self.device).eval().requires_grad_(False) if ref_model is not None else None
+        self.bf16 = bf16
+        self.optim_cfg = optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim))
+
+    # ------------------------------------------------------------------ forward
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.bf16:
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+
+    def _forward(
+        self, model: PreTrainedModel, mb: MicroBatch, *, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with self._autocast():
+            out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False)
+        starts = mb.position_ids[0] == 0
+        return token_logprobs(out.logits[0], mb.input_ids[0], starts, with_entropy=with_entropy)
+
+    @torch.no_grad()
+    def logprobs(self, mb: MicroBatch) -> torch.Tensor:
+        self.model.eval()
+        lp, _ = self._forward(self.model, mb.to(self.device))
+        return lp.float().cpu()
+
+    # ------------------------------------------------------------------ train
+
+    def train_step(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, cfg: LossConfig) -> StepResult:
+        """One optimizer step over all micro-batches; losses are normalised over the whole step.
+
+        Decoupled PPO's proximal policy is the pre-update weights: with one optimizer step per batch those are
+        exactly the weights of this forward, so proximal logprobs are the detached current logprobs.
+        """
+        if not micro_batches:
+            raise ValueError("train_step: no micro-batches")
+        self.model.train()
+        total_tokens = max(sum(float(mb.mask.sum()) for mb in micro_batches), 1.0)
+        total_seqs = max(float(sum(_trained_seqs(mb) for mb in micro_batches)), 1.0)
+        sums: dict[str, float] = defaultdict(float)
+        diff_sum, diff_max, tokens = 0.0, 0.0, 0
+        for cpu_mb in micro_batches:
+            mb = cpu_mb.to(self.device)
+            inputs = self._loss_inputs(mb, cfg, total_tokens, total_seqs)
+            out = loss_fn(inputs, cfg)
+            out.loss.backward()
+            for key, value in out.metrics.items():
+                sums[key] += float(value)
+            gap = (inputs.logprobs.detach() - mb.behaviour_logprobs).abs()[mb.mask > 0]
+            if gap.numel():
+                diff_sum += float(gap.sum())
+                diff_max = max(diff_max, float(gap.max()))
+            tokens += mb.num_tokens
+        grad_norm = self._clip_and_step()
+        return StepResult(
+            metrics=dict(sums), grad_norm=grad_norm, lr=float(self.scheduler.get_last_lr()[0]), tokens=tokens,
+            logprob_diff_mean=diff_sum / total_tokens, logprob_diff_max=diff_max,
+        )
+
+    def _loss_inputs(self, mb: MicroBatch, cfg: LossConfig, total_tokens: float, total_seqs: float) -> LossInputs:
+        lp, ent = self._forward(self.model, mb, with_entropy=True)
+        if ent is not None and cfg.entropy_coef == 0:
+            ent = ent.detach()
+        ref = None
+        if cfg.kl_coef > 0 and self.ref_model is not None:
+            with torch.no_grad():
+                ref, _ = self._forward(self.ref_model, mb)
+        return LossInputs(
+            logprobs=lp, behaviour_logprobs=mb.behaviour_logprobs, advantages=mb.advantages, mask=mb.mask,
+            seq_index=mb.seq_index, num_seqs=len(mb.seq_lens),
+            proximal_logprobs=lp.detach() if cfg.proximal else None, ref_logprobs=ref, entropy=ent,
+            total_tokens=total_tokens, total_seqs=total_seqs,
+        )
+
+    def _clip_and_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        limit = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # ------------------------------------------------------------------ state
+
+    def save_state(self, path: Path) -> None:
+        save_file(_contiguous(self.model.state_dict()), str(path / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   path / "optim.pt")
+
+    def load_state(self, path: Path) -> None:
+        state = load_file(str(path / "model.safetensors"), device=str(self.device))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"checkpoint {path}: missing keys {missing}, unexpected keys {unexpected}")
+        if missing:
+            self.model.tie_weights()
+        opt = torch.load(path / "optim.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+
+    def export_hf(self, path: Path) -> None:
+        self.model.save_pretrained(str(path))
+
+
+def _trained_seqs(mb: MicroBatch) -> int:
+    per_seq = torch.zeros(len(mb.seq_lens)).index_add(0, mb.seq_index, mb.mask.float())
+    return int((per_seq > 0).sum())
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Safetensors refuses shared storage (tied embeddings): keep the first name of each shared tensor."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in state.items():
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous()
+    return out
+
+
+def build_torch_backend(cfg: LearnerConfig) -> TorchBackend:
+    """Load ``cfg.model`` (HF directory) and build the backend; a frozen copy is loaded when ``kl_coef > 0``."""
+    if not cfg.model:
+        raise ConfigError("config key learner.model: empty; expected a Hugging Face model directory")
+    device = resolve_device(cfg.device)
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+
+    def load() -> PreTrainedModel:
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                cfg.model, dtype=torch.float32, attn_implementation=cfg.attn_implementation
+            )
+        except OSError as exc:
+            raise ConfigError(f"config key learner.model: cannot load {cfg.model!r}: {exc}") from exc
+
+    ref = load() if cfg.loss.kl_coef > 0 else None
+    return TorchBackend(
+        load(), cfg.optim, device=device, bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, ref_model=ref
+    )
