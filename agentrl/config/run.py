@@ -13,6 +13,7 @@ import msgspec
 
 from agentrl.config.controller import ControllerConfig
 from agentrl.config.engine import EngineConfig
+from agentrl.config.learner import LearnerConfig
 from agentrl.config.loader import Section
 
 __all__ = ["NatsConfig", "RunConfig"]
@@ -40,6 +41,7 @@ class RunConfig(Section):
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     controller: ControllerConfig = msgspec.field(default_factory=ControllerConfig)
+    learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
 
     @property
     def run_dir(self) -> Path:
