@@ -1,0 +1,147 @@
+"""Incremental chat-template rendering: only new messages are tokenized, never the history.
+
+A multi-turn episode's token sequence grows by appending; re-rendering and
+re-tokenizing the whole conversation each turn would cost O(N²) and — worse —
+can produce different tokens than the engine actually consumed (BPE merges across
+turn boundaries, templates that rewrite earlier turns such as Qwen3 dropping old
+``<think>`` blocks). :class:`ChatRenderer` renders the *delta* a new message adds:
+
+1. render a fixed tiny conversation ``[system, user, assistant(SENTINEL)]`` with and
+   without the new messages appended, take what follows the sentinel in each; the
+   new messages' text is the second minus the first (the assistant's closing text,
+   e.g. ``<|im_end|>\\n``, is common to both);
+2. prepend the part of the assistant's closing text the model did not generate
+   itself (if the model stopped on ``<|im_end|>``, only ``\\n`` is left; if it was
+   cut off by ``max_new_tokens``, the whole closing text);
+3. tokenize that string alone and append it.
+
+The cost per turn is independent of the history length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+from agentrl.messages import ChatMessage
+
+__all__ = ["ChatRenderer", "ChatTokenizer", "TemplateError"]
+
+_SENTINEL = "AGENTRL_SENTINEL_5f1d"
+_BASE: list[dict[str, Any]] = [
+    {"role": "system", "content": "s"},
+    {"role": "user", "content": "u"},
+    {"role": "assistant", "content": _SENTINEL},
+]
+
+
+class TemplateError(ValueError):
+    """The tokenizer's chat template cannot be rendered incrementally (it rewrites earlier turns)."""
+
+
+class ChatTokenizer(Protocol):
+    """The part of a Hugging Face tokenizer agentrl uses (``PreTrainedTokenizerFast`` satisfies it)."""
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+    def encode(self, text: str, **kwargs: Any) -> Any: ...
+
+    def decode(self, token_ids: Any, **kwargs: Any) -> str: ...
+
+
+def as_dicts(messages: Sequence[ChatMessage | dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages as the plain dicts chat templates expect."""
+    return [m if isinstance(m, dict) else msgspec.to_builtins(m) for m in messages]
+
+
+class ChatRenderer:
+    """Renders prompts and incremental observation deltas through one tokenizer's chat template."""
+
+    def __init__(self, tokenizer: ChatTokenizer) -> None:
+        self.tokenizer = tokenizer
+        base = self._render(_BASE, generation_prompt=False)
+        self._close = _after_sentinel(base)  # what the template puts after an assistant message
+        gen = self._render([*_BASE, {"role": "user", "content": "u"}], generation_prompt=True)
+        nogen = self._render([*_BASE, {"role": "user", "content": "u"}], generation_prompt=False)
+        if not gen.startswith(nogen):
+            raise TemplateError("chat template: the generation prompt is not an append-only suffix")
+        self.generation_prompt = gen[len(nogen) :]
+        # The model can only have produced the closing text from its first token on (e.g. <|im_end|>):
+        # a response that merely ends in "<" has not started closing its turn.
+        first = self.encode(self._close)[:1]
+        self._min_close = len(tokenizer.decode(first, skip_special_tokens=False)) if first else 0
+
+    def _render(self, messages: list[dict[str, Any]], *, generation_prompt: bool, **kw: Any) -> str:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **kw
+        )
+        if not isinstance(text, str):
+            raise TemplateError(f"chat template rendered {type(text).__name__}, expected str")
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` exactly as written (no BOS/EOS added; special-token text is parsed)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def prompt_ids(
+        self,
+        messages: Sequence[ChatMessage | dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """The first prompt: the whole conversation rendered once, ending with the generation prompt."""
+        kw: dict[str, Any] = {"tools": tools} if tools else {}
+        return self.encode(self._render(as_dicts(messages), generation_prompt=True, **kw))
+
+    def delta_text(
+        self,
+        messages: Sequence[ChatMessage | dict[str, Any]],
+        *,
+        after_model_text: str | None,
+        generation_prompt: bool = True,
+    ) -> str:
+        """The text that appending ``messages`` adds to a conversation.
+
+        ``after_model_text`` is the raw text (special tokens included) of the model turn
+        these messages follow, or ``None`` if they follow non-model tokens (then no
+        assistant closing text is added).
+        """
+        new = as_dicts(messages)
+        with_new = _after_sentinel(self._render([*_BASE, *new], generation_prompt=generation_prompt))
+        if not with_new.startswith(self._close):
+            raise TemplateError(
+                "chat template renders an assistant turn differently once messages follow it "
+                f"({self._close!r} vs {with_new[: len(self._close) + 20]!r}); cannot render incrementally"
+            )
+        delta = with_new[len(self._close) :]
+        glue = "" if after_model_text is None else self.unclosed(after_model_text)
+        return glue + delta
+
+    def delta_ids(
+        self,
+        messages: Sequence[ChatMessage | dict[str, Any]],
+        *,
+        after_model_text: str | None,
+        generation_prompt: bool = True,
+    ) -> list[int]:
+        """Token ids of :meth:`delta_text`: what to append (masked) to the trajectory."""
+        return self.encode(
+            self.delta_text(messages, after_model_text=after_model_text, generation_prompt=generation_prompt)
+        )
+
+    def unclosed(self, model_text: str) -> str:
+        """The part of the assistant closing text (e.g. ``<|im_end|>\\n``) that ``model_text`` lacks."""
+        close = self._close
+        for k in range(len(close), max(self._min_close, 1) - 1, -1):
+            if model_text.endswith(close[:k]):
+                return close[k:]
+        return close
+
+
+def _after_sentinel(text: str) -> str:
+    i = text.rfind(_SENTINEL)
+    if i < 0:
+        raise TemplateError("chat template dropped the assistant message content; cannot render incrementally")
+    return text[i + len(_SENTINEL) :]
