@@ -1,0 +1,50 @@
+"""``agentrl engine``: serve a Hugging Face model over SGLang's HTTP API (the embedded engine)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from agentrl.commands import Command, add_common_arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p)
+    p.add_argument("--model", help="Hugging Face model directory (engine.model)")
+    p.add_argument("--host", help="bind address (engine.host, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (engine.port, default 30000)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="engine.dtype")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (engine.device)")
+    p.add_argument("--max-running", type=int, help="requests decoded together (engine.max_running)")
+    p.add_argument("--context-length", type=int, help="max prompt + output tokens (engine.context_length)")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    pairs = {
+        "model": args.model, "host": args.host, "port": args.port, "dtype": args.dtype, "device": args.device,
+        "max_running": args.max_running, "context_length": args.context_length,
+    }
+    return [f"engine.{k}={v}" for k, v in pairs.items() if v is not None]
+
+
+def run(args: argparse.Namespace) -> int:
+    from agentrl.config.loader import load_config
+    from agentrl.config.run import RunConfig
+    from agentrl.engine.build import build_server
+    from agentrl.engine.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(RunConfig, args.config, [*args.overrides, *_overrides(args)]).engine
+    server = build_server(cfg)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(server, cfg.host, cfg.port))
+    return 0
+
+
+COMMAND = Command(name="engine", help="serve a model over SGLang's HTTP API (embedded engine)", add_arguments=add_arguments, run=run)

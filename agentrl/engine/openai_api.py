@@ -1,0 +1,244 @@
+"""OpenAI-compatible routes of the embedded engine: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+
+Requests become engine requests (same scheduler, same sampling contract as ``/generate``); chat prompts go
+through the model's chat template (``tools`` included). Responses follow the OpenAI schema; logprobs are
+the sampled tokens' logprobs; ``top_logprobs`` hold only the sampled token (the engine computes no
+others). agentrl extras, ignored by OpenAI clients, let a recorder keep exact tokens: each choice has
+``token_ids`` and ``token_versions`` and the response has ``prompt_token_ids`` and ``weight_version``.
+Assistant text holding ``<tool_call>{json}</tool_call>`` blocks is returned as ``message.tool_calls``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+from aiohttp import web
+
+from agentrl.engine.api import BadRequest, GenerateIn, SamplingIn, decode_body
+from agentrl.engine.request import Request
+
+if TYPE_CHECKING:
+    from agentrl.engine.server import EngineServer
+
+__all__ = ["ChatIn", "CompletionIn", "add_openai_routes", "parse_tool_calls"]
+
+_TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+
+class _OpenAIIn(msgspec.Struct):
+    model: str | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # SGLang extensions accepted by its OpenAI server
+    top_k: int = -1
+    min_p: float = 0.0
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    rid: str | None = None
+
+
+class CompletionIn(_OpenAIIn):
+    prompt: str | list[int] = ""
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    echo: bool = False
+
+
+class ChatIn(_OpenAIIn):
+    messages: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """Split ``<tool_call>{"name", "arguments"}</tool_call>`` blocks out of text; malformed blocks stay text."""
+    calls = []
+    for m in _TOOL_CALL.finditer(text):
+        try:
+            obj = json.loads(m.group(1))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            continue
+        calls.append({
+            "id": f"call_{uuid.uuid4().hex[:12]}",
+            "type": "function",
+            "function": {"name": obj["name"], "arguments": json.dumps(obj.get("arguments", {}))},
+        })
+    content = _TOOL_CALL.sub("", text).strip() if calls else text
+    return content, calls
+
+
+def _sampling(body: _OpenAIIn, max_tokens: int | None, logprobs: bool) -> GenerateIn:
+    try:
+        sampling = SamplingIn(
+            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+            max_new_tokens=max_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
+            ignore_eos=body.ignore_eos, skip_special_tokens=body.skip_special_tokens, sampling_seed=body.seed,
+        )
+        sampling = msgspec.convert(msgspec.to_builtins(sampling), SamplingIn)  # re-validate constraints
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid sampling parameter: {exc}") from exc
+    return GenerateIn(sampling_params=sampling, return_logprob=logprobs, rid=body.rid)
+
+
+def _finish(req: Request) -> str:
+    kind = (req.finish_reason or {}).get("type", "stop")
+    return str(kind)
+
+
+def _usage(req: Request) -> dict[str, int]:
+    n_in, n_out = len(req.input_ids), len(req.output_ids)
+    return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+
+
+class _Routes:
+    def __init__(self, server: EngineServer) -> None:
+        self.server = server
+        self.model_name = server.loaded.path.name
+
+    def _envelope(self, kind: str, req: Request) -> dict[str, Any]:
+        return {
+            "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{req.rid}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": self.model_name,
+            "prompt_token_ids": req.input_ids,
+            "weight_version": str(self.server.scheduler.weight_version),
+        }
+
+    def _token_strings(self, req: Request) -> list[str]:
+        tok = self.server.loaded.tokenizer
+        return [tok.decode([t], skip_special_tokens=False) for t in req.output_ids]
+
+    async def models(self, request: web.Request) -> web.Response:
+        from agentrl.engine.server import json_response
+
+        card = {
+            "id": self.model_name, "object": "model", "created": 0, "owned_by": "agentrl",
+            "root": str(self.server.loaded.path), "max_model_len": self.server.context_length,
+        }
+        return json_response({"object": "list", "data": [card]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        from agentrl.engine.server import json_response
+
+        body = decode_body(await request.read(), CompletionIn)
+        inp = _sampling(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs is not None)
+        if isinstance(body.prompt, str):
+            inp.text = body.prompt
+        else:
+            inp.input_ids = body.prompt
+        req = self.server.make_request(inp, field="prompt")
+        if body.stream:
+            return await self._stream(request, req, "text_completion")
+        await self.server.run(req)
+        text = req.text(self.server.loaded.tokenizer)
+        choice: dict[str, Any] = {
+            "index": 0, "text": text, "finish_reason": _finish(req), "logprobs": None,
+            "token_ids": req.output_ids, "token_versions": req.versions,
+        }
+        if body.logprobs is not None:
+            strings = self._token_strings(req)
+            offsets, pos = [], 0
+            for s in strings:
+                offsets.append(pos)
+                pos += len(s)
+            choice["logprobs"] = {
+                "tokens": strings, "token_logprobs": req.logprobs,
+                "top_logprobs": [{s: lp} for s, lp in zip(strings, req.logprobs, strict=True)],
+                "text_offset": offsets,
+            }
+        return json_response({**self._envelope("text_completion", req), "choices": [choice], "usage": _usage(req)})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        from agentrl.engine.server import json_response
+
+        body = decode_body(await request.read(), ChatIn)
+        if not body.messages:
+            raise BadRequest("messages: at least one message is required", "messages")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        inp = _sampling(body, max_tokens, body.logprobs)
+        try:
+            inp.input_ids = list(self.server.loaded.tokenizer.apply_chat_template(
+                body.messages, tools=body.tools, add_generation_prompt=True, tokenize=True, return_dict=False,
+            ))
+        except Exception as exc:
+            raise BadRequest(f"messages: the chat template cannot render them: {exc}", "messages") from exc
+        req = self.server.make_request(inp, field="messages")
+        if body.stream:
+            return await self._stream(request, req, "chat.completion.chunk")
+        await self.server.run(req)
+        content, calls = parse_tool_calls(req.text(self.server.loaded.tokenizer))
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        finish = _finish(req)
+        if calls:
+            message["tool_calls"] = calls
+            finish = "tool_calls" if finish == "stop" else finish
+        choice: dict[str, Any] = {
+            "index": 0, "message": message, "finish_reason": finish, "logprobs": None,
+            "token_ids": req.output_ids, "token_versions": req.versions,
+        }
+        if body.logprobs:
+            choice["logprobs"] = {"content": [
+                {
+                    "token": s, "logprob": lp, "bytes": list(s.encode()),
+                    "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())}] if body.top_logprobs else [],
+                }
+                for s, lp in zip(self._token_strings(req), req.logprobs, strict=True)
+            ]}
+        return json_response({**self._envelope("chat.completion", req), "choices": [choice], "usage": _usage(req)})
+
+    async def _stream(self, request: web.Request, req: Request, kind: str) -> web.StreamResponse:
+        """SSE chunks with the new text since the previous chunk; the last carries ``finish_reason``."""
+        server = self.server
+        if req.options.max_new_tokens == 0:
+            req.finish({"type": "length", "length": 0})
+        else:
+            server.scheduler.submit(req)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        sent, done, first = "", False, True
+        try:
+            while not done:
+                done = await req.updates.get()
+                while not req.updates.empty():
+                    done = req.updates.get_nowait() or done
+                text = req.text(server.loaded.tokenizer)
+                delta, sent = text[len(sent):], text
+                if kind == "chat.completion.chunk":
+                    d: dict[str, Any] = {"content": delta}
+                    if first:
+                        d["role"] = "assistant"
+                    choice: dict[str, Any] = {"index": 0, "delta": d}
+                else:
+                    choice = {"index": 0, "text": delta}
+                choice["finish_reason"] = _finish(req) if done else None
+                chunk = {**self._envelope(kind, req), "choices": [choice]}
+                await resp.write(b"data: " + msgspec.json.encode(chunk) + b"\n\n")
+                first = False
+            await resp.write(b"data: [DONE]\n\n")
+        except ConnectionResetError:
+            server.scheduler.abort(req.rid)
+            raise
+        return resp
+
+
+def add_openai_routes(app: web.Application, server: EngineServer) -> None:
+    routes = _Routes(server)
+    app.router.add_get("/v1/models", routes.models)
+    app.router.add_post("/v1/completions", routes.completions)
+    app.router.add_post("/v1/chat/completions", routes.chat)

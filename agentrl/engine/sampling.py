@@ -1,0 +1,110 @@
+"""Batched token sampling with per-row parameters, reproducible per request.
+
+Contract:
+
+- the reported logprob of a sampled token is ``log_softmax(logits / T)[token]`` (``T = 1`` for greedy,
+  temperature 0), taken *before* top-k / top-p / min-p truncation; the only logits change applied before it
+  is the ``min_new_tokens`` mask on end tokens;
+- a row samples by Gumbel-max over the truncated distribution, with noise that is a pure hash of
+  ``(seed, step, token id)``: a request with a fixed ``sampling_seed`` draws the same tokens whatever else
+  is in the batch, and no per-request RNG object has to be stepped (one kernel for the whole batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingBatch", "hash_uniform", "sample"]
+
+_MASK53 = (1 << 53) - 1
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_C1, _C2, _C3 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors (all length ``B``)."""
+
+    temperature: torch.Tensor  # float32; <= 0 means greedy
+    top_p: torch.Tensor  # float32 in (0, 1]
+    top_k: torch.Tensor  # int64; <= 0 means no limit
+    min_p: torch.Tensor  # float32 in [0, 1)
+    seed: torch.Tensor  # int64
+    step: torch.Tensor  # int64: index of the token being sampled within its request
+    ban: list[list[int]]  # token ids that may not be sampled (min_new_tokens); [] for most rows
+
+    @classmethod
+    def build(
+        cls,
+        temperature: list[float],
+        top_p: list[float],
+        top_k: list[int],
+        min_p: list[float],
+        seed: list[int],
+        step: list[int],
+        ban: list[list[int]],
+    ) -> SamplingBatch:
+        return cls(
+            torch.tensor(temperature, dtype=torch.float32),
+            torch.tensor(top_p, dtype=torch.float32),
+            torch.tensor(top_k, dtype=torch.long),
+            torch.tensor(min_p, dtype=torch.float32),
+            torch.tensor(seed, dtype=torch.long),
+            torch.tensor(step, dtype=torch.long),
+            ban,
+        )
+
+
+def hash_uniform(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[B, vocab]`` float64 in (0, 1), a deterministic function of ``(seed[b], step[b], column)``."""
+    col = torch.arange(vocab, dtype=torch.long, device=seed.device)
+    x = seed.view(-1, 1) * _C1 + step.view(-1, 1) * _C3 + col.view(1, -1)
+    for mul in (_C2, _C3):
+        x = x ^ (x >> 31)
+        x = x * mul
+        x = x ^ (x >> 29)
+    x = (x >> 11) & _MASK53
+    return (x.double() + 0.5) / float(1 << 53)
+
+
+def _truncate(logp: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
+    """Set log-probs outside each row's top-k / top-p / min-p set to -inf (the top token always stays)."""
+    vocab = logp.shape[-1]
+    sorted_lp, order = logp.sort(dim=-1, descending=True)
+    probs = sorted_lp.exp()
+    ranks = torch.arange(vocab, device=logp.device).view(1, -1)
+    k = torch.where(params.top_k > 0, params.top_k, vocab).view(-1, 1)
+    drop = ranks >= k
+    drop |= (probs.cumsum(-1) - probs) > params.top_p.view(-1, 1)
+    drop |= probs < params.min_p.view(-1, 1) * probs[:, :1]
+    drop[:, 0] = False
+    return logp.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
+
+
+def sample(logits: torch.Tensor, params: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of float32 ``logits [B, V]``; returns ``(tokens int64, logprobs float32)`` on CPU."""
+    device = logits.device
+    params = SamplingBatch(
+        params.temperature.to(device), params.top_p.to(device), params.top_k.to(device),
+        params.min_p.to(device), params.seed.to(device), params.step.to(device), params.ban,
+    )
+    for row, banned in enumerate(params.ban):
+        if banned:
+            logits[row, banned] = float("-inf")
+    greedy = params.temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
+    logp = torch.log_softmax(logits / temp.view(-1, 1), dim=-1)
+    needs_truncation = bool(((params.top_k > 0) | (params.top_p < 1) | (params.min_p > 0)).any())
+    filtered = _truncate(logp, params) if needs_truncation else logp
+    gumbel = -torch.log(-torch.log(hash_uniform(params.seed, params.step, logits.shape[-1]))).float()
+    sampled = torch.argmax(filtered + gumbel, dim=-1)
+    tokens = torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
+    chosen = logp.gather(-1, tokens.view(-1, 1)).view(-1)
+    return tokens.cpu(), chosen.cpu()
