@@ -324,8 +324,11 @@ def _decoder(typ: Any) -> msgspec.msgpack.Decoder[Any]:
 
 
 def encode(msg: Message) -> bytes:
-    """Serialize a message to msgpack bytes."""
-    return _ENCODER.encode(msg)
+    """Serialize a message to msgpack bytes; ``ValueError`` names what cannot be encoded."""
+    try:
+        return _ENCODER.encode(msg)
+    except (TypeError, OverflowError) as exc:
+        raise ValueError(f"cannot encode {type(msg).__name__}: {exc}") from exc
 
 
 def decode(data: bytes | memoryview, typ: type[M] | Any = AnyMessage) -> M:

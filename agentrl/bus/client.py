@@ -19,6 +19,7 @@ nats-py sharp edges handled here:
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -50,6 +51,8 @@ from agentrl.errors import BusConfigConflict, BusConnectError, BusError, Version
 from agentrl.messages import Event, Message, encode
 
 __all__ = ["Bus"]
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
@@ -335,20 +338,29 @@ class Bus:
 
 
 async def _connect(url: str, config: NatsConfig) -> NatsClient:
+    """Connect with ``connect_attempts`` bounded tries; once connected, reconnect forever (server restarts)."""
     delay = 0.1
     last: BaseException | None = None
     for _ in range(config.connect_attempts):
         try:
-            return await nats.connect(
-                url,
-                connect_timeout=config.connect_timeout_s,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                pending_size=512 * 1024 * 1024,
+            return await asyncio.wait_for(
+                nats.connect(
+                    url,
+                    connect_timeout=config.connect_timeout_s,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    pending_size=512 * 1024 * 1024,
+                    error_cb=_log_nats_error,
+                ),
+                timeout=config.connect_timeout_s,
             )
-        except (OSError, TimeoutError, nats.errors.NoServersError, nats.errors.Error) as exc:
+        except (OSError, TimeoutError, nats.errors.Error) as exc:
             last = exc
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
     raise BusConnectError(f"could not connect to NATS at {url} after {config.connect_attempts} attempts: {last!r}")
+
+
+async def _log_nats_error(exc: Exception) -> None:
+    log.debug("nats client error: %r", exc)
