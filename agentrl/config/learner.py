@@ -64,6 +64,9 @@ class BatchConfig(Section):
     group_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
     group_filter: str | None = None  # dotted path of a GroupFilter, e.g. trainer.batching.drop_zero_variance
     fetch_batch: Annotated[int, msgspec.Meta(ge=1)] = 64  # messages pulled from the bus per fetch
+    # Unacked trajectories wait in the buffer until their step commits; keep this above the longest wait
+    # for a group plus one step, or they are redelivered (harmless: deduplicated) and count toward max_deliver.
+    ack_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
 
 
 class LearnerConfig(Section):
@@ -85,6 +88,7 @@ class LearnerConfig(Section):
     publish_to_object_store: bool = False  # also put the safetensors into the bus object store
     checkpoint_dir: str = "{run_dir}/checkpoints"
     keep_checkpoints: Annotated[int, msgspec.Meta(ge=1)] = 2
+    final_dir: str = "{run_dir}/final"  # HF checkpoint exported when the learner stops
     metrics_file: str = "{run_dir}/learner_metrics.jsonl"
     torch_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = torch default
     sft_data: str = ""  # `agentrl sft`: JSONL, one {"messages": [...]} per line

@@ -63,11 +63,15 @@ class TorchBackend:
         ref_model: PreTrainedModel | None = None,
     ) -> None:
         self.device = torch.device(device)
-        self.model = model.to(self.device)
+        self.model = model
+        self.model.to(self.device)  # type: ignore[arg-type]  # transformers' wrapped .to() is mistyped
         self.model.config.use_cache = False
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.ref_model = ref_model.to(self.device).eval().requires_grad_(False) if ref_model is not None else None
+        self.ref_model = ref_model
+        if ref_model is not None:
+            ref_model.to(self.device)  # type: ignore[arg-type]
+            ref_model.eval().requires_grad_(False)
         self.bf16 = bf16
         self.optim_cfg = optim
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -1,0 +1,34 @@
+"""Binds the learner's Protocols to the real bus (thin: every method is one bus call)."""
+
+from __future__ import annotations
+
+from agentrl.bus import Bus, Consumer
+from agentrl.config.learner import LearnerConfig
+from agentrl.messages import Event, Trajectory, WeightUpdate, encode
+
+__all__ = ["BusLink", "open_trajectory_consumer"]
+
+
+class BusLink:
+    """:class:`trainer.learner.LearnerBus` over a connected :class:`~agentrl.bus.Bus`."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def get_version(self) -> int:
+        return await self.bus.get_version()
+
+    async def cas_version(self, expected: int, new: int) -> None:
+        await self.bus.cas_version(expected, new)
+
+    async def publish_event(self, event: Event) -> None:
+        await self.bus.publish_event(event)
+
+    async def announce_weights(self, update: WeightUpdate) -> None:
+        """The WeightUpdate itself on ``<run>.events.weights`` (core NATS), as the protocol specifies."""
+        await self.bus.nc.publish(self.bus.subjects.events("weights"), encode(update))
+
+
+async def open_trajectory_consumer(bus: Bus, cfg: LearnerConfig) -> Consumer[Trajectory]:
+    """The durable pull consumer ``learner`` on the run's trajectory subject."""
+    return await bus.consumer(bus.subjects.traj, durable="learner", typ=Trajectory, ack_wait=cfg.batch.ack_wait_s)

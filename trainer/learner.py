@@ -1,0 +1,194 @@
+"""The learner's main loop: batch → advantages → pack → train → publish weights → bump version → checkpoint → ack.
+
+The loop depends on narrow Protocols — a :class:`TrajectorySource`, a :class:`LearnerBus` (policy version,
+events, weight announcements), a :class:`~trainer.weights.WeightSink` and a
+:class:`~trainer.backend.TrainBackend` — so tests drive it with small fakes; :mod:`trainer.bus_adapter`
+binds them to the real bus.
+
+Exactly-once training: the ids a step consumed are written into the checkpoint *before* their deliveries
+are acked. After a crash, unacked trajectories are redelivered; those already in the checkpoint are acked
+and skipped, the rest are trained by the restarted learner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from agentrl.agent.plugins import load_object
+from agentrl.config.learner import LearnerConfig
+from agentrl.messages import Event, WeightUpdate
+from trainer.advantages import AdvantageFn
+from trainer.backend.base import StepResult, TrainBackend
+from trainer.batching import (
+    Batch,
+    GroupBuffer,
+    GroupFilter,
+    Received,
+    TrainItem,
+    keep_all,
+    staleness_histogram,
+)
+from trainer.checkpoint import Checkpointer, LearnerState, StepRecord
+from trainer.losses import LossFn
+from trainer.metrics import MetricsSink, Phases
+from trainer.packing import MicroBatch, Sample, pack, plan_micro_batches
+from trainer.weights import WeightSink
+
+__all__ = ["Learner", "LearnerBus", "TrajectorySource", "build_micro_batches", "to_samples"]
+
+log = logging.getLogger(__name__)
+
+
+class TrajectorySource(Protocol):
+    """Delivers trajectories (``agentrl.bus.Consumer[Trajectory]`` is one); ``[]`` on timeout."""
+
+    async def fetch(self, batch: int = 64, timeout: float = 1.0) -> Sequence[Received]: ...
+
+
+class LearnerBus(Protocol):
+    """Policy version compare-and-set, events and weight announcements."""
+
+    async def get_version(self) -> int: ...
+
+    async def cas_version(self, expected: int, new: int) -> None: ...
+
+    async def publish_event(self, event: Event) -> None: ...
+
+    async def announce_weights(self, update: WeightUpdate) -> None: ...
+
+
+def to_samples(items: Sequence[TrainItem], group_index: Sequence[int], advantage: AdvantageFn) -> list[Sample]:
+    """Attach advantages (computed over the groups) to every trajectory; the first token is never trained."""
+    rewards = torch.tensor([i.traj.reward for i in items], dtype=torch.float32)
+    adv = advantage(rewards, torch.tensor(list(group_index), dtype=torch.long)).tolist()
+    samples = []
+    for item, a in zip(items, adv, strict=True):
+        mask = item.mask.copy()
+        mask[:1] = 0.0
+        samples.append(Sample(tokens=item.traj.tokens, mask=mask, behaviour_logprobs=item.traj.logprobs,
+                              advantage=float(a), versions=item.traj.versions))
+    return samples
+
+
+def build_micro_batches(batch: Batch, advantage: AdvantageFn, max_tokens: int) -> list[MicroBatch]:
+    """Advantages per group, then padding-free packing under the token budget."""
+    items = batch.items
+    group_index = [g for g, group in enumerate(batch.groups) for _ in group]
+    samples = to_samples(items, group_index, advantage)
+    return [pack(samples, ids) for ids in plan_micro_batches([len(s) for s in samples], max_tokens)]
+
+
+class Learner:
+    """Consumes trajectories and trains until ``max_steps`` (0 = until :meth:`stop`)."""
+
+    def __init__(
+        self, cfg: LearnerConfig, backend: TrainBackend, source: TrajectorySource, bus: LearnerBus,
+        weights: WeightSink, checkpoints: Checkpointer, metrics: MetricsSink,
+    ) -> None:
+        self.cfg, self.backend, self.source, self.bus = cfg, backend, source, bus
+        self.weights, self.checkpoints, self.metrics = weights, checkpoints, metrics
+        self.advantage: AdvantageFn = load_object(cfg.advantage, what="learner.advantage")
+        self.loss_fn: LossFn = load_object(cfg.loss.fn, what="learner.loss.fn")
+        group_filter = cfg.batch.group_filter
+        self.group_filter: GroupFilter = load_object(group_filter, what="learner.batch.group_filter") \
+            if group_filter else keep_all
+        self._stop = asyncio.Event()
+        self.state = LearnerState()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> LearnerState:
+        """The loop of DESIGN.md §7; returns the final state."""
+        self.state = state = await self.restore()
+        buffer = GroupBuffer(self.cfg.batch, state.consumed, self.group_filter)
+        while not self._done(state):
+            phases = Phases()
+            with phases("wait"):
+                batch = await self.collect(buffer, state.version)
+            if batch is None:
+                break
+            await self.bus.publish_event(Event(type="batch_taken", source="learner", data={
+                "step": state.step, "version": state.version, "task_ids": sorted({i.traj.task_id for i in batch.items})}))
+            with phases("train"):
+                result = await asyncio.to_thread(self.train, batch)
+            with phases("publish"):
+                update = await self.weights.publish(state.version + 1, self.backend.export_hf)
+                await self.bus.announce_weights(update)
+                await self.bus.cas_version(state.version, state.version + 1)
+            self.state = state = advance(state, batch)
+            with phases("checkpoint"):
+                await asyncio.to_thread(self.checkpoints.save, self.backend, state)
+            await asyncio.gather(*(d.ack() for d in batch.consumed))
+            buffer.commit(batch)
+            await self.metrics.record(state.step, step_metrics(batch, result, state, phases))
+        return state
+
+    async def restore(self) -> LearnerState:
+        """The latest checkpoint (or a fresh state); the policy version is never behind the bus's."""
+        state = await asyncio.to_thread(self.checkpoints.load, self.backend) or LearnerState()
+        published = await self.bus.get_version()
+        if published > state.version:
+            # A crash after bumping the version but before the checkpoint: keep versions monotonic.
+            log.warning("policy version on the bus is %d, checkpoint has %d: continuing from %d",
+                        published, state.version, published)
+            state.version = published
+        return state
+
+    async def collect(self, buffer: GroupBuffer, version: int) -> Batch | None:
+        """Pull deliveries until the buffer yields a batch; None once stopped."""
+        while not self._stop.is_set():
+            batch = buffer.take(version)
+            if batch is not None:
+                return batch
+            for d in await self.source.fetch(self.cfg.batch.fetch_batch, timeout=1.0):
+                if not buffer.add(d):
+                    await d.ack()  # already consumed by a committed step, or an eval trajectory
+        return None
+
+    def train(self, batch: Batch) -> StepResult:
+        """Advantages → packed micro-batches → one optimizer step (runs in a worker thread)."""
+        mbs = build_micro_batches(batch, self.advantage, self.cfg.batch.max_tokens_per_micro_batch)
+        start = time.perf_counter()
+        result = self.backend.train_step(mbs, self.loss_fn, self.cfg.loss)
+        result.metrics["learner/perf/tokens_per_s"] = result.tokens / max(time.perf_counter() - start, 1e-9)
+        return result
+
+    def _done(self, state: LearnerState) -> bool:
+        return self._stop.is_set() or (self.cfg.max_steps > 0 and state.step >= self.cfg.max_steps)
+
+
+def advance(state: LearnerState, batch: Batch) -> LearnerState:
+    """The state after committing ``batch``: one more step, one more version, its ids consumed."""
+    record = StepRecord(step=state.step, version=state.version, trained=batch.trained_ids, dropped=batch.dropped)
+    return LearnerState(step=state.step + 1, version=state.version + 1,
+                        consumed=state.consumed | set(batch.consumed_ids), history=[*state.history, record])
+
+
+def step_metrics(batch: Batch, result: StepResult, state: LearnerState, phases: Phases) -> dict[str, Any]:
+    """The per-step metrics record (keys ``learner/...``)."""
+    rewards = np.array([i.traj.reward for i in batch.items], dtype=np.float64)
+    out: dict[str, Any] = {f"learner/{k}" if not k.startswith("learner/") else k: v for k, v in result.metrics.items()}
+    out.update({
+        "learner/version": state.version,
+        "learner/grad_norm": result.grad_norm,
+        "learner/lr": result.lr,
+        "learner/reward/mean": float(rewards.mean()),
+        "learner/reward/std": float(rewards.std()),
+        "learner/batch/trajectories": len(rewards),
+        "learner/batch/dropped": len(batch.dropped),
+        "learner/batch/tokens": result.tokens,
+        "learner/batch/trained_tokens": int(sum(float(i.mask.sum()) for i in batch.items)),
+        "learner/staleness/hist": staleness_histogram(batch.items, state.version - 1),
+        "learner/logprob_diff/mean": result.logprob_diff_mean,
+        "learner/logprob_diff/max": result.logprob_diff_max,
+        **phases.as_metrics(),
+    })
+    return out

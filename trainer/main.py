@@ -1,0 +1,62 @@
+"""Wire a learner from a :class:`~agentrl.config.RunConfig` and run it against the bus (``agentrl learner``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+import torch
+
+from agentrl.bus import Bus, EmbeddedNats
+from agentrl.config.run import RunConfig
+from trainer.backend.torch_backend import build_torch_backend
+from trainer.bus_adapter import BusLink, open_trajectory_consumer
+from trainer.checkpoint import Checkpointer, LearnerState
+from trainer.learner import Learner
+from trainer.metrics import MetricsSink
+from trainer.weights import DiskWeightSink
+
+__all__ = ["run_learner", "serve_learner"]
+
+log = logging.getLogger(__name__)
+
+
+async def serve_learner(cfg: RunConfig, url: str) -> LearnerState:
+    """Run the learner until ``max_steps`` or SIGINT/SIGTERM; export the final HF checkpoint."""
+    lc = cfg.learner
+    run_dir = str(cfg.run_dir)
+    if lc.torch_threads:
+        torch.set_num_threads(lc.torch_threads)
+    torch.manual_seed(cfg.seed)
+    backend = await asyncio.to_thread(build_torch_backend, lc)
+    async with await Bus.connect(url, run=cfg.name, config=cfg.nats) as bus:
+        weights = DiskWeightSink(
+            Path(lc.path(lc.weights_dir, run_dir)), keep=lc.keep_weights, base_model=Path(lc.model),
+            blobs=bus if lc.publish_to_object_store else None,
+        )
+        learner = Learner(
+            lc, backend, await open_trajectory_consumer(bus, lc), BusLink(bus), weights,
+            Checkpointer(Path(lc.path(lc.checkpoint_dir, run_dir)), keep=lc.keep_checkpoints),
+            MetricsSink(Path(lc.path(lc.metrics_file, run_dir)), bus),
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, learner.stop)
+        state = await learner.run()
+    final = Path(lc.path(lc.final_dir, run_dir))
+    await asyncio.to_thread(weights.export_final, backend.export_hf, final)
+    log.info("learner stopped at step %d, version %d; final weights in %s", state.step, state.version, final)
+    return state
+
+
+def run_learner(cfg: RunConfig, url: str | None) -> LearnerState:
+    """Run against ``url``, or against an embedded nats-server in the run directory when it is None."""
+    if url is not None:
+        return asyncio.run(serve_learner(cfg, url))
+    with EmbeddedNats(cfg.run_dir / "nats", max_payload_mb=cfg.nats.max_payload_mb) as server:
+        log.info("embedded nats-server at %s", server.url)
+        return asyncio.run(serve_learner(cfg, server.url))

@@ -1,0 +1,57 @@
+"""Learner metrics: one JSON line per step in the run directory, and an ``Event(type="metrics")`` on the bus.
+
+Keys follow one scheme, ``learner/<group>/<name>`` (e.g. ``learner/loss/policy``); phase timings are
+collected with :class:`Phases` (``with phases("train"): ...``) instead of repeated timer code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from agentrl.messages import Event
+
+__all__ = ["EventSink", "MetricsSink", "Phases"]
+
+
+class EventSink(Protocol):
+    async def publish_event(self, event: Event) -> None: ...
+
+
+class Phases:
+    """Wall-clock seconds per named phase of a step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def as_metrics(self) -> dict[str, float]:
+        return {f"learner/time/{k}": v for k, v in self.seconds.items()}
+
+
+class MetricsSink:
+    """Appends a JSON line per record to ``path`` and publishes it as an event (fire and forget)."""
+
+    def __init__(self, path: Path, events: EventSink | None = None, source: str = "learner") -> None:
+        self.path = Path(path)
+        self.events = events
+        self.source = source
+
+    async def record(self, step: int, values: dict[str, Any]) -> None:
+        line = {"step": step, "time": time.time(), **values}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        if self.events is not None:
+            await self.events.publish_event(Event(type="metrics", source=self.source, data=line))

@@ -1,0 +1,107 @@
+"""Publishing policy weights: a Hugging Face directory per version, announced as a :class:`WeightUpdate`.
+
+Version ``v`` is written to ``<weights_dir>/v<v>/`` (config.json + safetensors, plus the tokenizer files of
+the base model so the directory loads on its own). It is written into a temporary directory and renamed into
+place, so a reader never sees a half-written version. ``WeightUpdate.sha256`` is :func:`digest_dir` of it.
+Optionally every file is mirrored into the bus object store as ``v<v>/<file name>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from agentrl.messages import WeightUpdate
+
+__all__ = ["BlobStore", "DiskWeightSink", "WeightSink", "digest_dir"]
+
+Export = Callable[[Path], None]  # writes HF-layout files into an existing directory
+
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+
+
+class WeightSink(Protocol):
+    """Where new weights go; returns the announcement describing them."""
+
+    async def publish(self, version: int, export: Export) -> WeightUpdate: ...
+
+
+class BlobStore(Protocol):
+    """The slice of the bus used to mirror weights into the object store."""
+
+    async def put_blob(self, name: str, data: bytes | str | Path) -> int: ...
+
+
+def digest_dir(path: Path) -> tuple[str, int]:
+    """``(sha256, nbytes)`` over every file of ``path`` in sorted relative-name order (name, NUL, bytes)."""
+    h = hashlib.sha256()
+    total = 0
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+                total += len(chunk)
+    return h.hexdigest(), total
+
+
+class DiskWeightSink:
+    """Writes ``v<version>/`` under ``root`` and keeps the newest ``keep`` versions."""
+
+    def __init__(
+        self, root: Path, *, keep: int = 3, base_model: Path | None = None, blobs: BlobStore | None = None
+    ) -> None:
+        self.root = Path(root)
+        self.keep = keep
+        self.base_model = Path(base_model) if base_model else None
+        self.blobs = blobs
+
+    def write(self, version: int, export: Export) -> WeightUpdate:
+        """Export into a temporary directory, rename it to ``v<version>`` (replacing a crashed attempt), prune."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"v{version}"
+        tmp = self.root / f".v{version}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        export(tmp)
+        self._copy_tokenizer(tmp)
+        sha, nbytes = digest_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self._prune(version)
+        return WeightUpdate(version=version, uri=final.resolve().as_uri(), sha256=sha, nbytes=nbytes)
+
+    def export_final(self, export: Export, dest: Path) -> None:
+        """Write a standalone HF checkpoint (weights + tokenizer files) into directory ``dest`` (created)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        export(dest)
+        self._copy_tokenizer(dest)
+
+    async def publish(self, version: int, export: Export) -> WeightUpdate:
+        update = await asyncio.to_thread(self.write, version, export)
+        if self.blobs is not None:
+            folder = self.root / f"v{version}"
+            for f in sorted(p for p in folder.iterdir() if p.is_file()):
+                await self.blobs.put_blob(f"v{version}/{f.name}", f)
+        return update
+
+    def _copy_tokenizer(self, dest: Path) -> None:
+        if self.base_model is None:
+            return
+        for name in _TOKENIZER_FILES:
+            src = self.base_model / name
+            if src.is_file() and not (dest / name).exists():
+                shutil.copy2(src, dest / name)
+
+    def _prune(self, newest: int) -> None:
+        for d in self.root.glob("v*"):
+            if d.is_dir() and d.name[1:].isdigit() and int(d.name[1:]) <= newest - self.keep:
+                shutil.rmtree(d, ignore_errors=True)
