@@ -346,7 +346,7 @@ def decode(data: bytes | memoryview, typ: type[M] | Any = AnyMessage) -> M:
             f"this agentrl reads versions 1..{SCHEMA_VERSION} (upgrade agentrl to read it)"
         )
     try:
-        return _decoder(typ).decode(data)  # type: ignore[no-any-return]
+        return _decoder(typ).decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
         name = getattr(typ, "__name__", str(typ))
         raise DecodeError(f"invalid {header.msg or name} message ({len(data)} bytes): {exc}") from exc

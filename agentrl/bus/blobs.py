@@ -30,7 +30,7 @@ async def put(js: JetStreamContext, bucket: str, name: str, data: bytes | str | 
     from nats.js.api import ObjectMeta, ObjectMetaOptions
 
     obs = await js.object_store(bucket)
-    payload = Path(data).read_bytes() if isinstance(data, str | Path) else data
+    payload = await asyncio.to_thread(Path(data).read_bytes) if isinstance(data, str | Path) else data
     meta = ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=_CHUNK_SIZE))
     info = await obs.put(name, payload, meta=meta)
     return int(info.size or 0)

@@ -333,7 +333,7 @@ class Bus:
     async def get_blob_to(self, name: str, path: str | Path) -> int:
         """Read a blob into a file; returns its size."""
         data = await self.get_blob(name)
-        Path(path).write_bytes(data)
+        await asyncio.to_thread(Path(path).write_bytes, data)
         return len(data)
 
 

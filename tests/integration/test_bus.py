@@ -79,7 +79,7 @@ async def test_undecodable_message_is_dead_lettered_and_consumer_keeps_going(bus
     assert [d.msg.id for d in got] == ["tr1", "tr2"] and consumer.dead_lettered == 2
     dlq = await bus.js.pull_subscribe(bus.subjects.dead_letter, durable="inspect", stream=bus.subjects.dlq_stream)
     dead = await dlq.fetch(2, timeout=2.0)
-    assert [m.data for m in dead][0] == b"\x93not a trajectory"
+    assert dead[0].data == b"\x93not a trajectory"
     assert all(m.headers and "Agentrl-Reason" in m.headers for m in dead)
     assert "invalid" in dead[1].headers["Agentrl-Reason"]  # type: ignore[index]
     for d in got:
