@@ -58,6 +58,7 @@ class Request:
     finish_reason: dict[str, Any] | None = None
     cached_tokens: int = 0
     slot: int | None = None
+    kv_version: int = -1  # weight version when its keys/values started being computed
     abort_requested: bool = False
     created: float = field(default_factory=time.monotonic)
     updates: asyncio.Queue[bool] = field(default_factory=asyncio.Queue)  # True = finished

@@ -202,6 +202,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting.popleft()
             req.slot, req.cached_tokens = self.slots.acquire(req.input_ids)
+            req.kv_version = self.weight_version
             self.stats.cached_tokens += req.cached_tokens
             self.running.append(req)
             admitted.append(req)
@@ -279,7 +280,9 @@ class Scheduler:
                 continue
             self.stats.finished += 1
             if req.slot is not None:
-                held = (req.input_ids + req.output_ids)[:-1] if self.prefix_cache else None
+                # keys/values computed under older weights must not be reused
+                fresh = self.prefix_cache and req.kv_version == self.weight_version
+                held = (req.input_ids + req.output_ids)[:-1] if fresh else None
                 self.slots.release(req.slot, held)
                 req.slot = None
         self.running = keep
