@@ -81,7 +81,7 @@ async def test_64_concurrent_requests_with_different_params_all_complete(engine_
             "max_new_tokens": rng.randint(1, 24), "ignore_eos": True, "sampling_seed": i,
         }))
     outs = await asyncio.gather(*(generate(engine_url, p, **s) for p, s in specs))
-    for (p, s), out in zip(specs, outs, strict=True):
+    for (_, s), out in zip(specs, outs, strict=True):
         assert out["meta_info"]["finish_reason"] == {"type": "length", "length": s["max_new_tokens"]}
         assert len(out["output_ids"]) == s["max_new_tokens"] == len(out["meta_info"]["output_token_logprobs"])
     for (p, s), out in list(zip(specs, outs, strict=True))[:8]:  # spot-check logprobs and greedy outputs
