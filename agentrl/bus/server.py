@@ -92,6 +92,10 @@ class EmbeddedNats:
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
+    def returncode(self) -> int | None:
+        """The exit code if the server process has exited, else ``None`` (also before start)."""
+        return self._proc.poll() if self._proc else None
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
