@@ -50,7 +50,7 @@ def evaluate(expr: str, variables: Mapping[str, Number] | None = None) -> Number
 
 def _eval(node: ast.AST, env: Mapping[str, Number]) -> Number:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return Fraction(str(node.value)) if isinstance(node.value, float) else Fraction(node.value)
+        return Fraction(str(node.value))  # str() keeps decimals exact: 0.1 -> 1/10
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.UAdd | ast.USub):
         v = _eval(node.operand, env)
         return -v if isinstance(node.op, ast.USub) else v
@@ -99,7 +99,7 @@ def _pow(a: Number, b: Number) -> Number:
 
 def _call(name: str, x: Number) -> Number:
     if name == "abs":
-        return abs(x)
+        return -x if x < 0 else x
     if name == "sqrt":
         if x < 0:
             raise ExpressionError("sqrt of a negative number")

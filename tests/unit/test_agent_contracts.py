@@ -15,7 +15,7 @@ from agentrl.messages import ChatMessage, SamplingParams, Task, Trajectory
 from tests.fixtures.envs import ScriptedGenerator
 
 AGENTS = ["agents.single_turn:run_episode", "agents.tool_agent:run_episode"]
-ENVS = ["envs.calculator:CalculatorEnv"]
+ENVS = ["envs.calculator:CalculatorEnv", "envs.python_sandbox:PythonSandboxEnv"]
 REWARDS = ["envs.math_verifier:math_reward"]
 TASK = Task(id="c", group_id="g", prompt=[ChatMessage(role="user", content="2+2?")], env="e", label="4",
             sampling=SamplingParams(max_new_tokens=32))
