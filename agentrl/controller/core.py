@@ -6,6 +6,7 @@ what the deployed controller does.
 
 Events (methods):  :meth:`start` (fresh or restarted), :meth:`on_version` (policy version bumped),
 :meth:`on_trajectory` (an episode finished), :meth:`on_batch_taken` (the learner took a batch),
+:meth:`on_dropped` (the learner will never train some finished tasks),
 :meth:`mark_published` (tasks reached the queue).
 
 Actions (returned):  :class:`PublishTasks` (to the ``new`` or ``eval`` queue),
@@ -51,9 +52,10 @@ class AbortTasks:
 
 @dataclass(frozen=True)
 class Report:
-    """Results to publish as a metrics event (a finished eval pass)."""
+    """Results to publish as a metrics event (a finished eval pass); then call ``mark_reported``."""
 
     data: dict[str, float]
+    eval_version: int
 
 
 Action = PublishTasks | AbortTasks | Report
@@ -93,7 +95,8 @@ class ControllerCore:
         self.state = state or ControllerState()
         self.max_in_flight = in_flight_limit(cfg.batch_size, cfg.april_alpha)
         self.sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-        self._taken_early: dict[str, int] = {}  # taken by the learner before we saw the trajectory
+        # learner verdicts that arrived before we saw the trajectory: train version, or None = dropped
+        self._early: dict[str, int | None] = {}
 
     # ------------------------------------------------------------ queries
 
@@ -125,7 +128,7 @@ class ControllerCore:
     # ------------------------------------------------------------ events
 
     def start(self) -> list[Action]:
-        """After a (re)start: re-publish what may not have reached the queue, then admit."""
+        """After a (re)start: re-publish tasks and eval reports that may not have gone out, then admit."""
         unpublished = [r for r in self.state.running.values() if not r.published]
         actions: list[Action] = []
         queues: tuple[tuple[bool, TaskPriority], ...] = ((False, "new"), (True, "eval"))
@@ -133,7 +136,8 @@ class ControllerCore:
             tasks = tuple(self.task_for(r) for r in unpublished if r.is_eval == is_eval)
             if tasks:
                 actions.append(PublishTasks(tasks, queue))
-        return actions + self._maybe_eval() + self.admit()
+        reports = [self._eval_report(p) for p in self.state.eval_passes.values() if p.finished >= p.issued]
+        return actions + reports + self._maybe_eval() + self.admit()
 
     def mark_published(self, task_ids: Iterable[str]) -> None:
         for tid in task_ids:
@@ -164,6 +168,12 @@ class ControllerCore:
         c.failed += traj.status == "failed"
         self._remember_versions(traj)
         self._group_finished(rec, traj.reward)
+        if traj.task_id in self._early:
+            verdict = self._early.pop(traj.task_id)
+            if verdict is None:
+                self._forget_dropped([traj.task_id])
+            else:
+                self._account_trained(traj.task_id, verdict)
         return self.admit()
 
     def on_batch_taken(
@@ -173,12 +183,22 @@ class ControllerCore:
         taken = list(task_ids)
         for tid in taken:
             self._account_trained(tid, version)
-        for tid in dropped_task_ids:
+        self._forget_dropped(dropped_task_ids)
+        return self._abort_surplus(taken) + self.admit()
+
+    def on_dropped(self, task_ids: Iterable[str]) -> list[Action]:
+        """The learner will never train these finished tasks (e.g. past the staleness bound): admit replacements."""
+        self._forget_dropped(task_ids)
+        return self.admit()
+
+    def _forget_dropped(self, task_ids: Iterable[str]) -> None:
+        for tid in task_ids:
             if self.state.pending_versions.pop(tid, None) is not None:
                 self.state.pending_finished_at.pop(tid, None)
                 self.state.counters.dropped += 1
                 self.state.counters.accepted -= 1
-        return self._abort_surplus(taken) + self.admit()
+            elif tid in self.state.running:
+                self._early[tid] = None  # dropped before we saw it finish
 
     # ------------------------------------------------------------ admission
 
@@ -253,7 +273,7 @@ class ControllerCore:
         """A zero-variance group teaches nothing: stop counting it so a replacement is admitted."""
         c = self.state.counters
         for tid in group.task_ids:
-            if tid in self._taken_early:  # the learner already took it; it is trained, not filtered
+            if tid in self._early:  # the learner already decided about it; not filtered
                 continue
             self.state.pending_versions.pop(tid, None)
             self.state.pending_finished_at.pop(tid, None)
@@ -266,17 +286,14 @@ class ControllerCore:
         trained = np.asarray(traj.versions)[np.asarray(traj.loss_mask).astype(bool)]
         values, counts = np.unique(trained, return_counts=True)
         hist = {int(v): int(n) for v, n in zip(values, counts, strict=True)}
-        early = self._taken_early.pop(traj.task_id, None)
         self.state.pending_versions[traj.task_id] = hist
         self.state.pending_finished_at[traj.task_id] = self.state.version
-        if early is not None:
-            self._account_trained(traj.task_id, early)
 
     def _account_trained(self, tid: str, train_version: int) -> None:
         hist = self.state.pending_versions.pop(tid, None)
         if hist is None:
             if tid in self.state.running:
-                self._taken_early[tid] = train_version
+                self._early[tid] = train_version
             return
         self.state.pending_finished_at.pop(tid, None)
         c = self.state.counters
@@ -336,14 +353,18 @@ class ControllerCore:
             return []
         p.finished += 1
         p.reward_sum += float(traj.reward)
-        if p.finished < p.issued:
-            return []
-        del self.state.eval_passes[rec.admitted_version]
-        return [Report({
+        return [self._eval_report(p)] if p.finished >= p.issued else []
+
+    def _eval_report(self, p: EvalPass) -> Report:
+        return Report({
             "controller/eval/version": float(p.version),
-            "controller/eval/reward_mean": p.reward_sum / p.issued,
+            "controller/eval/reward_mean": p.reward_sum / max(p.issued, 1),
             "controller/eval/episodes": float(p.issued),
-        })]
+        }, eval_version=p.version)
+
+    def mark_reported(self, eval_version: int) -> None:
+        """An eval pass's report was published: forget the pass."""
+        self.state.eval_passes.pop(eval_version, None)
 
     # ------------------------------------------------------------ metrics
 

@@ -50,7 +50,6 @@ class EvalPass(msgspec.Struct, kw_only=True):
     issued: int = 0
     finished: int = 0
     reward_sum: float = 0.0
-    reported: bool = False
 
 
 class Counters(msgspec.Struct, kw_only=True):
