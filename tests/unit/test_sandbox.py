@@ -15,6 +15,14 @@ from envs.python_sandbox import PythonSandboxEnv
 from envs.sandbox import SandboxLimits, isolation_available, run_python
 
 LIMITS = SandboxLimits(wall_s=5, cpu_s=1, memory_mb=256, max_processes=16)
+def _exists(path: str) -> bool:
+    return Path(path).exists()
+
+
+def _home_file() -> str:
+    return os.path.expanduser("~/escape.txt")
+
+
 needs_isolation = pytest.mark.skipif(not isolation_available(), reason="needs root and unshare")
 
 
@@ -22,7 +30,7 @@ async def test_runs_code_in_a_scratch_dir() -> None:
     r = await run_python("import os; print(os.getcwd()); open('out.txt', 'w').write('x')", limits=LIMITS)
     assert r.status == "ok" and r.exit_code == 0 and "agentrl-sbx-" in r.stdout
     assert r.files == ["main.py", "out.txt"]
-    assert not Path(r.stdout.strip()).exists()  # removed afterwards
+    assert not _exists(r.stdout.strip())  # removed afterwards
     r = await run_python("raise ValueError('bad')", limits=LIMITS)
     assert r.status == "error" and r.exit_code == 1 and "ValueError: bad" in r.stderr
 
@@ -77,15 +85,14 @@ async def test_detached_child_is_killed_too() -> None:
 
 @needs_isolation
 async def test_writes_outside_scratch_are_refused(tmp_path: Path) -> None:
-    targets = [str(tmp_path / "escape.txt"), "../escape.txt", "/tmp/escape.txt", "/work/escape.txt",
-               os.path.expanduser("~/escape.txt")]
-    code = "import sys\nfor p in sys.argv[1:] or %r:\n" % targets + (
+    targets = [str(tmp_path / "escape.txt"), "../escape.txt", "/tmp/escape.txt", "/work/escape.txt", _home_file()]
+    code = f"for p in {targets!r}:\n" + (
         "    try:\n        open(p, 'w').write('x'); print('WROTE', p)\n"
         "    except OSError as e:\n        print('denied', p, e.errno)\n"
     )
     r = await run_python(code, limits=LIMITS)
     assert r.status == "ok" and "WROTE" not in r.stdout and r.stdout.count("denied") == len(targets)
-    assert not any(Path(t).exists() for t in targets if t.startswith("/"))
+    assert not any(_exists(t) for t in targets if t.startswith("/"))
 
 
 async def test_output_is_capped() -> None:
