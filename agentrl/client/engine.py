@@ -1,0 +1,157 @@
+"""HTTP client of one engine (agentrl's embedded engine or a real SGLang server); implements ``Generator``.
+
+One pooled ``aiohttp`` session per client, explicit connect/total timeouts, and bounded exponential
+backoff (tenacity) on connection errors, 429 and 5xx only. A 4xx raises :class:`EngineRequestError` at
+once; a timeout raises :class:`EngineUnavailable` without retrying (the engine may still be working on it).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import numpy as np
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from agentrl.client.protocol import (
+    build_abort_request,
+    build_generate_request,
+    build_update_weights_request,
+    error_for_status,
+    parse_generate_response,
+    parse_weight_version,
+)
+from agentrl.config.engine import EngineClientConfig
+from agentrl.errors import EngineError, EngineUnavailable
+from agentrl.generation import GenerateOutput
+from agentrl.messages import SamplingParams
+
+__all__ = ["EngineClient"]
+
+
+class _Transient(EngineUnavailable):
+    """A failure worth retrying: connection error, 429 or 5xx."""
+
+
+class EngineClient:
+    """Talks to the engine at ``url``; use ``async with`` (or call :meth:`close`)."""
+
+    def __init__(self, url: str, config: EngineClientConfig | None = None, *, engine_id: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.config = config or EngineClientConfig()
+        self.engine_id = engine_id or self.url
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> EngineClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            cfg = self.config
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=cfg.max_connections),
+                timeout=aiohttp.ClientTimeout(total=cfg.request_timeout_s, connect=cfg.connect_timeout_s),
+            )
+        return self._session
+
+    async def _once(self, method: str, path: str, body: Any, timeout: float | None) -> Any:
+        where = f"engine {self.engine_id} {path}"
+        kwargs: dict[str, Any] = {"json": body}
+        if timeout is not None:
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, self.config.connect_timeout_s))
+        try:
+            async with self._http().request(method, self.url + path, **kwargs) as resp:
+                text = await resp.text()
+                data = _json_or_text(text)
+                if resp.status >= 400:
+                    err = error_for_status(resp.status, data, where)
+                    raise _Transient(str(err)) if isinstance(err, EngineUnavailable) else err
+                return data
+        except aiohttp.ClientConnectionError as exc:
+            raise _Transient(f"{where}: {type(exc).__name__}: {exc}") from exc
+        except TimeoutError as exc:
+            raise EngineUnavailable(f"{where}: no answer within the timeout") from exc
+
+    async def request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
+        """One API call with retries; returns the decoded JSON (or text) body."""
+        cfg = self.config
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(cfg.max_attempts),
+            wait=wait_exponential(multiplier=cfg.backoff_s, max=5.0),
+            retry=retry_if_exception_type(_Transient),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._once(method, path, body, timeout)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def generate(
+        self,
+        input_ids: Sequence[int] | np.ndarray,
+        sampling: SamplingParams,
+        *,
+        rid: str | None = None,
+        session_id: str | None = None,
+    ) -> GenerateOutput:
+        """``POST /generate`` token-in/token-out with logprobs; ``session_id`` matters only to a router."""
+        body = build_generate_request(input_ids, sampling, rid=rid or uuid.uuid4().hex)
+        return parse_generate_response(await self.request("POST", "/generate", body), engine_id=self.engine_id)
+
+    async def abort(self, rid: str | None = None) -> None:
+        """Abort one request (by rid) or, with None, every request; their ``generate`` calls return ``abort``."""
+        await self.request("POST", "/abort_request", build_abort_request(rid))
+
+    async def pause(self, mode: str = "in_place") -> None:
+        await self.request("POST", "/pause_generation", {"mode": mode})
+
+    async def resume(self) -> None:
+        await self.request("POST", "/continue_generation", {})
+
+    async def update_weights_from_disk(self, model_path: str, version: int) -> None:
+        """Load weights from a model directory the engine can read; raises :class:`EngineError` on failure."""
+        out = await self.request("POST", "/update_weights_from_disk", build_update_weights_request(model_path, version))
+        if not isinstance(out, dict) or not out.get("success", False):
+            raise EngineError(f"engine {self.engine_id}: weight update failed: {out}")
+
+    async def flush_cache(self) -> None:
+        await self.request("POST", "/flush_cache")
+
+    async def get_weight_version(self) -> int:
+        out = await self.request("GET", "/get_weight_version")
+        return parse_weight_version(out.get("weight_version") if isinstance(out, dict) else None)
+
+    async def get_model_info(self) -> dict[str, Any]:
+        out = await self.request("GET", "/get_model_info")
+        return out if isinstance(out, dict) else {}
+
+    async def health(self, timeout: float = 2.0) -> bool:
+        """Whether ``GET /health`` answers 200 within ``timeout`` (one try, never raises)."""
+        try:
+            await self._once("GET", "/health", None, timeout)
+        except EngineError:
+            return False
+        return True
+
+
+def _json_or_text(text: str) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

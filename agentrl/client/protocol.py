@@ -1,0 +1,135 @@
+"""Pure request building and response parsing for SGLang's HTTP API (no I/O; unit-tested without a server).
+
+The same functions serve agentrl's embedded engine and a real SGLang server. The one difference a caller
+can see: SGLang reports only ``meta_info.weight_version`` (a string, ``"default"`` unless set), not the
+per-token ``output_token_versions`` the embedded engine adds. Without them, every token gets the
+request's final ``weight_version`` (so a request that spanned a weight update is attributed entirely to
+the newer version); a non-integer version string counts as version 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from agentrl.errors import EngineError, EngineRequestError, EngineUnavailable
+from agentrl.generation import GenerateOutput
+from agentrl.messages import SamplingParams
+
+__all__ = [
+    "build_abort_request",
+    "build_generate_request",
+    "build_update_weights_request",
+    "error_for_status",
+    "error_message",
+    "parse_generate_response",
+    "parse_weight_version",
+]
+
+
+def build_generate_request(
+    input_ids: Sequence[int] | np.ndarray,
+    sampling: SamplingParams,
+    *,
+    rid: str | None = None,
+    return_logprob: bool = True,
+) -> dict[str, Any]:
+    """The JSON body of ``POST /generate`` for token-in/token-out generation."""
+    body: dict[str, Any] = {
+        "input_ids": [int(t) for t in input_ids],
+        "sampling_params": sampling.to_sglang(),
+        "return_logprob": return_logprob,
+        "stream": False,
+    }
+    if rid is not None:
+        body["rid"] = rid
+    return body
+
+
+def build_abort_request(rid: str | None) -> dict[str, Any]:
+    """``POST /abort_request`` body: one request by rid, or every request when ``rid`` is None."""
+    return {"abort_all": True} if rid is None else {"rid": rid}
+
+
+def build_update_weights_request(model_path: str, version: int) -> dict[str, Any]:
+    """``POST /update_weights_from_disk`` body (SGLang takes the version as a string)."""
+    return {"model_path": model_path, "weight_version": str(version)}
+
+
+def parse_weight_version(value: Any) -> int:
+    """An engine's weight version as an int; SGLang's ``"default"`` (or anything non-numeric) is 0."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _finish(reason: Any, engine_id: str) -> tuple[str, int | str | None]:
+    if not isinstance(reason, dict) or reason.get("type") not in ("stop", "length", "abort"):
+        raise EngineError(f"engine {engine_id}: unexpected finish_reason {reason!r}")
+    matched = reason.get("matched") if reason["type"] == "stop" else None
+    return str(reason["type"]), matched if isinstance(matched, int | str) else None
+
+
+def parse_generate_response(payload: Any, *, engine_id: str = "") -> GenerateOutput:
+    """Turn a ``/generate`` JSON response into a :class:`GenerateOutput`.
+
+    Reads ``output_ids`` (or, if absent, the token ids of ``output_token_logprobs``), logprobs from the
+    ``[logprob, token_id, text|None]`` triples (NaN when the request did not ask for logprobs), the finish
+    reason and versions (see the module docstring). Raises :class:`EngineError` on a malformed response.
+    """
+    if not isinstance(payload, dict) or not isinstance(payload.get("meta_info"), dict):
+        raise EngineError(f"engine {engine_id}: /generate response has no meta_info: {str(payload)[:200]}")
+    meta = payload["meta_info"]
+    triples = meta.get("output_token_logprobs")
+    ids = payload.get("output_ids")
+    if ids is None and triples is not None:
+        ids = [t[1] for t in triples]
+    if not isinstance(ids, list):
+        raise EngineError(f"engine {engine_id}: /generate response has no output_ids")
+    if triples is None:
+        logprobs = np.full(len(ids), np.nan, dtype=np.float32)
+    elif len(triples) != len(ids):
+        raise EngineError(f"engine {engine_id}: {len(triples)} logprobs for {len(ids)} output tokens")
+    else:
+        logprobs = np.asarray([t[0] for t in triples], dtype=np.float32)
+    version = parse_weight_version(meta.get("weight_version"))
+    versions = meta.get("output_token_versions")
+    if versions is None or len(versions) != len(ids):
+        versions = [version] * len(ids)
+    finish, matched = _finish(meta.get("finish_reason"), engine_id)
+    return GenerateOutput(
+        output_ids=np.asarray(ids, dtype=np.int32),
+        logprobs=logprobs,
+        versions=np.asarray(versions, dtype=np.int32),
+        text=str(payload.get("text", "")),
+        finish_reason=finish,  # type: ignore[arg-type]
+        matched_stop=matched,
+        prompt_tokens=int(meta.get("prompt_tokens", 0)),
+        weight_version=version,
+        rid=str(meta.get("id", "")),
+        engine_id=engine_id,
+    )
+
+
+def error_message(body: Any) -> str:
+    """The human message of an error body (``{"error": {"message"}}``, ``{"message"}``, or the raw text)."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if "message" in body:
+            return str(body["message"])
+    return str(body)[:500]
+
+
+def error_for_status(status: int, body: Any, where: str) -> EngineError:
+    """Map an HTTP error status to agentrl's errors: 429 and 5xx are retryable, other 4xx are not."""
+    message = f"{where}: HTTP {status}: {error_message(body)}"
+    if status == 429 or status >= 500:
+        return EngineUnavailable(message)
+    return EngineRequestError(message, status)
