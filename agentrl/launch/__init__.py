@@ -1,0 +1,1 @@
+"""Local-run launching: the supervisor, progress display and plots."""
