@@ -15,6 +15,7 @@ from agentrl.config.controller import ControllerConfig
 from agentrl.config.engine import EngineConfig
 from agentrl.config.learner import LearnerConfig
 from agentrl.config.loader import Section
+from agentrl.config.worker import EnvdConfig, WorkerConfig
 
 __all__ = ["NatsConfig", "RunConfig"]
 
@@ -42,6 +43,8 @@ class RunConfig(Section):
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     controller: ControllerConfig = msgspec.field(default_factory=ControllerConfig)
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
+    worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
+    envd: EnvdConfig = msgspec.field(default_factory=EnvdConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -1,0 +1,41 @@
+"""Config of agent workers (``worker:``) and env workers (``envd:``).
+
+Extension points are dotted paths (``package.module:name``), resolved when the actor starts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from agentrl.config.loader import Section
+
+__all__ = ["EnvdConfig", "WorkerConfig"]
+
+
+class WorkerConfig(Section):
+    """An agent worker: which agent runs, against which environments, how many episodes at once."""
+
+    agent: str = "agents.single_turn:run_episode"  # async (ctx, task) -> Trajectory | None
+    reward: str | None = None  # async (task, response) -> float, e.g. envs.math_verifier:math_reward
+    envs: dict[str, str] = msgspec.field(default_factory=dict)  # in-process: env name -> class / factory
+    remote_envs: list[str] = msgspec.field(default_factory=list)  # env names served by `agentrl envd`
+    tokenizer: str | None = None  # Hugging Face tokenizer dir; None = engine.model
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 64  # episodes in flight on one event loop
+    episode_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1800.0  # then the episode ends "truncated"
+    max_context_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # per-episode token budget; 0 = the agent's own
+    env_call_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0  # one reset/step on an env worker
+    abort_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0  # an aborted episode not stopped by then is cancelled
+    poll_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0  # longest wait for a new task
+    uvloop: bool = True
+
+
+class EnvdConfig(Section):
+    """An env worker: which environments it serves and its limits."""
+
+    envs: dict[str, str] = msgspec.field(default_factory=dict)  # env name -> class / factory
+    max_sessions: Annotated[int, msgspec.Meta(ge=1)] = 1024  # open episodes; a reset beyond gets "busy"
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 256  # env calls running at once
+    call_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0  # cap on any one reset/step
+    session_idle_s: Annotated[float, msgspec.Meta(gt=0)] = 900.0  # sessions idle this long are closed
