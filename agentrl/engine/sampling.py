@@ -70,7 +70,7 @@ def hash_uniform(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Te
         x = x ^ (x >> 31)
         x = x * mul
         x = x ^ (x >> 29)
-    x = (x >> 11) & _MASK53
+    x = (x >> 10) & _MASK53  # bits 10..62: the final xor with an arithmetic shift clears bit 63
     return (x.double() + 0.5) / float(1 << 53)
 
 

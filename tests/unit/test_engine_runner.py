@@ -1,0 +1,48 @@
+"""The static-KV runner computes exactly what the Hugging Face model computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from agentrl.engine.runner import ModelRunner
+from agentrl.errors import EngineError
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def hf_last_logits(model, ids: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].float()
+
+
+def test_batched_prefill_decode_and_prefix_reuse_match_hf(model) -> None:  # type: ignore[no-untyped-def]
+    runner = ModelRunner(model, num_slots=4, context_length=64)
+    a, b = [5, 17, 33, 99, 100, 7], [8, 9, 10]
+    logits = runner.prefill([0, 2], [a, b], [0, 0])
+    assert (logits[0] - hf_last_logits(model, a)).abs().max() < 1e-4
+    assert (logits[1] - hf_last_logits(model, b)).abs().max() < 1e-4
+    # rows 0..2 decode together; row 1 is an idle slot (scratch position)
+    step = runner.decode(torch.tensor([11, 0, 12]), torch.tensor([len(a), runner.scratch, len(b)]), kv_len=8)
+    assert (step[0] - hf_last_logits(model, [*a, 11])).abs().max() < 1e-4
+    assert (step[2] - hf_last_logits(model, [*b, 12])).abs().max() < 1e-4
+    more = runner.prefill([0], [[3, 4]], [len(a) + 1])  # continue slot 0 from its cached keys/values
+    assert (more[0] - hf_last_logits(model, [*a, 11, 3, 4])).abs().max() < 1e-4
+
+
+def test_unsupported_architecture_is_a_clear_error(model) -> None:  # type: ignore[no-untyped-def]
+    model.config.model_type = "gpt2"
+    try:
+        with pytest.raises(EngineError, match="gpt2"):
+            ModelRunner(model, 1, 8)
+    finally:
+        model.config.model_type = "qwen2"
