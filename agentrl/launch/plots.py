@@ -33,10 +33,11 @@ def read_metrics(paths: Iterable[Path]) -> list[dict[str, Any]]:
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
+    xs: list[float] = []
+    ys: list[float] = []
     for r in rows:
         if key in r and isinstance(r[key], int | float):
-            xs.append(float(r.get("time", r.get("learner/step", len(xs)))))
+            xs.append(float(r.get("time", r.get("learner/step", len(xs))) or 0.0))
             ys.append(float(r[key]))
     if xs:
         t0 = min(xs)
