@@ -224,6 +224,10 @@ class EpisodeContext:
     def abort_requested(self) -> bool:
         return self._abort_requested
 
+    def request_abort(self) -> None:
+        """Mark the episode aborted without touching the engine: the next ``generate`` raises."""
+        self._abort_requested = True
+
     async def abort(self) -> None:
         """Abort the episode: the in-flight engine request (if any) returns early, the next ``generate`` raises."""
         self._abort_requested = True
