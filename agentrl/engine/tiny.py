@@ -49,7 +49,11 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinyModelSpec:
-    """Shape of the random model. ``vocab_size`` is a target: the model gets exactly the tokenizer's size."""
+    """Shape of the random model.
+
+    The model's vocab is ``vocab_size``; the tokenizer is trained up to that size and may end up smaller on
+    the small corpus (ids past it decode to nothing, as with Qwen's padded vocabularies).
+    """
 
     vocab_size: int = 512
     hidden_size: int = 64
@@ -58,6 +62,7 @@ class TinyModelSpec:
     heads: int = 4
     kv_heads: int = 2
     max_positions: int = 2048
+    rope_theta: float = 10000.0
     tie_embeddings: bool = True
     seed: int = 0
 
@@ -123,7 +128,7 @@ def init_model(out: str | Path, spec: TinyModelSpec) -> Path:
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=max(spec.vocab_size, len(tokenizer)),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.layers,
@@ -131,6 +136,7 @@ def init_model(out: str | Path, spec: TinyModelSpec) -> Path:
         num_key_value_heads=spec.kv_heads,
         max_position_embeddings=spec.max_positions,
         tie_word_embeddings=spec.tie_embeddings,
+        rope_theta=spec.rope_theta,
         eos_token_id=eos,
         bos_token_id=None,
         pad_token_id=pad,

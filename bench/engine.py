@@ -1,0 +1,159 @@
+"""Embedded engine throughput vs plain ``model.generate`` on the same model, in the same run.
+
+For each concurrency C: the engine (a real ``agentrl engine`` process) gets C concurrent ``/generate``
+requests (random prompts of ``--prompt-len`` tokens, ``--new-tokens`` each, ``ignore_eos``, temperature 1);
+the baseline is one ``model.generate`` call on a batch of the same C prompts (sampling, ``min_new_tokens`` =
+``max_new_tokens`` so every row makes the same number of tokens). Output tokens per second of each, and
+their ratio, are printed side by side.
+
+    python bench/engine.py                                   # CPU, small random model
+    python bench/engine.py --shape qwen2.5-0.5b --device cuda --concurrency 256 --prompt-len 128 --new-tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agentrl.engine.tiny import TinyModelSpec, init_model  # noqa: E402
+
+SHAPES = {
+    "small": TinyModelSpec(vocab_size=2048, hidden_size=256, intermediate_size=768, layers=4, heads=8, kv_heads=2),
+    "qwen2.5-0.5b": TinyModelSpec(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, layers=24, heads=14, kv_heads=2,
+        max_positions=32768, rope_theta=1_000_000.0,
+    ),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_engine(model: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "agentrl.cli", "engine", "--model", str(model), "--port", str(port),
+        "--device", args.device, "--dtype", args.dtype, "--max-running", str(max(args.concurrency)),
+        "--context-length", str(args.prompt_len + args.new_tokens + 8), "--set", "engine.prefix_cache_slots=0",
+    ]
+    if args.no_cuda_graph:
+        cmd += ["--set", "engine.cuda_graph=false"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"engine exited:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1):
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("engine did not become healthy")
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
+
+
+async def engine_tokens_per_s(url: str, batch: list[list[int]], new_tokens: int) -> float:
+    sampling = {"max_new_tokens": new_tokens, "ignore_eos": True, "temperature": 1.0}
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
+
+        async def one(ids: list[int]) -> int:
+            async with s.post(url + "/generate", json={"input_ids": ids, "sampling_params": sampling}) as r:
+                body = await r.json()
+                return len(body["output_ids"])
+
+        await asyncio.gather(*(one(ids) for ids in batch))  # warm-up at the same concurrency
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one(ids) for ids in batch))
+        elapsed = time.perf_counter() - start
+    assert all(c == new_tokens for c in counts), counts
+    return sum(counts) / elapsed
+
+
+def generate_tokens_per_s(model: object, batch: list[list[int]], new_tokens: int, device: torch.device) -> float:
+    ids = torch.tensor(batch, device=device)
+    kwargs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "max_new_tokens": new_tokens,
+              "min_new_tokens": new_tokens, "pad_token_id": 0}
+    kwargs["attention_mask"] = torch.ones_like(ids)
+    best = 0.0
+    for _ in range(2):  # the first call warms up; keep the faster
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(ids, **kwargs)  # type: ignore[attr-defined]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, (out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="HF model directory (default: random model of --shape)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 256])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--skip-generate", action="store_true", help="engine only (no model.generate baseline)")
+    p.add_argument("--no-cuda-graph", action="store_true")
+    args = p.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="agentrl-bench-"))
+    model_dir = args.model or init_model(tmp / "model", SHAPES[args.shape])
+    from transformers import AutoModelForCausalLM
+
+    from agentrl.engine.weights import resolve_device
+
+    device, dtype = resolve_device(args.device, args.dtype)
+    vocab = AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size if args.model else SHAPES[args.shape].vocab_size
+    batches = {c: prompts(c, args.prompt_len, min(vocab, 50_000), seed=c) for c in args.concurrency}
+
+    proc, url = start_engine(model_dir, args, tmp / "engine.log")
+    try:
+        engine = {c: asyncio.run(engine_tokens_per_s(url, batches[c], args.new_tokens)) for c in args.concurrency}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    baseline: dict[int, float] = {}
+    if not args.skip_generate:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        with torch.inference_mode():
+            baseline = {c: generate_tokens_per_s(model, batches[c], args.new_tokens, device) for c in args.concurrency}
+
+    print(f"model={model_dir} shape={args.shape} device={device} dtype={dtype} prompt={args.prompt_len} "
+          f"new={args.new_tokens} torch_threads={torch.get_num_threads()} cpus={os.cpu_count()}")
+    print(f"{'concurrency':>11} | {'engine tok/s':>12} | {'generate tok/s':>14} | {'ratio':>6}")
+    for c in args.concurrency:
+        base = baseline.get(c)
+        ratio = f"{engine[c] / base:6.2f}" if base else "     -"
+        print(f"{c:>11} | {engine[c]:>12.1f} | {base if base else float('nan'):>14.1f} | {ratio}")
+
+
+if __name__ == "__main__":
+    main()
