@@ -13,6 +13,7 @@ import msgspec
 
 from agentrl.config.controller import ControllerConfig
 from agentrl.config.engine import EngineConfig
+from agentrl.config.launch import LaunchConfig
 from agentrl.config.learner import LearnerConfig
 from agentrl.config.loader import Section
 from agentrl.config.worker import EnvdConfig, WorkerConfig
@@ -45,6 +46,7 @@ class RunConfig(Section):
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
     envd: EnvdConfig = msgspec.field(default_factory=EnvdConfig)
+    launch: LaunchConfig = msgspec.field(default_factory=LaunchConfig)
 
     @property
     def run_dir(self) -> Path:
