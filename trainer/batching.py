@@ -42,6 +42,8 @@ class Received(Protocol):
 
     async def ack(self) -> None: ...
 
+    async def in_progress(self) -> None: ...
+
 
 GroupFilter = Callable[[Sequence[Trajectory]], bool]
 
@@ -130,6 +132,11 @@ class GroupBuffer:
             group = self._groups[traj.group_id] = _Group(first_seen=self.clock(), size=traj.group_size)
         group.members.setdefault(traj.id, []).append(delivery)
         return True
+
+    def held(self) -> list[Received]:
+        """Every delivery the buffer holds unacked (to keep alive with ``in_progress``)."""
+        out = [d for g in self._groups.values() for ds in g.members.values() for d in ds]
+        return out + [d for d, _ in self._discarded] + self._late
 
     @property
     def num_buffered(self) -> int:

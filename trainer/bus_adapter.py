@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from agentrl.bus import Bus, Consumer
+from agentrl.bus import Bus, Consumer, Delivery
 from agentrl.config.learner import LearnerConfig
 from agentrl.messages import Event, Trajectory, WeightUpdate, encode
 
-__all__ = ["BusLink", "open_trajectory_consumer"]
+__all__ = ["BusLink", "TrajectoryConsumer", "open_trajectory_consumer"]
 
 
 class BusLink:
@@ -29,6 +29,24 @@ class BusLink:
         await self.bus.nc.publish(self.bus.subjects.events("weights"), encode(update))
 
 
-async def open_trajectory_consumer(bus: Bus, cfg: LearnerConfig) -> Consumer[Trajectory]:
+class TrajectoryConsumer:
+    """:class:`trainer.learner.TrajectorySource` over the durable ``learner`` consumer.
+
+    nats-py's multi-message pull can raise a bare ``asyncio.TimeoutError`` when nothing arrives (not the
+    ``nats.errors.TimeoutError`` that :meth:`Consumer.fetch` maps to ``[]``); that is a timeout here too.
+    """
+
+    def __init__(self, consumer: Consumer[Trajectory]) -> None:
+        self.consumer = consumer
+
+    async def fetch(self, batch: int = 64, timeout: float = 1.0) -> list[Delivery[Trajectory]]:
+        try:
+            return await self.consumer.fetch(batch, timeout=timeout)
+        except TimeoutError:
+            return []
+
+
+async def open_trajectory_consumer(bus: Bus, cfg: LearnerConfig) -> TrajectoryConsumer:
     """The durable pull consumer ``learner`` on the run's trajectory subject."""
-    return await bus.consumer(bus.subjects.traj, durable="learner", typ=Trajectory, ack_wait=cfg.batch.ack_wait_s)
+    consumer = await bus.consumer(bus.subjects.traj, durable="learner", typ=Trajectory, ack_wait=cfg.batch.ack_wait_s)
+    return TrajectoryConsumer(consumer)

@@ -13,6 +13,7 @@ and skipped, the rest are trained by the restarted learner.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -100,6 +101,7 @@ class Learner:
         self.group_filter: GroupFilter = load_object(group_filter, what="learner.batch.group_filter") \
             if group_filter else keep_all
         self._stop = asyncio.Event()
+        self._in_flight: list[Received] = []  # deliveries of the step being trained
         self.state = LearnerState()
 
     def stop(self) -> None:
@@ -109,12 +111,22 @@ class Learner:
         """The loop of DESIGN.md §7; returns the final state."""
         self.state = state = await self.restore()
         buffer = GroupBuffer(self.cfg.batch, state.consumed, self.group_filter)
+        keepalive = asyncio.create_task(self._keep_alive(buffer))
+        try:
+            return await self._loop(state, buffer)
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
+
+    async def _loop(self, state: LearnerState, buffer: GroupBuffer) -> LearnerState:
         while not self._done(state):
             phases = Phases()
             with phases("wait"):
                 batch = await self.collect(buffer, state.version)
             if batch is None:
                 break
+            self._in_flight = batch.consumed
             await self.bus.publish_event(Event(type="batch_taken", source="learner", data={
                 "step": state.step, "version": state.version, "task_ids": sorted({i.traj.task_id for i in batch.items})}))
             with phases("train"):
@@ -128,8 +140,16 @@ class Learner:
                 await asyncio.to_thread(self.checkpoints.save, self.backend, state)
             await asyncio.gather(*(d.ack() for d in batch.consumed))
             buffer.commit(batch)
+            self._in_flight = []
             await self.metrics.record(state.step, step_metrics(batch, result, state, phases))
         return state
+
+    async def _keep_alive(self, buffer: GroupBuffer) -> None:
+        """Mark every held delivery in progress each ack_wait/3 s so the bus does not redeliver it meanwhile."""
+        while True:
+            await asyncio.sleep(self.cfg.batch.ack_wait_s / 3)
+            for d in [*buffer.held(), *self._in_flight]:
+                await d.in_progress()
 
     async def restore(self) -> LearnerState:
         """The latest checkpoint (or a fresh state); the policy version is never behind the bus's."""

@@ -64,9 +64,9 @@ class BatchConfig(Section):
     group_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
     group_filter: str | None = None  # dotted path of a GroupFilter, e.g. trainer.batching.drop_zero_variance
     fetch_batch: Annotated[int, msgspec.Meta(ge=1)] = 64  # messages pulled from the bus per fetch
-    # Unacked trajectories wait in the buffer until their step commits; keep this above the longest wait
-    # for a group plus one step, or they are redelivered (harmless: deduplicated) and count toward max_deliver.
-    ack_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    # Trajectories stay unacked until their step commits; the learner marks them in progress every
+    # ack_wait_s / 3 seconds. After a crash, what it held is redelivered to the restarted learner after this long.
+    ack_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
 
 
 class LearnerConfig(Section):

@@ -28,6 +28,9 @@ class FakeDelivery:
         self.msg = traj
         self.on_ack = on_ack
 
+    async def in_progress(self) -> None:
+        pass
+
     async def ack(self) -> None:
         self.on_ack(self.msg.id)
 

@@ -15,6 +15,9 @@ class FakeDelivery:
         self.msg = traj
         self.acked = 0
 
+    async def in_progress(self) -> None:
+        pass
+
     async def ack(self) -> None:
         self.acked += 1
 
