@@ -95,8 +95,6 @@ class ControllerCore:
         self.state = state or ControllerState()
         self.max_in_flight = in_flight_limit(cfg.batch_size, cfg.april_alpha)
         self.sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-        # learner verdicts that arrived before we saw the trajectory: train version, or None = dropped
-        self._early: dict[str, int | None] = {}
 
     # ------------------------------------------------------------ queries
 
@@ -150,7 +148,6 @@ class ControllerCore:
         if version <= self.state.version:
             return []
         self.state.version = version
-        self._prune_pending()
         return self._maybe_eval() + self.admit()
 
     def on_trajectory(self, traj: FinishedEpisode) -> list[Action]:
@@ -168,8 +165,8 @@ class ControllerCore:
         c.failed += traj.status == "failed"
         self._remember_versions(traj)
         self._group_finished(rec, traj.reward)
-        if traj.task_id in self._early:
-            verdict = self._early.pop(traj.task_id)
+        if traj.task_id in self.state.early_verdicts:
+            verdict = self.state.early_verdicts.pop(traj.task_id)
             if verdict is None:
                 self._forget_dropped([traj.task_id])
             else:
@@ -194,11 +191,10 @@ class ControllerCore:
     def _forget_dropped(self, task_ids: Iterable[str]) -> None:
         for tid in task_ids:
             if self.state.pending_versions.pop(tid, None) is not None:
-                self.state.pending_finished_at.pop(tid, None)
                 self.state.counters.dropped += 1
                 self.state.counters.accepted -= 1
             elif tid in self.state.running:
-                self._early[tid] = None  # dropped before we saw it finish
+                self.state.early_verdicts[tid] = None  # dropped before we saw it finish
 
     # ------------------------------------------------------------ admission
 
@@ -273,10 +269,9 @@ class ControllerCore:
         """A zero-variance group teaches nothing: stop counting it so a replacement is admitted."""
         c = self.state.counters
         for tid in group.task_ids:
-            if tid in self._early:  # the learner already decided about it; not filtered
+            if tid in self.state.early_verdicts:  # the learner already decided about it; not filtered
                 continue
             self.state.pending_versions.pop(tid, None)
-            self.state.pending_finished_at.pop(tid, None)
             c.filtered += 1
             c.accepted -= 1
 
@@ -287,15 +282,13 @@ class ControllerCore:
         values, counts = np.unique(trained, return_counts=True)
         hist = {int(v): int(n) for v, n in zip(values, counts, strict=True)}
         self.state.pending_versions[traj.task_id] = hist
-        self.state.pending_finished_at[traj.task_id] = self.state.version
 
     def _account_trained(self, tid: str, train_version: int) -> None:
         hist = self.state.pending_versions.pop(tid, None)
         if hist is None:
             if tid in self.state.running:
-                self._early[tid] = train_version
+                self.state.early_verdicts[tid] = train_version
             return
-        self.state.pending_finished_at.pop(tid, None)
         c = self.state.counters
         c.trained += 1
         for token_version, n in hist.items():
@@ -303,14 +296,6 @@ class ControllerCore:
             self.state.staleness_hist[age] = self.state.staleness_hist.get(age, 0) + n
             c.trained_tokens += n
             c.off_policy_tokens += n if age > 0 else 0
-
-    def _prune_pending(self) -> None:
-        """Forget version histograms of tasks that finished long ago (their batch_taken was missed)."""
-        horizon = self.state.version - self.cfg.max_staleness - 2
-        old = [t for t, v in self.state.pending_finished_at.items() if v < horizon]
-        for tid in old:
-            self.state.pending_finished_at.pop(tid)
-            self.state.pending_versions.pop(tid, None)
 
     # ------------------------------------------------------------ eval
 

@@ -79,7 +79,8 @@ class ControllerState(msgspec.Struct, kw_only=True):
     groups: dict[str, GroupRecord] = {}
     # trained-token version histograms of finished, not yet trained tasks: task id -> {version: tokens}
     pending_versions: dict[str, dict[int, int]] = {}
-    pending_finished_at: dict[str, int] = {}  # task id -> policy version when it finished
+    # learner verdicts that arrived before the trajectory did: task id -> train version, or None = dropped
+    early_verdicts: dict[str, int | None] = {}
     staleness_hist: dict[int, int] = {}  # staleness (versions) -> trained tokens
     eval_passes: dict[int, EvalPass] = {}
     eval_done_through: int = -1  # highest version an eval pass was issued for

@@ -313,14 +313,14 @@ params = st.builds(
     Params,
     n=st.sampled_from([1, 2, 4]), groups_per_batch=st.integers(1, 3), eta=st.integers(0, 4),
     alpha=st.sampled_from([None, 0.0, 0.5, 1.0]), policy=st.sampled_from(["mask", "drop"]),
-    dynamic=st.booleans(), rows=st.integers(3, 14), epochs=st.integers(1, 2), workers=st.integers(1, 12),
+    dynamic=st.booleans(), rows=st.integers(3, 20), epochs=st.integers(1, 2), workers=st.integers(1, 12),
     p_crash=st.sampled_from([0.0, 0.01, 0.05]), p_restart=st.sampled_from([0.0, 0.05, 0.2]),
     p_dup=st.sampled_from([0.0, 0.2]), lag=st.integers(0, 6), train_ticks=st.integers(1, 8),
     load_ticks=st.integers(0, 3), evals=st.booleans(), seed=st.integers(0, 2**31),
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=params)
 def test_simulated_run_keeps_bound_and_loses_nothing(p: Params) -> None:
     sim = Sim(p)

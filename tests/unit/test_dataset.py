@@ -99,7 +99,7 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="line 2"):
         load_rows(DatasetConfig(path=str(bad)))
     (tmp_path / "d.txt").write_text("x")
-    with pytest.raises(ConfigError, match="dataset.format"):
+    with pytest.raises(ConfigError, match=r"dataset\.format"):
         load_rows(DatasetConfig(path=str(tmp_path / "d.txt")))
     ds = PromptDataset([{"question": "q"}], DatasetConfig(path="p"))
     with pytest.raises(ConfigError, match="no prompt field 'prompt'"):
