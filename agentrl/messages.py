@@ -51,8 +51,11 @@ __all__ = [
 SCHEMA_VERSION = 1
 NOT_SAMPLED = -1  # the version of tokens the policy did not produce (prompt, tool output)
 
-_EXT_ARRAY = 1
-_DTYPE_CODES: dict[str, int] = {"<i4": 1, "<f4": 2, "|u1": 3, "<i8": 4, "<f8": 5}
+# A typed array is a msgpack extension whose type code names the dtype and whose data is the raw
+# little-endian buffer: no per-element encoding, one copy in each direction.
+_EXT_BASE = 16
+_DTYPES = ("<i4", "<f4", "|u1", "<i8", "<f8")
+_DTYPE_CODES: dict[str, int] = {name: _EXT_BASE + i for i, name in enumerate(_DTYPES)}
 _CODE_DTYPES = {code: np.dtype(name) for name, code in _DTYPE_CODES.items()}
 
 TrajectoryStatus = Literal["completed", "truncated", "aborted", "failed"]
@@ -87,24 +90,20 @@ def _enc_hook(obj: Any) -> Any:
         code = _DTYPE_CODES.get(dt.str)
         if code is None or obj.ndim != 1:
             raise TypeError(f"cannot encode array of dtype {obj.dtype} and shape {obj.shape}")
-        data = np.ascontiguousarray(obj, dtype=dt).tobytes()
-        return msgspec.msgpack.Ext(_EXT_ARRAY, bytes([code]) + data)
+        return msgspec.msgpack.Ext(code, np.ascontiguousarray(obj, dtype=dt).tobytes())
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"cannot encode objects of type {type(obj).__name__}")
 
 
 def _ext_hook(code: int, data: memoryview) -> Any:
-    if code != _EXT_ARRAY or len(data) < 1:
-        raise ValueError(f"unknown msgpack extension code {code}")
-    dtype = _CODE_DTYPES.get(data[0])
+    dtype = _CODE_DTYPES.get(code)
     if dtype is None:
-        raise ValueError(f"unknown array dtype code {data[0]}")
-    body = data[1:]
-    if len(body) % dtype.itemsize:
-        raise ValueError(f"array buffer of {len(body)} bytes is not a multiple of {dtype.itemsize}")
-    # bytes(body) copies once so the array owns its memory and does not pin the whole message.
-    return np.frombuffer(bytes(body), dtype=dtype)
+        raise ValueError(f"unknown msgpack extension code {code}")
+    if len(data) % dtype.itemsize:
+        raise ValueError(f"array buffer of {len(data)} bytes is not a multiple of {dtype.itemsize}")
+    # A read-only view into the received message: no copy (the message bytes are immutable).
+    return np.frombuffer(data, dtype=dtype)
 
 
 def _dec_hook(typ: type, obj: Any) -> Any:
