@@ -1,0 +1,114 @@
+"""Supervised warm-up on demonstrations (``agentrl sft``): chat JSONL → masked SFT loss → HF checkpoint.
+
+Each line of the data file is ``{"messages": [{"role": ..., "content": ...}, ...]}``. A conversation is
+rendered with the tokenizer's chat template one message at a time, and each rendered piece is tokenized on
+its own (as the agent SDK builds trajectories), so tokens are trained only where an assistant message
+(including its end-of-turn marker) was added; system, user and tool text is masked out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import AutoTokenizer
+
+from agentrl.config.run import RunConfig
+from agentrl.errors import ConfigError
+from trainer.backend.torch_backend import TorchBackend, build_torch_backend
+from trainer.losses import sft_loss
+from trainer.packing import Sample, pack, plan_micro_batches
+from trainer.weights import DiskWeightSink
+
+__all__ = ["encode_conversation", "load_demonstrations", "run_sft"]
+
+log = logging.getLogger(__name__)
+
+
+def encode_conversation(tokenizer: Any, messages: Sequence[dict[str, Any]], where: str = "") -> Sample:
+    """Token ids and a loss mask that is 1 exactly on the assistant messages' tokens."""
+    tokens: list[int] = []
+    mask: list[float] = []
+    done = ""
+
+    def add(text: str, trained: bool) -> None:
+        ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+        tokens.extend(ids)
+        mask.extend([1.0 if trained else 0.0] * len(ids))
+
+    def render(msgs: Sequence[dict[str, Any]], generation_prompt: bool) -> str:
+        return str(tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=generation_prompt))
+
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        prompt = render(messages[:i], True)
+        full = render(messages[: i + 1], False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ConfigError(f"{where}: the chat template does not render this conversation incrementally "
+                              "(a later render is not an extension of an earlier one); cannot mask it")
+        add(prompt[len(done):], trained=False)
+        add(full[len(prompt):], trained=True)
+        done = full
+    if not any(mask):
+        raise ConfigError(f"{where}: no assistant message to train on")
+    if mask[0]:
+        tokens.insert(0, tokenizer.bos_token_id or 0)  # the first token has no prediction
+        mask.insert(0, 0.0)
+    n = len(tokens)
+    return Sample(tokens=np.asarray(tokens, np.int64), mask=np.asarray(mask, np.float32),
+                  behaviour_logprobs=np.zeros(n, np.float32))
+
+
+def load_demonstrations(path: Path, tokenizer: Any) -> list[Sample]:
+    """Every conversation of a JSONL file, encoded; errors name the file and line."""
+    samples = []
+    with Path(path).open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                messages = json.loads(line)["messages"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{where}: expected a JSON object with a 'messages' list ({exc})") from exc
+            samples.append(encode_conversation(tokenizer, messages, where))
+    if not samples:
+        raise ConfigError(f"{path}: no demonstrations")
+    return samples
+
+
+def train_epochs(backend: TorchBackend, samples: list[Sample], cfg: RunConfig) -> list[float]:
+    """Shuffled mini-batches of ``sft_batch_size`` conversations; returns the loss of every step."""
+    lc = cfg.learner
+    rng = random.Random(cfg.seed)
+    losses = []
+    for _ in range(lc.sft_epochs):
+        order = list(range(len(samples)))
+        rng.shuffle(order)
+        for start in range(0, len(order), lc.sft_batch_size):
+            chunk = [samples[i] for i in order[start: start + lc.sft_batch_size]]
+            plan = plan_micro_batches([len(s) for s in chunk], lc.batch.max_tokens_per_micro_batch)
+            result = backend.train_step([pack(chunk, ids) for ids in plan], sft_loss, lc.loss)
+            losses.append(result.metrics["loss/sft"])
+            log.info("sft step %d: loss %.4f grad_norm %.3f", len(losses), losses[-1], result.grad_norm)
+    return losses
+
+
+def run_sft(cfg: RunConfig) -> tuple[Path, list[float]]:
+    """Train ``learner.model`` on ``learner.sft_data``; write the result to ``learner.sft_output`` (HF layout)."""
+    lc = cfg.learner
+    if not lc.sft_data:
+        raise ConfigError("config key learner.sft_data: empty; expected a JSONL file of {'messages': [...]}")
+    tokenizer = AutoTokenizer.from_pretrained(lc.model)
+    samples = load_demonstrations(Path(lc.sft_data), tokenizer)
+    backend = build_torch_backend(lc)
+    losses = train_epochs(backend, samples, cfg)
+    out = Path(lc.path(lc.sft_output, str(cfg.run_dir)))
+    DiskWeightSink(out.parent, base_model=Path(lc.model)).export_final(backend.export_hf, out)
+    return out, losses
