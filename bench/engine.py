@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agentrl.engine.tiny import TinyModelSpec, init_model  # noqa: E402
+from agentrl.engine.tiny import TinyModelSpec, init_model
 
 SHAPES = {
     "small": TinyModelSpec(vocab_size=2048, hidden_size=256, intermediate_size=768, layers=4, heads=8, kv_heads=2),
@@ -94,6 +94,23 @@ async def engine_tokens_per_s(url: str, batch: list[list[int]], new_tokens: int)
     return sum(counts) / elapsed
 
 
+async def logprob_sample(url: str, ids: list[int]) -> tuple[list[int], list[int], list[float]]:
+    """One sampled continuation (temperature 1) with the engine's logprobs."""
+    body = {"input_ids": ids, "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 32, "ignore_eos": True, "temperature": 1.0}}
+    async with aiohttp.ClientSession() as s, s.post(url + "/generate", json=body) as r:
+        out = await r.json()
+    return ids, out["output_ids"], [t[0] for t in out["meta_info"]["output_token_logprobs"]]
+
+
+def logprob_diff(model: object, ids: list[int], output: list[int], logprobs: list[float], device: torch.device) -> float:
+    """Max |engine logprob - log_softmax(forward logits)| over the sampled tokens."""
+    full = torch.tensor([ids + output], device=device)
+    logits = model(full).logits[0, len(ids) - 1 : -1].float()  # type: ignore[operator]
+    ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(output, device=device).view(-1, 1)).view(-1)
+    return float((ref.cpu() - torch.tensor(logprobs)).abs().max())
+
+
 def generate_tokens_per_s(model: object, batch: list[list[int]], new_tokens: int, device: torch.device) -> float:
     ids = torch.tensor(batch, device=device)
     kwargs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "max_new_tokens": new_tokens,
@@ -137,6 +154,7 @@ def main() -> None:
     proc, url = start_engine(model_dir, args, tmp / "engine.log")
     try:
         engine = {c: asyncio.run(engine_tokens_per_s(url, batches[c], args.new_tokens)) for c in args.concurrency}
+        sample = asyncio.run(logprob_sample(url, batches[args.concurrency[0]][0]))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -145,6 +163,8 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         with torch.inference_mode():
             baseline = {c: generate_tokens_per_s(model, batches[c], args.new_tokens, device) for c in args.concurrency}
+            diff = logprob_diff(model, *sample, device)
+        print(f"engine logprobs vs one forward pass of model (same dtype): max abs diff {diff:.2e}")
 
     print(f"model={model_dir} shape={args.shape} device={device} dtype={dtype} prompt={args.prompt_len} "
           f"new={args.new_tokens} torch_threads={torch.get_num_threads()} cpus={os.cpu_count()}")

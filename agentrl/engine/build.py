@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from agentrl.config.engine import EngineConfig
@@ -14,6 +16,8 @@ from agentrl.errors import EngineError
 __all__ = ["DEFAULT_CONTEXT", "build_server", "context_length_for"]
 
 DEFAULT_CONTEXT = 4096
+
+log = logging.getLogger(__name__)
 
 
 def context_length_for(cfg: EngineConfig, model_max_positions: int | None) -> int:
@@ -35,6 +39,9 @@ def build_server(cfg: EngineConfig) -> EngineServer:
     loaded = load_model(cfg.model, device, dtype)
     context = context_length_for(cfg, getattr(loaded.model.config, "max_position_embeddings", None))
     runner = ModelRunner(loaded.model, cfg.max_running + cfg.prefix_cache_slots, context)
+    if device.type == "cuda" and cfg.cuda_graph:
+        sizes = runner.capture_cuda_graphs(cfg.cuda_graph_batch_sizes)
+        log.info("captured CUDA graphs for decode batch sizes %s", sizes)
     scheduler = Scheduler(
         runner,
         loaded.tokenizer,

@@ -14,6 +14,7 @@ Supported: llama-family decoders (Qwen2, Qwen3, Llama, Mistral without sliding w
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +58,7 @@ class ModelRunner:
         shape = (num_slots, self.num_kv_heads, context_length + 1, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.decoder.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.decoder.layers]
+        self._graphs: _DecodeGraphs | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -87,8 +89,21 @@ class ModelRunner:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         """One token for each of rows ``0..n-1`` (slot = row) at ``positions``; padded rows use the scratch position.
 
-        ``kv_len`` bounds the keys read (default: all); returns ``[n, vocab]`` float32.
+        ``kv_len`` bounds the keys read (default: all; a captured CUDA graph always reads all). Returns
+        ``[n, vocab]`` float32.
         """
+        if self._graphs is not None and tokens.is_cuda:
+            return self._graphs.run(tokens, positions)
+        return self._decode_eager(tokens, positions, kv_len)
+
+    def capture_cuda_graphs(self, batch_sizes: Sequence[int]) -> list[int]:
+        """Capture decode steps for these batch sizes (plus the slot count); returns the sizes captured."""
+        if self.device.type != "cuda":
+            raise EngineError("CUDA graphs need a CUDA device")
+        self._graphs = _DecodeGraphs(self, batch_sizes)
+        return self._graphs.sizes
+
+    def _decode_eager(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None) -> torch.Tensor:
         n = tokens.shape[0]
         rows = torch.arange(n, device=self.device)
         hidden = self._forward(tokens.view(n, 1), positions.view(n, 1), rows, kv_len or self.scratch + 1, gather=False)
@@ -144,3 +159,43 @@ class ModelRunner:
             keys, values = kc[:b, :, :kv_len], vc[:b, :, :kv_len]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
         return attn.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))
+
+
+class _DecodeGraphs:
+    """Decode steps captured as CUDA graphs, one per batch size, sharing one memory pool and static inputs.
+
+    A step of ``n`` rows replays the smallest captured size ``>= n``; extra rows are idle (scratch position).
+    Weights are updated in place (:func:`agentrl.engine.weights.copy_weights`), so graphs stay valid.
+    """
+
+    def __init__(self, runner: ModelRunner, batch_sizes: Sequence[int]) -> None:
+        self.runner = runner
+        self.sizes = sorted({b for b in batch_sizes if 0 < b < runner.num_slots} | {runner.num_slots})
+        top = self.sizes[-1]
+        self.tokens = torch.zeros(top, dtype=torch.long, device=runner.device)
+        self.positions = torch.full((top,), runner.scratch, dtype=torch.long, device=runner.device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
+                runner._decode_eager(self.tokens, self.positions, None)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.inference_mode():
+            for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[b] = runner._decode_eager(self.tokens[:b], self.positions[:b], None)
+                self.graphs[b] = graph
+        torch.cuda.synchronize()
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        b = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self.tokens[:n].copy_(tokens)
+        self.positions[:n].copy_(positions)
+        self.positions[n:b].fill_(self.runner.scratch)
+        self.graphs[b].replay()
+        return self.outputs[b][:n]

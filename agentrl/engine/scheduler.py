@@ -223,15 +223,14 @@ class Scheduler:
 
     async def _decode(self) -> None:
         reqs = self.running
-        rows = max(r.slot for r in reqs if r.slot is not None) + 1
-        tokens = torch.zeros(rows, dtype=torch.long)
-        positions = torch.full((rows,), self.runner.scratch, dtype=torch.long)
-        for r in reqs:
-            assert r.slot is not None
-            tokens[r.slot] = r.output_ids[-1]
-            positions[r.slot] = len(r.input_ids) + len(r.output_ids) - 1
-        kv_len = int(positions[[r.slot for r in reqs]].max()) + 1
-        order = [r.slot for r in reqs]
+        order = [r.slot for r in reqs if r.slot is not None]
+        rows = max(order) + 1
+        token_list, position_list = [0] * rows, [self.runner.scratch] * rows
+        for r, slot in zip(reqs, order, strict=True):
+            token_list[slot] = r.output_ids[-1]
+            position_list[slot] = len(r.input_ids) + len(r.output_ids) - 1
+        kv_len = max(position_list[slot] for slot in order) + 1
+        tokens, positions = torch.tensor(token_list), torch.tensor(position_list)
         params = self._sampling(reqs)
         device = self.runner.device
 
