@@ -136,7 +136,7 @@ def init_model(out: str | Path, spec: TinyModelSpec) -> Path:
         num_key_value_heads=spec.kv_heads,
         max_position_embeddings=spec.max_positions,
         tie_word_embeddings=spec.tie_embeddings,
-        rope_theta=spec.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
         eos_token_id=eos,
         bos_token_id=None,
         pad_token_id=pad,
