@@ -121,12 +121,14 @@ def pack(samples: Sequence[Sample], ids: Sequence[int] | None = None) -> MicroBa
 
 
 def token_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, seq_starts: torch.Tensor, *, with_entropy: bool = False
+    logits: torch.Tensor, input_ids: torch.Tensor, seq_starts: torch.Tensor, *, with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob (and optionally entropy) of every token of a packed row, computed in float32.
 
     ``logits`` is ``[T, V]``, ``input_ids`` ``[T]``, ``seq_starts`` a bool ``[T]`` marking each sequence's
-    first token. Token ``t`` is scored by ``logits[t-1]``; first tokens get logprob 0 and entropy 0.
+    first token. Token ``t`` is scored by ``logits[t-1]``; first tokens get logprob 0 and entropy 0. The
+    entropy carries a gradient only with ``entropy_grad`` (an entropy bonus); else it is a detached metric.
     """
     logp_all = torch.log_softmax(logits[:-1].float(), dim=-1)
     next_logp = logp_all.gather(-1, input_ids[1:, None]).squeeze(-1)
@@ -134,5 +136,6 @@ def token_logprobs(
     logp = torch.cat([zero, next_logp]).masked_fill(seq_starts, 0.0)
     if not with_entropy:
         return logp, None
-    ent = -(logp_all.exp() * logp_all).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        ent = -(logp_all.exp() * logp_all).sum(-1)
     return logp, torch.cat([zero, ent]).masked_fill(seq_starts, 0.0)

@@ -76,7 +76,9 @@ class LearnerConfig(Section):
     backend: Literal["torch"] = "torch"
     device: str = "auto"  # "auto" = cuda if available else cpu
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto = bf16 on GPU, float32 on CPU
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (packed via position ids in all three)
+    # sdpa_varlen: per-sequence causal SDPA on packed rows (trainer/backend/varlen.py); sdpa | eager build a
+    # block-diagonal mask from the position ids; flash_attention_2 uses its varlen kernels (needs flash-attn).
+    attn_implementation: str = "sdpa_varlen"
     gradient_checkpointing: bool = False
     advantage: str = "trainer.advantages.grpo"  # dotted path of an AdvantageFn
     loss: LossConfig = msgspec.field(default_factory=LossConfig)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+import trainer.backend.varlen  # noqa: F401  (registers sdpa_varlen)
 from trainer.packing import Sample, pack, plan_micro_batches, token_logprobs
 
 torch.set_num_threads(1)
@@ -38,15 +39,20 @@ def padded_logprobs(model: Qwen2ForCausalLM, samples: list[Sample]) -> list[torc
     for i, s in enumerate(samples):
         ids[i, : len(s)] = torch.as_tensor(s.tokens)
         attn[i, : len(s)] = 1
+    impl = model.config._attn_implementation
+    if impl == "sdpa_varlen":  # it only serves packed rows; the padded reference uses plain sdpa
+        model.set_attn_implementation("sdpa")
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    model.set_attn_implementation(impl)
     starts = torch.zeros(width, dtype=torch.bool)
     starts[0] = True
     return [token_logprobs(logits[i], ids[i], starts)[0][: len(s)] for i, s in enumerate(samples)]
 
 
-def packed_logprobs(model: Qwen2ForCausalLM, samples: list[Sample]) -> list[torch.Tensor]:
+def packed_logprobs(model: Qwen2ForCausalLM, samples: list[Sample], lens_kwarg: bool = True) -> list[torch.Tensor]:
     mb = pack(samples)
-    logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits[0]
+    extra = {"packed_seq_lens": mb.seq_lens} if lens_kwarg and model.config._attn_implementation == "sdpa_varlen" else {}
+    logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, **extra).logits[0]
     lp, _ = token_logprobs(logits, mb.input_ids[0], mb.position_ids[0] == 0)
     return list(torch.split(lp, mb.seq_lens))
 
@@ -55,7 +61,7 @@ def _grads(model: Qwen2ForCausalLM) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa_varlen", "sdpa", "eager"])
 def test_packed_and_padded_agree_on_logprobs_and_gradients(attn: str) -> None:
     model = tiny_qwen2(attn)
     samples = ragged_samples(0, [5, 17, 1, 9, 30, 2])
@@ -75,14 +81,17 @@ def test_packed_and_padded_agree_on_logprobs_and_gradients(attn: str) -> None:
         torch.testing.assert_close(packed_g[name], padded_g[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_packed_sequences_do_not_attend_across_boundaries() -> None:
-    model = tiny_qwen2("sdpa")
+@pytest.mark.parametrize("attn", ["sdpa_varlen", "sdpa"])
+def test_packed_sequences_do_not_attend_across_boundaries(attn: str) -> None:
+    model = tiny_qwen2(attn)
     a, b = ragged_samples(1, [12, 8])
     other = Sample(tokens=(np.asarray(a.tokens) + 1) % 97, mask=a.mask, behaviour_logprobs=a.behaviour_logprobs)
     with torch.no_grad():
-        first = packed_logprobs(model, [a, b])[1]
-        second = packed_logprobs(model, [other, b])[1]
+        first = packed_logprobs(model, [a, b], lens_kwarg=False)[1]  # varlen: lengths from the position ids
+        second = packed_logprobs(model, [other, b], lens_kwarg=False)[1]
+        alone = packed_logprobs(model, [b])[0]
     torch.testing.assert_close(first, second, rtol=0, atol=1e-6)
+    torch.testing.assert_close(first, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_pack_layout() -> None:

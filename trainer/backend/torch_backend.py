@@ -1,7 +1,9 @@
 """The PyTorch backend: one Hugging Face causal LM in one process, on CPU or one GPU.
 
-Packed micro-batches are forwarded as one row with per-sequence position ids and no attention mask, which
-transformers turns into attention kept within each sequence. Parameters stay float32; with
+Packed micro-batches are forwarded as one row with per-sequence position ids and no attention mask. With
+``attn_implementation="sdpa_varlen"`` (the default, :mod:`trainer.backend.varlen`) each sequence gets its own
+causal SDPA; with ``sdpa``/``eager`` transformers builds a block-diagonal mask from the position ids, and
+``flash_attention_2`` uses its varlen kernels. Either way attention stays within each sequence. Parameters stay float32; with
 ``dtype=bfloat16`` (the default on GPU) the forward runs under bf16 autocast and logprobs are computed in
 float32. The optimizer is AdamW with linear warm-up then constant or cosine decay.
 """
@@ -22,6 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from agentrl.config.learner import LearnerConfig, LossConfig, OptimConfig
 from agentrl.errors import ConfigError
 from trainer.backend.base import StepResult
+from trainer.backend.varlen import VARLEN
 from trainer.losses import LossFn, LossInputs
 from trainer.packing import MicroBatch, token_logprobs
 
@@ -91,12 +94,14 @@ class TorchBackend:
             yield
 
     def _forward(
-        self, model: PreTrainedModel, mb: MicroBatch, *, with_entropy: bool = False
+        self, model: PreTrainedModel, mb: MicroBatch, *, with_entropy: bool = False, entropy_grad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        extra = {"packed_seq_lens": mb.seq_lens} if model.config._attn_implementation == VARLEN else {}
         with self._autocast():
-            out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False)
+            out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, **extra)
         starts = mb.position_ids[0] == 0
-        return token_logprobs(out.logits[0], mb.input_ids[0], starts, with_entropy=with_entropy)
+        return token_logprobs(out.logits[0], mb.input_ids[0], starts, with_entropy=with_entropy,
+                              entropy_grad=entropy_grad)
 
     @torch.no_grad()
     def logprobs(self, mb: MicroBatch) -> torch.Tensor:
@@ -138,9 +143,7 @@ class TorchBackend:
         )
 
     def _loss_inputs(self, mb: MicroBatch, cfg: LossConfig, total_tokens: float, total_seqs: float) -> LossInputs:
-        lp, ent = self._forward(self.model, mb, with_entropy=True)
-        if ent is not None and cfg.entropy_coef == 0:
-            ent = ent.detach()
+        lp, ent = self._forward(self.model, mb, with_entropy=True, entropy_grad=cfg.entropy_coef > 0)
         ref = None
         if cfg.kl_coef > 0 and self.ref_model is not None:
             with torch.no_grad():
