@@ -59,6 +59,8 @@ class ControllerConfig(Section):
     april_alpha: Annotated[float, msgspec.Meta(ge=0)] | None = None
     stale_policy: Literal["drop", "mask"] = "mask"
     dynamic_sampling: bool = False
+    # a complete group still untrained eta + this many versions after completing is counted as dropped
+    presume_dropped_after: Annotated[int, msgspec.Meta(ge=1)] | None = 3
     epochs: Annotated[int, msgspec.Meta(ge=1)] | None = 1  # None = cycle forever
     max_steps: Annotated[int, msgspec.Meta(ge=1)] | None = None  # stop admitting after the tasks of this many steps
     max_new_tokens: Annotated[int, msgspec.Meta(ge=1)] = 256

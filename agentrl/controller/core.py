@@ -148,6 +148,7 @@ class ControllerCore:
         if version <= self.state.version:
             return []
         self.state.version = version
+        self._presume_dropped()
         return self._maybe_eval() + self.admit()
 
     def on_trajectory(self, traj: FinishedEpisode) -> list[Action]:
@@ -191,6 +192,7 @@ class ControllerCore:
     def _forget_dropped(self, task_ids: Iterable[str]) -> None:
         for tid in task_ids:
             if self.state.pending_versions.pop(tid, None) is not None:
+                self.state.complete_since.pop(tid, None)
                 self.state.counters.dropped += 1
                 self.state.counters.accepted -= 1
             elif tid in self.state.running:
@@ -264,6 +266,10 @@ class ControllerCore:
         del self.state.groups[rec.group_id]
         if self.cfg.dynamic_sampling and group.size > 1 and float(np.var(group.rewards)) == 0.0:
             self._filter_group(group)
+            return
+        for tid in group.task_ids:
+            if tid in self.state.pending_versions:
+                self.state.complete_since[tid] = self.state.version
 
     def _filter_group(self, group: GroupRecord) -> None:
         """A zero-variance group teaches nothing: stop counting it so a replacement is admitted."""
@@ -289,6 +295,7 @@ class ControllerCore:
             if tid in self.state.running:
                 self.state.early_verdicts[tid] = train_version
             return
+        self.state.complete_since.pop(tid, None)
         c = self.state.counters
         c.trained += 1
         for token_version, n in hist.items():
@@ -296,6 +303,21 @@ class ControllerCore:
             self.state.staleness_hist[age] = self.state.staleness_hist.get(age, 0) + n
             c.trained_tokens += n
             c.off_policy_tokens += n if age > 0 else 0
+
+    def _presume_dropped(self) -> None:
+        """Safety valve for a learner that drops without saying so: a complete group still untrained
+        ``eta + presume_dropped_after`` versions after it completed can only have been dropped (every
+        token is past the bound), so it stops holding admission capacity."""
+        slack = self.cfg.presume_dropped_after
+        if slack is None:
+            return
+        horizon = self.state.version - self.cfg.max_staleness - slack
+        old = [tid for tid, since in self.state.complete_since.items() if since < horizon]
+        for tid in old:
+            del self.state.complete_since[tid]
+            if self.state.pending_versions.pop(tid, None) is not None:
+                self.state.counters.presumed_dropped += 1
+                self.state.counters.accepted -= 1
 
     # ------------------------------------------------------------ eval
 

@@ -62,6 +62,7 @@ class Counters(msgspec.Struct, kw_only=True):
     resumed: int = 0  # finished trajectories that had been aborted and resumed (attempt > 0)
     trained: int = 0  # reported taken by the learner (batch_taken)
     dropped: int = 0  # reported dropped by the learner (e.g. past the staleness bound)
+    presumed_dropped: int = 0  # never reported, but necessarily dropped (see ControllerCore._presume_dropped)
     duplicates: int = 0  # trajectories for tasks not running (redeliveries, ignored)
     eval_admitted: int = 0
     eval_finished: int = 0
@@ -79,6 +80,7 @@ class ControllerState(msgspec.Struct, kw_only=True):
     groups: dict[str, GroupRecord] = {}
     # trained-token version histograms of finished, not yet trained tasks: task id -> {version: tokens}
     pending_versions: dict[str, dict[int, int]] = {}
+    complete_since: dict[str, int] = {}  # pending task id -> policy version when its group completed
     # learner verdicts that arrived before the trajectory did: task id -> train version, or None = dropped
     early_verdicts: dict[str, int | None] = {}
     staleness_hist: dict[int, int] = {}  # staleness (versions) -> trained tokens
