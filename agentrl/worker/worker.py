@@ -114,6 +114,9 @@ class AgentWorker:
             with contextlib.suppress(Exception):
                 await abort_sub.unsubscribe()
             await self._drain()
+            for consumer in consumers.values():
+                with contextlib.suppress(Exception):
+                    await consumer.unsubscribe()
         return self.stats
 
     async def _wait_for_slot(self) -> None:
@@ -130,8 +133,10 @@ class AgentWorker:
             wait = self.config.poll_timeout_s if priority == "new" else 0.02
             try:
                 found = await consumers[priority].fetch(batch=free, timeout=wait)
+            except TimeoutError:  # nats-py sometimes raises instead of returning nothing
+                found = []
             except Exception as exc:  # a bus hiccup must not kill the worker; retry after a pause
-                log.warning("worker %s: fetch from %s failed: %s", self.worker_id, priority, exc)
+                log.warning("worker %s: fetch from %s failed: %r", self.worker_id, priority, exc)
                 await asyncio.sleep(min(1.0, self.config.poll_timeout_s))
                 return []
             if found:
