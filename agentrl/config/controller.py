@@ -38,6 +38,7 @@ class EvalConfig(Section):
     at_start: bool = True  # also evaluate the initial policy (version 0)
     group_size: Annotated[int, msgspec.Meta(ge=1)] = 1
     max_prompts: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # greedy by default
 
 
 class ControllerConfig(Section):

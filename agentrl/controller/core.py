@@ -95,6 +95,7 @@ class ControllerCore:
         self.state = state or ControllerState()
         self.max_in_flight = in_flight_limit(cfg.batch_size, cfg.april_alpha)
         self.sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+        self.eval_sampling = SamplingParams(temperature=cfg.eval.temperature, max_new_tokens=cfg.max_new_tokens)
 
     # ------------------------------------------------------------ queries
 
@@ -115,8 +116,9 @@ class ControllerCore:
         dataset = self.eval_dataset if rec.is_eval else self.dataset
         if dataset is None:
             raise ValueError(f"task {rec.task_id}: eval task but no eval dataset configured")
+        sampling = self.eval_sampling if rec.is_eval else self.sampling
         tasks = dataset.group_tasks(
-            rec.row, rec.group_id, rec.group_size, self.sampling, version=rec.admitted_version, is_eval=rec.is_eval
+            rec.row, rec.group_id, rec.group_size, sampling, version=rec.admitted_version, is_eval=rec.is_eval
         )
         task = tasks[rec.index_in_group]
         if rec.is_eval:
@@ -341,7 +343,7 @@ class ControllerCore:
         for row in rows:
             group_id = f"eval{version}-r{row}"
             for t in self.eval_dataset.group_tasks(
-                row, group_id, ev.group_size, self.sampling, version=version, is_eval=True
+                row, group_id, ev.group_size, self.eval_sampling, version=version, is_eval=True
             ):
                 t.metadata["eval_version"] = version
                 st.running[t.id] = TaskRecord(
@@ -366,6 +368,7 @@ class ControllerCore:
         return Report({
             "controller/eval/version": float(p.version),
             "controller/eval/reward_mean": p.reward_sum / max(p.issued, 1),
+            "controller/eval/accuracy": p.reward_sum / max(p.issued, 1),  # for 0/1 rewards
             "controller/eval/episodes": float(p.issued),
         }, eval_version=p.version)
 

@@ -1,0 +1,107 @@
+"""The controller state machine, event by event (no bus)."""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+
+from agentrl.config.controller import ControllerConfig, DatasetConfig, EvalConfig
+from agentrl.controller.core import AbortTasks, ControllerCore, PublishTasks, Report
+from agentrl.controller.dataset import PromptDataset
+from agentrl.controller.state import ControllerState
+from agentrl.messages import Task, Trajectory
+
+ROWS = [{"prompt": f"p{i}", "label": str(i)} for i in range(6)]
+
+
+def core(**kw: object) -> ControllerCore:
+    cfg = ControllerConfig(**{"group_size": 2, "batch_size": 4, "max_staleness": 0, **kw})  # type: ignore[arg-type]
+    return ControllerCore(cfg, PromptDataset(ROWS, DatasetConfig(path="mem"), seed=0))
+
+
+def tasks(actions: list) -> list[Task]:
+    return [t for a in actions if isinstance(a, PublishTasks) for t in a.tasks]
+
+
+def traj(task: Task, reward: float = 1.0, version: int = 0, attempt: int = 0) -> Trajectory:
+    return Trajectory(
+        id=f"{task.id}-{attempt}", task_id=task.id, group_id=task.group_id, group_size=task.group_size,
+        tokens=[1, 2, 3], loss_mask=[0, 1, 1], logprobs=np.zeros(3), versions=[-1, version, version],
+        prompt_len=1, reward=reward, attempt=attempt, is_eval=task.is_eval,
+    )
+
+
+def test_sync_admits_one_batch_per_version() -> None:
+    c = core()
+    first = tasks(c.start())
+    assert len(first) == 4 and {t.group_id for t in first} == {"g0000000", "g0000001"}
+    for t in first:
+        assert tasks(c.on_trajectory(traj(t, reward=float(t.index_in_group)))) == []  # waits for v = 1
+    assert tasks(c.on_batch_taken(0, 0, [t.id for t in first])) == []
+    second = tasks(c.on_version(1))
+    assert len(second) == 4 and all(t.admitted_version == 1 for t in second)
+    assert c.metrics()["controller/trained"] == 4 and c.metrics()["controller/off_policy_token_frac"] == 0.0
+
+
+def test_dynamic_sampling_replaces_zero_variance_groups() -> None:
+    c = core(dynamic_sampling=True)
+    first = tasks(c.start())
+    g0 = [t for t in first if t.group_id == "g0000000"]
+    assert tasks(c.on_trajectory(traj(g0[0], reward=1.0))) == []
+    replacement = tasks(c.on_trajectory(traj(g0[1], reward=1.0)))  # zero variance: filtered, a new group admitted
+    assert len(replacement) == 2 and replacement[0].group_id == "g0000002"
+    assert c.state.counters.filtered == 2 and c.state.counters.accepted == 0
+
+
+def test_april_aborts_running_surplus_after_batch_taken() -> None:
+    c = core(max_staleness=2, april_alpha=0.5)
+    first = tasks(c.start())
+    assert len(first) == 6  # ceil(4 * 1.5) in flight
+    c.mark_published(t.id for t in first)
+    for t in first[:4]:
+        c.on_trajectory(traj(t, reward=float(t.index_in_group)))
+    actions = c.on_batch_taken(0, 0, [t.id for t in first[:4]])
+    aborts = [a for a in actions if isinstance(a, AbortTasks)]
+    assert aborts == [AbortTasks((first[4].id, first[5].id))] and c.state.counters.aborted == 2
+    # the resumed episode finishes later; it is counted as resumed, not as a new task
+    c.on_trajectory(traj(first[4], attempt=1))
+    assert c.state.counters.resumed == 1
+
+
+def test_unreported_drop_is_presumed_after_the_bound() -> None:
+    c = core(max_staleness=1, presume_dropped_after=2)
+    first = tasks(c.start())
+    for t in first:
+        c.on_trajectory(traj(t, reward=float(t.index_in_group)))
+    c.on_batch_taken(0, 0, [t.id for t in first[:4]])  # the learner silently dropped the other group
+    for v in range(1, 4):
+        c.on_version(v)
+    assert c.state.counters.presumed_dropped == 0
+    c.on_version(4)  # completed at v = 0, untrained past 0 + eta + 2
+    assert c.state.counters.presumed_dropped == 4 and c.state.counters.accepted == 4
+
+
+def test_restart_republishes_only_unpublished_tasks_with_the_same_ids() -> None:
+    c = core(max_staleness=1)
+    first = tasks(c.start())
+    c.mark_published(t.id for t in first[:4])
+    saved = msgspec.msgpack.decode(msgspec.msgpack.encode(c.state), type=ControllerState)
+    restarted = ControllerCore(c.cfg, c.dataset, saved)
+    again = tasks(restarted.start())
+    assert [t.id for t in again] == [t.id for t in first[4:]]
+    assert [t.prompt for t in again] == [t.prompt for t in first[4:]]
+
+
+def test_eval_pass_reported_once_and_never_counted_for_training() -> None:
+    cfg = ControllerConfig(group_size=2, batch_size=4, max_staleness=0, eval=EvalConfig(interval=2, max_prompts=2))
+    ds = PromptDataset(ROWS, DatasetConfig(path="mem"))
+    c = ControllerCore(cfg, ds, eval_dataset=PromptDataset(ROWS, DatasetConfig(path="ev", shuffle=False)))
+    actions = c.start()
+    evals = [t for a in actions if isinstance(a, PublishTasks) and a.queue == "eval" for t in a.tasks]
+    assert len(evals) == 2 and all(t.is_eval and t.metadata["eval_version"] == 0 for t in evals)
+    assert c.on_trajectory(traj(evals[0], reward=1.0)) == []
+    (report,) = [a for a in c.on_trajectory(traj(evals[1], reward=0.0)) if isinstance(a, Report)]
+    assert report.data["controller/eval/accuracy"] == 0.5 and report.eval_version == 0
+    assert c.state.counters.accepted == 0 and c.state.counters.eval_finished == 2
+    assert not any(isinstance(a, PublishTasks) and a.queue == "eval" for a in c.on_version(1))
+    assert any(isinstance(a, PublishTasks) and a.queue == "eval" for a in c.on_version(2))
