@@ -1,0 +1,67 @@
+"""``agentrl controller``: admit tasks within the staleness bound, over-provision (APRIL), abort surplus,
+sync engine weights and run eval passes (see agentrl/controller/)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+
+from agentrl.commands import Command, add_common_arguments
+from agentrl.config.run import RunConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p)
+    p.add_argument("--dataset", help="prompt dataset: .jsonl, .parquet or a saved HF dataset dir (controller.dataset.path)")
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="exit once every prompt was issued and every task finished (default: run until stopped)")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = [*args.overrides]
+    if args.dataset:
+        out.append(f"controller.dataset.path={args.dataset}")
+    if args.run is not None:
+        out.append(f"name={args.run}")
+    return out
+
+
+async def serve(cfg: RunConfig, url: str | None, *, exit_when_done: bool) -> None:
+    from agentrl.bus.local import open_bus
+    from agentrl.controller.controller import Controller, build_core
+    from agentrl.controller.weights_sync import WeightsSync
+
+    cc = cfg.controller
+    async with open_bus(cfg, url) as bus:
+        core = await build_core(bus, cc, seed=cfg.seed)
+        weights = WeightsSync.from_urls(cc.engines) if cc.engines else None
+        controller = Controller(bus, core, weights=weights, metrics_path=cfg.run_dir / "controller_metrics.jsonl")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, controller.stop)
+        print(f"controller ready: {len(core.dataset)} prompts, B={cc.batch_size}, n={cc.group_size}, "
+              f"eta={cc.max_staleness}, april_alpha={cc.april_alpha}", flush=True)
+        try:
+            await controller.run(exit_when_done=exit_when_done)
+        finally:
+            if weights is not None:
+                await weights.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from agentrl.config.loader import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(RunConfig, args.config, _overrides(args))
+    asyncio.run(serve(cfg, args.nats or cfg.nats.url, exit_when_done=args.exit_when_done))
+    return 0
+
+
+COMMAND = Command(
+    name="controller", help="admit tasks within the staleness bound, run APRIL partial rollouts and eval passes",
+    add_arguments=add_arguments, run=run,
+)

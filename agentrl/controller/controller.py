@@ -1,0 +1,239 @@
+"""The controller actor: :class:`~agentrl.controller.core.ControllerCore` wired to the bus.
+
+Inputs, all funnelled into one queue so the core sees one event at a time:
+
+* the durable consumer ``controller`` on the trajectory stream (finished episodes; acked only after
+  the state that counted them is saved in KV, so a crash redelivers rather than loses them),
+* ``batch_taken`` events (APRIL aborts surplus; trained-token staleness is recorded),
+* ``weights`` events (every engine is told to load the weights; then the admission version advances),
+* ``dropped`` events / ``dropped_task_ids`` in ``batch_taken`` (finished tasks the learner will not train),
+* the policy version in KV, polled (a missed weights event still advances admission after a grace period).
+
+Outputs: tasks on ``tasks.new`` / ``tasks.eval`` (msg id ``f"{task.id}-{attempt}"``), ``abort`` events,
+``metrics`` events plus a JSONL file. The core's state is saved to KV before any action is executed
+and again after, so a restarted controller re-publishes exactly what may not have gone out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+
+from agentrl.bus import Bus, Delivery
+from agentrl.config.controller import ControllerConfig
+from agentrl.controller.core import AbortTasks, Action, ControllerCore, PublishTasks, Report
+from agentrl.controller.dataset import PromptDataset
+from agentrl.controller.state import load_state, save_state
+from agentrl.controller.weights_sync import WeightsSync
+from agentrl.errors import DecodeError
+from agentrl.messages import Event, Trajectory, WeightUpdate, decode
+
+__all__ = ["Controller", "build_core"]
+
+log = logging.getLogger(__name__)
+
+_Item = tuple[str, Any]
+
+
+async def build_core(bus: Bus, cfg: ControllerConfig, *, seed: int = 0) -> ControllerCore:
+    """Load the datasets and the saved state (if any) and build the core."""
+    dataset = await asyncio.to_thread(PromptDataset.load, cfg.dataset, seed=seed)
+    eval_dataset = None
+    if cfg.eval.dataset is not None:
+        eval_dataset = await asyncio.to_thread(PromptDataset.load, cfg.eval.dataset, seed=seed)
+    state = await load_state(bus)
+    if state is not None:
+        log.info("controller: resuming from saved state at version %d (%d running)", state.version, len(state.running))
+    return ControllerCore(cfg, dataset, state, eval_dataset)
+
+
+class Controller:
+    """Runs the core against ``bus`` until :meth:`stop` (or, with ``exit_when_done``, until every task finished)."""
+
+    def __init__(
+        self, bus: Bus, core: ControllerCore, *, weights: WeightsSync | None = None,
+        metrics_path: Path | None = None, version_poll_s: float = 1.0, weights_grace_s: float = 10.0,
+    ) -> None:
+        self.bus = bus
+        self.core = core
+        self.cfg = core.cfg
+        self.weights = weights
+        self.metrics_path = metrics_path
+        self.version_poll_s = version_poll_s
+        self.weights_grace_s = weights_grace_s
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._stop = asyncio.Event()
+        self._kv_ahead_since: float | None = None
+        self._started = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, exit_when_done: bool = False) -> None:
+        consumer = await self.bus.consumer(self.bus.subjects.traj, durable="controller", typ=Trajectory, ack_wait=60.0)
+        subs = [await self.bus.nc.subscribe(self.bus.subjects.events(t), cb=self._on_event)
+                for t in ("batch_taken", "weights", "dropped")]
+        feeders = [asyncio.create_task(f) for f in (self._fetch(consumer), self._poll_version(), self._tick())]
+        try:
+            await self._handle([("version", await self.bus.get_version())], initial=True)
+            while not self._stop.is_set() and not (exit_when_done and self.core.done):
+                items = await self._next_items()
+                if items:
+                    await self._handle(items)
+            await self._publish_metrics()
+        finally:
+            for f in feeders:
+                f.cancel()
+            await asyncio.gather(*feeders, return_exceptions=True)
+            for s in subs:
+                with contextlib.suppress(nats.errors.Error):
+                    await s.unsubscribe()
+            await save_state(self.bus, self.core.state)
+
+    # ------------------------------------------------------------ inputs
+
+    async def _next_items(self) -> list[_Item]:
+        with contextlib.suppress(TimeoutError):
+            first = await asyncio.wait_for(self._queue.get(), timeout=0.5)
+            items = [first]
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            return items
+        return []
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            message: Any = decode(msg.data)
+        except DecodeError as exc:
+            log.warning("controller: ignoring undecodable event on %s: %s", msg.subject, exc)
+            return
+        if isinstance(message, WeightUpdate):
+            self._queue.put_nowait(("weights", message))
+        elif isinstance(message, Event) and message.type in ("batch_taken", "dropped"):
+            self._queue.put_nowait((message.type, message.data))
+
+    async def _fetch(self, consumer: Any) -> None:
+        while True:
+            try:
+                deliveries = await consumer.fetch(batch=256, timeout=1.0)
+            except TimeoutError:  # nats-py may raise the bare asyncio timeout on an empty pull
+                deliveries = []
+            if deliveries:
+                done = asyncio.get_running_loop().create_future()
+                self._queue.put_nowait(("traj", (deliveries, done)))
+                await done  # next fetch only after these are saved and acked
+
+    async def _poll_version(self) -> None:
+        while True:
+            await asyncio.sleep(self.version_poll_s)
+            self._queue.put_nowait(("version", await self.bus.get_version()))
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.metrics_interval_s)
+            self._queue.put_nowait(("metrics", None))
+
+    # ------------------------------------------------------------ dispatch
+
+    async def _handle(self, items: list[_Item], *, initial: bool = False) -> None:
+        actions: list[Action] = self.core.start() if initial else []
+        acks: list[tuple[list[Delivery[Trajectory]], asyncio.Future[None]]] = []
+        metrics = False
+        for kind, payload in items:
+            if kind == "traj":
+                deliveries, done = payload
+                acks.append((deliveries, done))
+                for d in deliveries:
+                    actions += self.core.on_trajectory(d.msg)
+            elif kind == "batch_taken":
+                actions += self._batch_taken(payload)
+            elif kind == "dropped":
+                actions += self.core.on_dropped(payload.get("task_ids", []))
+            elif kind == "weights":
+                actions += await self._weights(payload)
+            elif kind == "version":
+                actions += self._kv_version(int(payload), initial)
+            elif kind == "metrics":
+                metrics = True
+        await save_state(self.bus, self.core.state)  # before acting: a crash now re-publishes on restart
+        await self._act(actions)
+        for deliveries, done in acks:
+            await asyncio.gather(*(d.ack() for d in deliveries))
+            done.set_result(None)
+        if metrics:
+            await self._publish_metrics()
+
+    def _batch_taken(self, data: dict[str, Any]) -> list[Action]:
+        return self.core.on_batch_taken(
+            int(data.get("step", 0)), int(data.get("version", self.core.version)),
+            data.get("task_ids", []), data.get("dropped_task_ids", []),
+        )
+
+    async def _weights(self, update: WeightUpdate) -> list[Action]:
+        if self.weights is not None:
+            failed = await self.weights.load(update)
+            if failed:
+                log.error("controller: engines %s missed weights v%d; admitting anyway", failed, update.version)
+        return self.core.on_version(update.version)
+
+    def _kv_version(self, version: int, initial: bool) -> list[Action]:
+        """The KV version advances admission directly without engines to sync, else after a grace period."""
+        if version <= self.core.version:
+            self._kv_ahead_since = None
+            return []
+        now = time.monotonic()
+        self._kv_ahead_since = self._kv_ahead_since or now
+        if initial or self.weights is None or now - self._kv_ahead_since >= self.weights_grace_s:
+            self._kv_ahead_since = None
+            return self.core.on_version(version)
+        return []
+
+    # ------------------------------------------------------------ outputs
+
+    async def _act(self, actions: list[Action]) -> None:
+        published = False
+        for action in actions:
+            if isinstance(action, PublishTasks) and action.tasks:
+                ids = [f"{t.id}-{t.attempt}" for t in action.tasks]
+                await self.bus.publish_many(self.bus.subjects.task(action.queue), list(action.tasks), msg_ids=ids)
+                self.core.mark_published(t.id for t in action.tasks)
+                published = True
+            elif isinstance(action, AbortTasks):
+                await self.bus.publish_event(Event(type="abort", source="controller",
+                                                   data={"task_ids": list(action.task_ids)}))
+            elif isinstance(action, Report):
+                await self._emit(action.data)
+                self.core.mark_reported(action.eval_version)
+                published = True
+        if published:
+            await save_state(self.bus, self.core.state)
+
+    async def _publish_metrics(self) -> None:
+        await self._emit(flat_metrics(self.core.metrics()))
+
+    async def _emit(self, data: dict[str, Any]) -> None:
+        line = {"time": time.time(), **data}
+        if self.metrics_path is not None:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.metrics_path.open("a") as fh:
+                fh.write(json.dumps(line) + "\n")
+        await self.bus.publish_event(Event(type="metrics", source="controller", data=line))
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Nested histograms become one key per bucket (``controller/staleness_hist/2``), so every value is a number."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": float(v) for k, v in value.items()})
+        else:
+            out[key] = float(value)
+    return out

@@ -1,0 +1,391 @@
+"""Async speedup: the same long-tailed workload run synchronously and asynchronously.
+
+Everything but the model is real: the controller (:class:`agentrl.controller.controller.Controller`
+driving the same core as production), a real nats-server and the run's streams, and real agent
+workers (:class:`agentrl.worker.AgentWorker` running ``agents.single_turn``) that abort and resume
+episodes token for token. The engine is simulated (:class:`SimEngine`): ``slots`` requests decode in
+parallel, one token per ``step_s`` each, output lengths are lognormal (p99/p50 >= 8), and loading new
+weights pauses it for ``load_s``. The learner is simulated (:class:`SimLearner`): it takes complete
+groups, enforces the staleness bound per token, "trains" for ``train_s`` and publishes weights.
+
+Settings: sync (eta = 0, alpha = 0), eta = 1, 2, 4, and eta = 4 + APRIL. Printed per setting:
+wall-clock per trained trajectory, engine idle fraction, speedup over sync, the worst staleness of
+any trained token, tokens masked/dropped by the bound, and aborts/resumes.
+
+    python bench/async_speedup.py [--steps 10] [--batch 16] [--group 4] [--slots 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import tempfile
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable (tests.fixtures.envs)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agentrl.bus import Bus, EmbeddedNats
+from agentrl.config.controller import ControllerConfig, DatasetConfig
+from agentrl.config.worker import WorkerConfig
+from agentrl.controller.controller import Controller
+from agentrl.controller.core import ControllerCore
+from agentrl.controller.dataset import PromptDataset
+from agentrl.controller.staleness import enforce_staleness
+from agentrl.controller.weights_sync import WeightsSync
+from agentrl.generation import GenerateOutput
+from agentrl.messages import Event, SamplingParams, Task, Trajectory, WeightUpdate, encode
+
+PROMPT_LEN = 4
+
+
+def lognormal_length(key: str, median: float, sigma: float, cap: int) -> int:
+    """A deterministic lognormal draw per key (a task keeps its length across abort and resume)."""
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    z = np.random.default_rng(seed).standard_normal()
+    return int(min(cap, max(1, round(median * math.exp(sigma * z)))))
+
+
+@dataclass
+class _Request:
+    rid: str
+    remaining: int
+    done: asyncio.Future[GenerateOutput]
+    ids: list[int] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+
+class SimEngine:
+    """A continuous-batching engine in simulation: ``slots`` requests advance one token per ``step_s``.
+
+    Implements the Generator protocol (``generate``/``abort``) and ``update_weights_from_disk``
+    (pauses decoding for ``load_s``); tokens carry the weight version current when they were decoded.
+    """
+
+    engine_id = "sim"
+
+    def __init__(self, *, slots: int, step_s: float, load_s: float, median: float, sigma: float, cap: int) -> None:
+        self.slots, self.step_s, self.load_s = slots, step_s, load_s
+        self.median, self.sigma, self.cap = median, sigma, cap
+        self.version = 0
+        self.active: dict[str, _Request] = {}
+        self.waiting: deque[_Request] = deque()
+        self.busy_slot_s = 0.0
+        self.total_slot_s = 0.0
+        self._loading = asyncio.Lock()
+        self._loop: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+
+    @property
+    def idle_fraction(self) -> float:
+        return 1.0 - self.busy_slot_s / self.total_slot_s if self.total_slot_s else 0.0
+
+    async def generate(self, input_ids: Any, sampling: SamplingParams, *, rid: str | None = None,
+                       session_id: str | None = None) -> GenerateOutput:
+        task_id = (session_id or rid or "").rsplit("-", 1)[0]
+        already = len(input_ids) - PROMPT_LEN
+        total = lognormal_length(task_id, self.median, self.sigma, self.cap)
+        n = max(1, min(total - already, sampling.max_new_tokens))
+        req = _Request(rid or uuid.uuid4().hex, n, asyncio.get_running_loop().create_future())
+        self.waiting.append(req)
+        return await req.done
+
+    async def abort(self, rid: str) -> None:
+        req = self.active.pop(rid, None)
+        if req is None:
+            req = next((r for r in self.waiting if r.rid == rid), None)
+            if req is None:
+                return
+            self.waiting.remove(req)
+        self._finish(req, "abort")
+
+    async def update_weights_from_disk(self, model_path: str, version: int) -> None:
+        async with self._loading:
+            await asyncio.sleep(self.load_s)
+            self.version = max(self.version, version)
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        if req.done.done():
+            return
+        out = GenerateOutput(
+            output_ids=np.array(req.ids, dtype=np.int32), logprobs=np.full(len(req.ids), -0.5, dtype=np.float32),
+            versions=np.array(req.versions, dtype=np.int32), finish_reason=reason,  # type: ignore[arg-type]
+            rid=req.rid, engine_id=self.engine_id, weight_version=self.version,
+        )
+        req.done.set_result(out)
+
+    async def _run(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.step_s)
+            now = time.monotonic()
+            dt, last = now - last, now
+            self.total_slot_s += self.slots * dt
+            if self._loading.locked():
+                continue  # loading weights: nothing decodes
+            while self.waiting and len(self.active) < self.slots:
+                req = self.waiting.popleft()
+                self.active[req.rid] = req
+            self.busy_slot_s += len(self.active) * dt
+            for rid, req in list(self.active.items()):
+                req.ids.append(10 + (len(req.ids) * 7919 + hash(rid)) % 300)
+                req.versions.append(self.version)
+                if len(req.ids) >= req.remaining:
+                    del self.active[rid]
+                    self._finish(req, "stop")
+
+
+@dataclass
+class LearnerStats:
+    step_times: list[float] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)
+    staleness: list[int] = field(default_factory=list)
+    stale_tokens: int = 0
+    dropped: int = 0
+    resumed: int = 0
+
+
+class SimLearner:
+    """Takes B trajectories in complete groups, enforces the bound, trains for ``train_s``, publishes weights."""
+
+    def __init__(self, bus: Bus, *, batch: int, eta: int, policy: str, train_s: float, steps: int) -> None:
+        self.bus, self.batch, self.eta, self.policy = bus, batch, eta, policy
+        self.train_s, self.steps = train_s, steps
+        self.version = 0
+        self.stats = LearnerStats()
+        self._groups: dict[str, dict[str, Trajectory]] = {}
+        self._ready: deque[list[Trajectory]] = deque()
+        self._seen: set[str] = set()
+
+    async def run(self) -> LearnerStats:
+        consumer = await self.bus.consumer(self.bus.subjects.traj, durable="learner", typ=Trajectory)
+        held: list[Any] = []
+        while self.version < self.steps:
+            try:
+                deliveries = await consumer.fetch(batch=256, timeout=0.05)
+            except TimeoutError:
+                deliveries = []
+            held += deliveries
+            for d in deliveries:
+                self._add(d.msg)
+            batch = await self._take()
+            if batch is not None:
+                await self._train(batch)
+                await asyncio.gather(*(d.ack() for d in held))
+                held = []
+        return self.stats
+
+    def _add(self, traj: Trajectory) -> None:
+        if traj.is_eval or traj.id in self._seen or traj.status == "aborted":
+            return
+        self._seen.add(traj.id)
+        members = self._groups.setdefault(traj.group_id, {})
+        members[traj.task_id] = traj
+        if len(members) == traj.group_size:
+            self._ready.append(list(self._groups.pop(traj.group_id).values()))
+
+    async def _take(self) -> list[Trajectory] | None:
+        out: list[Trajectory] = []
+        while self._ready and len(out) < self.batch:
+            group = self._ready.popleft()
+            results = [enforce_staleness(t, self.version, self.eta, self.policy) for t in group]  # type: ignore[arg-type]
+            self.stats.stale_tokens += sum(r.stale_tokens for r in results)
+            if any(r.trajectory is None for r in results):
+                self.stats.dropped += len(group)
+                await self.bus.publish_event(Event(type="dropped", source="learner",
+                                                   data={"task_ids": [t.task_id for t in group]}))
+                continue
+            out += [r.trajectory for r in results if r.trajectory is not None]
+        if len(out) < self.batch:
+            self._requeue(out)
+            return None
+        return out
+
+    def _requeue(self, taken: list[Trajectory]) -> None:
+        groups: dict[str, list[Trajectory]] = {}
+        for t in taken:
+            groups.setdefault(t.group_id, []).append(t)
+        for g in reversed(list(groups.values())):
+            self._ready.appendleft(g)
+
+    async def _train(self, batch: list[Trajectory]) -> None:
+        t0 = time.monotonic()
+        await self.bus.publish_event(Event(type="batch_taken", source="learner", data={
+            "step": self.version, "version": self.version, "task_ids": [t.task_id for t in batch]}))
+        for t in batch:
+            self.stats.trained.append(t.task_id)
+            self.stats.staleness += t.staleness(self.version).tolist()
+            self.stats.resumed += t.attempt > 0
+        await asyncio.sleep(self.train_s)
+        update = WeightUpdate(version=self.version + 1, uri=f"file:///tmp/sim-weights/v{self.version + 1}")
+        await self.bus.nc.publish(self.bus.subjects.events("weights"), encode(update))
+        await self.bus.cas_version(self.version, self.version + 1)
+        self.version += 1
+        self.stats.step_times.append(time.monotonic() - t0)
+
+
+# ---------------------------------------------------------------- one setting
+
+
+@dataclass
+class Setting:
+    name: str
+    eta: int
+    alpha: float | None
+
+
+@dataclass
+class Result:
+    setting: Setting
+    wall_s: float
+    trained: int
+    idle: float
+    max_staleness: int
+    stale_tokens: int
+    dropped: int
+    aborted: int
+    resumed: int
+
+    @property
+    def per_traj_ms(self) -> float:
+        return 1000 * self.wall_s / self.trained
+
+
+def _chat() -> Any:
+    from agentrl.agent.chat import ChatRenderer
+    from tests.fixtures.envs import build_tokenizer
+
+    return ChatRenderer(build_tokenizer())
+
+
+async def _reward(task: Task, text: str) -> float:
+    return float(int(hashlib.sha256(task.id.encode()).hexdigest(), 16) % 2)
+
+
+async def run_setting(url: str, setting: Setting, args: argparse.Namespace, chat: Any) -> Result:
+    from agentrl.worker import AgentWorker
+    from agents.single_turn import run_episode
+
+    run = f"bench{uuid.uuid4().hex[:8]}"
+    rows = [{"prompt": [11 + i % 200, 12, 13, 14]} for i in range(args.steps * args.batch)]
+    cfg = ControllerConfig(
+        group_size=args.group, batch_size=args.batch, max_staleness=setting.eta, april_alpha=setting.alpha,
+        stale_policy=args.policy, epochs=None, max_steps=args.steps, max_new_tokens=args.cap,
+        metrics_interval_s=60.0,
+    )
+    async with await Bus.connect(url, run=run) as bus:
+        engine = SimEngine(slots=args.slots, step_s=args.step_s, load_s=args.load_s, median=args.median,
+                           sigma=args.sigma, cap=args.cap)
+        core = ControllerCore(cfg, PromptDataset(rows, DatasetConfig(path="bench"), seed=0))
+        controller = Controller(bus, core, weights=WeightsSync([engine]), version_poll_s=0.5)
+        worker = AgentWorker(bus, agent=run_episode, generator=engine, chat=chat, reward=_reward,
+                             config=WorkerConfig(concurrency=args.workers, poll_timeout_s=0.05, uvloop=False))
+        learner = SimLearner(bus, batch=args.batch, eta=setting.eta, policy=args.policy, train_s=args.train_s,
+                             steps=args.steps)
+        engine.start()
+        actors = [asyncio.create_task(controller.run()), asyncio.create_task(worker.run())]
+        t0 = time.monotonic()
+        stats = await learner.run()
+        wall = time.monotonic() - t0
+        idle = engine.idle_fraction
+        controller.stop()
+        worker.stop()
+        await asyncio.wait_for(asyncio.gather(*actors, return_exceptions=True), timeout=30)
+        await engine.close()
+    return Result(setting, wall, len(stats.trained), idle, max(stats.staleness, default=0), stats.stale_tokens,
+                  stats.dropped, core.state.counters.aborted, stats.resumed)
+
+
+def check_workload(args: argparse.Namespace) -> tuple[float, float]:
+    lengths = [lognormal_length(f"probe-{i}", args.median, args.sigma, args.cap) for i in range(20000)]
+    p50, p99 = float(np.percentile(lengths, 50)), float(np.percentile(lengths, 99))
+    return p50, p99
+
+
+SETTINGS = [
+    Setting("sync (eta=0, alpha=0)", 0, 0.0),
+    Setting("async eta=1", 1, None),
+    Setting("async eta=2", 2, None),
+    Setting("async eta=4", 4, None),
+    Setting("async eta=4 + APRIL (alpha=0.5)", 4, 0.5),
+]
+
+
+def report(results: list[Result], args: argparse.Namespace, p50: float, p99: float) -> str:
+    base = results[0].per_traj_ms
+    lines = [
+        f"workload: lognormal output lengths, median {p50:.0f} tokens, p99 {p99:.0f} (p99/p50 = {p99 / p50:.1f}); "
+        f"B={args.batch}, n={args.group}, {args.steps} steps, engine {args.slots} slots x {args.step_s * 1000:.0f} ms/token, "
+        f"train {args.train_s}s/step, weight load {args.load_s}s, stale policy {args.policy}",
+        "",
+        "| setting | wall s | ms / trained traj | engine idle | speedup vs sync | max staleness | stale tokens | dropped | aborted | resumed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.setting.name} | {r.wall_s:.1f} | {r.per_traj_ms:.1f} | {r.idle:.0%} | {base / r.per_traj_ms:.2f}x | "
+            f"{r.max_staleness} (bound {r.setting.eta}) | {r.stale_tokens} | {r.dropped} | {r.aborted} | {r.resumed} |"
+        )
+    return "\n".join(lines)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    p50, p99 = check_workload(args)
+    if p99 / p50 < 8:
+        raise SystemExit(f"workload is not long-tailed enough: p99/p50 = {p99 / p50:.1f} < 8")
+    chat = _chat()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        async with EmbeddedNats(Path(tmp) / "nats") as server:
+            for setting in SETTINGS:
+                r = await run_setting(server.url, setting, args, chat)
+                print(f"{setting.name}: {r.per_traj_ms:.1f} ms/traj, idle {r.idle:.0%}", flush=True)
+                results.append(r)
+    print(report(results, args, p50, p99))
+    ok = all(r.max_staleness <= r.setting.eta and r.trained == args.steps * args.batch for r in results)
+    print("staleness bound held in every setting" if ok else "STALENESS BOUND OR BATCH COUNT VIOLATED")
+    return 0 if ok else 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--group", type=int, default=4)
+    p.add_argument("--slots", type=int, default=32)
+    p.add_argument("--workers", type=int, default=128, help="episodes in flight on the agent worker")
+    p.add_argument("--step-s", type=float, default=0.01, help="seconds per decoded token")
+    p.add_argument("--median", type=float, default=20.0)
+    p.add_argument("--sigma", type=float, default=1.0)
+    p.add_argument("--cap", type=int, default=600)
+    p.add_argument("--train-s", type=float, default=0.2)
+    p.add_argument("--load-s", type=float, default=0.05)
+    p.add_argument("--policy", choices=["mask", "drop"], default="mask")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
