@@ -87,11 +87,22 @@ async def engine_tokens_per_s(url: str, batch: list[list[int]], new_tokens: int)
                 return len(body["output_ids"])
 
         await asyncio.gather(*(one(ids) for ids in batch))  # warm-up at the same concurrency
+        before = await server_stats(s, url)
         start = time.perf_counter()
         counts = await asyncio.gather(*(one(ids) for ids in batch))
         elapsed = time.perf_counter() - start
+        after = await server_stats(s, url)
     assert all(c == new_tokens for c in counts), counts
+    steps = after["decode_steps"] - before["decode_steps"]
+    model_ms = 1000 * (after["decode_time_s"] - before["decode_time_s"]) / max(steps, 1)
+    print(f"  C={len(batch)}: {steps} decode steps, {model_ms:.2f} ms/step on the model thread, "
+          f"{1000 * elapsed / max(steps, 1):.2f} ms/step wall, prefill {after['prefill_time_s'] - before['prefill_time_s']:.2f} s")
     return sum(counts) / elapsed
+
+
+async def server_stats(s: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with s.get(url + "/get_server_info") as r:
+        return dict((await r.json())["internal_states"][0])
 
 
 async def logprob_sample(url: str, ids: list[int]) -> tuple[list[int], list[int], list[float]]:

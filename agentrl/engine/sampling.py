@@ -5,9 +5,10 @@ Contract:
 - the reported logprob of a sampled token is ``log_softmax(logits / T)[token]`` (``T = 1`` for greedy,
   temperature 0), taken *before* top-k / top-p / min-p truncation; the only logits change applied before it
   is the ``min_new_tokens`` mask on end tokens;
-- a row samples by Gumbel-max over the truncated distribution, with noise that is a pure hash of
-  ``(seed, step, token id)``: a request with a fixed ``sampling_seed`` draws the same tokens whatever else
-  is in the batch, and no per-request RNG object has to be stepped (one kernel for the whole batch).
+- a row samples by inverting the CDF of its (truncated) distribution at one uniform number that is a pure
+  hash of ``(seed, step)``: a request with a fixed ``sampling_seed`` draws the same tokens whatever else is
+  in the batch, no per-request RNG object has to be stepped, and the whole batch samples in a few
+  vectorized passes over the logits (one cumulative sum and one binary search per row).
 """
 
 from __future__ import annotations
@@ -62,10 +63,9 @@ class SamplingBatch:
         )
 
 
-def hash_uniform(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
-    """``[B, vocab]`` float64 in (0, 1), a deterministic function of ``(seed[b], step[b], column)``."""
-    col = torch.arange(vocab, dtype=torch.long, device=seed.device)
-    x = seed.view(-1, 1) * _C1 + step.view(-1, 1) * _C3 + col.view(1, -1)
+def hash_uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``[B]`` float64 in (0, 1): a deterministic, well-mixed function of ``(seed[b], step[b])``."""
+    x = seed * _C1 + step * _C3
     for mul in (_C2, _C3):
         x = x ^ (x >> 31)
         x = x * mul
@@ -103,8 +103,9 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> tuple[torch.Tensor, t
     logp = torch.log_softmax(logits / temp.view(-1, 1), dim=-1)
     needs_truncation = bool(((params.top_k > 0) | (params.top_p < 1) | (params.min_p > 0)).any())
     filtered = _truncate(logp, params) if needs_truncation else logp
-    gumbel = -torch.log(-torch.log(hash_uniform(params.seed, params.step, logits.shape[-1]))).float()
-    sampled = torch.argmax(filtered + gumbel, dim=-1)
+    cdf = filtered.exp().cumsum(dim=-1)
+    target = hash_uniform(params.seed, params.step).to(cdf.dtype) * cdf[:, -1]
+    sampled = torch.searchsorted(cdf, target.view(-1, 1)).view(-1).clamp(max=logits.shape[-1] - 1)
     tokens = torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
     chosen = logp.gather(-1, tokens.view(-1, 1)).view(-1)
     return tokens.cpu(), chosen.cpu()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,10 @@ class Runner(Protocol):
 class SchedulerStats:
     """Counters for ``/get_server_info``."""
 
-    steps: int = 0
+    steps: int = 0  # forward passes (prefill or decode)
+    decode_steps: int = 0
+    decode_time_s: float = 0.0  # wall time of decode steps on the model thread (forward + sampling)
+    prefill_time_s: float = 0.0
     generated_tokens: int = 0
     prefilled_tokens: int = 0
     cached_tokens: int = 0
@@ -218,7 +222,7 @@ class Scheduler:
         def step() -> tuple[torch.Tensor, torch.Tensor]:
             return sample(self.runner.prefill(slots, chunks, starts), params)
 
-        tokens, logprobs = await self.run_on_model_thread(step)
+        tokens, logprobs = await self._timed(step, decode=False)
         self._commit(reqs, tokens, logprobs)
 
     async def _decode(self) -> None:
@@ -234,12 +238,25 @@ class Scheduler:
         params = self._sampling(reqs)
         device = self.runner.device
 
+        dense = order == list(range(rows))  # rows already in request order: no gather needed
+
         def step() -> tuple[torch.Tensor, torch.Tensor]:
             logits = self.runner.decode(tokens.to(device), positions.to(device), kv_len)
-            return sample(logits[torch.tensor(order, device=device)], params)
+            return sample(logits if dense else logits[torch.tensor(order, device=device)], params)
 
-        out_tokens, logprobs = await self.run_on_model_thread(step)
+        out_tokens, logprobs = await self._timed(step, decode=True)
         self._commit(list(reqs), out_tokens, logprobs)
+
+    async def _timed(self, step: Callable[[], Any], *, decode: bool) -> Any:
+        start = time.perf_counter()
+        out = await self.run_on_model_thread(step)
+        elapsed = time.perf_counter() - start
+        if decode:
+            self.stats.decode_steps += 1
+            self.stats.decode_time_s += elapsed
+        else:
+            self.stats.prefill_time_s += elapsed
+        return out
 
     def _sampling(self, reqs: list[Request]) -> SamplingBatch:
         banned = [

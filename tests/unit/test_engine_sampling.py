@@ -52,11 +52,15 @@ def test_sampling_follows_the_distribution() -> None:
     assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03)
 
 
-def test_hash_uniform_is_in_open_unit_interval_and_deterministic() -> None:
-    u = hash_uniform(torch.tensor([1, 2]), torch.tensor([0, 0]), 1000)
+def test_hash_uniform_is_in_open_unit_interval_deterministic_and_uniform() -> None:
+    seeds, steps = torch.arange(20000), torch.zeros(20000, dtype=torch.long)
+    u = hash_uniform(seeds, steps)
     assert float(u.min()) > 0 and float(u.max()) < 1
-    assert torch.equal(u, hash_uniform(torch.tensor([1, 2]), torch.tensor([0, 0]), 1000))
-    assert abs(float(u.mean()) - 0.5) < 0.05
+    assert torch.equal(u, hash_uniform(seeds, steps))
+    hist = torch.histc(u.float(), bins=10, min=0, max=1) / 20000
+    assert (hist - 0.1).abs().max() < 0.01
+    along_steps = hash_uniform(torch.full((20000,), 7), torch.arange(20000))
+    assert abs(float(along_steps.mean()) - 0.5) < 0.01
 
 
 def test_banned_tokens_are_never_sampled() -> None:
