@@ -61,6 +61,7 @@ def lognormal_length(key: str, median: float, sigma: float, cap: int) -> int:
 
 @dataclass
 class _Request:
+    task_id: str
     rid: str
     remaining: int
     done: asyncio.Future[GenerateOutput]
@@ -81,6 +82,7 @@ class SimEngine:
         self.slots, self.step_s, self.load_s = slots, step_s, load_s
         self.median, self.sigma, self.cap = median, sigma, cap
         self.version = 0
+        self.outputs: dict[str, list[GenerateOutput]] = {}  # task id -> every output, in order (tests check resumes)
         self.active: dict[str, _Request] = {}
         self.waiting: deque[_Request] = deque()
         self.busy_slot_s = 0.0
@@ -107,7 +109,7 @@ class SimEngine:
         already = len(input_ids) - PROMPT_LEN
         total = lognormal_length(task_id, self.median, self.sigma, self.cap)
         n = max(1, min(total - already, sampling.max_new_tokens))
-        req = _Request(rid or uuid.uuid4().hex, n, asyncio.get_running_loop().create_future())
+        req = _Request(task_id, rid or uuid.uuid4().hex, n, asyncio.get_running_loop().create_future())
         self.waiting.append(req)
         return await req.done
 
@@ -133,6 +135,7 @@ class SimEngine:
             versions=np.array(req.versions, dtype=np.int32), finish_reason=reason,  # type: ignore[arg-type]
             rid=req.rid, engine_id=self.engine_id, weight_version=self.version,
         )
+        self.outputs.setdefault(req.task_id, []).append(out)
         req.done.set_result(out)
 
     async def _run(self) -> None:
@@ -160,6 +163,7 @@ class SimEngine:
 class LearnerStats:
     step_times: list[float] = field(default_factory=list)
     trained: list[str] = field(default_factory=list)
+    trajectories: list[Trajectory] = field(default_factory=list)
     staleness: list[int] = field(default_factory=list)
     stale_tokens: int = 0
     dropped: int = 0
@@ -235,6 +239,7 @@ class SimLearner:
             "step": self.version, "version": self.version, "task_ids": [t.task_id for t in batch]}))
         for t in batch:
             self.stats.trained.append(t.task_id)
+            self.stats.trajectories.append(t)
             self.stats.staleness += t.staleness(self.version).tolist()
             self.stats.resumed += t.attempt > 0
         await asyncio.sleep(self.train_s)
