@@ -142,6 +142,7 @@ def run_mode(name: str, args: argparse.Namespace, samples: list[Sample], plan: l
            "seconds_per_step": seconds, "tokens_per_s": real / seconds, "model_tflops": 6 * params * real / seconds / 1e12}
     if device.type == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    print(json.dumps(row), flush=True)
     del backend, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -185,7 +186,6 @@ def main() -> None:
         print(f"{r['mode']:24} {r['micro_batches']:>4} {r['real_tokens']:>9} {r['padded_tokens']:>9} "
               f"{r['seconds_per_step']:>8.3f} {r['tokens_per_s']:>10.0f} {r['model_tflops']:>8.2f}")
     print(f"packed / padded tokens/s: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
-    print(json.dumps(rows))
 
 
 if __name__ == "__main__":
