@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from agentrl.bus import Bus, EmbeddedNats
+from agentrl.config.loader import dump_config
 from agentrl.config.run import RunConfig
 from trainer.backend.torch_backend import build_torch_backend
 from trainer.bus_adapter import BusLink, open_trajectory_consumer
@@ -31,6 +32,7 @@ async def serve_learner(cfg: RunConfig, url: str) -> LearnerState:
     if lc.torch_threads:
         torch.set_num_threads(lc.torch_threads)
     torch.manual_seed(cfg.seed)
+    await asyncio.to_thread(dump_config, cfg, cfg.run_dir / "learner_config.yaml")  # what this run used
     backend = await asyncio.to_thread(build_torch_backend, lc)
     async with await Bus.connect(url, run=cfg.name, config=cfg.nats) as bus:
         weights = DiskWeightSink(
