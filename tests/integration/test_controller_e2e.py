@@ -1,0 +1,130 @@
+"""End to end with every real piece: engine process (tiny model), agent worker, controller, learner process.
+
+APRIL aborts surplus episodes mid-generation once the learner takes a batch; each comes back as one
+trajectory whose response tokens and per-token versions are exactly the concatenation of the segments
+the engine produced before and after the abort. New weights reach the engine through the controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from agentrl.bus import Bus
+from agentrl.client import EngineClient, Router
+from agentrl.config.controller import ControllerConfig, DatasetConfig
+from agentrl.config.worker import WorkerConfig
+from agentrl.controller.controller import Controller, build_core
+from agentrl.controller.weights_sync import WeightsSync
+from agentrl.generation import GenerateOutput
+from agentrl.messages import SamplingParams, Task, Trajectory
+from tests.fixtures.engine import start_engine
+
+pytestmark = pytest.mark.slow
+
+
+class Recording:
+    """A Generator proxy that keeps every engine output per task id (the worker's view of the engine)."""
+
+    def __init__(self, inner: Router) -> None:
+        self.inner = inner
+        self.outputs: dict[str, list[GenerateOutput]] = {}
+
+    async def generate(self, input_ids: Any, sampling: SamplingParams, *, rid: str | None = None,
+                       session_id: str | None = None) -> GenerateOutput:
+        out = await self.inner.generate(input_ids, sampling, rid=rid, session_id=session_id)
+        self.outputs.setdefault((session_id or "").rsplit("-", 1)[0], []).append(out)
+        return out
+
+    async def abort(self, rid: str) -> None:
+        await self.inner.abort(rid)
+
+
+async def coin(task: Task, text: str) -> float:
+    return float(task.index_in_group % 2)
+
+
+def start_learner(config: Path, url: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "agentrl.cli", "learner", "--config", str(config), "--nats", url]
+    return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+
+
+async def read_all(bus: Bus) -> list[Trajectory]:
+    consumer = await bus.consumer(bus.subjects.traj, durable="inspect", typ=Trajectory)
+    out: list[Trajectory] = []
+    while batch := await consumer.fetch(batch=256, timeout=1.0):
+        out += [d.msg for d in batch]
+    return out
+
+
+async def test_abort_and_resume_end_to_end(bus: Bus, nats_url: str, run_name: str, tmp_path: Path,
+                                           tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from agentrl.agent.chat import ChatRenderer
+    from agentrl.worker import AgentWorker
+    from agents.single_turn import run_episode
+
+    steps, batch, eta = 3, 4, 1
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"name": run_name, "dir": str(tmp_path / "run"), "learner": {
+        "model": str(tiny_model_dir), "device": "cpu", "torch_threads": 1, "max_steps": steps,
+        "batch": {"trajectories_per_step": batch, "max_staleness": eta, "stale_policy": "mask"},
+    }}))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [5 + i, 17, 23, 42]}) + "\n" for i in range(32)))
+    cfg = ControllerConfig(dataset=DatasetConfig(path=str(data)), group_size=2, batch_size=batch,
+                           max_staleness=eta, april_alpha=1.0, max_new_tokens=160, epochs=None)
+    learner_log = tmp_path / "learner.log"
+    with start_engine(tiny_model_dir, "--max-running", "8") as url:
+        router = Router([EngineClient(url)])
+        gen = Recording(router)
+        worker = AgentWorker(bus, agent=run_episode, generator=gen, chat=ChatRenderer(AutoTokenizer.from_pretrained(tiny_model_dir)),
+                             reward=coin, config=WorkerConfig(concurrency=16, poll_timeout_s=0.1, uvloop=False))
+        core = await build_core(bus, cfg)
+        weights = WeightsSync.from_urls([url])
+        controller = Controller(bus, core, weights=weights, version_poll_s=0.5)
+        actors = [asyncio.create_task(controller.run()), asyncio.create_task(worker.run())]
+        learner = start_learner(config, nats_url, learner_log)
+        try:
+            code = await asyncio.to_thread(learner.wait, 240)
+            assert code == 0, learner_log.read_text()[-3000:]
+            for _ in range(50):  # the controller loads the last weights into the engine
+                if core.version >= steps:
+                    break
+                await asyncio.sleep(0.2)
+            async with EngineClient(url) as client:
+                engine_version = await client.get_weight_version()
+        finally:
+            if learner.poll() is None:
+                learner.kill()
+                learner.wait()
+            controller.stop()
+            worker.stop()
+            await asyncio.wait_for(asyncio.gather(*actors, return_exceptions=True), timeout=60)
+            await weights.close()
+            await asyncio.gather(*(e.close() for e in router.engines))  # no health loop was started
+
+    assert engine_version == steps
+    c = core.state.counters
+    assert c.trained == steps * batch and c.aborted > 0
+    assert max(core.state.staleness_hist) <= eta
+    resumed = [t for t in await read_all(bus) if t.attempt > 0 and t.status != "aborted"]
+    assert resumed, "no episode was aborted mid-generation and resumed"
+    for traj in resumed:
+        segments = gen.outputs[traj.task_id]
+        assert len(segments) >= 2 and segments[0].finish_reason == "abort" and len(segments[0].output_ids) > 0
+        response = traj.tokens[traj.prompt_len:]
+        assert np.array_equal(response, np.concatenate([s.output_ids for s in segments]))
+        assert np.array_equal(traj.versions[traj.prompt_len:], np.concatenate([s.versions for s in segments]))
+        assert np.array_equal(traj.logprobs[traj.prompt_len:], np.concatenate([s.logprobs for s in segments]))
