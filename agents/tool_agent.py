@@ -4,8 +4,8 @@ The model writes ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` bl
 the environment answers each with a ``tool`` message, which the chat template
 renders as ``<tool_response>`` blocks. A turn without a tool call is the final
 answer; the environment's ``step`` scores it. The episode is ``truncated`` after
-``max_turns`` model turns, when the context budget is used up, or when a response
-hits ``max_new_tokens``.
+``max_turns`` model turns, when the context budget is used up, or (by default) when
+a response hits ``max_new_tokens``.
 
 Resumable: the turn counter and reward so far live in ``ctx.state``.
 """
@@ -20,9 +20,11 @@ from agentrl.messages import Task, Trajectory
 __all__ = ["make_tool_agent", "run_episode"]
 
 
-def make_tool_agent(*, max_turns: int = 8, max_context: int = 4096) -> AgentFn:
+def make_tool_agent(*, max_turns: int = 8, max_context: int = 4096, stop_on_length: bool = True) -> AgentFn:
     """A tool agent with at most ``max_turns`` model turns and ``max_context`` tokens per episode
-    (the worker's ``max_context_tokens`` wins when set; ``task.metadata["max_turns"]`` overrides ``max_turns``)."""
+    (the worker's ``max_context_tokens`` wins when set; ``task.metadata["max_turns"]`` overrides ``max_turns``).
+    With ``stop_on_length=False`` a response cut by ``max_new_tokens`` is still acted on (the chat template's
+    end-of-turn text is appended, masked) instead of ending the episode as ``truncated``."""
 
     async def run_episode(ctx: EpisodeContext, task: Task) -> Trajectory | None:
         env = ctx.env
@@ -35,7 +37,7 @@ def make_tool_agent(*, max_turns: int = 8, max_context: int = 4096) -> AgentFn:
         while ctx.state.get("turns", 0) < limit:
             turn = await ctx.generate()
             ctx.state["turns"] = ctx.state.get("turns", 0) + 1
-            if turn.finish_reason == "length":
+            if turn.finish_reason == "length" and stop_on_length:
                 return ctx.finish(reward=ctx.state.get("reward", 0.0), status="truncated")
             result = await env.step(parse_action(turn.text))
             ctx.state["reward"] = ctx.state.get("reward", 0.0) + result.reward

@@ -131,6 +131,18 @@ class ChatRenderer:
             self.delta_text(messages, after_model_text=after_model_text, generation_prompt=generation_prompt)
         )
 
+    def strip_close(self, model_text: str) -> str:
+        """``model_text`` without the end-of-turn text the model emitted (``<|im_end|>``, or the EOS token).
+
+        Other special tokens stay: tool-call markers such as ``<tool_call>`` are special in some tokenizers.
+        """
+        emitted = len(self._close) - len(self.unclosed(model_text))
+        text = model_text[: len(model_text) - emitted] if emitted else model_text
+        eos = getattr(self.tokenizer, "eos_token", None)
+        if isinstance(eos, str) and eos and text.endswith(eos):
+            text = text[: -len(eos)]
+        return text
+
     def unclosed(self, model_text: str) -> str:
         """The part of the assistant closing text (e.g. ``<|im_end|>\\n``) that ``model_text`` lacks."""
         close = self._close

@@ -60,7 +60,7 @@ class ModelTurn:
     """One assistant turn: the tokens the model produced (a resumed turn includes its first part)."""
 
     token_ids: np.ndarray
-    text: str  # decoded without special tokens: what to parse
+    text: str  # decoded, without the end-of-turn token: what to parse
     raw_text: str  # decoded with special tokens: what the engine saw
     finish_reason: str
     start: int  # token range of the turn within the trajectory
@@ -209,8 +209,8 @@ class EpisodeContext:
             self.traj.turns.pop()
             seconds += resumed.seconds
         ids = self.traj.token_ids[start:end].copy()
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
         raw = self.tokenizer.decode(ids, skip_special_tokens=False)
+        text = self.chat.strip_close(raw)
         info = {"raw_text": raw, "rid": out.rid, "engine_id": out.engine_id, "weight_version": out.weight_version}
         self.traj.turns.append(
             Turn(kind="model", start=start, end=end, text=text, finish_reason=out.finish_reason,

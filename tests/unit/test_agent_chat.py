@@ -37,6 +37,8 @@ def test_glue_closes_a_turn_the_model_did_not_close(tiny_tokenizer: Any) -> None
     assert chat.unclosed("cut off mid-sent") == "<|im_end|>\n"
     assert chat.unclosed("done<|im_end|>") == "\n"
     assert chat.unclosed("x <") == "<|im_end|>\n"  # a stray '<' is not the start of the EOS token
+    assert chat.strip_close("<tool_call>{}</tool_call><|im_end|>") == "<tool_call>{}</tool_call>"
+    assert chat.strip_close("cut off") == "cut off"
     delta = chat.delta_text([{"role": "user", "content": "u"}], after_model_text=None)
     assert delta == "<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\n"
 
