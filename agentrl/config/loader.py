@@ -26,15 +26,18 @@ class Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``"a.b.c=value"`` into ``(["a","b","c"], value)``; the value is parsed as YAML (``1`` is an int)."""
+    """Split ``"a.b.c=value"`` into ``(["a","b","c"], value)``.
+
+    The value is parsed as YAML (``1`` is an int, ``[1, 2]`` a list); text that is not valid YAML is a string.
+    """
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. learner.lr=1e-5")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. "{run_dir}/sft"): take it as a plain string; the type check still applies
     if isinstance(value, str) and _looks_like_float(value):
         value = float(value)  # YAML 1.1 reads "1e-5" as a string
     return key.split("."), value

@@ -7,7 +7,7 @@ Each actor reads the same file and uses its own section, so one YAML in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -48,6 +48,24 @@ class RunConfig(Section):
     envd: EnvdConfig = msgspec.field(default_factory=EnvdConfig)
     launch: LaunchConfig = msgspec.field(default_factory=LaunchConfig)
 
+    def __post_init__(self) -> None:
+        _fill_run_dir(self, str(self.run_dir))
+
     @property
     def run_dir(self) -> Path:
         return Path(self.dir.format(name=self.name))
+
+
+def _fill_run_dir(obj: Any, run_dir: str) -> Any:
+    """Replace ``{run_dir}`` in every string of a config tree (in place for structs), so any field may use it."""
+    if isinstance(obj, str):
+        return obj.replace("{run_dir}", run_dir)
+    if isinstance(obj, list):
+        return [_fill_run_dir(v, run_dir) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _fill_run_dir(v, run_dir) for k, v in obj.items()}
+    if isinstance(obj, msgspec.Struct):
+        for name in obj.__struct_fields__:
+            if name != "dir":
+                setattr(obj, name, _fill_run_dir(getattr(obj, name), run_dir))
+    return obj

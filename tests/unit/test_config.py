@@ -57,3 +57,13 @@ def test_override_values_are_yaml_typed() -> None:
     assert parse_override("a=1e-5") == (["a"], 1e-5)
     assert parse_override("a=[1, 2]") == (["a"], [1, 2])
     assert parse_override("a=") == (["a"], "")
+
+
+def test_run_dir_placeholder_is_filled_everywhere() -> None:
+    cfg = load_config(RunConfig, None, [
+        "name=q", "dir=/r/{name}", "engine.model={run_dir}/sft",
+        "launch.steps=[{name: a, argv: [x, '{run_dir}/b', '{config}']}]",
+    ])
+    assert cfg.engine.model == "/r/q/sft" and cfg.learner.weights_dir == "/r/q/weights"
+    assert cfg.launch.steps[0].argv == ["x", "/r/q/b", "{config}"]
+    assert cfg.dir == "/r/{name}"

@@ -1,0 +1,104 @@
+"""The quickstart task: two-step arithmetic that a tiny model cannot do in its head but can with a calculator.
+
+``python -m envs.quickstart --out DIR`` writes, deterministically from ``--seed``:
+
+* ``train.jsonl`` / ``eval.jsonl``: prompts for RL and held-out evaluation, one
+  ``{"prompt": [system, user], "label": answer, "env": "calculator"}`` per line;
+* ``sft.jsonl``: correct demonstrations, ``{"messages": [...]}``, of which only
+  ``--tool-fraction`` call the calculator; the rest state the answer directly —
+  which the model can copy the form of but not the arithmetic, so after the warm-up
+  it answers mostly without the tool and mostly wrong. RL has to discover that
+  calling the tool pays.
+
+The tool is described in the system message rather than as a JSON schema, to keep
+prompts short for a CPU run; :class:`QuickstartCalculatorEnv` is the calculator
+environment without the schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from agentrl.env.base import Observation
+from agentrl.messages import Task
+from envs.arith import evaluate, format_number
+from envs.calculator import CalculatorEnv
+
+__all__ = ["SYSTEM", "QuickstartCalculatorEnv", "demonstration", "make_problem", "write_dataset"]
+
+SYSTEM = 'Use <tool_call>{"name": "calculator", "arguments": {"expression": ...}}</tool_call> to compute.'
+
+_FORMS = ("{a}*{b}+{c}", "{a}*{b}-{c}", "({a}+{c})*{b}", "{a}*{b}*{d}")
+
+
+def make_problem(rng: random.Random) -> tuple[str, str, str]:
+    """``(question, expression, answer)`` of a random two-operation problem."""
+    form = rng.choice(_FORMS)
+    expr = form.format(a=rng.randint(12, 99), b=rng.randint(12, 99), c=rng.randint(2, 99), d=rng.randint(2, 9))
+    answer = format_number(evaluate(expr))
+    return f"What is {expr}?", expr, answer
+
+
+def _prompt(question: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+def demonstration(question: str, expr: str, answer: str, use_tool: bool) -> list[dict[str, Any]]:
+    """A correct conversation, with or without the tool call."""
+    final = {"role": "assistant", "content": f"The answer is {answer}."}
+    if not use_tool:
+        return [*_prompt(question), final]
+    call = json.dumps({"name": "calculator", "arguments": {"expression": expr}})
+    return [*_prompt(question), {"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
+            {"role": "tool", "content": answer}, final]
+
+
+def write_dataset(out: Path, *, n_train: int, n_eval: int, n_demos: int, tool_fraction: float, seed: int) -> None:
+    """Write train/eval prompts and SFT demonstrations (disjoint questions) into ``out``."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+
+    def fresh() -> tuple[str, str, str]:
+        while True:
+            problem = make_problem(rng)
+            if problem[0] not in seen:
+                seen.add(problem[0])
+                return problem
+
+    def rows(n: int) -> list[str]:
+        return [json.dumps({"prompt": _prompt(q), "label": a, "env": "calculator"}) for q, _, a in
+                (fresh() for _ in range(n))]
+
+    (out / "eval.jsonl").write_text("\n".join(rows(n_eval)) + "\n")
+    (out / "train.jsonl").write_text("\n".join(rows(n_train)) + "\n")
+    demos = [demonstration(*fresh(), use_tool=rng.random() < tool_fraction) for _ in range(n_demos)]
+    (out / "sft.jsonl").write_text("\n".join(json.dumps({"messages": d}) for d in demos) + "\n")
+
+
+class QuickstartCalculatorEnv(CalculatorEnv):
+    """The calculator environment with the tool described by the system prompt instead of a schema."""
+
+    async def reset(self, task: Task) -> Observation:
+        await super().reset(task)
+        return Observation()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--train", type=int, default=4000)
+    p.add_argument("--eval", type=int, default=100)
+    p.add_argument("--demos", type=int, default=2000)
+    p.add_argument("--tool-fraction", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    write_dataset(a.out, n_train=a.train, n_eval=a.eval, n_demos=a.demos, tool_fraction=a.tool_fraction, seed=a.seed)
+
+
+if __name__ == "__main__":
+    main()
