@@ -35,8 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from agentrl.engine.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(RunConfig, args.config, [*args.overrides, *_overrides(args)]).engine
-    server = build_server(cfg)
+    run_cfg = load_config(RunConfig, args.config, [*args.overrides, *_overrides(args)])
+    cfg = run_cfg.engine
+    server = build_server(cfg, nats_url=args.nats or run_cfg.nats.url)
     try:
         import uvloop
 

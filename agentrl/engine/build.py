@@ -29,7 +29,7 @@ def context_length_for(cfg: EngineConfig, model_max_positions: int | None) -> in
     return length
 
 
-def build_server(cfg: EngineConfig) -> EngineServer:
+def build_server(cfg: EngineConfig, *, nats_url: str | None = None) -> EngineServer:
     """Load the model named by ``cfg.model`` and wire runner, scheduler and HTTP server (no I/O started)."""
     if not cfg.model:
         raise EngineError("engine.model is not set: pass --model PATH (a Hugging Face model directory)")
@@ -51,4 +51,4 @@ def build_server(cfg: EngineConfig) -> EngineServer:
         prefix_cache_slots=cfg.prefix_cache_slots,
         weight_version=cfg.weight_version,
     )
-    return EngineServer(loaded, scheduler, cfg, context)
+    return EngineServer(loaded, scheduler, cfg, context, nats_url=nats_url)

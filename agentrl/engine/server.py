@@ -2,7 +2,8 @@
 
 Endpoints (field names and response shapes follow SGLang's ``http_server.py`` / ``io_struct.py``):
 ``POST /generate`` (JSON or SSE stream), ``POST /abort_request``, ``POST /pause_generation``,
-``POST /continue_generation``, ``POST /update_weights_from_disk``, ``GET /health``, ``GET /health_generate``,
+``POST /continue_generation``, ``POST /update_weights_from_disk`` (a directory, or a bus object-store
+snapshot ``nats-object://agentrl_<run>_weights/<prefix>`` when the engine has a NATS URL), ``GET /health``, ``GET /health_generate``,
 ``GET|POST /flush_cache``, ``GET /get_model_info``, ``GET /get_weight_version``, ``GET /get_server_info``,
 plus the OpenAI-compatible routes of :mod:`agentrl.engine.openai_api`.
 
@@ -18,7 +19,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -37,6 +40,7 @@ from agentrl.engine.api import (
     decode_body,
     to_options,
 )
+from agentrl.engine.bus_weights import OBJECT_SCHEME, fetch_snapshot
 from agentrl.engine.request import Request
 from agentrl.engine.scheduler import QueueFull, Scheduler
 from agentrl.engine.weights import LoadedModel, copy_weights, read_state_dict
@@ -75,7 +79,16 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 class EngineServer:
     """One model served over HTTP; ``weight_version`` and the scheduler live here."""
 
-    def __init__(self, loaded: LoadedModel, scheduler: Scheduler, cfg: EngineConfig, context_length: int) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        scheduler: Scheduler,
+        cfg: EngineConfig,
+        context_length: int,
+        *,
+        nats_url: str | None = None,
+    ) -> None:
+        self.nats_url = nats_url  # for weight snapshots in the bus object store
         self.loaded = loaded
         self.scheduler = scheduler
         self.cfg = cfg
@@ -206,7 +219,7 @@ class EngineServer:
                 raise BadRequest("weight_version: must be an integer (or a string of one)", "weight_version") from exc
         model = self.loaded.model
         try:
-            state = await asyncio.to_thread(read_state_dict, inp.model_path)
+            state = await self._read_weights(inp.model_path)
             if inp.abort_all_requests:
                 self.scheduler.abort(None)
             await self.scheduler.update_weights(lambda: copy_weights(model, state), version)
@@ -216,6 +229,16 @@ class EngineServer:
         return json_response(
             {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
         )
+
+    async def _read_weights(self, model_path: str) -> dict[str, Any]:
+        """State dict from a model directory, or from the bus object store for ``nats-object://`` paths."""
+        if not model_path.startswith(OBJECT_SCHEME):
+            return await asyncio.to_thread(read_state_dict, model_path)
+        if self.nats_url is None:
+            raise EngineError(f"model_path {model_path!r}: the engine was started without a NATS URL (--nats)")
+        with tempfile.TemporaryDirectory(prefix="agentrl-weights-") as tmp:
+            await fetch_snapshot(model_path, self.nats_url, Path(tmp))
+            return await asyncio.to_thread(read_state_dict, tmp)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)

@@ -83,3 +83,28 @@ async def test_weight_update_mid_generation_versions_later_tokens(own_engine: st
     assert before["meta_info"]["output_token_versions"] == [0] * 8
     assert after["meta_info"]["output_token_versions"] == [7] * 8
     assert after["output_ids"] == _greedy(perturbed_model_dir, prompt, 8) != before["output_ids"]
+
+
+@pytest.mark.slow
+async def test_weights_load_from_the_bus_object_store(
+    tiny_model_dir: Path, perturbed_model_dir: Path, nats_url: str, run_name: str
+) -> None:
+    from agentrl.bus import Bus
+
+    bus = await Bus.connect(nats_url, run=run_name)
+    async with bus:
+        for f in sorted(perturbed_model_dir.iterdir()):
+            await bus.put_blob(f"v3/{f.name}", f)
+    prompt = [7, 8, 9, 10]
+    greedy = {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True}
+    with start_engine(tiny_model_dir, "--nats", nats_url) as url:
+        async with aiohttp.ClientSession() as s:
+            missing = await s.post(url + "/update_weights_from_disk",
+                                   json={"model_path": f"nats-object://agentrl_{run_name}_weights/v9", "weight_version": 9})
+            assert missing.status == 400 and "v9" in (await missing.json())["message"]
+            update = await _post(s, url + "/update_weights_from_disk",
+                                 {"model_path": f"nats-object://agentrl_{run_name}_weights/v3", "weight_version": 3})
+            assert update["success"] is True
+            out = await _post(s, url + "/generate", {"input_ids": prompt, "sampling_params": greedy})
+    assert out["meta_info"]["output_token_versions"] == [3] * 6
+    assert out["output_ids"] == _greedy(perturbed_model_dir, prompt, 6)
