@@ -20,6 +20,7 @@ Model TFLOP/s = 6 · parameters · tokens / time (attention FLOPs not counted).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -115,6 +116,39 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def hf_baseline(args: argparse.Namespace, samples: list[Sample]) -> dict[str, float]:
+    """Plain transformers training on the same uniform rows: ``model(ids, labels=ids).loss``, same precision."""
+    device = torch.device(args.device)
+    model = make_model(args.shape, "sdpa", device)
+    ids = torch.stack([torch.as_tensor(s.tokens, dtype=torch.long) for s in samples]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def step() -> None:
+        with autocast:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    real = int(ids.numel())
+    params = sum(p.numel() for p in model.parameters())
+    row = {"mode": f"hf-labels-loss-{len(samples)}x{ids.shape[1]}", "micro_batches": 1, "real_tokens": real,
+           "padded_tokens": real, "seconds_per_step": seconds, "tokens_per_s": real / seconds,
+           "model_tflops": 6 * params * real / seconds / 1e12}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def make_model(shape: str, attn: str, device: torch.device) -> Qwen2ForCausalLM:
     import trainer.backend.varlen  # noqa: F401  (registers sdpa_varlen)
 
@@ -129,8 +163,11 @@ def run_mode(name: str, args: argparse.Namespace, samples: list[Sample], plan: l
     cls = PaddedBackend if name == "padded" else TorchBackend
     device = torch.device(args.device)
     model = make_model(args.shape, "sdpa" if name in ("padded", "packed-mask") else "sdpa_varlen", device)
-    backend = cls(model, OptimConfig(lr=1e-6), device=device, bf16=device.type == "cuda",
-                  gradient_checkpointing=args.checkpointing)
+    pure_bf16 = "pure-bf16" in name
+    if pure_bf16:  # attribution only: bf16 weights and optimizer state, no autocast
+        model = model.to(torch.bfloat16)
+    backend = cls(model, OptimConfig(lr=1e-6), device=device, bf16=device.type == "cuda" and not pure_bf16,
+                  gradient_checkpointing=args.checkpointing, track_entropy="no-entropy" not in name)
     mbs = [pack(samples, ids) for ids in plan]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -162,14 +199,19 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--uniform", action="store_true", help="also packed on uniform 8 x --uniform-len (baseline shape)")
     p.add_argument("--uniform-len", type=int, default=2048)
+    p.add_argument("--only-uniform", action="store_true", help="skip the ragged packed/padded comparison")
+    p.add_argument("--variants", action="store_true",
+                   help="uniform also without the entropy metric, and with pure bf16 weights (attribution)")
     p.add_argument("--mask-mode", action="store_true", help="also packed with plain sdpa (T x T block mask)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     vocab = int(SHAPES[args.shape]["vocab_size"])  # type: ignore[call-overload]
     samples = rl_batch(args.seqs, args.max_len, vocab, seed=0)
     lengths = [len(s) for s in samples]
-    rows = [run_mode("packed", args, samples, plan_micro_batches(lengths, args.budget)),
-            run_mode("padded", args, samples, padded_plan(lengths, args.budget))]
+    rows = [] if args.only_uniform else [
+        run_mode("packed", args, samples, plan_micro_batches(lengths, args.budget)),
+        run_mode("padded", args, samples, padded_plan(lengths, args.budget)),
+    ]
     if args.mask_mode:
         rows.append(run_mode("packed-mask", args, samples, plan_micro_batches(lengths, args.budget)))
     if args.uniform:
@@ -177,15 +219,19 @@ def main() -> None:
         n = args.uniform_len
         uniform = [Sample(tokens=rng.integers(0, vocab, n), mask=np.r_[0, np.ones(n - 1)].astype(np.float32),
                           behaviour_logprobs=np.zeros(n, np.float32), advantage=1.0) for _ in range(8)]
-        row = run_mode("packed", args, uniform, plan_micro_batches([n] * 8, max(args.budget, 8 * n)))
-        rows.append({**row, "mode": f"packed-uniform-8x{n}"})
+        plan = plan_micro_batches([n] * 8, max(args.budget, 8 * n))
+        for variant in ["packed", *(["packed-no-entropy", "packed-no-entropy-pure-bf16"] if args.variants else [])]:
+            row = run_mode(variant, args, uniform, plan)
+            rows.append({**row, "mode": f"{variant}-uniform-8x{n}"})
+        rows.append(hf_baseline(args, uniform))
     print(f"shape={args.shape} device={args.device} seqs={args.seqs} max_len={args.max_len} budget={args.budget} "
           f"lengths: mean={np.mean(lengths):.0f} max={max(lengths)} total={sum(lengths)}")
     print(f"{'mode':24} {'mbs':>4} {'real tok':>9} {'slots':>9} {'s/step':>8} {'tok/s':>10} {'TFLOP/s':>8}")
     for r in rows:
         print(f"{r['mode']:24} {r['micro_batches']:>4} {r['real_tokens']:>9} {r['padded_tokens']:>9} "
               f"{r['seconds_per_step']:>8.3f} {r['tokens_per_s']:>10.0f} {r['model_tflops']:>8.2f}")
-    print(f"packed / padded tokens/s: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+    if not args.only_uniform:
+        print(f"packed / padded tokens/s: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ class TorchBackend:
         bf16: bool = False,
         gradient_checkpointing: bool = False,
         ref_model: PreTrainedModel | None = None,
+        track_entropy: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.model = model
@@ -76,6 +77,7 @@ class TorchBackend:
             ref_model.to(self.device)  # type: ignore[arg-type]
             ref_model.eval().requires_grad_(False)
         self.bf16 = bf16
+        self.track_entropy = track_entropy  # the entropy metric costs a pass over [tokens, vocab]
         self.optim_cfg = optim
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -143,7 +145,8 @@ class TorchBackend:
         )
 
     def _loss_inputs(self, mb: MicroBatch, cfg: LossConfig, total_tokens: float, total_seqs: float) -> LossInputs:
-        lp, ent = self._forward(self.model, mb, with_entropy=True, entropy_grad=cfg.entropy_coef > 0)
+        with_entropy = self.track_entropy or cfg.entropy_coef > 0
+        lp, ent = self._forward(self.model, mb, with_entropy=with_entropy, entropy_grad=cfg.entropy_coef > 0)
         ref = None
         if cfg.kl_coef > 0 and self.ref_model is not None:
             with torch.no_grad():
