@@ -209,7 +209,7 @@ class EpisodeContext:
             self.traj.turns.pop()
             seconds += resumed.seconds
         ids = self.traj.token_ids[start:end].copy()
-        raw = self.tokenizer.decode(ids, skip_special_tokens=False)
+        raw = self.chat.decode(ids.tolist())
         text = self.chat.strip_close(raw)
         info = {"raw_text": raw, "rid": out.rid, "engine_id": out.engine_id, "weight_version": out.weight_version}
         self.traj.turns.append(

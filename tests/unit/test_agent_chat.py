@@ -64,3 +64,16 @@ def test_template_that_rewrites_the_last_assistant_turn_is_refused() -> None:
     chat = ChatRenderer(tok)
     with pytest.raises(TemplateError, match="cannot render incrementally"):
         chat.delta_text([{"role": "user", "content": "u"}], after_model_text="x")
+
+
+def test_fast_paths_match_the_hugging_face_paths(tiny_tokenizer: Any) -> None:
+    fast = ChatRenderer(tiny_tokenizer)
+    assert fast._fast_render is not None and fast._fast_encode is not None and fast._fast_decode is not None
+    slow = ChatRenderer(tiny_tokenizer)
+    slow._fast_render = slow._fast_encode = slow._fast_decode = None
+    messages = [{"role": "tool", "content": '{"x": 1} <tool_call>'}, {"role": "user", "content": "é ✓ 12*(3+4)"}]
+    assert fast.delta_ids(messages, after_model_text="a") == slow.delta_ids(messages, after_model_text="a")
+    prompt = [{"role": "user", "content": "What is 2+2?"}]
+    assert fast.prompt_ids(prompt, tools=TOOLS) == slow.prompt_ids(prompt, tools=TOOLS)
+    ids = fast.prompt_ids(prompt, tools=TOOLS)
+    assert fast.decode(ids) == slow.decode(ids) == _full(tiny_tokenizer, prompt)
