@@ -115,6 +115,7 @@ class GroupBuffer:
         self._discarded: list[tuple[Received, str]] = []  # waiting for the next commit to be acked
         self._late: list[Received] = []  # redeliveries of ids taken by the step in flight
         self._pending: set[str] = set()  # ids of the batch taken but not yet committed
+        self._unreported: list[str] = []  # task ids of discarded trajectories not yet announced
 
     def add(self, delivery: Received) -> bool:
         """Buffer a delivery. Returns False when it must simply be acked now (already committed, or eval).
@@ -163,19 +164,27 @@ class GroupBuffer:
             if not items:
                 members = self._groups.pop(gid).members
                 self._discarded.extend((d, dropped[tid]) for tid, ds in members.items() for d in ds)
+                self._unreported.extend(ds[0].msg.task_id for ds in members.values())
         if count < self.cfg.trajectories_per_step:
             return None
         batch = Batch(groups=[items for _, items, _ in decisions if items])
         for gid, items, dropped in decisions:
             if items:
-                batch.consumed.extend(d for ds in self._groups.pop(gid).members.values() for d in ds)
+                members = self._groups.pop(gid).members
+                batch.consumed.extend(d for ds in members.values() for d in ds)
                 batch.dropped.update(dropped)
+                self._unreported.extend(members[tid][0].msg.task_id for tid in dropped)
         batch.consumed.extend(d for d, _ in self._discarded)
         batch.dropped.update({d.msg.id: reason for d, reason in self._discarded})
         batch.consumed.extend(self._late)
         self._discarded, self._late = [], []
         self._pending = set(batch.consumed_ids)
         return batch
+
+    def pop_dropped_task_ids(self) -> list[str]:
+        """Task ids of trajectories discarded since the last call (the controller admits replacements)."""
+        out, self._unreported = self._unreported, []
+        return out
 
     def commit(self, batch: Batch) -> None:
         """The step that took ``batch`` is committed: its ids are consumed for good."""

@@ -127,8 +127,7 @@ class Learner:
             if batch is None:
                 break
             self._in_flight = batch.consumed
-            await self.bus.publish_event(Event(type="batch_taken", source="learner", data={
-                "step": state.step, "version": state.version, "task_ids": sorted({i.traj.task_id for i in batch.items})}))
+            await self.bus.publish_event(Event(type="batch_taken", source="learner", data=batch_taken(state, batch)))
             with phases("train"):
                 result = await asyncio.to_thread(self.train, batch)
             with phases("publish"):
@@ -166,6 +165,9 @@ class Learner:
         """Pull deliveries until the buffer yields a batch; None once stopped."""
         while not self._stop.is_set():
             batch = buffer.take(version)
+            dropped = buffer.pop_dropped_task_ids()
+            if dropped:
+                await self.bus.publish_event(Event(type="dropped", source="learner", data={"task_ids": dropped}))
             if batch is not None:
                 return batch
             for d in await self.source.fetch(self.cfg.batch.fetch_batch, timeout=1.0):
@@ -190,6 +192,13 @@ def advance(state: LearnerState, batch: Batch) -> LearnerState:
     record = StepRecord(step=state.step, version=state.version, trained=batch.trained_ids, dropped=batch.dropped)
     return LearnerState(step=state.step + 1, version=state.version + 1,
                         consumed=state.consumed | set(batch.consumed_ids), history=[*state.history, record])
+
+
+def batch_taken(state: LearnerState, batch: Batch) -> dict[str, Any]:
+    """The ``batch_taken`` event's data: step, version trained from, task ids trained and dropped."""
+    dropped = {d.msg.task_id for d in batch.consumed if d.msg.id in batch.dropped}
+    return {"step": state.step, "version": state.version,
+            "task_ids": sorted({i.traj.task_id for i in batch.items}), "dropped_task_ids": sorted(dropped)}
 
 
 def step_metrics(batch: Batch, result: StepResult, state: LearnerState, phases: Phases) -> dict[str, Any]:

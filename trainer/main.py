@@ -37,7 +37,7 @@ async def serve_learner(cfg: RunConfig, url: str) -> LearnerState:
     async with await Bus.connect(url, run=cfg.name, config=cfg.nats) as bus:
         weights = DiskWeightSink(
             Path(lc.path(lc.weights_dir, run_dir)), keep=lc.keep_weights, base_model=Path(lc.model),
-            blobs=bus if lc.publish_to_object_store else None,
+            blobs=bus if lc.publish_to_object_store else None, bucket=bus.subjects.weights_bucket,
         )
         learner = Learner(
             lc, backend, await open_trajectory_consumer(bus, lc), BusLink(bus), weights,

@@ -3,7 +3,8 @@
 Version ``v`` is written to ``<weights_dir>/v<v>/`` (config.json + safetensors, plus the tokenizer files of
 the base model so the directory loads on its own). It is written into a temporary directory and renamed into
 place, so a reader never sees a half-written version. ``WeightUpdate.sha256`` is :func:`digest_dir` of it.
-Optionally every file is mirrored into the bus object store as ``v<v>/<file name>``.
+Optionally every file is mirrored into the bus object store as ``v<v>/<file name>``; the announced URI is then
+``nats-object://<bucket>/v<v>`` (what ``agentrl.engine.bus_weights`` fetches) instead of the ``file://`` one.
 """
 
 from __future__ import annotations
@@ -57,12 +58,14 @@ class DiskWeightSink:
     """Writes ``v<version>/`` under ``root`` and keeps the newest ``keep`` versions."""
 
     def __init__(
-        self, root: Path, *, keep: int = 3, base_model: Path | None = None, blobs: BlobStore | None = None
+        self, root: Path, *, keep: int = 3, base_model: Path | None = None, blobs: BlobStore | None = None,
+        bucket: str = "",
     ) -> None:
         self.root = Path(root)
         self.keep = keep
         self.base_model = Path(base_model) if base_model else None
         self.blobs = blobs
+        self.bucket = bucket  # the object store's name, for the nats-object:// URI
 
     def write(self, version: int, export: Export) -> WeightUpdate:
         """Export into a temporary directory, rename it to ``v<version>`` (replacing a crashed attempt), prune."""
@@ -91,6 +94,7 @@ class DiskWeightSink:
             folder = self.root / f"v{version}"
             for f in sorted(p for p in folder.iterdir() if p.is_file()):
                 await self.blobs.put_blob(f"v{version}/{f.name}", f)
+            update.uri = f"nats-object://{self.bucket}/v{version}"
         return update
 
     def _copy_tokenizer(self, dest: Path) -> None:

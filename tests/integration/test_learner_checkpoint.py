@@ -78,3 +78,19 @@ async def test_weights_are_published_whole_with_digest_and_tokenizer(tmp_path: P
     assert update.nbytes == 1000 + 2 + 2
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["v2", "v3"]
     assert (tmp_path / "w" / "v3" / "tokenizer.json").exists()
+
+
+async def test_object_store_mirror_announces_a_nats_object_uri(tmp_path: Path) -> None:
+    class Blobs:
+        def __init__(self) -> None:
+            self.names: list[str] = []
+
+        async def put_blob(self, name: str, data: bytes | str | Path) -> int:
+            self.names.append(name)
+            return 0
+
+    blobs = Blobs()
+    sink = DiskWeightSink(tmp_path / "w", blobs=blobs, bucket="agentrl_r_weights")
+    update = await sink.publish(4, lambda p: (p / "config.json").write_text("{}"))
+    assert update.uri == "nats-object://agentrl_r_weights/v4"
+    assert blobs.names == ["v4/config.json"]

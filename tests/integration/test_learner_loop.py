@@ -101,7 +101,9 @@ async def test_loop_trains_publishes_checkpoints_then_acks(tiny_qwen2_dir: Path,
     trained = [tid for rec in state.history for tid in rec.trained]
     assert len(trained) == 12 and len(set(trained)) == 12
     assert sorted(acked) == sorted(trained)
-    assert [e.data["step"] for e in bus.events if e.type == "batch_taken"] == [0, 1, 2]
+    taken = [e.data for e in bus.events if e.type == "batch_taken"]
+    assert [d["step"] for d in taken] == [0, 1, 2] and [d["version"] for d in taken] == [0, 1, 2]
+    assert sorted(t for d in taken for t in d["task_ids"]) == sorted(t.task_id for t in trajs[:12])
     assert [u.version for u in bus.updates] == [1, 2, 3]
     newest = tmp_path / "weights" / "v3"
     assert digest_dir(newest) == (bus.updates[-1].sha256, bus.updates[-1].nbytes)
@@ -143,3 +145,21 @@ async def test_loss_is_pluggable_by_dotted_path(tiny_qwen2_dir: Path, tmp_path: 
     assert state.step == 1
     key = "learner/loss/sft" if fn.endswith("sft_loss") else "learner/loss/policy"
     assert key in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+
+
+async def test_filtered_groups_are_announced_as_dropped_and_never_trained(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    trajs = synth_trajectories(num_groups=4, group_size=2, seed=5)
+    for i, t in enumerate(trajs):
+        t.reward = 1.0 if i < 2 else float(i % 2)  # group 0 has zero variance
+    cfg = msgspec.structs.replace(learner_config(tiny_qwen2_dir), max_steps=1)
+    cfg = msgspec.structs.replace(cfg, batch=msgspec.structs.replace(cfg.batch, group_filter="trainer.batching.drop_zero_variance"))
+    acked: list[str] = []
+    bus = FakeBus()
+    learner, _ = make_learner(cfg, tmp_path, FakeSource([FakeDelivery(t, acked.append) for t in trajs]), bus)
+    state = await learner.run()
+    zero = sorted(t.task_id for t in trajs[:2])
+    assert [e.data["task_ids"] for e in bus.events if e.type == "dropped"] == [zero]
+    assert [e.data["dropped_task_ids"] for e in bus.events if e.type == "batch_taken"] == [zero]
+    assert sorted(state.history[0].dropped) == sorted(t.id for t in trajs[:2])
+    assert sorted(state.history[0].trained) == sorted(t.id for t in trajs[2:6])
+    assert sorted(acked) == sorted(t.id for t in trajs[:6])

@@ -65,6 +65,7 @@ def test_staleness_drop_and_mask() -> None:
     batch = drop.take(5)
     assert batch is not None and batch.trained_ids == ["y"]
     assert batch.dropped == {"x": "staler than max_staleness=1"} and len(batch.consumed) == 2
+    assert drop.pop_dropped_task_ids() == ["x"]
 
     mask, _ = buffer(trajectories_per_step=1, max_staleness=1, stale_policy="mask")
     mask.add(FakeDelivery(traj("x", "g", 1, versions=versions)))
@@ -100,6 +101,7 @@ def test_dynamic_sampling_filter_discards_zero_variance_groups_and_acks_them_lat
     buf.add(FakeDelivery(traj("z1", "z", 2, reward=1.0)))
     assert buf.take(0) is None  # z rejected; nothing to train yet
     assert buf.num_buffered == 0
+    assert buf.pop_dropped_task_ids() == ["z0", "z1"]  # announced at once, acked with the next batch
     buf.add(FakeDelivery(traj("k0", "k", 2, reward=0.0)))
     buf.add(FakeDelivery(traj("k1", "k", 2, reward=1.0)))
     batch = buf.take(0)
@@ -107,6 +109,7 @@ def test_dynamic_sampling_filter_discards_zero_variance_groups_and_acks_them_lat
     assert batch.dropped == {"z0": "rejected by group filter", "z1": "rejected by group filter"}
     assert sorted(d.msg.id for d in batch.consumed) == ["k0", "k1", "z0", "z1"]
     assert batch.consumed_ids == ["k0", "k1", "z0", "z1"]
+    assert buf.pop_dropped_task_ids() == []
 
 
 def test_redeliveries_are_deduplicated() -> None:
