@@ -68,7 +68,6 @@ class ControllerConfig(Section):
     temperature: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     engines: list[str] = []  # engine base URLs told to load new weights on every WeightUpdate
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
-    state_save_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     metrics_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
 
     def __post_init__(self) -> None:

@@ -62,9 +62,14 @@ def start_learner(config: Path, url: str, log: Path) -> subprocess.Popen[bytes]:
 async def read_all(bus: Bus) -> list[Trajectory]:
     consumer = await bus.consumer(bus.subjects.traj, durable="inspect", typ=Trajectory)
     out: list[Trajectory] = []
-    while batch := await consumer.fetch(batch=256, timeout=1.0):
+    while True:
+        try:
+            batch = await consumer.fetch(batch=256, timeout=1.0)
+        except TimeoutError:  # nats-py's multi-message pull may raise instead of returning nothing
+            batch = []
+        if not batch:
+            return out
         out += [d.msg for d in batch]
-    return out
 
 
 async def test_abort_and_resume_end_to_end(bus: Bus, nats_url: str, run_name: str, tmp_path: Path,
@@ -94,7 +99,8 @@ async def test_abort_and_resume_end_to_end(bus: Bus, nats_url: str, run_name: st
         core = await build_core(bus, cfg)
         weights = WeightsSync.from_urls([url])
         controller = Controller(bus, core, weights=weights, version_poll_s=0.5)
-        actors = [asyncio.create_task(controller.run()), asyncio.create_task(worker.run())]
+        actors = [asyncio.create_task(controller.run(), name="controller"),
+                  asyncio.create_task(worker.run(), name="worker")]
         learner = start_learner(config, nats_url, learner_log)
         try:
             code = await asyncio.to_thread(learner.wait, 240)
@@ -111,7 +117,8 @@ async def test_abort_and_resume_end_to_end(bus: Bus, nats_url: str, run_name: st
                 learner.wait()
             controller.stop()
             worker.stop()
-            await asyncio.wait_for(asyncio.gather(*actors, return_exceptions=True), timeout=60)
+            _, pending = await asyncio.wait(actors, timeout=60)
+            assert not pending, f"did not stop: {[t.get_name() for t in pending]}"
             await weights.close()
             await asyncio.gather(*(e.close() for e in router.engines))  # no health loop was started
 
