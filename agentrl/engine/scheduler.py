@@ -169,18 +169,18 @@ class Scheduler:
             await asyncio.sleep(0)
 
     def _has_work(self) -> bool:
-        if self._pending_weights:
-            return True
+        if self._pending_weights or any(r.abort_requested and not r.finished for r in self.running):
+            return True  # weight updates and aborts are served while paused too
         return not self.paused and bool(self.waiting or self.running)
 
     async def _iteration(self) -> None:
         await self._apply_weights()
-        if self.paused:
-            return
         for req in self.running:
             if req.abort_requested:
                 req.finish({"type": "abort", "message": "aborted by request"})
         self._release_finished()
+        if self.paused:
+            return
         admitted = self._admit()
         if admitted:
             await self._prefill(admitted)

@@ -162,6 +162,18 @@ async def test_pause_holds_requests_until_continue(engine_url: str) -> None:
     assert len(out["output_ids"]) == 5
 
 
+async def test_pause_in_abort_mode_returns_partial_outputs_at_once(engine_url: str) -> None:
+    task = asyncio.create_task(generate(engine_url, prompt(5, 12), max_new_tokens=1500, ignore_eos=True))
+    await asyncio.sleep(0.3)
+    try:
+        status, _ = await post(engine_url, "/pause_generation", {})  # SGLang's default mode: abort
+        assert status == 200
+        out = await asyncio.wait_for(task, 10)  # answered while the engine stays paused
+        assert out["meta_info"]["finish_reason"]["type"] == "abort" and out["output_ids"]
+    finally:
+        await post(engine_url, "/continue_generation", {})
+
+
 async def test_streaming_sends_cumulative_chunks_then_done(engine_url: str) -> None:
     body = {"input_ids": prompt(6, 11), "stream": True, "return_logprob": True,
             "sampling_params": {"max_new_tokens": 6, "ignore_eos": True, "temperature": 0.0}}
