@@ -80,10 +80,32 @@ def to_samples(items: Sequence[TrainItem], group_index: Sequence[int], advantage
 
 def build_micro_batches(batch: Batch, advantage: AdvantageFn, max_tokens: int) -> list[MicroBatch]:
     """Advantages per group, then padding-free packing under the token budget."""
-    items = batch.items
+    return build_minibatches(batch, advantage, max_tokens, 1)[0]
+
+
+def build_minibatches(batch: Batch, advantage: AdvantageFn, max_tokens: int, parts: int) -> list[list[MicroBatch]]:
+    """Advantages over the whole batch, then ``parts`` disjoint mini-batches (sequences dealt round-robin),
+    each packed into micro-batches under the token budget."""
     group_index = [g for g, group in enumerate(batch.groups) for _ in group]
-    samples = to_samples(items, group_index, advantage)
-    return [pack(samples, ids) for ids in plan_micro_batches([len(s) for s in samples], max_tokens)]
+    samples = to_samples(batch.items, group_index, advantage)
+    out = []
+    for k in range(min(parts, len(samples))):
+        ids = list(range(k, len(samples), parts))
+        plan = plan_micro_batches([len(samples[i]) for i in ids], max_tokens)
+        out.append([pack(samples, [ids[j] for j in bin_]) for bin_ in plan])
+    return out
+
+
+def merge_results(results: Sequence[StepResult]) -> StepResult:
+    """One report for several optimizer steps: metrics and grad norm averaged, tokens summed; the train-vs-
+    rollout logprob gap is the first step's (later steps measure the policy's own movement, not a mismatch)."""
+    n = len(results)
+    keys = {k for r in results for k in r.metrics}
+    return StepResult(
+        metrics={k: sum(r.metrics.get(k, 0.0) for r in results) / n for k in keys},
+        grad_norm=sum(r.grad_norm for r in results) / n, lr=results[-1].lr, tokens=sum(r.tokens for r in results),
+        logprob_diff_mean=results[0].logprob_diff_mean, logprob_diff_max=results[0].logprob_diff_max,
+    )
 
 
 class Learner:
@@ -176,10 +198,14 @@ class Learner:
         return None
 
     def train(self, batch: Batch) -> StepResult:
-        """Advantages → packed micro-batches → one optimizer step (runs in a worker thread)."""
-        mbs = build_micro_batches(batch, self.advantage, self.cfg.batch.max_tokens_per_micro_batch)
+        """Advantages → packed micro-batches → ``minibatches`` optimizer steps (runs in a worker thread)."""
         start = time.perf_counter()
-        result = self.backend.train_step(mbs, self.loss_fn, self.cfg.loss)
+        parts = build_minibatches(batch, self.advantage, self.cfg.batch.max_tokens_per_micro_batch,
+                                  self.cfg.minibatches)
+        if len(parts) > 1 and self.cfg.loss.proximal:
+            for mb in (mb for part in parts for mb in part):
+                mb.proximal_logprobs = self.backend.logprobs(mb)  # the pre-update policy, for every step
+        result = merge_results([self.backend.train_step(part, self.loss_fn, self.cfg.loss) for part in parts])
         result.metrics["learner/perf/tokens_per_s"] = result.tokens / max(time.perf_counter() - start, 1e-9)
         return result
 

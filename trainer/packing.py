@@ -56,6 +56,7 @@ class MicroBatch:
     behaviour_logprobs: torch.Tensor
     advantages: torch.Tensor
     sample_ids: list[int]  # index of each packed sequence in the list given to pack()
+    proximal_logprobs: torch.Tensor | None = None  # [T], set when the policy takes several steps per batch
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +69,7 @@ class MicroBatch:
             seq_index=self.seq_index.to(device), mask=self.mask.to(device),
             behaviour_logprobs=self.behaviour_logprobs.to(device), advantages=self.advantages.to(device),
             sample_ids=self.sample_ids,
+            proximal_logprobs=None if self.proximal_logprobs is None else self.proximal_logprobs.to(device),
         )
 
 

@@ -81,6 +81,9 @@ class LearnerConfig(Section):
     attn_implementation: str = "sdpa_varlen"
     gradient_checkpointing: bool = False
     advantage: str = "trainer.advantages.grpo"  # dotted path of an AdvantageFn
+    # Optimizer steps per batch (PPO mini-batches). Above 1, proximal logprobs are scored with the weights
+    # from before the batch's first step, so later steps are corrected by the decoupled-PPO ratio and clipped.
+    minibatches: Annotated[int, msgspec.Meta(ge=1)] = 1
     loss: LossConfig = msgspec.field(default_factory=LossConfig)
     optim: OptimConfig = msgspec.field(default_factory=OptimConfig)
     batch: BatchConfig = msgspec.field(default_factory=BatchConfig)

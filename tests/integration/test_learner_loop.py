@@ -163,3 +163,38 @@ async def test_filtered_groups_are_announced_as_dropped_and_never_trained(tiny_q
     assert sorted(state.history[0].dropped) == sorted(t.id for t in trajs[:2])
     assert sorted(state.history[0].trained) == sorted(t.id for t in trajs[2:6])
     assert sorted(acked) == sorted(t.id for t in trajs[:6])
+
+
+@pytest.mark.parametrize("minibatches", [1, 2])
+async def test_minibatches_use_proximal_logprobs_from_before_the_first_step(
+    tiny_qwen2_dir: Path, tmp_path: Path, minibatches: int
+) -> None:
+    cfg = msgspec.structs.replace(learner_config(tiny_qwen2_dir), max_steps=1, minibatches=minibatches,
+                                  optim=OptimConfig(lr=5e-2))
+    source = FakeSource([FakeDelivery(t, lambda _: None) for t in synth_trajectories(2, 2, seed=7)])
+    learner, _ = make_learner(cfg, tmp_path, source, FakeBus())
+    await learner.run()
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    if minibatches == 1:
+        assert line["learner/policy/approx_kl"] == 0.0  # on-policy: ratio exactly 1
+    else:
+        assert line["learner/policy/approx_kl"] > 1e-4  # the second step moved away from the proximal policy
+
+
+def test_activation_checkpointing_gives_the_same_step(tiny_qwen2_dir: Path) -> None:
+    from trainer.advantages import grpo
+    from trainer.batching import Batch, TrainItem
+    from trainer.learner import build_micro_batches
+    from trainer.losses import ppo_loss
+
+    trajs = synth_trajectories(2, 2, seed=8)
+    batch = Batch(groups=[[TrainItem(t, t.loss_mask.astype("float32")) for t in trajs[:2]],
+                          [TrainItem(t, t.loss_mask.astype("float32")) for t in trajs[2:]]])
+    results = []
+    for ckpt in (False, True):
+        cfg = msgspec.structs.replace(learner_config(tiny_qwen2_dir), gradient_checkpointing=ckpt)
+        backend = build_torch_backend(cfg)
+        results.append(backend.train_step(build_micro_batches(batch, grpo, 40), ppo_loss, cfg.loss))
+    plain, checkpointed = results
+    assert checkpointed.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
+    assert checkpointed.metrics["loss/total"] == pytest.approx(plain.metrics["loss/total"], rel=1e-6)

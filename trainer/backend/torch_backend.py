@@ -71,7 +71,7 @@ class TorchBackend:
         self.model.to(self.device)  # type: ignore[arg-type]  # transformers' wrapped .to() is mistyped
         self.model.config.use_cache = False
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_checkpointing(self.model)
         self.ref_model = ref_model
         if ref_model is not None:
             ref_model.to(self.device)  # type: ignore[arg-type]
@@ -116,8 +116,9 @@ class TorchBackend:
     def train_step(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, cfg: LossConfig) -> StepResult:
         """One optimizer step over all micro-batches; losses are normalised over the whole step.
 
-        Decoupled PPO's proximal policy is the pre-update weights: with one optimizer step per batch those are
-        exactly the weights of this forward, so proximal logprobs are the detached current logprobs.
+        Decoupled PPO's proximal policy is the pre-update weights. A micro-batch carrying
+        ``proximal_logprobs`` (scored before the batch's first update) uses them; otherwise this is the batch's
+        only optimizer step, its weights *are* the pre-update ones, and the detached current logprobs are used.
         """
         if not micro_batches:
             raise ValueError("train_step: no micro-batches")
@@ -154,7 +155,7 @@ class TorchBackend:
         return LossInputs(
             logprobs=lp, behaviour_logprobs=mb.behaviour_logprobs, advantages=mb.advantages, mask=mb.mask,
             seq_index=mb.seq_index, num_seqs=len(mb.seq_lens),
-            proximal_logprobs=lp.detach() if cfg.proximal else None, ref_logprobs=ref, entropy=ent,
+            proximal_logprobs=_proximal(mb, lp) if cfg.proximal else None, ref_logprobs=ref, entropy=ent,
             total_tokens=total_tokens, total_seqs=total_seqs,
         )
 
@@ -188,6 +189,19 @@ class TorchBackend:
 
     def export_hf(self, path: Path) -> None:
         self.model.save_pretrained(str(path))
+
+
+def _enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing of every decoder layer (transformers >= 5.2x renamed the method)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _proximal(mb: MicroBatch, logprobs: torch.Tensor) -> torch.Tensor:
+    return mb.proximal_logprobs if mb.proximal_logprobs is not None else logprobs.detach()
 
 
 def _trained_seqs(mb: MicroBatch) -> int:
