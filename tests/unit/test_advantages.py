@@ -86,3 +86,18 @@ def test_zero_variance_group_gets_zero_advantage() -> None:
     got = grpo(torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0]), torch.tensor([0, 0, 0, 1, 1]))
     assert got[:3].abs().max().item() == 0.0
     assert got[3].item() < 0 < got[4].item()
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["trainer.advantages.grpo", "trainer.advantages.dr_grpo", "trainer.advantages.rloo",
+     "trainer.advantages.reinforce_pp_baseline"],
+)
+def test_advantage_contract(path: str) -> None:
+    """What the learner relies on from any AdvantageFn named in config: [N] in, finite [N] out, same dtype."""
+    from agentrl.agent.plugins import load_object
+
+    fn = load_object(path, what="learner.advantage")
+    rewards, groups = _ragged(3)
+    out = fn(torch.tensor(rewards, dtype=torch.float32), torch.tensor(groups))
+    assert out.shape == (len(rewards),) and out.dtype == torch.float32 and torch.isfinite(out).all()

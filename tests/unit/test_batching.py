@@ -148,3 +148,12 @@ def test_batch_takes_at_least_b(n: int) -> None:
             buf.add(FakeDelivery(traj(f"{g}-{i}", str(g), 2)))
     batch = buf.take(0)
     assert batch is not None and len(batch.trained_ids) == 2 * ((n + 1) // 2)
+
+
+@pytest.mark.parametrize("path", ["trainer.batching.keep_all", "trainer.batching.drop_zero_variance"])
+def test_group_filter_contract(path: str) -> None:
+    """Any GroupFilter named in config takes a group's trajectories and returns a bool."""
+    from agentrl.agent.plugins import load_object
+
+    fn = load_object(path, what="learner.batch.group_filter")
+    assert isinstance(fn([traj("a", "g", 2, reward=0.0), traj("b", "g", 2, reward=1.0)]), bool)

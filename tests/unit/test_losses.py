@@ -204,3 +204,16 @@ def test_kl_estimators_reference() -> None:
         want = [f(float(x), float(y)) for x, y in zip(a, b, strict=True)]
         np.testing.assert_allclose(kl_penalty(a, b, est).numpy(), want, rtol=1e-12)
     assert (kl_penalty(a, b, "k3") >= 0).all()
+
+
+@pytest.mark.parametrize("path", ["trainer.losses.ppo_loss", "trainer.losses.sft_loss"])
+def test_loss_contract(path: str) -> None:
+    """Any LossFn named in config: a scalar loss with a gradient, and a 'loss/total' metric equal to it."""
+    from agentrl.agent.plugins import load_object
+
+    fn = load_object(path, what="learner.loss.fn")
+    inp = make_inputs(1)
+    out = fn(inp, LossConfig(kl_coef=0.1))
+    assert out.loss.ndim == 0 and out.loss.requires_grad
+    assert out.metrics["loss/total"].item() == pytest.approx(out.loss.item())
+    assert all(v.ndim == 0 and not v.requires_grad for v in out.metrics.values())
