@@ -95,9 +95,15 @@ class Scheduler:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="agentrl-engine-scheduler")
 
+    def finish_all(self, message: str) -> None:
+        """Finish every waiting and running request now with what it has (finish ``abort``)."""
+        self.abort(None)
+        for req in self.running:
+            req.finish({"type": "abort", "message": message})
+
     async def stop(self) -> None:
         """Abort everything, stop the loop and the model thread."""
-        self.abort(None)
+        self.finish_all("engine shutting down")
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

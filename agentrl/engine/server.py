@@ -113,11 +113,16 @@ class EngineServer:
         r.add_get("/get_server_info", self.get_server_info)
         add_openai_routes(app, self)
         app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
         return app
 
     async def _on_startup(self, _: web.Application) -> None:
         self.scheduler.start()
+
+    async def _on_shutdown(self, _: web.Application) -> None:
+        # answer in-flight requests (partial output, finish abort) so shutdown does not wait on them
+        self.scheduler.finish_all("engine shutting down")
 
     async def _on_cleanup(self, _: web.Application) -> None:
         await self.scheduler.stop()
