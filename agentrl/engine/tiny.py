@@ -13,9 +13,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "TinyModelSpec", "init_model", "train_tokenizer"]
+__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "TOOL_TOKENS", "TinyModelSpec", "init_model", "train_tokenizer"]
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# whole tokens that stay in decoded text (as in Qwen2.5), so tool calls survive skip_special_tokens
+TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
 
 CHAT_TEMPLATE = (
     "{% if tools %}"
@@ -93,19 +95,20 @@ def _corpus(n_lines: int, seed: int) -> list[str]:
 
 def train_tokenizer(vocab_size: int, seed: int = 0):  # type: ignore[no-untyped-def]
     """A byte-level BPE ``PreTrainedTokenizerFast`` with ChatML specials and :data:`CHAT_TEMPLATE`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(TOOL_TOKENS),
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(1500, seed), trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=None,
