@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 
 from agentrl.bus import Bus
+from agentrl.config.learner import BatchConfig, LearnerConfig
 from agentrl.messages import Trajectory, WeightUpdate, decode
 from tests.fixtures.learner import synth_trajectories
+from trainer.backend.torch_backend import build_torch_backend
+from trainer.bus_adapter import BusLink, open_trajectory_consumer
+from trainer.checkpoint import Checkpointer, LearnerState
+from trainer.learner import Learner
+from trainer.metrics import MetricsSink
+from trainer.weights import DiskWeightSink
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +106,49 @@ async def test_sigkill_restart_trains_each_trajectory_exactly_once(
 
 async def publish(bus: Bus, trajs: list[Trajectory]) -> None:
     await bus.publish_many(bus.subjects.traj, trajs, msg_ids=[t.id for t in trajs])
+
+
+class Crash(Exception):
+    """Stands in for a kill at a precise point of the step."""
+
+
+class CrashingCheckpointer(Checkpointer):
+    def __init__(self, root: Path, step: int, when: str) -> None:
+        super().__init__(root)
+        self.crash_step, self.when = step, when
+
+    def save(self, backend, state):  # type: ignore[no-untyped-def]
+        if state.step == self.crash_step and self.when == "before checkpoint":
+            raise Crash(self.when)  # weights published and version bumped, nothing committed
+        path = super().save(backend, state)
+        if state.step == self.crash_step and self.when == "after checkpoint":
+            raise Crash(self.when)  # committed, nothing acked
+        return path
+
+
+async def run_learner(url: str, run: str, cfg: LearnerConfig, tmp: Path, ckpt: Checkpointer) -> LearnerState:
+    async with await Bus.connect(url, run=run) as bus:
+        learner = Learner(cfg, build_torch_backend(cfg), await open_trajectory_consumer(bus, cfg), BusLink(bus),
+                          DiskWeightSink(tmp / "weights"), ckpt, MetricsSink(tmp / "metrics.jsonl", bus))
+        return await learner.run()
+
+
+@pytest.mark.parametrize("when", ["before checkpoint", "after checkpoint"])
+async def test_crash_at_the_edges_of_the_commit_trains_each_trajectory_once(
+    nats_url: str, run_name: str, tiny_qwen2_dir: Path, tmp_path: Path, when: str
+) -> None:
+    trajs = synth_trajectories(num_groups=4, group_size=2, seed=4)
+    cfg = LearnerConfig(model=str(tiny_qwen2_dir), device="cpu", max_steps=4,
+                        batch=BatchConfig(trajectories_per_step=2, ack_wait_s=1.0))
+    async with await Bus.connect(nats_url, run=run_name) as bus:
+        await publish(bus, trajs)
+    with pytest.raises(Crash):
+        await run_learner(nats_url, run_name, cfg, tmp_path, CrashingCheckpointer(tmp_path / "ckpt", 2, when))
+    state = await run_learner(nats_url, run_name, cfg, tmp_path, Checkpointer(tmp_path / "ckpt"))
+    trained = [tid for rec in state.history for tid in rec.trained]
+    assert sorted(trained) == sorted(t.id for t in trajs)
+    assert state.step == 4
+    async with await Bus.connect(nats_url, run=run_name) as bus:
+        assert await bus.get_version() == state.version == (4 if when == "after checkpoint" else 5)
+        info = await bus.js.consumer_info(bus.subjects.traj_stream, "learner")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
