@@ -30,9 +30,11 @@ class Recording:
     def __init__(self, inner: EngineClient) -> None:
         self.inner = inner
         self.calls: list[tuple[list[int], GenerateOutput]] = []
+        self.started = asyncio.Event()
 
     async def generate(self, input_ids: Sequence[int] | np.ndarray, sampling: SamplingParams, *,
                        rid: str | None = None, session_id: str | None = None) -> GenerateOutput:
+        self.started.set()
         out = await self.inner.generate(input_ids, sampling, rid=rid, session_id=session_id)
         self.calls.append((list(map(int, input_ids)), out))
         return out
@@ -105,3 +107,45 @@ async def test_multi_turn_tool_episode_matches_engine_output_ids(
     assert int(t.loss_mask.sum()) == sum(len(out.output_ids) for _, out in gen.calls)
     assert (t.versions[t.loss_mask == 0] == -1).all() and (t.logprobs[t.loss_mask == 0] == 0).all()
     assert t.engine_id and np.all(t.logprobs[t.loss_mask == 1] <= 0)
+
+
+async def test_abort_on_a_real_engine_resumes_token_for_token(
+    bus: Bus, engine_url: str, tiny_model_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    from agentrl.env import LocalEnvs
+    from agentrl.messages import Event
+    from tests.fixtures.envs import EchoEnv
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    async with EngineClient(engine_url) as client:
+        gen = Recording(client)
+        worker = AgentWorker(
+            bus, agent=tool_agent.make_tool_agent(stop_on_length=False), generator=gen, chat=ChatRenderer(tok),
+            config=WorkerConfig(poll_timeout_s=0.2), envs=LocalEnvs({"echo": EchoEnv}), worker_id="w-abort",
+        )
+        task = Task(id="ab", group_id="g", prompt=[ChatMessage(role="user", content="Count.")], env="echo",
+                    env_args={"steps": 2},
+                    sampling=SamplingParams(max_new_tokens=600, ignore_eos=True, temperature=1.0))
+        await bus.publish(bus.subjects.task("new"), task, msg_id=task.id)
+        running = asyncio.create_task(worker.run())
+        await asyncio.wait_for(gen.started.wait(), 60)
+        await asyncio.sleep(0.2)  # mid-generation of the first turn
+        await bus.publish_event(Event(type="abort", data={"task_ids": ["ab"]}))
+        consumer = await bus.consumer(bus.subjects.traj, durable="abort-reader", typ=Trajectory)
+        async with asyncio.timeout(120):
+            while not (found := await consumer.fetch(batch=1, timeout=1.0)):
+                pass
+        await consumer.unsubscribe()
+        worker.stop()
+        await asyncio.wait_for(running, 30)
+    t = found[0].msg
+    assert (t.id, t.status, worker.stats.requeued) == ("ab-1", "completed", 1)
+    (in0, cut), (in1, rest) = gen.calls[0], gen.calls[1]
+    assert cut.finish_reason == "abort" and len(cut.output_ids) < 600
+    assert in1 == in0 + cut.output_ids.tolist()  # the engine continued exactly where it was cut
+    first = next(turn for turn in t.turns if turn.kind == "model")
+    assert first.end - first.start == 600  # one assistant turn, the token budget kept across the resume
+    assert t.tokens[first.start : first.end].tolist() == cut.output_ids.tolist() + rest.output_ids.tolist()
+    np.testing.assert_array_equal(t.logprobs[first.start : first.end], np.concatenate([cut.logprobs, rest.logprobs]))
