@@ -231,7 +231,11 @@ def step_metrics(batch: Batch, result: StepResult, state: LearnerState, phases: 
     """The per-step metrics record (keys ``learner/...``)."""
     rewards = np.array([i.traj.reward for i in batch.items], dtype=np.float64)
     out: dict[str, Any] = {f"learner/{k}" if not k.startswith("learner/") else k: v for k, v in result.metrics.items()}
+    hist = staleness_histogram(batch.items, state.version - 1)
+    counts = {int(k): v for k, v in hist.items()}
+    tokens = max(sum(counts.values()), 1)
     out.update({
+        "learner/step": state.step,
         "learner/version": state.version,
         "learner/grad_norm": result.grad_norm,
         "learner/lr": result.lr,
@@ -241,7 +245,9 @@ def step_metrics(batch: Batch, result: StepResult, state: LearnerState, phases: 
         "learner/batch/dropped": len(batch.dropped),
         "learner/batch/tokens": result.tokens,
         "learner/batch/trained_tokens": int(sum(float(i.mask.sum()) for i in batch.items)),
-        "learner/staleness/hist": staleness_histogram(batch.items, state.version - 1),
+        "learner/staleness/hist": hist,
+        "learner/staleness/mean": sum(k * v for k, v in counts.items()) / tokens,
+        "learner/staleness/max": max(counts, default=0),
         "learner/logprob_diff/mean": result.logprob_diff_mean,
         "learner/logprob_diff/max": result.logprob_diff_max,
         **phases.as_metrics(),
