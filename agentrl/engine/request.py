@@ -4,7 +4,8 @@ The reply follows SGLang's ``/generate`` shape: ``text``, ``output_ids`` and ``m
 ``finish_reason`` (``{"type": "stop", "matched": token id or string}``, ``{"type": "length", "length": n}``
 or ``{"type": "abort", "message": ...}``), ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``,
 ``weight_version`` (a string, as in SGLang), ``output_token_logprobs`` (``[logprob, token_id, text|None]``
-triples, when asked for) and the agentrl extra ``output_token_versions`` (the weight version each output
+triples, when asked for), ``input_token_logprobs`` (prompt positions from ``logprob_start_len`` on, the
+first prompt token's logprob ``None``; same temperature contract as output logprobs) and the agentrl extra ``output_token_versions`` (the weight version each output
 token was sampled under).
 """
 
@@ -58,6 +59,8 @@ class Request:
     finish_reason: dict[str, Any] | None = None
     cached_tokens: int = 0
     slot: int | None = None
+    logprob_start: int | None = None  # first prompt position whose logprob is returned; None = none
+    input_logprobs: list[float | None] = field(default_factory=list)  # positions logprob_start.. of the prompt
     kv_version: int = -1  # weight version when its keys/values started being computed
     abort_requested: bool = False
     created: float = field(default_factory=time.monotonic)
@@ -89,6 +92,15 @@ class Request:
                 if s in tail:
                     return {"type": "stop", "matched": s}
         return None
+
+    def set_prompt_logprobs(self, scored: list[float]) -> None:
+        """Record prompt logprobs given for the last ``len(scored)`` prompt tokens (the first token has none)."""
+        assert self.logprob_start is not None
+        first_scored = len(self.input_ids) - len(scored)
+        self.input_logprobs = [
+            None if i < first_scored else scored[i - first_scored]
+            for i in range(self.logprob_start, len(self.input_ids))
+        ]
 
     def finish(self, reason: dict[str, Any]) -> None:
         if self.finish_reason is None:
@@ -122,5 +134,9 @@ class Request:
             meta["output_token_logprobs"] = [
                 [lp, tok, tokenizer.decode([tok], skip_special_tokens=False) if self.logprob_text else None]
                 for lp, tok in zip(self.logprobs, self.output_ids, strict=True)
+            ]
+        if self.return_logprob and self.logprob_start is not None:
+            meta["input_token_logprobs"] = [
+                [lp, tok, None] for lp, tok in zip(self.input_logprobs, self.input_ids[self.logprob_start :], strict=False)
             ]
         return {"text": self.text(tokenizer), "output_ids": list(self.output_ids), "meta_info": meta}

@@ -15,15 +15,15 @@ Supported: llama-family decoders (Qwen2, Qwen3, Llama, Mistral without sliding w
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from agentrl.errors import EngineError
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "ModelRunner"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "ModelRunner", "Prefill"]
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 
@@ -31,6 +31,13 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Prefill(NamedTuple):
+    """What a prefill returns: next-token logits per row, and prompt logprobs for the rows that asked."""
+
+    logits: torch.Tensor
+    prompt_logprobs: dict[int, torch.Tensor]
 
 
 class ModelRunner:
@@ -65,11 +72,19 @@ class ModelRunner:
         return int(self.model.config.vocab_size)
 
     @torch.inference_mode()
-    def prefill(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int]) -> torch.Tensor:
-        """Feed ``chunks[b]`` at positions ``starts[b]..`` of slot ``slots[b]``; logits after each chunk's last token.
+    def prefill(
+        self,
+        slots: Sequence[int],
+        chunks: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        *,
+        score: Mapping[int, float] | None = None,
+    ) -> Prefill:
+        """Feed ``chunks[b]`` at positions ``starts[b]..`` of slot ``slots[b]``.
 
-        Positions before ``starts[b]`` must already hold that sequence's keys/values (prefix reuse).
-        Returns ``[len(slots), vocab]`` float32.
+        Positions before ``starts[b]`` must already hold that sequence's keys/values (prefix reuse). Returns
+        the float32 logits after each chunk's last token (``[len(slots), vocab]``) and, for each row ``b`` in
+        ``score`` (row -> temperature), the logprobs ``log_softmax(logits / T)`` of ``chunks[b][1:]``.
         """
         width = max(len(c) for c in chunks)
         ids = torch.zeros((len(chunks), width), dtype=torch.long)
@@ -83,7 +98,21 @@ class ModelRunner:
         kv_len = max(s + len(c) for s, c in zip(starts, chunks, strict=True))
         hidden = self._forward(ids, pos, slot_t, kv_len, gather=True)
         rows = torch.arange(len(chunks), device=self.device)
-        return self._logits(hidden[rows, last])
+        scores = {
+            b: self._score(hidden[b, : len(chunks[b]) - 1], ids[b, 1 : len(chunks[b])], temperature)
+            for b, temperature in (score or {}).items()
+        }
+        return Prefill(self._logits(hidden[rows, last]), scores)
+
+    def _score(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int = 512) -> torch.Tensor:
+        """Logprobs of ``targets`` under ``log_softmax(logits / T)``, ``chunk`` positions at a time (bounded memory)."""
+        out = [
+            torch.log_softmax(self._logits(hidden[i : i + chunk]) / temperature, dim=-1)
+            .gather(-1, targets[i : i + chunk].view(-1, 1))
+            .view(-1)
+            for i in range(0, hidden.shape[0], chunk)
+        ]
+        return torch.cat(out).cpu() if out else torch.zeros(0)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:

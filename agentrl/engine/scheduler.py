@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from agentrl.engine.request import Request, Tokenizer
+from agentrl.engine.runner import Prefill
 from agentrl.engine.sampling import SamplingBatch, sample
 from agentrl.engine.slots import SlotPool
 
@@ -41,7 +42,9 @@ class Runner(Protocol):
     scratch: int
     device: torch.device
 
-    def prefill(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor: ...
+    def prefill(
+        self, slots: list[int], chunks: list[list[int]], starts: list[int], *, score: dict[int, float] | None = None
+    ) -> Prefill: ...
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor: ...
 
@@ -211,7 +214,9 @@ class Scheduler:
         admitted = []
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting.popleft()
-            req.slot, req.cached_tokens = self.slots.acquire(req.input_ids)
+            # prompt logprobs need the logits before their first scored token: reuse no further than that
+            limit = None if req.logprob_start is None else max(req.logprob_start - 1, 0)
+            req.slot, req.cached_tokens = self.slots.acquire(req.input_ids, max_reuse=limit)
             req.kv_version = self.weight_version
             self.stats.cached_tokens += req.cached_tokens
             self.running.append(req)
@@ -225,10 +230,15 @@ class Scheduler:
         params = self._sampling(reqs)
         self.stats.prefilled_tokens += sum(len(c) for c in chunks)
 
-        def step() -> tuple[torch.Tensor, torch.Tensor]:
-            return sample(self.runner.prefill(slots, chunks, starts), params)
+        score = {b: r.options.temperature or 1.0 for b, r in enumerate(reqs) if r.logprob_start is not None}
 
-        tokens, logprobs = await self._timed(step, decode=False)
+        def step() -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+            out = self.runner.prefill(slots, chunks, starts, score=score)
+            return (*sample(out.logits, params), out.prompt_logprobs)
+
+        tokens, logprobs, prompt_logprobs = await self._timed(step, decode=False)
+        for b, values in prompt_logprobs.items():
+            reqs[b].set_prompt_logprobs(values.tolist())
         self._commit(reqs, tokens, logprobs)
 
     async def _decode(self) -> None:

@@ -10,7 +10,8 @@ plus the OpenAI-compatible routes of :mod:`agentrl.engine.openai_api`.
 Differences from SGLang, by design: weight versions are integers (reported as strings in
 ``meta_info.weight_version``, as SGLang does); ``meta_info.output_token_versions`` is an agentrl extra;
 streamed chunks carry the cumulative ``text`` / ``output_ids`` / logprobs (SGLang's default); batched
-(list) inputs, ``n > 1``, penalties and constrained decoding are refused with HTTP 400.
+(list) inputs, ``n > 1``, ``top_logprobs_num > 0``, penalties and constrained decoding are refused with
+HTTP 400.
 """
 
 from __future__ import annotations
@@ -146,7 +147,11 @@ class EngineServer:
                 f"{field}: prompt of {len(ids)} tokens does not fit the context length {self.context_length}", field
             )
         options = to_options(inp.sampling_params, vocab_size=self.vocab_size, room=self.context_length - len(ids))
+        start = inp.logprob_start_len
+        if start < -1 or start >= len(ids):
+            raise BadRequest(f"logprob_start_len: must be -1 or in [0, {len(ids)})", "logprob_start_len")
         return Request(
+            logprob_start=start if inp.return_logprob and start >= 0 else None,
             rid=inp.rid or uuid.uuid4().hex,
             input_ids=list(ids),
             options=options,

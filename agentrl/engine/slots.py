@@ -30,8 +30,10 @@ class SlotPool:
         self.cached: OrderedDict[int, np.ndarray] = OrderedDict()  # slot -> tokens held, LRU first
         self.min_reuse = min_reuse
 
-    def acquire(self, prompt: list[int]) -> tuple[int, int]:
+    def acquire(self, prompt: list[int], max_reuse: int | None = None) -> tuple[int, int]:
         """A slot for ``prompt`` and how many leading prompt tokens it already holds (< len(prompt)).
+
+        ``max_reuse`` caps how many cached tokens may be reused (the rest is computed again).
 
         Raises ``RuntimeError`` when no slot is free or cached (the scheduler caps running requests below that).
         """
@@ -41,7 +43,7 @@ class SlotPool:
             n = common_prefix(held, ids)
             if n > best_len:
                 best, best_len = slot, n
-        reuse = min(best_len, len(prompt) - 1)
+        reuse = min(best_len, len(prompt) - 1, len(prompt) if max_reuse is None else max_reuse)
         if best is not None and reuse >= self.min_reuse:
             del self.cached[best]
             return best, reuse

@@ -71,6 +71,25 @@ async def test_logprobs_match_a_forward_pass_before_truncation(engine_url: str, 
     assert (got - ref).abs().max().item() <= 1e-4
 
 
+async def test_prompt_logprobs_from_logprob_start_len_match_a_forward_pass(engine_url: str, hf_model: Any) -> None:
+    p = prompt(16, 13)
+    await generate(engine_url, p, max_new_tokens=2)  # leaves p cached: scoring must not reuse it
+    body = {"input_ids": p, "return_logprob": True, "logprob_start_len": 3,
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0.8}}
+    status, out = await post(engine_url, "/generate", body)
+    assert status == 200, out
+    triples = out["meta_info"]["input_token_logprobs"]
+    assert [t[1] for t in triples] == p[3:]
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([p])).logits[0, :-1].float()
+    ref = torch.log_softmax(logits / 0.8, -1).gather(-1, torch.tensor(p[1:]).view(-1, 1)).view(-1)[2:]
+    assert (torch.tensor([t[0] for t in triples]) - ref).abs().max().item() <= 1e-4
+    status, out = await post(engine_url, "/generate", {**body, "logprob_start_len": 0})
+    assert out["meta_info"]["input_token_logprobs"][0][0] is None and len(out["meta_info"]["input_token_logprobs"]) == 16
+    status, out = await post(engine_url, "/generate", {**body, "logprob_start_len": 16})
+    assert status == 400 and out["error"]["param"] == "logprob_start_len"
+
+
 async def test_64_concurrent_requests_with_different_params_all_complete(engine_url: str, hf_model: Any) -> None:
     rng = random.Random(3)
     specs = []

@@ -28,14 +28,14 @@ def hf_last_logits(model, ids: list[int]) -> torch.Tensor:  # type: ignore[no-un
 def test_batched_prefill_decode_and_prefix_reuse_match_hf(model) -> None:  # type: ignore[no-untyped-def]
     runner = ModelRunner(model, num_slots=4, context_length=64)
     a, b = [5, 17, 33, 99, 100, 7], [8, 9, 10]
-    logits = runner.prefill([0, 2], [a, b], [0, 0])
+    logits = runner.prefill([0, 2], [a, b], [0, 0]).logits
     assert (logits[0] - hf_last_logits(model, a)).abs().max() < 1e-4
     assert (logits[1] - hf_last_logits(model, b)).abs().max() < 1e-4
     # rows 0..2 decode together; row 1 is an idle slot (scratch position)
     step = runner.decode(torch.tensor([11, 0, 12]), torch.tensor([len(a), runner.scratch, len(b)]), kv_len=8)
     assert (step[0] - hf_last_logits(model, [*a, 11])).abs().max() < 1e-4
     assert (step[2] - hf_last_logits(model, [*b, 12])).abs().max() < 1e-4
-    more = runner.prefill([0], [[3, 4]], [len(a) + 1])  # continue slot 0 from its cached keys/values
+    more = runner.prefill([0], [[3, 4]], [len(a) + 1]).logits  # continue slot 0 from its cached keys/values
     assert (more[0] - hf_last_logits(model, [*a, 11, 3, 4])).abs().max() < 1e-4
 
 
@@ -46,3 +46,13 @@ def test_unsupported_architecture_is_a_clear_error(model) -> None:  # type: igno
             ModelRunner(model, 1, 8)
     finally:
         model.config.model_type = "qwen2"
+
+
+def test_prompt_logprobs_match_hf(model) -> None:  # type: ignore[no-untyped-def]
+    runner = ModelRunner(model, num_slots=2, context_length=64)
+    ids = [5, 17, 33, 99, 100, 7, 8]
+    out = runner.prefill([1], [ids], [0], score={0: 0.5})
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    ref = torch.log_softmax(logits / 0.5, -1).gather(-1, torch.tensor(ids[1:]).view(-1, 1)).view(-1)
+    assert (out.prompt_logprobs[0] - ref).abs().max() < 1e-4
