@@ -64,6 +64,7 @@ def plan_actors(
                   for i in range(cfg.launch.envd)]
     specs += [ActorSpec(f"worker-{i}", agentrl_argv("worker", *common), max_restarts=restarts)
               for i in range(cfg.launch.workers)]
-    specs.append(ActorSpec("controller", agentrl_argv("controller", *common), max_restarts=restarts))
+    specs.append(ActorSpec("controller", agentrl_argv("controller", *common, "--exit-when-done"),
+                           max_restarts=restarts, finishes_run=True))
     specs.append(ActorSpec("learner", agentrl_argv("learner", *common), max_restarts=restarts, finishes_run=True))
     return specs

@@ -7,7 +7,8 @@ after another before the long-running actors start. While the run goes:
 * an actor that exits non-zero is restarted (up to ``max_restarts`` times, with
   backoff); past that the run stops with a :class:`RunFailed` naming the actor and
   its last log lines;
-* an actor with ``finishes_run=True`` (the learner) exiting 0 ends the run;
+* an actor that exits 0 has finished its work and is not restarted; the run ends
+  when every actor with ``finishes_run=True`` (learner, controller) has finished;
 * :meth:`Supervisor.stop` (Ctrl-C / SIGTERM) sends SIGTERM to every process group,
   waits ``grace_s`` and then SIGKILLs what is left, so nothing keeps running.
 """
@@ -45,7 +46,7 @@ class ActorSpec:
     argv: list[str]
     max_restarts: int = 3
     step: bool = False  # run to completion before the long-running actors start
-    finishes_run: bool = False  # exiting 0 ends the run successfully
+    finishes_run: bool = False  # the run is complete when every such actor has exited 0
     ready: ReadyCheck | None = None  # awaited after start (e.g. an HTTP health check)
     ready_timeout_s: float = 120.0
     env: dict[str, str] = field(default_factory=dict)
@@ -83,6 +84,7 @@ class Supervisor:
         self.grace_s = grace_s
         self.running: dict[str, _Running] = {}
         self.restarts: dict[str, int] = {}
+        self.finished: set[str] = set()
         self._stopping = asyncio.Event()
 
     def log_path(self, name: str) -> Path:
@@ -150,15 +152,21 @@ class Supervisor:
         raise RunFailed(f"{spec.name} was not ready after {spec.ready_timeout_s:.0f}s\n{tail(self.log_path(spec.name))}")
 
     async def _watch(self) -> None:
+        finishers = {s.name for s in self.specs if s.finishes_run and not s.step}
         while not self._stopping.is_set():
             for name, r in list(self.running.items()):
                 code = r.proc.returncode
                 if code is None:
                     continue
-                if code == 0 and r.spec.finishes_run:
-                    log.info("%s finished; the run is complete", name)
-                    return
+                if code == 0:
+                    log.info("%s finished", name)
+                    self.finished.add(name)
+                    del self.running[name]
+                    continue
                 await self._on_exit(name, r, code)
+            if finishers and finishers <= self.finished:
+                log.info("%s finished: the run is complete", ", ".join(sorted(finishers)))
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=0.2)
 

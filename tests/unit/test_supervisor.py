@@ -41,6 +41,16 @@ async def test_steps_run_first_then_finisher_ends_the_run(tmp_path: Path) -> Non
     assert sup.running == {}
 
 
+async def test_run_completes_when_every_finisher_has_exited_zero(tmp_path: Path) -> None:
+    sup = Supervisor([
+        ActorSpec("controller", py("import time; time.sleep(1.0)"), finishes_run=True),
+        ActorSpec("learner", py("pass"), finishes_run=True),
+        ActorSpec("forever", py("import time; time.sleep(600)")),
+    ], tmp_path / "logs", grace_s=2)
+    await asyncio.wait_for(sup.run(), 30)
+    assert sup.finished == {"controller", "learner"} and sup.restarts == {}
+
+
 async def test_crashing_actor_is_restarted_then_reported(tmp_path: Path) -> None:
     sup = Supervisor([
         ActorSpec("flaky", py("import sys; print('boom line'); sys.exit(3)"), max_restarts=2),
