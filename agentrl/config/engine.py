@@ -35,6 +35,7 @@ class EngineConfig(Section):
     max_queued: Annotated[int, msgspec.Meta(ge=0)] = 100_000  # waiting requests beyond this get HTTP 429
     context_length: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = min(model max positions, 4096)
     prefix_cache_slots: Annotated[int, msgspec.Meta(ge=0)] = 16  # finished sequences kept for prefix reuse
+    max_prefill_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16384  # new prompt tokens admitted per prefill step
     cuda_graph: bool = True  # capture decode steps as CUDA graphs (CUDA only)
     cuda_graph_batch_sizes: list[int] = msgspec.field(
         default_factory=lambda: [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256]

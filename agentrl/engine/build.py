@@ -49,6 +49,7 @@ def build_server(cfg: EngineConfig, *, nats_url: str | None = None) -> EngineSer
         max_running=cfg.max_running,
         max_queued=cfg.max_queued,
         prefix_cache_slots=cfg.prefix_cache_slots,
+        max_prefill_tokens=cfg.max_prefill_tokens,
         weight_version=cfg.weight_version,
     )
     return EngineServer(loaded, scheduler, cfg, context, nats_url=nats_url)

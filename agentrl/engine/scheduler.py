@@ -75,6 +75,7 @@ class Scheduler:
         max_running: int,
         max_queued: int,
         prefix_cache_slots: int,
+        max_prefill_tokens: int = 16384,
         weight_version: int = 0,
     ) -> None:
         self.runner = runner
@@ -82,6 +83,7 @@ class Scheduler:
         self.eos_ids = frozenset(eos_ids)
         self.max_running = max_running
         self.max_queued = max_queued
+        self.max_prefill_tokens = max_prefill_tokens  # new prompt tokens per prefill step (bounds its memory)
         self.slots = SlotPool(runner.num_slots)
         self.prefix_cache = prefix_cache_slots > 0
         self.weight_version = weight_version
@@ -211,14 +213,19 @@ class Scheduler:
             fut.set_result(None)
 
     def _admit(self) -> list[Request]:
-        admitted = []
+        """Move waiting requests into the batch, up to ``max_running`` and ``max_prefill_tokens`` (at least one)."""
+        admitted: list[Request] = []
+        budget = self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_running:
+            if admitted and len(self.waiting[0].input_ids) > budget:
+                break
             req = self.waiting.popleft()
             # prompt logprobs need the logits before their first scored token: reuse no further than that
             limit = None if req.logprob_start is None else max(req.logprob_start - 1, 0)
             req.slot, req.cached_tokens = self.slots.acquire(req.input_ids, max_reuse=limit)
             req.kv_version = self.weight_version
             self.stats.cached_tokens += req.cached_tokens
+            budget -= len(req.input_ids) - req.cached_tokens
             self.running.append(req)
             admitted.append(req)
         return admitted
