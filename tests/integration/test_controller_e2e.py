@@ -59,6 +59,13 @@ def start_learner(config: Path, url: str, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
 
 
+def wait_or_none(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 async def read_all(bus: Bus) -> list[Trajectory]:
     consumer = await bus.consumer(bus.subjects.traj, durable="inspect", typ=Trajectory)
     out: list[Trajectory] = []
@@ -103,8 +110,9 @@ async def test_abort_and_resume_end_to_end(bus: Bus, nats_url: str, run_name: st
                   asyncio.create_task(worker.run(), name="worker")]
         learner = start_learner(config, nats_url, learner_log)
         try:
-            code = await asyncio.to_thread(learner.wait, 240)
-            assert code == 0, learner_log.read_text()[-3000:]
+            code = await asyncio.to_thread(wait_or_none, learner, 240)
+            assert code == 0, (f"learner exit {code}; controller {core.metrics()}; worker {worker.stats}\n"
+                               + learner_log.read_text()[-3000:])
             for _ in range(50):  # the controller loads the last weights into the engine
                 if core.version >= steps:
                     break
@@ -127,10 +135,11 @@ async def test_abort_and_resume_end_to_end(bus: Bus, nats_url: str, run_name: st
     assert c.trained == steps * batch and c.aborted > 0
     assert max(core.state.staleness_hist) <= eta
     resumed = [t for t in await read_all(bus) if t.attempt > 0 and t.status != "aborted"]
-    assert resumed, "no episode was aborted mid-generation and resumed"
+    mid_generation = [t for t in resumed if len(gen.outputs[t.task_id][0].output_ids) > 0]
+    assert mid_generation, "no episode was aborted mid-generation and resumed"  # (some are aborted while queued)
     for traj in resumed:
         segments = gen.outputs[traj.task_id]
-        assert len(segments) >= 2 and segments[0].finish_reason == "abort" and len(segments[0].output_ids) > 0
+        assert len(segments) >= 2 and segments[0].finish_reason == "abort"
         response = traj.tokens[traj.prompt_len:]
         assert np.array_equal(response, np.concatenate([s.output_ids for s in segments]))
         assert np.array_equal(traj.versions[traj.prompt_len:], np.concatenate([s.versions for s in segments]))
