@@ -164,8 +164,6 @@ class AgentWorker:
             outcome = await running.agent_task
             await self._publish(outcome)
             await delivery.ack()
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # could not publish or ack: hand the task back for another try
             self.stats.nacked += 1
             log.warning("worker %s: task %s not completed (%s); nak", self.worker_id, task.id, exc)
