@@ -114,13 +114,13 @@ class GroupBuffer:
         self._groups: dict[str, _Group] = {}
         self._discarded: list[tuple[Received, str]] = []  # waiting for the next commit to be acked
         self._late: list[Received] = []  # redeliveries of ids taken by the step in flight
-        self._pending: set[str] = set()  # ids of the batch taken but not yet committed
+        self._pending: set[str] = set()  # ids of batches taken but not yet checkpointed
         self._unreported: list[str] = []  # task ids of discarded trajectories not yet announced
 
     def add(self, delivery: Received) -> bool:
         """Buffer a delivery. Returns False when it must simply be acked now (already committed, or eval).
 
-        A redelivery of a trajectory taken by a step not yet committed is held and acked with the next batch.
+        A redelivery of a trajectory taken by a step not yet checkpointed is held and acked after the checkpoint.
         """
         traj = delivery.msg
         if traj.id in self.committed or traj.is_eval:
@@ -178,7 +178,7 @@ class GroupBuffer:
         batch.dropped.update({d.msg.id: reason for d, reason in self._discarded})
         batch.consumed.extend(self._late)
         self._discarded, self._late = [], []
-        self._pending = set(batch.consumed_ids)
+        self._pending |= set(batch.consumed_ids)
         return batch
 
     def pop_dropped_task_ids(self) -> list[str]:
@@ -186,10 +186,16 @@ class GroupBuffer:
         out, self._unreported = self._unreported, []
         return out
 
-    def commit(self, batch: Batch) -> None:
-        """The step that took ``batch`` is committed: its ids are consumed for good."""
-        self.committed.update(batch.consumed_ids)
+    def commit(self) -> list[Received]:
+        """Every batch taken so far is checkpointed: its ids are consumed for good.
+
+        Returns the redeliveries of those ids that arrived meanwhile and were not yet handed out with a batch,
+        to be acked now.
+        """
+        self.committed.update(self._pending)
         self._pending = set()
+        late, self._late = self._late, []
+        return late
 
     def _readiness(self, group: _Group) -> str:
         if len(group.members) >= group.size:

@@ -6,8 +6,8 @@ events, weight announcements), a :class:`~trainer.weights.WeightSink` and a
 binds them to the real bus.
 
 Exactly-once training: the ids a step consumed are written into the checkpoint *before* their deliveries
-are acked. After a crash, unacked trajectories are redelivered; those already in the checkpoint are acked
-and skipped, the rest are trained by the restarted learner.
+are acked (every ``checkpoint_every`` steps). After a crash, unacked trajectories are redelivered; those
+already in the checkpoint are acked and skipped, the rest are trained by the restarted learner.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class Learner:
         self.group_filter: GroupFilter = load_object(group_filter, what="learner.batch.group_filter") \
             if group_filter else keep_all
         self._stop = asyncio.Event()
-        self._in_flight: list[Received] = []  # deliveries of the step being trained
+        self._unacked: list[Received] = []  # consumed by steps not yet checkpointed
         self.state = LearnerState()
 
     def stop(self) -> None:
@@ -148,7 +148,7 @@ class Learner:
                 batch = await self.collect(buffer, state.version)
             if batch is None:
                 break
-            self._in_flight = batch.consumed
+            self._unacked += batch.consumed
             await self.bus.publish_event(Event(type="batch_taken", source="learner", data=batch_taken(state, batch)))
             with phases("train"):
                 result = await asyncio.to_thread(self.train, batch)
@@ -157,19 +157,25 @@ class Learner:
                 await self.bus.announce_weights(update)
                 await self.bus.cas_version(state.version, state.version + 1)
             self.state = state = advance(state, batch)
-            with phases("checkpoint"):
-                await asyncio.to_thread(self.checkpoints.save, self.backend, state)
-            await asyncio.gather(*(d.ack() for d in batch.consumed))
-            buffer.commit(batch)
-            self._in_flight = []
+            if state.step % self.cfg.checkpoint_every == 0 or self._done(state):
+                with phases("checkpoint"):
+                    await self.commit(state, buffer)
             await self.metrics.record(state.step, step_metrics(batch, result, state, phases))
+        if self._unacked:  # stopped between checkpoints: commit what was trained
+            await self.commit(state, buffer)
         return state
+
+    async def commit(self, state: LearnerState, buffer: GroupBuffer) -> None:
+        """Checkpoint ``state`` atomically, THEN ack every delivery consumed since the last commit."""
+        await asyncio.to_thread(self.checkpoints.save, self.backend, state)
+        done, self._unacked = [*self._unacked, *buffer.commit()], []
+        await asyncio.gather(*(d.ack() for d in done))
 
     async def _keep_alive(self, buffer: GroupBuffer) -> None:
         """Mark every held delivery in progress each ack_wait/3 s so the bus does not redeliver it meanwhile."""
         while True:
             await asyncio.sleep(self.cfg.batch.ack_wait_s / 3)
-            for d in [*buffer.held(), *self._in_flight]:
+            for d in [*buffer.held(), *self._unacked]:
                 await d.in_progress()
 
     async def restore(self) -> LearnerState:

@@ -93,6 +93,9 @@ class LearnerConfig(Section):
     publish_to_object_store: bool = False  # also put the safetensors into the bus object store
     checkpoint_dir: str = "{run_dir}/checkpoints"
     keep_checkpoints: Annotated[int, msgspec.Meta(ge=1)] = 2
+    # Checkpoint (and only then ack) every this many steps. Trajectories of steps after the last checkpoint
+    # stay unacked, so a crash retrains them from that checkpoint: still exactly once among committed steps.
+    checkpoint_every: Annotated[int, msgspec.Meta(ge=1)] = 1
     final_dir: str = "{run_dir}/final"  # HF checkpoint exported when the learner stops
     metrics_file: str = "{run_dir}/learner_metrics.jsonl"
     torch_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = torch default

@@ -81,7 +81,10 @@ def make_learner(cfg: LearnerConfig, tmp: Path, source: FakeSource, bus: FakeBus
     return learner, ckpt
 
 
-async def test_loop_trains_publishes_checkpoints_then_acks(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("checkpoint_every", [1, 2])
+async def test_loop_trains_publishes_checkpoints_then_acks(
+    tiny_qwen2_dir: Path, tmp_path: Path, checkpoint_every: int
+) -> None:
     trajs = synth_trajectories(num_groups=7, group_size=2)
     acked: list[str] = []
     ckpt = Checkpointer(tmp_path / "ckpt")
@@ -93,7 +96,11 @@ async def test_loop_trains_publishes_checkpoints_then_acks(tiny_qwen2_dir: Path,
 
     bus = FakeBus()
     cfg = learner_config(tiny_qwen2_dir, kl_coef=0.1, entropy_coef=0.01)
+    cfg = msgspec.structs.replace(cfg, checkpoint_every=checkpoint_every)
     learner, ckpt = make_learner(cfg, tmp_path, FakeSource([FakeDelivery(t, on_ack) for t in trajs]), bus)
+    saves: list[int] = []
+    save = ckpt.save
+    ckpt.save = lambda backend, st: (saves.append(st.step), save(backend, st))[1]  # type: ignore[method-assign]
     before = {k: v.clone() for k, v in learner.backend.model.state_dict().items()}  # type: ignore[attr-defined]
     state = await learner.run()
 
@@ -101,6 +108,7 @@ async def test_loop_trains_publishes_checkpoints_then_acks(tiny_qwen2_dir: Path,
     trained = [tid for rec in state.history for tid in rec.trained]
     assert len(trained) == 12 and len(set(trained)) == 12
     assert sorted(acked) == sorted(trained)
+    assert saves == ([1, 2, 3] if checkpoint_every == 1 else [2, 3])  # every k steps, and at the end
     taken = [e.data for e in bus.events if e.type == "batch_taken"]
     assert [d["step"] for d in taken] == [0, 1, 2] and [d["version"] for d in taken] == [0, 1, 2]
     assert sorted(t for d in taken for t in d["task_ids"]) == sorted(t.task_id for t in trajs[:12])

@@ -123,13 +123,16 @@ def test_redeliveries_are_deduplicated() -> None:
     assert sum(d is first or d is again for d in batch.consumed) == 2  # both deliveries get acked
 
     late = FakeDelivery(traj("a1", "a", 2))
-    assert buf.add(late)  # step in flight: held, acked with the next batch, never retrained
-    buf.commit(batch)
-    assert not buf.add(FakeDelivery(traj("a0", "a", 2)))  # committed: ack now
+    assert buf.add(late)  # step not checkpointed yet: held, acked after the checkpoint, never retrained
     buf.add(FakeDelivery(traj("b0", "b", 1)))
     buf.add(FakeDelivery(traj("b1", "b2", 1)))
     nxt = buf.take(1)
     assert nxt is not None and nxt.trained_ids == ["b0", "b1"] and late in nxt.consumed
+    later = FakeDelivery(traj("b0", "b", 1))
+    assert buf.add(later)  # b0 taken, not checkpointed
+    assert buf.commit() == [later]
+    assert not buf.add(FakeDelivery(traj("a0", "a", 2)))  # checkpointed: ack now
+    assert not buf.add(FakeDelivery(traj("b1", "b2", 1)))
 
 
 def test_eval_trajectories_are_never_trained() -> None:
