@@ -175,8 +175,11 @@ class Learner:
         """Mark every held delivery in progress each ack_wait/3 s so the bus does not redeliver it meanwhile."""
         while True:
             await asyncio.sleep(self.cfg.batch.ack_wait_s / 3)
-            for d in [*buffer.held(), *self._unacked]:
-                await d.in_progress()
+            try:
+                for d in [*buffer.held(), *self._unacked]:
+                    await d.in_progress()
+            except Exception as exc:  # a missed heartbeat only risks a (deduplicated) redelivery
+                log.warning("could not mark held trajectories in progress: %r", exc)
 
     async def restore(self) -> LearnerState:
         """The latest checkpoint (or a fresh state); the policy version is never behind the bus's."""

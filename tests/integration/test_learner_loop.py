@@ -206,3 +206,30 @@ def test_activation_checkpointing_gives_the_same_step(tiny_qwen2_dir: Path) -> N
     plain, checkpointed = results
     assert checkpointed.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
     assert checkpointed.metrics["loss/total"] == pytest.approx(plain.metrics["loss/total"], rel=1e-6)
+
+
+async def test_held_trajectories_are_kept_in_progress(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    """While a group waits for its last member, the learner keeps resetting the bus's ack timer."""
+    beats: list[str] = []
+
+    class Beating(FakeDelivery):
+        async def in_progress(self) -> None:
+            beats.append(self.msg.id)
+
+    first, second = synth_trajectories(1, 2, seed=9)
+
+    class Trickle(FakeSource):
+        calls = 0
+
+        async def fetch(self, batch: int = 64, timeout: float = 1.0) -> list[FakeDelivery]:
+            self.calls += 1
+            await asyncio.sleep(0.01)
+            if self.calls == 1:
+                return [Beating(first, lambda _: None)]
+            return [Beating(second, lambda _: None)] if self.calls == 20 else []
+
+    cfg = msgspec.structs.replace(learner_config(tiny_qwen2_dir), max_steps=1)
+    cfg = msgspec.structs.replace(cfg, batch=msgspec.structs.replace(cfg.batch, trajectories_per_step=2, ack_wait_s=0.03))
+    learner, _ = make_learner(cfg, tmp_path, Trickle([]), FakeBus())
+    assert (await learner.run()).step == 1
+    assert first.id in beats
