@@ -123,3 +123,16 @@ async def test_envd_killed_mid_episode_fails_it_and_a_restarted_one_serves(
         if proc.returncode is None:
             proc.terminate()
             await proc.wait()
+
+
+async def test_concurrency_limit_serializes_calls(bus: Bus) -> None:
+    import time
+
+    async with EnvServer(bus.nc, bus.subjects, {"slow": SlowEnv}, max_concurrency=1, call_timeout_s=5) as srv:
+        envs = [RemoteEnv(bus.nc, bus.subjects.env("slow"), "slow", f"c{i}", call_timeout_s=5) for i in range(3)]
+        for e in envs:
+            await e.reset(_task("c", env="slow", sleep=0.2))
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(e.step(Action(text="x")) for e in envs))
+        assert time.monotonic() - t0 >= 0.6 and all(r.done for r in results)  # one at a time
+        assert srv.stats["timeouts"] == 0

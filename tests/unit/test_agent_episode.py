@@ -207,3 +207,15 @@ async def test_cancel_after_abort_rolls_back_to_last_safe_point(tiny_tokenizer: 
     assert out.trajectory.status == "aborted"
     assert partial.tokens.tolist() == gen.calls[0].tolist()  # back to before the interrupted turn
     assert partial.state == {"turn": 1}
+
+
+async def test_observation_crossing_the_budget_ends_truncated_before_generating(tiny_tokenizer: Any) -> None:
+    gen = ScriptedGenerator(tiny_tokenizer, lambda i: CALL.format("1+1"))
+    first = await _run(tool_agent.make_tool_agent(max_turns=50), _task(), gen, tiny_tokenizer, max_context=10_000)
+    prompt_and_one_turn = first.trajectory.turns[1].end  # prompt + first model turn + its tool result
+    gen2 = ScriptedGenerator(tiny_tokenizer, lambda i: CALL.format("1+1"))
+    out = await _run(tool_agent.make_tool_agent(max_turns=50), _task(), gen2, tiny_tokenizer,
+                     max_context=prompt_and_one_turn - 1)
+    t = out.trajectory
+    assert t.status == "truncated" and "context budget" in t.turns[-1].text
+    assert len(gen2.calls) == 1 and len(t.tokens) == prompt_and_one_turn  # no generation past the budget
