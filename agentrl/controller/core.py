@@ -108,8 +108,10 @@ class ControllerCore:
 
     @property
     def done(self) -> bool:
-        """All prompts issued and every issued task finished."""
-        return self.state.exhausted and not self.state.running
+        """Every issued task finished, and no more will be issued: prompts exhausted or ``max_steps`` batches accepted."""
+        cfg, st = self.cfg, self.state
+        enough = cfg.max_steps is not None and st.counters.accepted >= cfg.max_steps * cfg.batch_size
+        return (st.exhausted or enough) and not st.running
 
     def task_for(self, rec: TaskRecord) -> Task:
         """Rebuild the exact task of a record (same id, prompt, group) from the dataset."""
