@@ -132,8 +132,8 @@ class EngineServer:
     def tokenize(self, text: str) -> list[int]:
         return list(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def make_request(self, inp: GenerateIn, *, field: str = "input_ids") -> Request:
-        """Validate a decoded ``/generate`` body into an engine :class:`Request` (raises :class:`BadRequest`)."""
+    def prompt_ids(self, inp: GenerateIn, field: str) -> list[int]:
+        """The prompt's token ids (tokenizing ``text`` if needed), checked against vocab and context length."""
         if inp.input_ids is None and inp.text is None:
             raise BadRequest("one of input_ids or text is required", "input_ids")
         ids = inp.input_ids if inp.input_ids is not None else self.tokenize(inp.text or "")
@@ -146,17 +146,22 @@ class EngineServer:
             raise BadRequest(
                 f"{field}: prompt of {len(ids)} tokens does not fit the context length {self.context_length}", field
             )
+        return list(ids)
+
+    def make_request(self, inp: GenerateIn, *, field: str = "input_ids") -> Request:
+        """Validate a decoded ``/generate`` body into an engine :class:`Request` (raises :class:`BadRequest`)."""
+        ids = self.prompt_ids(inp, field)
         options = to_options(inp.sampling_params, vocab_size=self.vocab_size, room=self.context_length - len(ids))
         start = inp.logprob_start_len
         if start < -1 or start >= len(ids):
             raise BadRequest(f"logprob_start_len: must be -1 or in [0, {len(ids)})", "logprob_start_len")
         return Request(
-            logprob_start=start if inp.return_logprob and start >= 0 else None,
             rid=inp.rid or uuid.uuid4().hex,
-            input_ids=list(ids),
+            input_ids=ids,
             options=options,
             return_logprob=inp.return_logprob,
             logprob_text=inp.return_text_in_logprobs,
+            logprob_start=start if inp.return_logprob and start >= 0 else None,
             stream=inp.stream,
         )
 
