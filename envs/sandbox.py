@@ -34,11 +34,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import os
 import resource
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,9 +104,26 @@ class SandboxResult:
         return "\n".join(parts)[-max_chars:] or "(no output)"
 
 
+@functools.cache
 def isolation_available() -> bool:
-    """Whether namespaces and a private uid can be used (root on Linux with unshare)."""
-    return sys.platform == "linux" and os.geteuid() == 0 and _libc() is not None
+    """Whether namespaces, mounts and a private uid work here: root on Linux, probed once by running
+    ``true`` through the full isolation setup (containers without CAP_SYS_ADMIN fail the probe)."""
+    if sys.platform != "linux" or os.geteuid() != 0 or _libc() is None:
+        return False
+    true = shutil.which("true")
+    if true is None:
+        return False
+    scratch, uid = _prepare("", None, isolate=True)
+    try:
+        setup = _preexec(SandboxLimits(), scratch, uid, sys.executable)
+        done = subprocess.run([true], preexec_fn=setup, cwd=scratch, timeout=10, check=False)
+        return done.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if uid is not None:
+            _claimed.discard(uid)
 
 
 async def run_python(
@@ -116,7 +135,7 @@ async def run_python(
     isolate: bool | None = None,
 ) -> SandboxResult:
     """Execute ``code`` as ``main.py`` in a fresh scratch directory under ``limits``."""
-    isolate = isolation_available() if isolate is None else isolate
+    isolate = await asyncio.to_thread(isolation_available) if isolate is None else isolate
     if not isolate and os.geteuid() == 0:
         raise SandboxError("sandbox: refusing to run code as root without isolation (RLIMIT_NPROC does not bind root)")
     interpreter: str = python or getattr(sys, "_base_executable", None) or sys.executable
