@@ -132,6 +132,7 @@ class Learner:
     async def run(self) -> LearnerState:
         """The loop of DESIGN.md §7; returns the final state."""
         self.state = state = await self.restore()
+        log.info("learner ready at step %d, policy version %d", state.step, state.version)
         buffer = GroupBuffer(self.cfg.batch, state.consumed, self.group_filter)
         keepalive = asyncio.create_task(self._keep_alive(buffer))
         try:

@@ -154,3 +154,23 @@ async def test_crash_at_the_edges_of_the_commit_trains_each_trajectory_once(
         assert await bus.get_version() == state.version == 4 + lost
         info = await bus.js.consumer_info(bus.subjects.traj_stream, "learner")
     assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+def test_sigterm_stops_the_learner_cleanly(nats_url: str, run_name: str, tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cmd = learner_cmd(nats_url, run_name, tiny_qwen2_dir, run_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "learner.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while b"learner ready" not in log.read_bytes() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # while it waits for trajectories
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert (run_dir / "final" / "config.json").exists()
