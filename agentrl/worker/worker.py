@@ -53,6 +53,7 @@ class WorkerStats:
 class _Running:
     ctx: EpisodeContext | None = None
     agent_task: asyncio.Task[EpisodeOutcome] | None = None
+    abort_requested: bool = False  # an abort that arrived before the episode's context existed
 
 
 class AgentWorker:
@@ -176,7 +177,7 @@ class AgentWorker:
     async def _run_agent(self, task: Task, running: _Running) -> EpisodeOutcome:
         def keep(ctx: EpisodeContext) -> None:
             running.ctx = ctx
-            if self._stopping.is_set():  # a task fetched while stopping resumes elsewhere
+            if self._stopping.is_set() or running.abort_requested:  # it resumes later, maybe elsewhere
                 ctx.request_abort()
 
         return await run_episode(
@@ -225,7 +226,10 @@ class AgentWorker:
     async def abort(self, task_id: str) -> None:
         """Abort one running episode; cancel it if it has not ended within ``abort_grace_s``."""
         running = self._running.get(task_id)
-        if running is None or running.ctx is None or running.agent_task is None:
+        if running is None:
+            return
+        running.abort_requested = True
+        if running.ctx is None or running.agent_task is None:
             return
         try:
             await running.ctx.abort()
