@@ -40,6 +40,7 @@ class SamplingBatch:
     seed: torch.Tensor  # int64
     step: torch.Tensor  # int64: index of the token being sampled within its request
     ban: list[list[int]]  # token ids that may not be sampled (min_new_tokens); [] for most rows
+    truncate: bool = True  # whether any row uses top-k / top-p / min-p (known on the host: no device sync)
 
     @classmethod
     def build(
@@ -60,6 +61,7 @@ class SamplingBatch:
             torch.tensor(seed, dtype=torch.long),
             torch.tensor(step, dtype=torch.long),
             ban,
+            any(k > 0 for k in top_k) or any(p < 1 for p in top_p) or any(m > 0 for m in min_p),
         )
 
 
@@ -93,7 +95,7 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> tuple[torch.Tensor, t
     device = logits.device
     params = SamplingBatch(
         params.temperature.to(device), params.top_p.to(device), params.top_k.to(device),
-        params.min_p.to(device), params.seed.to(device), params.step.to(device), params.ban,
+        params.min_p.to(device), params.seed.to(device), params.step.to(device), params.ban, params.truncate,
     )
     for row, banned in enumerate(params.ban):
         if banned:
@@ -101,8 +103,7 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> tuple[torch.Tensor, t
     greedy = params.temperature <= 0
     temp = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
     logp = torch.log_softmax(logits / temp.view(-1, 1), dim=-1)
-    needs_truncation = bool(((params.top_k > 0) | (params.top_p < 1) | (params.min_p > 0)).any())
-    filtered = _truncate(logp, params) if needs_truncation else logp
+    filtered = _truncate(logp, params) if params.truncate else logp
     cdf = filtered.exp().cumsum(dim=-1)
     target = hash_uniform(params.seed, params.step).to(cdf.dtype) * cdf[:, -1]
     sampled = torch.searchsorted(cdf, target.view(-1, 1)).view(-1).clamp(max=logits.shape[-1] - 1)
