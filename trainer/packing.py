@@ -20,6 +20,8 @@ import torch
 
 __all__ = ["MicroBatch", "Sample", "pack", "plan_micro_batches", "token_logprobs"]
 
+_ENTROPY_CHUNK = 4096  # rows of [tokens, vocab] processed at once for the entropy metric
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -132,12 +134,13 @@ def token_logprobs(
     first token. Token ``t`` is scored by ``logits[t-1]``; first tokens get logprob 0 and entropy 0. The
     entropy carries a gradient only with ``entropy_grad`` (an entropy bonus); else it is a detached metric.
     """
-    logp_all = torch.log_softmax(logits[:-1].float(), dim=-1)
+    logp_all = torch.log_softmax(logits[:-1], dim=-1, dtype=torch.float32)  # upcasts without an extra copy
     next_logp = logp_all.gather(-1, input_ids[1:, None]).squeeze(-1)
     zero = next_logp.new_zeros(1)
     logp = torch.cat([zero, next_logp]).masked_fill(seq_starts, 0.0)
     if not with_entropy:
         return logp, None
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        ent = -(logp_all.exp() * logp_all).sum(-1)
+        # In row chunks: without a gradient this bounds the [tokens, vocab] temporaries to one chunk.
+        ent = torch.cat([-(c.exp() * c).sum(-1) for c in logp_all.split(_ENTROPY_CHUNK)])
     return logp, torch.cat([zero, ent]).masked_fill(seq_starts, 0.0)

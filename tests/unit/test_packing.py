@@ -121,3 +121,22 @@ def test_plan_respects_budget_and_covers_everything(seed: int) -> None:
         assert sum(lengths[i] for i in b) <= budget or b == [len(lengths) - 1]
     assert sum(lengths[:-1]) / budget <= len(plan) - 1 <= sum(lengths[:-1]) / budget * 1.25 + 1  # bins are well filled
     assert plan == plan_micro_batches(lengths, budget)
+
+
+def test_token_logprobs_and_entropy_match_a_plain_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    t, v = 4200, 11  # more rows than one entropy chunk
+    logits = torch.randn(t, v, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, v, (t,), generator=g)
+    starts = torch.zeros(t, dtype=torch.bool)
+    starts[[0, 7, 4100]] = True
+    lp, ent = token_logprobs(logits.float(), ids, starts, with_entropy=True)
+    assert ent is not None
+    for i in (0, 1, 7, 8, 4099, 4100, 4101, t - 1):
+        if starts[i]:
+            assert lp[i].item() == 0.0 and ent[i].item() == 0.0
+            continue
+        row = logits[i - 1]
+        p = torch.softmax(row, -1)
+        assert lp[i].item() == pytest.approx(float(row[ids[i]] - torch.logsumexp(row, -1)), abs=1e-5)
+        assert ent[i].item() == pytest.approx(float(-(p * p.log()).sum()), abs=1e-5)
