@@ -72,7 +72,9 @@ class EpisodeContext:
 
     Construct it through the runtime (:func:`agentrl.agent.runner.run_agent`); agents only use it.
     ``state`` is agent-defined and JSON-like; it is saved into a partial rollout on abort and
-    restored on resume (``resumed`` is then True and :meth:`start` is a no-op).
+    restored on resume (``resumed`` is then True and :meth:`start` is a no-op). A resumed episode
+    gets a fresh environment (reset again with the same task): environments whose state across
+    steps matters must be able to rebuild it from the task or from ``state``.
     """
 
     def __init__(
