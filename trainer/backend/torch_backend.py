@@ -149,6 +149,8 @@ class TorchBackend:
         with_entropy = self.track_entropy or cfg.entropy_coef > 0
         lp, ent = self._forward(self.model, mb, with_entropy=with_entropy, entropy_grad=cfg.entropy_coef > 0)
         ref = None
+        if cfg.kl_coef > 0 and self.ref_model is None:
+            raise ConfigError("config key learner.loss.kl_coef: > 0 needs a reference model; this backend has none")
         if cfg.kl_coef > 0 and self.ref_model is not None:
             with torch.no_grad():
                 ref, _ = self._forward(self.ref_model, mb)
