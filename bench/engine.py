@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
@@ -24,6 +25,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import torch
@@ -52,7 +54,8 @@ def start_engine(model: Path, args: argparse.Namespace, log: Path) -> tuple[subp
     cmd = [
         sys.executable, "-m", "agentrl.cli", "engine", "--model", str(model), "--port", str(port),
         "--device", args.device, "--dtype", args.dtype, "--max-running", str(max(args.concurrency)),
-        "--context-length", str(args.prompt_len + args.new_tokens + 8), "--set", "engine.prefix_cache_slots=0",
+        "--context-length", str(max(args.prompt_len + args.new_tokens + 8, 128)),
+        "--set", f"engine.prefix_cache_slots={4 if args.check else 0}",
     ]
     if args.no_cuda_graph:
         cmd += ["--set", "engine.cuda_graph=false"]
@@ -125,6 +128,56 @@ def logprob_diff(model: object, ids: list[int], output: list[int], logprobs: lis
     return float((ref.cpu() - torch.tensor(logprobs)).abs().max())
 
 
+def _post(url: str, path: str, body: dict[str, Any]) -> Any:
+    async def call() -> Any:
+        async with aiohttp.ClientSession() as s, s.post(url + path, json=body) as r:
+            text = await r.text()
+            return json.loads(text) if text else None
+
+    return asyncio.run(call())
+
+
+def _greedy(model: Any, ids: list[int], n: int, device: torch.device) -> list[int]:
+    out = list(ids)
+    for _ in range(n):
+        out.append(int(model(torch.tensor([out], device=device)).logits[0, -1].argmax()))
+    return out[len(ids) :]
+
+
+def check_engine(url: str, model: Any, model_dir: Path, device: torch.device, tmp: Path) -> list[tuple[str, bool]]:
+    """Correctness of the serving path on this device (prefix reuse, prompt logprobs, weight update)."""
+    results = []
+    ids = prompts(1, 24, min(model.config.vocab_size, 50_000), seed=7)[0]
+    greedy = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
+    out = _post(url, "/generate", {"input_ids": ids, "sampling_params": greedy})
+    results.append(("greedy output = HF greedy", out["output_ids"] == _greedy(model, ids, 12, device)))
+    turn2 = ids + out["output_ids"] + [11, 12, 13]
+    second = _post(url, "/generate", {"input_ids": turn2, "return_logprob": True,
+                                      "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}})
+    meta = second["meta_info"]
+    results.append(("second turn reuses the cached prefix", meta["cached_tokens"] > 0))
+    diff = logprob_diff(model, turn2, second["output_ids"], [t[0] for t in meta["output_token_logprobs"]], device)
+    results.append((f"second-turn logprobs vs forward (diff {diff:.1e})", diff < 1e-3))
+    logits = model(torch.tensor([turn2], device=device)).logits[0, :-1].float()
+    ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(turn2[1:], device=device).view(-1, 1)).view(-1)
+    scored = _post(url, "/generate", {"input_ids": turn2, "return_logprob": True, "logprob_start_len": 1,
+                                      "sampling_params": {"max_new_tokens": 1}})
+    got = torch.tensor([t[0] for t in scored["meta_info"]["input_token_logprobs"]])
+    pdiff = float((ref.cpu() - got).abs().max())
+    results.append((f"prompt logprobs vs forward (diff {pdiff:.1e})", pdiff < 1e-3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.0)
+    model.save_pretrained(tmp / "flipped")
+    update = _post(url, "/update_weights_from_disk", {"model_path": str(tmp / "flipped"), "weight_version": "5"})
+    after = _post(url, "/generate", {"input_ids": ids, "sampling_params": greedy})
+    results.append(("weight update applied (graphs see new weights)", bool(update["success"])
+                    and after["meta_info"]["output_token_versions"] == [5] * 12
+                    and after["output_ids"] == _greedy(model, ids, 12, device)
+                    and after["output_ids"] != out["output_ids"]))
+    return results
+
+
 def generate_tokens_per_s(model: object, batch: list[list[int]], new_tokens: int, device: torch.device) -> float:
     ids = torch.tensor(batch, device=device)
     kwargs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "max_new_tokens": new_tokens,
@@ -153,6 +206,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--skip-generate", action="store_true", help="engine only (no model.generate baseline)")
     p.add_argument("--no-cuda-graph", action="store_true")
+    p.add_argument("--check", action="store_true",
+                   help="after timing, check prefix reuse, prompt logprobs and a weight update on this device")
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="agentrl-bench-"))
@@ -178,10 +233,17 @@ def main() -> None:
                 with torch.inference_mode():
                     baseline[c] = generate_tokens_per_s(model, batches[c], args.new_tokens, device)
         sample = asyncio.run(logprob_sample(url, batches[args.concurrency[0]][0]))
+        if args.check and model is not None:
+            with torch.inference_mode():
+                diff = logprob_diff(model, *sample, device)
+            print(f"engine logprobs vs one forward pass of model (same dtype): max abs diff {diff:.2e}")
+            with torch.no_grad():
+                for name, ok in check_engine(url, model, model_dir, device, tmp):
+                    print(f"check {'PASS' if ok else 'FAIL'}: {name}")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    if model is not None:
+    if model is not None and not args.check:
         with torch.inference_mode():
             diff = logprob_diff(model, *sample, device)
         print(f"engine logprobs vs one forward pass of model (same dtype): max abs diff {diff:.2e}")
