@@ -136,3 +136,29 @@ async def test_concurrency_limit_serializes_calls(bus: Bus) -> None:
         results = await asyncio.gather(*(e.step(Action(text="x")) for e in envs))
         assert time.monotonic() - t0 >= 0.6 and all(r.done for r in results)  # one at a time
         assert srv.stats["timeouts"] == 0
+
+
+async def test_cpu_heavy_tool_does_not_block_other_sessions(bus: Bus) -> None:
+    import time
+
+    from agentrl.env import ToolCall
+    from envs.python_sandbox import PythonSandboxEnv
+
+    factories = {"python": PythonSandboxEnv, "calculator": CalculatorEnv}
+    async with EnvServer(bus.nc, bus.subjects, factories, call_timeout_s=10):
+        busy = RemoteEnv(bus.nc, bus.subjects.env("python"), "python", "cpu", call_timeout_s=10)
+        await busy.reset(_task("p", env="python", wall_s=4, cpu_s=2))
+        burn = asyncio.create_task(busy.step(Action(tool_calls=[ToolCall(name="python",
+                                                                            arguments={"code": "while True: pass"})])))
+        await asyncio.sleep(0.2)  # the sandbox is burning CPU in its subprocess now
+        calc = RemoteEnv(bus.nc, bus.subjects.env("calculator"), "calculator", "calc", call_timeout_s=10)
+        t0 = time.monotonic()
+        await calc.reset(_task("c"))
+        for _ in range(10):
+            r = await calc.step(Action(tool_calls=[ToolCall(name="calculator", arguments={"expression": "6*7"})]))
+            assert r.observation.messages[0].content == "42"
+        assert time.monotonic() - t0 < 1.5 and not burn.done()  # served while the loop tool still ran
+        stopped = await burn
+        assert stopped.observation.messages[0].content.startswith("stopped:")
+        await calc.close()
+        await busy.close()
