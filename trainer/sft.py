@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import AutoTokenizer
 
 from agentrl.config.run import RunConfig
@@ -105,6 +106,9 @@ def run_sft(cfg: RunConfig) -> tuple[Path, list[float]]:
     lc = cfg.learner
     if not lc.sft_data:
         raise ConfigError("config key learner.sft_data: empty; expected a JSONL file of {'messages': [...]}")
+    if lc.torch_threads:
+        torch.set_num_threads(lc.torch_threads)
+    torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(lc.model)
     samples = load_demonstrations(Path(lc.sft_data), tokenizer)
     backend = build_torch_backend(lc)
