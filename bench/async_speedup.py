@@ -272,6 +272,7 @@ class Result:
     idle: float
     max_staleness: int
     off_policy: float  # fraction of trained tokens sampled by an older policy than the one trained
+    masked: float  # fraction of sampled model tokens masked out of the loss for being older than eta
     stale_tokens: int
     dropped: int
     aborted: int
@@ -324,7 +325,8 @@ async def run_setting(url: str, setting: Setting, args: argparse.Namespace, chat
         await asyncio.wait_for(asyncio.gather(*actors, return_exceptions=True), timeout=30)
         await engine.close()
     off_policy = float(np.mean(np.array(stats.staleness) > 0)) if stats.staleness else 0.0
-    return Result(setting, wall, len(stats.trained), idle, max(stats.staleness, default=0), off_policy,
+    masked = stats.stale_tokens / max(1, stats.stale_tokens + len(stats.staleness))
+    return Result(setting, wall, len(stats.trained), idle, max(stats.staleness, default=0), off_policy, masked,
                   stats.stale_tokens, stats.dropped, core.state.counters.aborted, stats.resumed)
 
 
@@ -352,13 +354,13 @@ def report(results: list[Result], args: argparse.Namespace, p50: float, p99: flo
         f"train {args.train_s}s/step, weight load {args.load_s}s, stale policy {args.policy}",
         "",
         "| setting | wall s | ms / trained traj | engine idle | speedup vs sync | max staleness | off-policy tokens "
-        "| masked (> eta) | dropped | aborted | resumed |",
+        "| tokens masked (> eta) | dropped | aborted | resumed |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r.setting.name} | {r.wall_s:.1f} | {r.per_traj_ms:.1f} | {r.idle:.0%} | {base / r.per_traj_ms:.2f}x | "
-            f"{r.max_staleness} (bound {r.setting.eta}) | {r.off_policy:.0%} | {r.stale_tokens} | {r.dropped} | "
+            f"{r.max_staleness} (bound {r.setting.eta}) | {r.off_policy:.0%} | {r.masked:.1%} | {r.dropped} | "
             f"{r.aborted} | {r.resumed} |"
         )
     return "\n".join(lines)
