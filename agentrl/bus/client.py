@@ -102,6 +102,7 @@ class Bus:
         self.config = config
         self._kv: KeyValue | None = None
         self._obs: ObjectStore | None = None
+        self._consumers: set[Consumer[Any]] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -169,6 +170,8 @@ class Bus:
         """Flush pending publishes and close the connection (idempotent)."""
         if self.nc.is_closed:
             return
+        for consumer in list(self._consumers):  # pending pulls would otherwise hold drain() for its timeout
+            await consumer.unsubscribe()
         try:
             await asyncio.wait_for(self.nc.drain(), timeout=5.0)
         except (TimeoutError, nats.errors.Error):
@@ -246,7 +249,9 @@ class Bus:
         )
         await self._ensure_consumer(stream, config)
         sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream)
-        return Consumer(self, sub, typ, stream=stream, max_deliver=max_deliver or self.config.max_deliver)
+        consumer = Consumer(self, sub, typ, stream=stream, max_deliver=max_deliver or self.config.max_deliver)
+        self._consumers.add(consumer)
+        return consumer
 
     async def _ensure_consumer(self, stream: str, wanted: ConsumerConfig) -> None:
         assert wanted.durable_name is not None

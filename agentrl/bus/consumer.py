@@ -9,6 +9,7 @@ terminated: never redelivered forever, never dropped silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -70,12 +71,13 @@ class Consumer(Generic[M]):
         self.stream = stream
         self.max_deliver = max_deliver
         self.dead_lettered = 0
+        self._closed = False
 
     async def fetch(self, batch: int = 64, timeout: float = 1.0) -> list[Delivery[M]]:
         """Up to ``batch`` deliveries, waiting at most ``timeout`` seconds; ``[]`` if none arrived."""
         try:
             raws = await self._sub.fetch(batch, timeout=timeout)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either on an empty pull
             return []
         out = []
         for raw in raws:
@@ -114,4 +116,10 @@ class Consumer(Generic[M]):
             await asyncio.sleep(0)
 
     async def unsubscribe(self) -> None:
-        await self._sub.unsubscribe()
+        """Stop pulling (idempotent); the durable consumer and its unacked messages stay on the server."""
+        if self._closed:
+            return
+        self._closed = True
+        self._bus._consumers.discard(self)
+        with contextlib.suppress(nats.errors.Error):
+            await self._sub.unsubscribe()
