@@ -91,9 +91,10 @@ async def test_weights_load_from_the_bus_object_store(
 ) -> None:
     from agentrl.bus import Bus
 
+    files = await asyncio.to_thread(lambda: sorted(perturbed_model_dir.iterdir()))
     bus = await Bus.connect(nats_url, run=run_name)
     async with bus:
-        for f in sorted(perturbed_model_dir.iterdir()):
+        for f in files:
             await bus.put_blob(f"v3/{f.name}", f)
     prompt = [7, 8, 9, 10]
     greedy = {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True}
