@@ -31,14 +31,19 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 async def serve(cfg: RunConfig, url: str | None, *, exit_when_done: bool) -> None:
     from agentrl.bus.local import open_bus
+    from agentrl.client.engine import EngineClient
     from agentrl.controller.controller import Controller, build_core
+    from agentrl.controller.engine_load import EngineLoad
     from agentrl.controller.weights_sync import WeightsSync
 
     cc = cfg.controller
     async with open_bus(cfg, url) as bus:
         core = await build_core(bus, cc, seed=cfg.seed)
-        weights = WeightsSync.from_urls(cc.engines) if cc.engines else None
-        controller = Controller(bus, core, weights=weights, metrics_path=cfg.run_dir / "controller_metrics.jsonl")
+        clients = [EngineClient(url) for url in cc.engines]
+        weights = WeightsSync(clients) if clients else None
+        load = EngineLoad(clients) if clients else None
+        controller = Controller(bus, core, weights=weights, engine_load=load,
+                                metrics_path=cfg.run_dir / "controller_metrics.jsonl")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):

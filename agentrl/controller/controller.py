@@ -10,7 +10,8 @@ Inputs, all funnelled into one queue so the core sees one event at a time:
 * the policy version in KV, polled (a missed weights event still advances admission after a grace period).
 
 Outputs: tasks on ``tasks.new`` / ``tasks.eval`` (msg id ``f"{task.id}-{attempt}"``), ``abort`` events,
-``metrics`` events plus a JSONL file. The core's state is saved to KV before any action is executed
+``metrics`` events plus a JSONL file (counters, staleness histogram, off-policy token fraction, eval
+results, and the engines' idle fraction when an :class:`EngineLoad` sampler is given). The core's state is saved to KV before any action is executed
 and again after, so a restarted controller re-publishes exactly what may not have gone out.
 """
 
@@ -31,6 +32,7 @@ from agentrl.bus import Bus, Delivery
 from agentrl.config.controller import ControllerConfig
 from agentrl.controller.core import AbortTasks, Action, ControllerCore, PublishTasks, Report
 from agentrl.controller.dataset import PromptDataset
+from agentrl.controller.engine_load import EngineLoad
 from agentrl.controller.state import load_state, save_state
 from agentrl.controller.weights_sync import WeightsSync
 from agentrl.errors import DecodeError
@@ -60,12 +62,14 @@ class Controller:
 
     def __init__(
         self, bus: Bus, core: ControllerCore, *, weights: WeightsSync | None = None,
-        metrics_path: Path | None = None, version_poll_s: float = 1.0, weights_grace_s: float = 10.0,
+        engine_load: EngineLoad | None = None, metrics_path: Path | None = None, version_poll_s: float = 1.0,
+        weights_grace_s: float = 10.0,
     ) -> None:
         self.bus = bus
         self.core = core
         self.cfg = core.cfg
         self.weights = weights
+        self.engine_load = engine_load
         self.metrics_path = metrics_path
         self.version_poll_s = version_poll_s
         self.weights_grace_s = weights_grace_s
@@ -81,7 +85,12 @@ class Controller:
         consumer = await self.bus.consumer(self.bus.subjects.traj, durable="controller", typ=Trajectory, ack_wait=60.0)
         subs = [await self.bus.nc.subscribe(self.bus.subjects.events(t), cb=self._on_event)
                 for t in ("batch_taken", "weights", "dropped")]
-        feeders = [asyncio.create_task(f) for f in (self._fetch(consumer), self._poll_version(), self._tick())]
+        loops = [self._fetch(consumer), self._poll_version(), self._tick()]
+        if self.engine_load is not None:
+            loops.append(self._sample_engines(self.engine_load))
+        if self.weights is not None:
+            loops.append(self._reconcile_weights(self.weights))
+        feeders = [asyncio.create_task(f) for f in loops]
         try:
             await self._handle([("version", await self.bus.get_version())], initial=True)
             while not self._stop.is_set() and not (exit_when_done and self.core.done):
@@ -136,6 +145,11 @@ class Controller:
             await asyncio.sleep(self.version_poll_s)
             self._queue.put_nowait(("version", await self.bus.get_version()))
 
+    async def _sample_engines(self, load: EngineLoad) -> None:
+        while True:
+            await asyncio.sleep(self.version_poll_s)
+            await load.sample()
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.metrics_interval_s)
@@ -170,6 +184,12 @@ class Controller:
             done.set_result(None)
         if metrics:
             await self._publish_metrics()
+
+    async def _reconcile_weights(self, weights: WeightsSync, every_s: float = 2.0) -> None:
+        """Engines that restart come back with their initial weights: reload the latest into them."""
+        while True:
+            await asyncio.sleep(every_s)
+            await weights.reconcile()
 
     def _batch_taken(self, data: dict[str, Any]) -> list[Action]:
         return self.core.on_batch_taken(
@@ -217,7 +237,8 @@ class Controller:
             await save_state(self.bus, self.core.state)
 
     async def _publish_metrics(self) -> None:
-        await self._emit(flat_metrics(self.core.metrics()))
+        load = self.engine_load.report() if self.engine_load is not None else {}
+        await self._emit({**flat_metrics(self.core.metrics()), **load})
 
     async def _emit(self, data: dict[str, Any]) -> None:
         line = {"time": time.time(), **data}
