@@ -29,6 +29,8 @@ class WeightLoader(Protocol):
 
     async def update_weights_from_disk(self, model_path: str, version: int) -> None: ...
 
+    async def get_weight_version(self) -> int: ...
+
 
 def model_path_of(update: WeightUpdate) -> str:
     """The directory an engine loads: ``file:///abs/dir`` -> ``/abs/dir``; other URIs are passed as they are."""
@@ -44,6 +46,7 @@ class WeightsSync:
     def __init__(self, engines: Sequence[WeightLoader]) -> None:
         self.engines = list(engines)
         self.loaded_version = -1
+        self.latest: WeightUpdate | None = None
 
     @classmethod
     def from_urls(cls, urls: Sequence[str]) -> WeightsSync:
@@ -65,7 +68,27 @@ class WeightsSync:
             elif isinstance(result, BaseException):
                 raise result
         self.loaded_version = update.version
+        self.latest = update
         return failed
+
+    async def reconcile(self) -> list[str]:
+        """Reload the latest weights into engines that report an older version (restarted, or missed an update).
+
+        Returns the ids of engines that were brought up to date. Engines that cannot be reached are skipped:
+        the next call tries again.
+        """
+        latest = self.latest
+        if latest is None:
+            return []
+        versions = await asyncio.gather(*(e.get_weight_version() for e in self.engines), return_exceptions=True)
+        behind = [e for e, v in zip(self.engines, versions, strict=True) if isinstance(v, int) and v < latest.version]
+        path = model_path_of(latest)
+        results = await asyncio.gather(*(e.update_weights_from_disk(path, latest.version) for e in behind),
+                                       return_exceptions=True)
+        fixed = [e.engine_id for e, r in zip(behind, results, strict=True) if not isinstance(r, BaseException)]
+        for engine_id in fixed:
+            log.warning("engine %s was behind; reloaded weights v%d from %s", engine_id, latest.version, path)
+        return fixed
 
     async def close(self) -> None:
         for e in self.engines:
