@@ -32,13 +32,16 @@ __all__ = ["SYSTEM", "QuickstartCalculatorEnv", "demonstration", "make_problem",
 
 SYSTEM = 'Use <tool_call>{"name": "calculator", "arguments": {"expression": ...}}</tool_call> to compute.'
 
-_FORMS = ("{a}*{b}+{c}", "{a}*{b}-{c}", "({a}+{c})*{b}", "{a}*{b}*{d}")
+# Every problem has the same shape: two 2-digit factors, then a 2-digit term added or subtracted, and the
+# result always has 4 digits. A fixed shape means a fixed distance between where the model reads digits
+# and where it writes them, which a tiny model learns to copy in a few hundred SFT steps.
+_FORMS = ("{a}*{b}+{c}", "{a}*{b}-{c}")
 
 
 def make_problem(rng: random.Random) -> tuple[str, str, str]:
-    """``(question, expression, answer)`` of a random two-operation problem."""
+    """``(question, expression, answer)`` of a random two-operation problem with a 4-digit answer."""
     form = rng.choice(_FORMS)
-    expr = form.format(a=rng.randint(12, 99), b=rng.randint(12, 99), c=rng.randint(2, 99), d=rng.randint(2, 9))
+    expr = form.format(a=rng.randint(34, 99), b=rng.randint(34, 99), c=rng.randint(10, 99))
     answer = format_number(evaluate(expr))
     return f"What is {expr}?", expr, answer
 

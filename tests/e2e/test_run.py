@@ -1,0 +1,123 @@
+"""`agentrl run` end to end: every actor as its own process, a shortened quickstart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+STEPS = 3
+BATCH = 16
+
+SHORT = [
+    # a smaller model, fewer demonstrations and one SFT epoch: this test checks the machinery, not learning
+    "launch.steps=[{name: data, argv: ['{python}', -m, envs.quickstart, --out, '{run_dir}/data', --train, '400',"
+    " --eval, '16', --demos, '128', --seed, '0']},"
+    " {name: model, argv: [agentrl, model, init, '{run_dir}/base', --hidden-size, '64', --layers, '2',"
+    " --vocab-size, '512', --max-positions, '512']},"
+    " {name: sft, argv: [agentrl, sft, --config, '{config}', --model, '{run_dir}/base', --data,"
+    " '{run_dir}/data/sft.jsonl', --output, '{run_dir}/sft', --epochs, '1']}]",
+    f"learner.max_steps={STEPS}", f"controller.max_steps={STEPS}",
+    f"learner.batch.trajectories_per_step={BATCH}", f"controller.batch_size={BATCH}", "controller.group_size=4",
+    "controller.max_new_tokens=24", "controller.eval.interval=3", "controller.eval.max_prompts=8",
+    "engine.max_running=32", "launch.grace_s=5",
+]
+
+
+def start_run(tmp_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+    args = [a for o in [*SHORT, f"dir={tmp_path}/{{name}}", *extra] for a in ("--set", o)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "agentrl.cli", "run", str(REPO / "configs/quickstart.yaml"), *args],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"run did not finish in {timeout}s:\n{out.decode()[-4000:]}")
+    return out.decode()
+
+
+def rows(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def actor_pids(run_dir: Path) -> list[int]:
+    """Processes whose command line names this run's resolved config (the actors)."""
+    marker = str(run_dir / "config.yaml")
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and marker in cmdline(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_shortened_quickstart_runs_every_actor_and_stops_cleanly(tmp_path: Path) -> None:
+    out = finish(start_run(tmp_path), timeout=900)
+    run_dir = tmp_path / "quickstart"
+    learner = [r for r in rows(run_dir / "learner_metrics.jsonl") if "learner/step" in r]
+    assert [r["learner/step"] for r in learner] == list(range(1, STEPS + 1)), out[-3000:]
+    # the staleness bound (eta = 1) held for every trained token
+    for r in learner:
+        hist = r["learner/staleness/hist"]
+        assert isinstance(hist, dict) and max(int(k) for k, v in hist.items() if v) <= 1
+    ctrl = rows(run_dir / "controller_metrics.jsonl")
+    assert any("controller/eval/accuracy" in r for r in ctrl)
+    assert (run_dir / "final" / "config.json").is_file() and (run_dir / "config.yaml").is_file()
+    assert (run_dir / "plots" / "reward.png").is_file()
+    assert {p.name for p in (run_dir / "logs").iterdir()} >= {"engine-0.log", "worker-0.log", "controller.log",
+                                                             "learner.log", "step-sft.log"}
+    assert actor_pids(run_dir) == []
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "learner_metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "run ended early"
+        if metrics.is_file() and any(r.get("learner/step", 0) >= step for r in rows(metrics)):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"learner did not reach step {step} in {timeout}s")
+
+
+def test_run_survives_killing_a_worker_and_the_engine(tmp_path: Path) -> None:
+    steps = 5
+    proc = start_run(tmp_path, f"learner.max_steps={steps}", f"controller.max_steps={steps}", "launch.workers=2")
+    run_dir = tmp_path / "quickstart"
+    wait_for_step(run_dir, 1, proc, timeout=600)
+    workers = [p for p in actor_pids(run_dir) if " worker " in cmdline(p)]
+    engines = [p for p in actor_pids(run_dir) if " engine " in cmdline(p)]
+    assert len(workers) == 2 and len(engines) == 1
+    for pid in (workers[0], engines[0]):
+        os.kill(pid, signal.SIGKILL)
+    out = finish(proc, timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    assert "restart 1/3" in out  # the supervisor brought them back
+    latest = (run_dir / "checkpoints" / "LATEST").read_text().strip()
+    state = json.loads((run_dir / "checkpoints" / latest / "state.json").read_text())
+    trained_tasks = [tid.rsplit("-", 1)[0] for tid in state["consumed"]]
+    assert len(trained_tasks) == len(set(trained_tasks)) == steps * BATCH  # every task trained once, none lost
+    ctrl = [r for r in rows(run_dir / "controller_metrics.jsonl") if "controller/admitted" in r][-1]
+    assert ctrl["controller/admitted"] == ctrl["controller/finished"] == steps * BATCH
+    assert actor_pids(run_dir) == []
