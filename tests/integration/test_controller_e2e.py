@@ -24,9 +24,10 @@ from agentrl.client import EngineClient, Router
 from agentrl.config.controller import ControllerConfig, DatasetConfig
 from agentrl.config.worker import WorkerConfig
 from agentrl.controller.controller import Controller, build_core
+from agentrl.controller.engine_load import EngineLoad
 from agentrl.controller.weights_sync import WeightsSync
 from agentrl.generation import GenerateOutput
-from agentrl.messages import SamplingParams, Task, Trajectory
+from agentrl.messages import Event, SamplingParams, Task, Trajectory, decode
 from tests.fixtures.engine import start_engine
 
 pytestmark = pytest.mark.slow
@@ -96,7 +97,8 @@ async def test_abort_and_resume_end_to_end(bus: Bus, nats_url: str, run_name: st
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": [5 + i, 17, 23, 42]}) + "\n" for i in range(32)))
     cfg = ControllerConfig(dataset=DatasetConfig(path=str(data)), group_size=2, batch_size=batch,
-                           max_staleness=eta, april_alpha=1.0, max_new_tokens=160, epochs=None)
+                           max_staleness=eta, april_alpha=1.0, max_new_tokens=160, epochs=None,
+                           metrics_interval_s=1.0)
     learner_log = tmp_path / "learner.log"
     with start_engine(tiny_model_dir, "--max-running", "8") as url:
         router = Router([EngineClient(url)])
@@ -104,8 +106,15 @@ async def test_abort_and_resume_end_to_end(bus: Bus, nats_url: str, run_name: st
         worker = AgentWorker(bus, agent=run_episode, generator=gen, chat=ChatRenderer(AutoTokenizer.from_pretrained(tiny_model_dir)),
                              reward=coin, config=WorkerConfig(concurrency=16, poll_timeout_s=0.1, uvloop=False))
         core = await build_core(bus, cfg)
-        weights = WeightsSync.from_urls([url])
-        controller = Controller(bus, core, weights=weights, version_poll_s=0.5)
+        clients = [EngineClient(url)]
+        weights = WeightsSync(clients)
+        controller = Controller(bus, core, weights=weights, engine_load=EngineLoad(clients), version_poll_s=0.5)
+        metrics: list[dict[str, Any]] = []
+
+        async def on_metrics(msg: Any) -> None:
+            metrics.append(decode(msg.data, Event).data)
+
+        await bus.nc.subscribe(bus.subjects.events("metrics"), cb=on_metrics)
         actors = [asyncio.create_task(controller.run(), name="controller"),
                   asyncio.create_task(worker.run(), name="worker")]
         learner = start_learner(config, nats_url, learner_log)
@@ -131,6 +140,8 @@ async def test_abort_and_resume_end_to_end(bus: Bus, nats_url: str, run_name: st
             await asyncio.gather(*(e.close() for e in router.engines))  # no health loop was started
 
     assert engine_version == steps
+    idle = [m["controller/engine_idle_frac"] for m in metrics if "controller/engine_idle_frac" in m]
+    assert idle and all(0.0 <= f <= 1.0 for f in idle)
     c = core.state.counters
     assert c.trained == steps * batch and c.aborted > 0
     assert max(core.state.staleness_hist) <= eta
