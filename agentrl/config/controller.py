@@ -49,8 +49,10 @@ class ControllerConfig(Section):
     * ``max_staleness`` (eta): admission allows ``accepted + running < (v + eta + 1) * B``; 0 = synchronous.
     * ``april_alpha``: ``None`` turns APRIL off; a number keeps at most ``ceil(B * (1 + alpha))``
       training tasks in flight and aborts in-flight surplus whenever the learner takes a batch.
-    * ``stale_policy``: what happens to tokens older than eta when trained: ``mask`` (loss mask 0) or
-      ``drop`` (the whole group is not trained and is reported).
+    * ``stale_policy``: what the learner does with tokens older than eta: ``mask`` (loss mask 0) or
+      ``drop`` (the trajectory is not trained and is reported). The learner enforces it (its own
+      ``learner.batch.stale_policy`` must match); the controller counts such tokens apart from trained
+      ones (``controller/stale_tokens``) and flags ``drop`` violations (``controller/stale_violations``).
     """
 
     dataset: DatasetConfig = msgspec.field(default_factory=DatasetConfig)

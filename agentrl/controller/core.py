@@ -304,6 +304,12 @@ class ControllerCore:
         c.trained += 1
         for token_version, n in hist.items():
             age = train_version - token_version
+            if age > self.cfg.max_staleness:
+                # past the bound: the learner masked these out of the loss (mask), or, under `drop`, it
+                # should never have taken this trajectory at all -- counted apart, never as trained
+                c.stale_tokens += n
+                c.stale_violations += n if self.cfg.stale_policy == "drop" else 0
+                continue
             self.state.staleness_hist[age] = self.state.staleness_hist.get(age, 0) + n
             c.trained_tokens += n
             c.off_policy_tokens += n if age > 0 else 0

@@ -69,6 +69,8 @@ class Counters(msgspec.Struct, kw_only=True):
     groups_issued: int = 0
     trained_tokens: int = 0
     off_policy_tokens: int = 0  # trained tokens sampled by an older policy than the one trained
+    stale_tokens: int = 0  # sampled tokens older than eta when their trajectory was taken (masked, not trained)
+    stale_violations: int = 0  # ... of which in trajectories a `drop` learner took anyway (should stay 0)
 
 
 class ControllerState(msgspec.Struct, kw_only=True):

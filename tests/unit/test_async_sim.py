@@ -346,6 +346,11 @@ def test_simulated_run_keeps_bound_and_loses_nothing(p: Params) -> None:
     assert c.filtered == len(sim.filtered) and c.dropped == len(sim.dropped) and c.presumed_dropped == 0
     assert c.admitted == len(admitted) and c.finished == len(admitted)
     assert c.duplicates >= sim.duplicates_sent
+    # the controller's view of trained-token staleness agrees with what the learner enforced
+    assert max(sim.core.state.staleness_hist, default=0) <= p.eta and c.stale_violations == 0
+    if p.policy == "mask":
+        assert c.stale_tokens == sim.stale_tokens
+        assert c.trained_tokens == len(sim.trained_staleness)
     # eval: never trained, every pass reported once with all its episodes
     assert not {t.task_id for t in sim.eval_done} & set(sim.trained)
     versions = [r["controller/eval/version"] for r in sim.reports]
