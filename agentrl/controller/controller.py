@@ -75,6 +75,7 @@ class Controller:
         self.weights_grace_s = weights_grace_s
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._stop = asyncio.Event()
+        self._closing = asyncio.Event()  # input loops end once this is set (even if a cancel was swallowed)
         self._kv_ahead_since: float | None = None
         self._started = time.monotonic()
 
@@ -99,9 +100,13 @@ class Controller:
                     await self._handle(items)
             await self._publish_metrics()
         finally:
+            self._closing.set()
             for f in feeders:
                 f.cancel()
-            await asyncio.gather(*feeders, return_exceptions=True)
+            # bounded: a cancellation swallowed inside nats-py's wait_for must not hang shutdown
+            _, stuck = await asyncio.wait(feeders, timeout=5.0)
+            if stuck:
+                log.warning("controller: %d input loops did not stop in 5 s", len(stuck))
             for s in subs:
                 with contextlib.suppress(nats.errors.Error):
                     await s.unsubscribe()
@@ -130,7 +135,7 @@ class Controller:
             self._queue.put_nowait((message.type, message.data))
 
     async def _fetch(self, consumer: Any) -> None:
-        while True:
+        while not self._closing.is_set():
             try:
                 deliveries = await consumer.fetch(batch=256, timeout=1.0)
             except TimeoutError:  # nats-py may raise the bare asyncio timeout on an empty pull
@@ -141,17 +146,17 @@ class Controller:
                 await done  # next fetch only after these are saved and acked
 
     async def _poll_version(self) -> None:
-        while True:
+        while not self._closing.is_set():
             await asyncio.sleep(self.version_poll_s)
             self._queue.put_nowait(("version", await self.bus.get_version()))
 
     async def _sample_engines(self, load: EngineLoad) -> None:
-        while True:
+        while not self._closing.is_set():
             await asyncio.sleep(self.version_poll_s)
             await load.sample()
 
     async def _tick(self) -> None:
-        while True:
+        while not self._closing.is_set():
             await asyncio.sleep(self.cfg.metrics_interval_s)
             self._queue.put_nowait(("metrics", None))
 
@@ -187,7 +192,7 @@ class Controller:
 
     async def _reconcile_weights(self, weights: WeightsSync, every_s: float = 2.0) -> None:
         """Engines that restart come back with their initial weights: reload the latest into them."""
-        while True:
+        while not self._closing.is_set():
             await asyncio.sleep(every_s)
             await weights.reconcile()
 
