@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import msgspec
 import numpy as np
+import pytest
 
 from agentrl.config.controller import ControllerConfig, DatasetConfig, EvalConfig
+from agentrl.config.loader import convert
+from agentrl.config.run import RunConfig
 from agentrl.controller.core import AbortTasks, ControllerCore, PublishTasks, Report
 from agentrl.controller.dataset import PromptDataset
 from agentrl.controller.state import ControllerState
+from agentrl.errors import ConfigError
 from agentrl.messages import Task, Trajectory
 
 ROWS = [{"prompt": f"p{i}", "label": str(i)} for i in range(6)]
@@ -105,3 +109,11 @@ def test_eval_pass_reported_once_and_never_counted_for_training() -> None:
     assert c.state.counters.accepted == 0 and c.state.counters.eval_finished == 2
     assert not any(isinstance(a, PublishTasks) and a.queue == "eval" for a in c.on_version(1))
     assert any(isinstance(a, PublishTasks) and a.queue == "eval" for a in c.on_version(2))
+
+
+def test_config_requires_whole_groups_per_batch() -> None:
+    with pytest.raises(ConfigError, match=r"batch_size=6 must be a multiple of controller\.group_size=4"):
+        convert(RunConfig, {"controller": {"batch_size": 6, "group_size": 4}})
+    with pytest.raises(ConfigError, match="april_alpha"):
+        convert(RunConfig, {"controller": {"april_alpha": -1}})
+    assert convert(RunConfig, {"controller": {"batch_size": 8, "group_size": 4}}).controller.batch_size == 8
