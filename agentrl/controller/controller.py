@@ -11,8 +11,10 @@ Inputs, all funnelled into one queue so the core sees one event at a time:
 
 Outputs: tasks on ``tasks.new`` / ``tasks.eval`` (msg id ``f"{task.id}-{attempt}"``), ``abort`` events,
 ``metrics`` events plus a JSONL file (counters, staleness histogram, off-policy token fraction, eval
-results, and the engines' idle fraction when an :class:`EngineLoad` sampler is given). The core's state is saved to KV before any action is executed
-and again after, so a restarted controller re-publishes exactly what may not have gone out.
+results, and the engines' idle fraction when an :class:`EngineLoad` sampler is given). The core's
+state is saved to KV before any action is executed and again after, so a restarted controller
+re-publishes exactly what may not have gone out. With engines configured, a reconcile loop reloads the
+latest weights into engines that report an older version (e.g. after an engine restart).
 """
 
 from __future__ import annotations
@@ -77,7 +79,6 @@ class Controller:
         self._stop = asyncio.Event()
         self._closing = asyncio.Event()  # input loops end once this is set (even if a cancel was swallowed)
         self._kv_ahead_since: float | None = None
-        self._started = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
