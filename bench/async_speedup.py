@@ -177,8 +177,11 @@ class LearnerStats:
 class SimLearner:
     """Takes B trajectories in complete groups, enforces the bound, trains for ``train_s``, publishes weights."""
 
-    def __init__(self, bus: Bus, *, batch: int, eta: int, policy: str, train_s: float, steps: int) -> None:
+    def __init__(self, bus: Bus, *, batch: int, eta: int, policy: str, train_s: float, steps: int,
+                 dynamic_sampling: bool = False) -> None:
         self.bus, self.batch, self.eta, self.policy = bus, batch, eta, policy
+        self.dynamic_sampling = dynamic_sampling  # skip zero-variance groups, as the controller does
+        self.filtered: list[str] = []
         self.train_s, self.steps = train_s, steps
         self.version = 0
         self.stats = LearnerStats()
@@ -211,7 +214,11 @@ class SimLearner:
         members = self._groups.setdefault(traj.group_id, {})
         members[traj.task_id] = traj
         if len(members) == traj.group_size:
-            self._ready.append(list(self._groups.pop(traj.group_id).values()))
+            group = list(self._groups.pop(traj.group_id).values())
+            if self.dynamic_sampling and len(group) > 1 and len({t.reward for t in group}) == 1:
+                self.filtered += [t.task_id for t in group]
+                return
+            self._ready.append(group)
 
     async def _take(self) -> list[Trajectory] | None:
         out: list[Trajectory] = []

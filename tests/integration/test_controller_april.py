@@ -65,3 +65,32 @@ async def test_april_resumes_token_for_token_within_bound(bus: Bus, tmp_path: Pa
     assert all(m["controller/eval/episodes"] == 3 for m in evals)
     assert any(m.get("controller/trained", 0) > 0 for m in metrics)
     assert not any(t.startswith("eval") for t in trained)  # eval episodes are never trained on
+
+
+async def row_reward(task: Any, text: str) -> float:
+    """Even rows: every member gets 1 (a zero-variance group); odd rows: members differ."""
+    return 1.0 if task.metadata["row"] % 2 == 0 else float(task.index_in_group % 2)
+
+
+async def test_dynamic_sampling_keeps_batches_full(bus: Bus, tmp_path: Path, start_rollout: Any) -> None:
+    steps, batch, eta = 4, 4, 1
+    cfg = ControllerConfig(
+        dataset=DatasetConfig(path=write_prompts(tmp_path / "train.jsonl", 40), shuffle=False), group_size=2,
+        batch_size=batch, max_staleness=eta, dynamic_sampling=True, max_steps=steps, epochs=1,
+    )
+    async with start_rollout(bus, batch=batch, eta=eta, steps=steps, reward=row_reward, dynamic_sampling=True) as r:
+        core = await build_core(bus, cfg)
+        controller = Controller(bus, core, weights=WeightsSync([r.engine]), version_poll_s=0.2)
+        running = asyncio.create_task(controller.run())
+        stats = await asyncio.wait_for(r.learner.run(), timeout=120)
+        controller.stop()
+        await asyncio.wait_for(running, timeout=30)
+
+    assert len(stats.trained) == steps * batch  # full batches although half the groups teach nothing
+    rewards: dict[str, set[float]] = {}
+    for t in stats.trajectories:
+        rewards.setdefault(t.group_id, set()).add(t.reward)
+    assert all(len(v) == 2 for v in rewards.values())  # only groups with reward variance were trained
+    c = core.state.counters
+    assert c.filtered == len(r.learner.filtered) > 0  # the controller replaced exactly what the learner skipped
+    assert c.accepted == c.finished - c.filtered  # filtered groups no longer hold admission capacity
