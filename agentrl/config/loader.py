@@ -97,7 +97,9 @@ def _explain(message: str, raw: dict[str, Any]) -> str:
     if unknown:
         key = ".".join([*parts, unknown.group(1)])
         return f"config key {key}: unknown key (not a field of this section)"
-    key = ".".join(parts) or "<root>"
+    if not parts:  # a check across fields (__post_init__): its message names the keys itself
+        return f"config: {what}"
+    key = ".".join(parts)
     value = _lookup(raw, parts)
     return f"config key {key}: got {value!r}; {what[0].lower() + what[1:]}"
 

@@ -17,8 +17,9 @@ from agentrl.config.launch import LaunchConfig
 from agentrl.config.learner import LearnerConfig
 from agentrl.config.loader import Section
 from agentrl.config.worker import EnvdConfig, WorkerConfig
+from agentrl.errors import ConfigError
 
-__all__ = ["NatsConfig", "RunConfig"]
+__all__ = ["NatsConfig", "RunConfig", "check_agreement"]
 
 
 class NatsConfig(Section):
@@ -54,6 +55,25 @@ class RunConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.dir.format(name=self.name))
+
+
+def check_agreement(cfg: RunConfig) -> None:
+    """Settings that two actors read must agree: B (trajectories per step) and, when both set, eta.
+
+    Checked where one config drives both actors (``agentrl run``); raises ``ConfigError``.
+    """
+    b_ctrl, b_learn = cfg.controller.batch_size, cfg.learner.batch.trajectories_per_step
+    if b_ctrl != b_learn:
+        raise ConfigError(
+            f"config: controller.batch_size={b_ctrl} and learner.batch.trajectories_per_step={b_learn} must be equal "
+            "(both are B, the trajectories of one train step)"
+        )
+    eta_ctrl, eta_learn = cfg.controller.max_staleness, cfg.learner.batch.max_staleness
+    if eta_learn is not None and eta_learn != eta_ctrl:
+        raise ConfigError(
+            f"config: controller.max_staleness={eta_ctrl} and learner.batch.max_staleness={eta_learn} must be equal "
+            "(admission and training use the same staleness bound)"
+        )
 
 
 def _fill_run_dir(obj: Any, run_dir: str) -> Any:

@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 
 from agentrl.bus import Bus, EmbeddedNats, free_port
 from agentrl.config import dump_config
-from agentrl.config.run import RunConfig
+from agentrl.config.run import RunConfig, check_agreement
 from agentrl.errors import DecodeError
 from agentrl.launch.plan import engine_urls, plan_actors
 from agentrl.launch.plots import plot_run
@@ -34,7 +34,8 @@ __all__ = ["resolve", "run_local"]
 
 
 def resolve(cfg: RunConfig) -> tuple[RunConfig, list[int]]:
-    """Pick engine ports and fill every URL the actors need into the config."""
+    """Check the config for a run of every actor, pick engine ports and fill in every URL the actors need."""
+    check_agreement(cfg)
     ports = [free_port(cfg.engine.host) for _ in range(cfg.launch.engines)]
     urls = engine_urls(cfg, ports)
     client = msgspec.structs.replace(cfg.engine.client, urls=urls)

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from agentrl.config import RunConfig, dump_config, load_config, parse_override
+from agentrl.config.run import check_agreement
 from agentrl.errors import ConfigError
 
 
@@ -67,3 +68,12 @@ def test_run_dir_placeholder_is_filled_everywhere() -> None:
     assert cfg.engine.model == "/r/q/sft" and cfg.learner.weights_dir == "/r/q/weights"
     assert cfg.launch.steps[0].argv == ["x", "/r/q/b", "{config}"]
     assert cfg.dir == "/r/{name}"
+
+
+def test_settings_shared_by_two_actors_must_agree() -> None:
+    bad_b = load_config(RunConfig, None, ["controller.batch_size=32", "controller.group_size=8"])
+    with pytest.raises(ConfigError, match=r"controller.batch_size=32 and learner.batch.trajectories_per_step=64"):
+        check_agreement(bad_b)
+    with pytest.raises(ConfigError, match=r"controller.max_staleness=1 and learner.batch.max_staleness=2"):
+        check_agreement(load_config(RunConfig, None, ["learner.batch.max_staleness=2"]))
+    check_agreement(load_config(RunConfig, None, ["learner.batch.max_staleness=1"]))
