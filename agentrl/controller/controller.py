@@ -111,7 +111,7 @@ class Controller:
             for s in subs:
                 with contextlib.suppress(nats.errors.Error):
                     await s.unsubscribe()
-            await save_state(self.bus, self.core.state)
+            # no final save: every handled batch of events was saved before its actions and acks
 
     # ------------------------------------------------------------ inputs
 
