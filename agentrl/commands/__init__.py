@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["Command", "add_common_arguments"]
+if TYPE_CHECKING:
+    from agentrl.config.run import RunConfig
+
+__all__ = ["Command", "add_common_arguments", "load_run_config", "setup_logging"]
 
 
 @dataclass(frozen=True)
@@ -31,3 +36,31 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         help="NATS server URL (nats://host:4222); without it a local embedded server is started",
     )
     p.add_argument("--run", default=None, help="run name (namespace on the bus); overrides run.name")
+
+
+def load_run_config(
+    args: argparse.Namespace, flags: Mapping[str, str] | None = None, extra: Sequence[str] = ()
+) -> RunConfig:
+    """The run config from ``--config`` and ``--set``, then command flags, then ``--run``.
+
+    ``flags`` maps an argument name to the config key it sets (``{"model": "engine.model"}``); flags
+    left at ``None`` (or an empty list) are not applied. ``extra`` are further ``KEY=VALUE`` overrides.
+    """
+    from agentrl.config.loader import load_config
+    from agentrl.config.run import RunConfig
+
+    overrides = [*args.overrides]
+    for attr, key in (flags or {}).items():
+        value = getattr(args, attr, None)
+        if value is None or value == []:
+            continue
+        overrides.append(f"{key}=[{','.join(map(str, value))}]" if isinstance(value, list) else f"{key}={value}")
+    overrides += extra
+    if getattr(args, "run", None):
+        overrides.append(f"name={args.run}")
+    return load_config(RunConfig, getattr(args, "config", None), overrides)
+
+
+def setup_logging() -> None:
+    """The log format every actor uses (its stderr goes to ``<run_dir>/logs/<actor>.log`` under ``agentrl run``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

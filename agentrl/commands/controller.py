@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import signal
 
-from agentrl.commands import Command, add_common_arguments
+from agentrl.commands import Command, add_common_arguments, load_run_config, setup_logging
 from agentrl.config.run import RunConfig
 
 
@@ -20,13 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exit once every prompt was issued and every task finished (default: run until stopped)")
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    out = [*args.overrides]
-    if args.dataset:
-        out.append(f"controller.dataset.path={args.dataset}")
-    if args.run is not None:
-        out.append(f"name={args.run}")
-    return out
+_FLAGS = {"dataset": "controller.dataset.path"}
 
 
 async def serve(cfg: RunConfig, url: str | None, *, exit_when_done: bool) -> None:
@@ -58,10 +51,8 @@ async def serve(cfg: RunConfig, url: str | None, *, exit_when_done: bool) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from agentrl.config.loader import load_config
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(RunConfig, args.config, _overrides(args))
+    setup_logging()
+    cfg = load_run_config(args, _FLAGS)
     asyncio.run(serve(cfg, args.nats or cfg.nats.url, exit_when_done=args.exit_when_done))
     return 0
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 
-from agentrl.commands import Command, add_common_arguments
+from agentrl.commands import Command, add_common_arguments, load_run_config, setup_logging
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,22 +19,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-length", type=int, help="max prompt + output tokens (engine.context_length)")
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    pairs = {
-        "model": args.model, "host": args.host, "port": args.port, "dtype": args.dtype, "device": args.device,
-        "max_running": args.max_running, "context_length": args.context_length,
-    }
-    return [f"engine.{k}={v}" for k, v in pairs.items() if v is not None]
+_FLAGS = {
+    "model": "engine.model", "host": "engine.host", "port": "engine.port", "dtype": "engine.dtype",
+    "device": "engine.device", "max_running": "engine.max_running", "context_length": "engine.context_length",
+}
 
 
 def run(args: argparse.Namespace) -> int:
-    from agentrl.config.loader import load_config
-    from agentrl.config.run import RunConfig
     from agentrl.engine.build import build_server
     from agentrl.engine.server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_cfg = load_config(RunConfig, args.config, [*args.overrides, *_overrides(args)])
+    setup_logging()
+    run_cfg = load_run_config(args, _FLAGS)
     cfg = run_cfg.engine
     server = build_server(cfg, nats_url=args.nats or run_cfg.nats.url)
     try:

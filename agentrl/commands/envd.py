@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import signal
 
-from agentrl.commands import Command, add_common_arguments
+from agentrl.commands import Command, add_common_arguments, load_run_config, setup_logging
 from agentrl.config.run import RunConfig
 from agentrl.errors import ConfigError
 
@@ -20,15 +19,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "adds to envd.envs)")
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    out = [*args.overrides]
+def _env_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
     for item in args.env:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--env {item!r}: expected NAME=package.module:Class")
         out.append(f"envd.envs.{name}={path}")
-    if args.run is not None:
-        out.append(f"name={args.run}")
     return out
 
 
@@ -56,10 +53,8 @@ async def serve(cfg: RunConfig, url: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agentrl.config.loader import load_config
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(RunConfig, args.config, _overrides(args))
+    setup_logging()
+    cfg = load_run_config(args, extra=_env_overrides(args))
     asyncio.run(serve(cfg, args.nats))
     return 0
 

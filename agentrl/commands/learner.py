@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from agentrl.commands import Command, add_common_arguments
+from agentrl.commands import Command, add_common_arguments, load_run_config, setup_logging
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,24 +13,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many steps (learner.max_steps; 0 = never)")
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    out = [*args.overrides]
-    if args.model is not None:
-        out.append(f"learner.model={args.model}")
-    if args.max_steps is not None:
-        out.append(f"learner.max_steps={args.max_steps}")
-    if args.run is not None:
-        out.append(f"name={args.run}")
-    return out
+_FLAGS = {"model": "learner.model", "max_steps": "learner.max_steps"}
 
 
 def run(args: argparse.Namespace) -> int:
-    from agentrl.config.loader import load_config
-    from agentrl.config.run import RunConfig
     from trainer.main import run_learner  # the trainer package (torch) is loaded only by this command
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(RunConfig, args.config, _overrides(args))
+    setup_logging()
+    cfg = load_run_config(args, _FLAGS)
     run_learner(cfg, args.nats or cfg.nats.url)
     return 0
 

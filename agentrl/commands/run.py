@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 
-from agentrl.commands import Command
+from agentrl.commands import Command, load_run_config, setup_logging
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,17 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agentrl.config import RunConfig, load_config
     from agentrl.launch.local import run_local
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    overrides = [*args.overrides]
-    if args.nats:
-        overrides.append(f"nats.url={args.nats}")
-    if args.run:
-        overrides.append(f"name={args.run}")
-    cfg = load_config(RunConfig, args.config, overrides)
-    asyncio.run(run_local(cfg))
+    setup_logging()
+    asyncio.run(run_local(load_run_config(args, {"nats": "nats.url"})))
     return 0
 
 

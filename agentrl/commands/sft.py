@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from agentrl.commands import Command, add_common_arguments
+from agentrl.commands import Command, add_common_arguments, load_run_config, setup_logging
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,19 +15,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="passes over the data (learner.sft_epochs)")
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    pairs = {"model": args.model, "sft_data": args.data, "sft_output": args.output, "sft_epochs": args.epochs}
-    out = [*args.overrides, *(f"learner.{k}={v}" for k, v in pairs.items() if v is not None)]
-    return [*out, f"name={args.run}"] if args.run is not None else out
+_FLAGS = {"model": "learner.model", "data": "learner.sft_data", "output": "learner.sft_output",
+          "epochs": "learner.sft_epochs"}
 
 
 def run(args: argparse.Namespace) -> int:
-    from agentrl.config.loader import load_config
-    from agentrl.config.run import RunConfig
     from trainer.sft import run_sft  # the trainer package (torch) is loaded only by this command
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(RunConfig, args.config, _overrides(args))
+    setup_logging()
+    cfg = load_run_config(args, _FLAGS)
     out, losses = run_sft(cfg)
     print(f"sft: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; model written to {out}")
     return 0

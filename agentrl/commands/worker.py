@@ -11,7 +11,7 @@ import signal
 import socket
 from typing import Any
 
-from agentrl.commands import Command, add_common_arguments
+from agentrl.commands import Command, add_common_arguments, load_run_config, setup_logging
 from agentrl.config.run import RunConfig
 from agentrl.errors import ConfigError
 
@@ -24,17 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="engine URL (repeatable; engine.client.urls)")
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    out = [*args.overrides]
-    if args.agent:
-        out.append(f"worker.agent={args.agent}")
-    if args.concurrency is not None:
-        out.append(f"worker.concurrency={args.concurrency}")
-    if args.engine_url:
-        out.append(f"engine.client.urls=[{','.join(args.engine_url)}]")
-    if args.run is not None:
-        out.append(f"name={args.run}")
-    return out
+_FLAGS = {"agent": "worker.agent", "concurrency": "worker.concurrency", "engine_url": "engine.client.urls"}
 
 
 def _tokenizer(path: str | None) -> Any:
@@ -77,10 +67,8 @@ async def serve(cfg: RunConfig, url: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agentrl.config.loader import load_config
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(RunConfig, args.config, _overrides(args))
+    setup_logging()
+    cfg = load_run_config(args, _FLAGS)
     if cfg.worker.uvloop:
         import uvloop
 
