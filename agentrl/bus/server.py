@@ -51,8 +51,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def render_config(port: int, store_dir: Path, max_payload_mb: int, host: str = "127.0.0.1") -> str:
-    """The nats-server config file for an embedded run (pure; tested without a server)."""
+def render_config(
+    port: int, store_dir: Path, max_payload_mb: int, host: str = "127.0.0.1",
+    max_buffered_msgs: int = 1_000_000, max_buffered_size: str = "4GB",
+) -> str:
+    """The nats-server config file for an embedded run (pure; tested without a server).
+
+    ``max_buffered_*`` bound JetStream's ingest queue; past them a publish is answered 429.
+    """
     return "\n".join(
         [
             f"listen: {host}:{port}",
@@ -61,8 +67,8 @@ def render_config(port: int, store_dir: Path, max_payload_mb: int, host: str = "
             "write_deadline: 30s",
             "jetstream {",
             f'  store_dir: "{store_dir}"',
-            "  max_buffered_msgs: 1000000",
-            "  max_buffered_size: 4GB",
+            f"  max_buffered_msgs: {max_buffered_msgs}",
+            f"  max_buffered_size: {max_buffered_size}",
             "}",
             "",
         ]
@@ -80,11 +86,14 @@ class EmbeddedNats:
         host: str = "127.0.0.1",
         max_payload_mb: int = 8,
         log_path: str | Path | None = None,
+        max_buffered_msgs: int = 1_000_000,
+        max_buffered_size: str = "4GB",
     ) -> None:
         self.store_dir = Path(store_dir).resolve()
         self.host = host
         self.port = port or free_port(host)
         self.max_payload_mb = max_payload_mb
+        self._buffered = (max_buffered_msgs, max_buffered_size)
         self.log_path = Path(log_path) if log_path else self.store_dir / "nats-server.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -105,7 +114,8 @@ class EmbeddedNats:
         binary = find_nats_server()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
-        conf.write_text(render_config(self.port, self.store_dir / "jetstream", self.max_payload_mb, self.host))
+        conf.write_text(render_config(self.port, self.store_dir / "jetstream", self.max_payload_mb, self.host,
+                                      *self._buffered))
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen([str(binary), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
         log.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import msgspec
 import nats
+import nats.js.errors
 import pytest
 
 from agentrl.bus import Bus, EmbeddedNats
@@ -159,3 +161,24 @@ async def test_raw_client_sees_msgpack(bus: Bus) -> None:
     raw = msgspec.msgpack.decode((await sub.next_msg(timeout=2.0)).data)
     assert raw["msg"] == "Event" and raw["data"] == {"line": "hi"}
     await nc.close()
+
+
+async def test_publishes_answered_429_under_ingest_pressure_are_retried_not_lost(tmp_path: object) -> None:
+    payload = b"x" * 20_000
+    with EmbeddedNats(tmp_path / "nats", max_buffered_msgs=5, max_buffered_size="64KB") as server:  # type: ignore[operator]
+        async with await Bus.connect(server.url, "pressure") as bus:
+            codes: list[int] = []
+
+            async def raw(i: int) -> None:  # what a plain nats-py publish gets under the same pressure
+                try:
+                    await bus.js.publish(bus.subjects.traj, payload, headers={"Nats-Msg-Id": f"raw{i}"})
+                except nats.js.errors.APIError as exc:
+                    codes.append(int(exc.code or 0))
+
+            await asyncio.gather(*(raw(i) for i in range(1000)))
+            assert 429 in codes  # the server did push back
+            seqs = await bus.publish_many(bus.subjects.traj, [payload] * 1000, msg_ids=[f"m{i}" for i in range(1000)],
+                                          max_in_flight=1000)
+            assert len(set(seqs)) == 1000
+            info = await bus.js.stream_info(bus.subjects.traj_stream)
+            assert info.state.messages == 1000 + 1000 - len(codes)
