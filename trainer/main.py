@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from agentrl.bus import Bus, EmbeddedNats
+from agentrl.bus.local import open_bus
 from agentrl.config.loader import dump_config
 from agentrl.config.run import RunConfig
 from trainer.backend.torch_backend import build_torch_backend
@@ -25,8 +25,11 @@ __all__ = ["run_learner", "serve_learner"]
 log = logging.getLogger(__name__)
 
 
-async def serve_learner(cfg: RunConfig, url: str) -> LearnerState:
-    """Run the learner until ``max_steps`` or SIGINT/SIGTERM; export the final HF checkpoint."""
+async def serve_learner(cfg: RunConfig, url: str | None) -> LearnerState:
+    """Run the learner until ``max_steps`` or SIGINT/SIGTERM; export the final HF checkpoint.
+
+    Without ``url`` it shares the run's embedded nats-server (or starts it), like every actor.
+    """
     lc = cfg.learner
     run_dir = str(cfg.run_dir)
     if lc.torch_threads:
@@ -34,7 +37,7 @@ async def serve_learner(cfg: RunConfig, url: str) -> LearnerState:
     torch.manual_seed(cfg.seed)
     await asyncio.to_thread(dump_config, cfg, cfg.run_dir / "learner_config.yaml")  # what this run used
     backend = await asyncio.to_thread(build_torch_backend, lc)
-    async with await Bus.connect(url, run=cfg.name, config=cfg.nats) as bus:
+    async with open_bus(cfg, url) as bus:
         weights = DiskWeightSink(
             Path(lc.path(lc.weights_dir, run_dir)), keep=lc.keep_weights, base_model=Path(lc.model),
             blobs=bus if lc.publish_to_object_store else None, bucket=bus.subjects.weights_bucket,
@@ -56,9 +59,5 @@ async def serve_learner(cfg: RunConfig, url: str) -> LearnerState:
 
 
 def run_learner(cfg: RunConfig, url: str | None) -> LearnerState:
-    """Run against ``url``, or against an embedded nats-server in the run directory when it is None."""
-    if url is not None:
-        return asyncio.run(serve_learner(cfg, url))
-    with EmbeddedNats(cfg.run_dir / "nats", max_payload_mb=cfg.nats.max_payload_mb) as server:
-        log.info("embedded nats-server at %s", server.url)
-        return asyncio.run(serve_learner(cfg, server.url))
+    """Run against ``url``, or against the run's embedded nats-server when it is None."""
+    return asyncio.run(serve_learner(cfg, url))
