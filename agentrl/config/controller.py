@@ -35,6 +35,7 @@ class EvalConfig(Section):
 
     dataset: DatasetConfig | None = None
     interval: Annotated[int, msgspec.Meta(ge=1)] = 10  # an eval pass at every policy version divisible by this
+    versions: list[Annotated[int, msgspec.Meta(ge=0)]] = []  # instead: exactly these policy versions
     at_start: bool = True  # also evaluate the initial policy (version 0)
     group_size: Annotated[int, msgspec.Meta(ge=1)] = 1
     max_prompts: Annotated[int, msgspec.Meta(ge=1)] | None = None

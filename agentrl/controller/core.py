@@ -332,16 +332,24 @@ class ControllerCore:
     # ------------------------------------------------------------ eval
 
     def _maybe_eval(self) -> list[Action]:
-        ev, st = self.cfg.eval, self.state
+        st = self.state
         if self.eval_dataset is None:
             return []
-        next_due = (st.eval_done_through // ev.interval + 1) * ev.interval
-        if st.eval_done_through < 0:
-            next_due = 0 if ev.at_start else ev.interval
-        if st.version < next_due:
+        next_due = self._next_eval_version()
+        if next_due is None or st.version < next_due:
             return []
         st.eval_done_through = st.version
         return [PublishTasks(tuple(self._eval_pass(st.version)), "eval")]
+
+    def _next_eval_version(self) -> int | None:
+        """The policy version the next eval pass is due at: the next of ``eval.versions`` if given, else
+        the next multiple of ``eval.interval`` (0 first when ``at_start``); ``None`` when none is left."""
+        ev, done = self.cfg.eval, self.state.eval_done_through
+        if ev.versions:
+            return min((v for v in ev.versions if v > done), default=None)
+        if done < 0:
+            return 0 if ev.at_start else ev.interval
+        return (done // ev.interval + 1) * ev.interval
 
     def _eval_pass(self, version: int) -> list[Task]:
         assert self.eval_dataset is not None

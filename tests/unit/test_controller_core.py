@@ -117,3 +117,20 @@ def test_config_requires_whole_groups_per_batch() -> None:
     with pytest.raises(ConfigError, match="april_alpha"):
         convert(RunConfig, {"controller": {"april_alpha": -1}})
     assert convert(RunConfig, {"controller": {"batch_size": 8, "group_size": 4}}).controller.batch_size == 8
+
+
+def test_eval_at_chosen_versions() -> None:
+    cfg = ControllerConfig(group_size=2, batch_size=4, max_staleness=0,
+                           eval=EvalConfig(versions=[1, 3], max_prompts=1))
+    c = ControllerCore(cfg, PromptDataset(ROWS, DatasetConfig(path="mem")),
+                       eval_dataset=PromptDataset(ROWS, DatasetConfig(path="ev", shuffle=False)))
+
+    def eval_versions(actions: list) -> list[int]:
+        return [t.metadata["eval_version"] for a in actions if isinstance(a, PublishTasks) and a.queue == "eval"
+                for t in a.tasks]
+
+    assert eval_versions(c.start()) == []
+    assert eval_versions(c.on_version(1)) == [1]
+    assert eval_versions(c.on_version(2)) == []
+    assert eval_versions(c.on_version(4)) == [4]  # version 3 was skipped over: evaluate the first one past it
+    assert eval_versions(c.on_version(5)) == []
