@@ -97,9 +97,11 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> tuple[torch.Tensor, t
         params.temperature.to(device), params.top_p.to(device), params.top_k.to(device),
         params.min_p.to(device), params.seed.to(device), params.step.to(device), params.ban, params.truncate,
     )
-    for row, banned in enumerate(params.ban):
-        if banned:
-            logits[row, banned] = float("-inf")
+    if any(params.ban):
+        logits = logits.clone()  # the model's output may be an inference tensor: never write into it
+        for row, banned in enumerate(params.ban):
+            if banned:
+                logits[row, banned] = float("-inf")
     greedy = params.temperature <= 0
     temp = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
     logp = torch.log_softmax(logits / temp.view(-1, 1), dim=-1)

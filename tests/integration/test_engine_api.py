@@ -257,3 +257,17 @@ async def test_malformed_json_and_bad_control_requests_get_400(engine_url: str) 
     status, out = await post(engine_url, "/update_weights_from_disk", {"model_path": "/nonexistent"})
     assert status == 400 and out["success"] is False and "/nonexistent" in out["message"]
     assert (await generate(engine_url, [1, 2, 3], max_new_tokens=2))["output_ids"]  # still serving
+
+
+async def test_min_new_tokens_bans_end_tokens_until_reached(engine_url: str, tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    outs = await asyncio.wait_for(asyncio.gather(*(
+        generate(engine_url, [5, 6, 7], temperature=1.0, max_new_tokens=12, min_new_tokens=8, sampling_seed=s,
+                 stop_token_ids=[eos])
+        for s in range(6)
+    )), timeout=60)
+    for out in outs:
+        assert len(out["output_ids"]) >= 8
+        assert eos not in out["output_ids"][:7]
