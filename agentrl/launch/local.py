@@ -63,7 +63,9 @@ async def _nats(cfg: RunConfig) -> AsyncIterator[str]:
         yield server.url
 
 
-async def _follow(url: str, cfg: RunConfig, progress: Progress, out: TextIO, every_s: float) -> None:
+async def _follow(
+    url: str, cfg: RunConfig, progress: Progress, sup: Supervisor, out: TextIO, every_s: float
+) -> None:
     """Feed ``metrics`` events into ``progress`` and print its line every ``every_s`` seconds."""
     async with await Bus.connect(url, cfg.name, cfg.nats, ensure=False) as bus:
 
@@ -75,7 +77,7 @@ async def _follow(url: str, cfg: RunConfig, progress: Progress, out: TextIO, eve
         await bus.nc.subscribe(bus.subjects.events("metrics"), cb=on_metrics)
         while True:
             await asyncio.sleep(every_s)
-            print(progress.line(), file=out, flush=True)
+            print(progress.line(preparing=sup.current_step), file=out, flush=True)
 
 
 async def run_local(cfg: RunConfig, *, out: TextIO = sys.stderr, progress_every_s: float = 5.0) -> Progress:
@@ -90,7 +92,7 @@ async def run_local(cfg: RunConfig, *, out: TextIO = sys.stderr, progress_every_
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, sup.request_stop)
-        follower = asyncio.create_task(_follow(url, cfg, progress, out, progress_every_s))
+        follower = asyncio.create_task(_follow(url, cfg, progress, sup, out, progress_every_s))
         try:
             print(f"run {cfg.name}: logs in {run_dir / 'logs'}, bus {url}", file=out, flush=True)
             await sup.run()

@@ -55,9 +55,12 @@ class Progress:
         per_step = (now - self.first_step_at) / (self.step - 1)
         return per_step * max(0, self.total_steps - self.step)
 
-    def line(self, now: float | None = None) -> str:
+    def line(self, now: float | None = None, *, preparing: str | None = None) -> str:
+        """The progress line; while a preparation step runs (``preparing``), just its name."""
         now = time.monotonic() if now is None else now
         parts = [f"[{_fmt_duration(now - self.started)}]"]
+        if preparing:
+            return f"{parts[0]} preparing: {preparing} (log: logs/{preparing}.log)"
         total = f"/{self.total_steps}" if self.total_steps else ""
         parts.append(f"step {self.step}{total}")
         parts.append(f"v{int(self.latest.get('learner/version', 0))}")

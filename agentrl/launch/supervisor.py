@@ -85,6 +85,7 @@ class Supervisor:
         self.running: dict[str, _Running] = {}
         self.restarts: dict[str, int] = {}
         self.finished: set[str] = set()
+        self.current_step: str | None = None  # the step running now, for progress displays
         self._stopping = asyncio.Event()
 
     def log_path(self, name: str) -> Path:
@@ -118,6 +119,7 @@ class Supervisor:
 
     async def _run_step(self, spec: ActorSpec) -> None:
         log.info("step %s: %s", spec.name, " ".join(spec.argv))
+        self.current_step = spec.name
         proc = await self._spawn(spec)
         self.running[spec.name] = _Running(spec, proc)
         stop = asyncio.ensure_future(self._stopping.wait())
@@ -128,6 +130,7 @@ class Supervisor:
             done.cancel()
             raise RunFailed(f"stopped during step {spec.name}")
         del self.running[spec.name]
+        self.current_step = None
         if proc.returncode != 0:
             raise RunFailed(self._report(spec.name, proc.returncode))
 

@@ -12,6 +12,7 @@ from agentrl.launch.progress import Progress
 def test_progress_line_shows_step_reward_eval_staleness_and_eta() -> None:
     p = Progress(total_steps=10, now=0.0)
     assert p.line(now=5.0) == "[0m05s] | step 0/10 | v0"
+    assert p.line(now=5.0, preparing="step-sft") == "[0m05s] preparing: step-sft (log: logs/step-sft.log)"
     p.update({"learner/step": 1, "learner/version": 1, "learner/reward/mean": 0.25}, now=10.0)
     p.update({"learner/step": 3, "learner/version": 3, "learner/staleness/hist": {"0": 5, "2": 1, "3": 0},
               "learner/perf/tokens_per_s": 1234.4, "controller/eval/accuracy": 0.5}, now=30.0)
