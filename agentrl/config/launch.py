@@ -14,8 +14,8 @@ __all__ = ["LaunchConfig", "StepConfig"]
 class StepConfig(Section):
     """A command run to completion before the actors start (model init, data generation, SFT warm-up).
 
-    ``argv`` and ``skip_if_exists`` may use ``{run_dir}``, ``{config}`` (the resolved config file) and
-    ``{python}``; a leading ``agentrl`` runs this installation's CLI. The step is skipped when
+    ``argv`` and ``skip_if_exists`` may use ``{run_dir}``, ``{config}`` (the resolved config file),
+    ``{seed}`` (the run's seed) and ``{python}``; a leading ``agentrl`` runs this installation's CLI. The step is skipped when
     ``skip_if_exists`` names a path that exists (so a restarted run does not redo it).
     """
 

@@ -31,7 +31,7 @@ def engine_urls(cfg: RunConfig, ports: list[int]) -> list[str]:
 
 
 def _fill(text: str, cfg: RunConfig, config_path: Path) -> str:
-    return text.format(run_dir=str(cfg.run_dir), config=str(config_path), python=sys.executable)
+    return text.format(run_dir=str(cfg.run_dir), config=str(config_path), python=sys.executable, seed=cfg.seed)
 
 
 def _steps(cfg: RunConfig, config_path: Path) -> list[ActorSpec]:
