@@ -20,8 +20,8 @@ def run(args: argparse.Namespace) -> int:
     from agentrl.launch.local import run_local
 
     setup_logging()
-    asyncio.run(run_local(load_run_config(args, {"nats": "nats.url"})))
-    return 0
+    completed, _ = asyncio.run(run_local(load_run_config(args, {"nats": "nats.url"})))
+    return 0 if completed else 130
 
 
 COMMAND = Command(name="run", help="run every actor of a local training run (NATS, engines, workers, controller, learner)",

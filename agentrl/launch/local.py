@@ -80,8 +80,13 @@ async def _follow(
             print(progress.line(preparing=sup.current_step), file=out, flush=True)
 
 
-async def run_local(cfg: RunConfig, *, out: TextIO = sys.stderr, progress_every_s: float = 5.0) -> Progress:
-    """Run every actor of ``cfg`` until the learner finishes (or a stop signal); returns the final progress."""
+async def run_local(
+    cfg: RunConfig, *, out: TextIO = sys.stderr, progress_every_s: float = 5.0
+) -> tuple[bool, Progress]:
+    """Run every actor of ``cfg`` until learner and controller finish (or a stop signal).
+
+    Returns whether the run completed, and its final progress.
+    """
     cfg, ports = resolve(cfg)
     run_dir = cfg.run_dir
     config_path = dump_config(cfg, run_dir / "config.yaml").resolve()
@@ -95,7 +100,7 @@ async def run_local(cfg: RunConfig, *, out: TextIO = sys.stderr, progress_every_
         follower = asyncio.create_task(_follow(url, cfg, progress, sup, out, progress_every_s))
         try:
             print(f"run {cfg.name}: logs in {run_dir / 'logs'}, bus {url}", file=out, flush=True)
-            await sup.run()
+            completed = await sup.run()
         finally:
             follower.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -103,4 +108,6 @@ async def run_local(cfg: RunConfig, *, out: TextIO = sys.stderr, progress_every_
     plots = await asyncio.to_thread(lambda: plot_run(run_dir, sorted(Path(run_dir).glob("*metrics*.jsonl"))))
     print(progress.line(), file=out)
     print(f"plots: {', '.join(str(p) for p in plots) or 'none (no metrics)'}", file=out)
-    return progress
+    if not completed:
+        print(f"run {cfg.name} stopped before it completed", file=out)
+    return completed, progress

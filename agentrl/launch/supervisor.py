@@ -91,15 +91,18 @@ class Supervisor:
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
-    async def run(self) -> None:
-        """Run the steps, then the actors until one with ``finishes_run`` exits 0; always stops everything."""
+    async def run(self) -> bool:
+        """Run the steps, then the actors until every ``finishes_run`` actor exited 0; always stops everything.
+
+        Returns True when the run completed, False when it was stopped (:meth:`request_stop`) first.
+        """
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             for spec in (s for s in self.specs if s.step):
                 await self._run_step(spec)
             for spec in (s for s in self.specs if not s.step):
                 await self._start(spec)
-            await self._watch()
+            return await self._watch()
         finally:
             await self.stop()
 
@@ -154,7 +157,7 @@ class Supervisor:
             await asyncio.sleep(0.2)
         raise RunFailed(f"{spec.name} was not ready after {spec.ready_timeout_s:.0f}s\n{tail(self.log_path(spec.name))}")
 
-    async def _watch(self) -> None:
+    async def _watch(self) -> bool:
         finishers = {s.name for s in self.specs if s.finishes_run and not s.step}
         while not self._stopping.is_set():
             for name, r in list(self.running.items()):
@@ -169,9 +172,10 @@ class Supervisor:
                 await self._on_exit(name, r, code)
             if finishers and finishers <= self.finished:
                 log.info("%s finished: the run is complete", ", ".join(sorted(finishers)))
-                return
+                return True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=0.2)
+        return False
 
     async def _on_exit(self, name: str, r: _Running, code: int) -> None:
         if r.restarts >= r.spec.max_restarts:

@@ -47,7 +47,7 @@ async def test_run_completes_when_every_finisher_has_exited_zero(tmp_path: Path)
         ActorSpec("learner", py("pass"), finishes_run=True),
         ActorSpec("forever", py("import time; time.sleep(600)")),
     ], tmp_path / "logs", grace_s=2)
-    await asyncio.wait_for(sup.run(), 30)
+    assert await asyncio.wait_for(sup.run(), 30) is True
     assert sup.finished == {"controller", "learner"} and sup.restarts == {}
 
 
@@ -91,7 +91,7 @@ async def test_stop_leaves_nothing_running(tmp_path: Path) -> None:
         await asyncio.sleep(0.1)
     pids = [r.proc.pid for r in sup.running.values()] + [int(pidfile.read_text())]
     sup.request_stop()
-    await asyncio.wait_for(task, 20)
+    assert await asyncio.wait_for(task, 20) is False  # stopped, not completed
     await asyncio.sleep(0.2)
     assert [pid for pid in pids if alive(pid)] == []
 
