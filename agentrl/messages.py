@@ -111,7 +111,7 @@ def _dec_hook(typ: type, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
             return obj
         raise ValueError(f"expected a typed array buffer, got {type(obj).__name__}")
-    raise NotImplementedError(f"cannot decode into {typ}")
+    raise TypeError(f"cannot decode into {typ}")
 
 
 _ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
