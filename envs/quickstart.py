@@ -10,9 +10,9 @@
   it answers mostly without the tool and mostly wrong. RL has to discover that
   calling the tool pays.
 
-The tool is described in the system message rather than as a JSON schema, to keep
-prompts short for a CPU run; :class:`QuickstartCalculatorEnv` is the calculator
-environment without the schema.
+Prompts carry no tool schema (nor system message), to keep them short for a CPU run:
+the demonstrations teach the ``<tool_call>`` format, and :class:`QuickstartCalculatorEnv`
+is the calculator environment without the schema.
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ from agentrl.messages import Task
 from envs.arith import evaluate, format_number
 from envs.calculator import CalculatorEnv
 
-__all__ = ["SYSTEM", "QuickstartCalculatorEnv", "demonstration", "make_problem", "write_dataset"]
-
-SYSTEM = 'Use <tool_call>{"name": "calculator", "arguments": {"expression": ...}}</tool_call> to compute.'
+__all__ = ["QuickstartCalculatorEnv", "demonstration", "make_problem", "write_dataset"]
 
 # Every problem has the same shape: two 2-digit factors, then a 2-digit term added or subtracted, and the
 # result always has 4 digits. A fixed shape means a fixed distance between where the model reads digits
@@ -47,7 +45,8 @@ def make_problem(rng: random.Random) -> tuple[str, str, str]:
 
 
 def _prompt(question: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    # No system message: the demonstrations teach the tool-call format, and short prompts keep a CPU run fast.
+    return [{"role": "user", "content": question}]
 
 
 def demonstration(question: str, expr: str, answer: str, use_tool: bool) -> list[dict[str, Any]]:
