@@ -205,12 +205,7 @@ class _Routes:
     async def _stream(self, request: web.Request, req: Request, kind: str) -> web.StreamResponse:
         """SSE chunks with the new text since the previous chunk; the last carries ``finish_reason``."""
         server = self.server
-        if req.options.max_new_tokens == 0:
-            req.finish({"type": "length", "length": 0})
-        else:
-            server.scheduler.submit(req)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
+        resp = await server.open_stream(request, req)
         sent, done, first = "", False, True
         try:
             while not done:

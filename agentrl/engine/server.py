@@ -165,15 +165,26 @@ class EngineServer:
             stream=inp.stream,
         )
 
-    async def run(self, req: Request) -> Request:
-        """Submit and wait until the request finishes (or is aborted); returns it."""
+    def start(self, req: Request) -> None:
+        """Hand ``req`` to the scheduler; a request for zero new tokens finishes at once (``length``)."""
         if req.options.max_new_tokens == 0:
             req.finish({"type": "length", "length": 0})
-            return req
-        self.scheduler.submit(req)
-        while not await req.updates.get():
+        else:
+            self.scheduler.submit(req)
+
+    async def run(self, req: Request) -> Request:
+        """Submit and wait until the request finishes (or is aborted); returns it."""
+        self.start(req)
+        while not req.finished and not await req.updates.get():
             pass
         return req
+
+    async def open_stream(self, request: web.Request, req: Request) -> web.StreamResponse:
+        """Start ``req`` and open the SSE response its chunks are written to."""
+        self.start(req)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        return resp
 
     def reply(self, req: Request) -> dict[str, Any]:
         return req.reply(self.loaded.tokenizer, self.scheduler.weight_version)
@@ -186,12 +197,7 @@ class EngineServer:
         return await self._stream(request, req)
 
     async def _stream(self, request: web.Request, req: Request) -> web.StreamResponse:
-        if req.options.max_new_tokens == 0:
-            req.finish({"type": "length", "length": 0})
-        else:
-            self.scheduler.submit(req)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
+        resp = await self.open_stream(request, req)
         try:
             done = False
             while not done:
