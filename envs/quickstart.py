@@ -30,16 +30,16 @@ from envs.calculator import CalculatorEnv
 
 __all__ = ["QuickstartCalculatorEnv", "demonstration", "make_problem", "write_dataset"]
 
-# Every problem has the same shape: two 2-digit factors, then a 2-digit term added or subtracted, and the
-# result always has 4 digits. A fixed shape means a fixed distance between where the model reads digits
-# and where it writes them, which a tiny model learns to copy in a few hundred SFT steps.
-_FORMS = ("{a}*{b}+{c}", "{a}*{b}-{c}")
+# Every problem has the same shape, ab*cd+ef, and its result always has 4 digits. A fixed shape means a
+# fixed distance between where the model reads digits and where it writes them (every digit is its own
+# token), which a tiny model learns to copy in a few hundred SFT steps. (With a second form, ab*cd-ef, the
+# 4-layer model copied every digit but, even after 1,000 steps, not the operator.)
+_FORM = "{a}*{b}+{c}"
 
 
 def make_problem(rng: random.Random) -> tuple[str, str, str]:
     """``(question, expression, answer)`` of a random two-operation problem with a 4-digit answer."""
-    form = rng.choice(_FORMS)
-    expr = form.format(a=rng.randint(34, 99), b=rng.randint(34, 99), c=rng.randint(10, 99))
+    expr = _FORM.format(a=rng.randint(34, 99), b=rng.randint(34, 99), c=rng.randint(10, 99))
     answer = format_number(evaluate(expr))
     return f"What is {expr}?", expr, answer
 

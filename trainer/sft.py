@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from agentrl.config.learner import LearnerConfig
 from agentrl.config.run import RunConfig
 from agentrl.errors import ConfigError
 from trainer.backend.torch_backend import TorchBackend, build_torch_backend
@@ -84,10 +87,9 @@ def load_demonstrations(path: Path, tokenizer: Any) -> list[Sample]:
     return samples
 
 
-def train_epochs(backend: TorchBackend, samples: list[Sample], cfg: RunConfig) -> list[float]:
+def train_epochs(backend: TorchBackend, samples: list[Sample], lc: LearnerConfig, seed: int) -> list[float]:
     """Shuffled mini-batches of ``sft_batch_size`` conversations; returns the loss of every step."""
-    lc = cfg.learner
-    rng = random.Random(cfg.seed)
+    rng = random.Random(seed)
     losses = []
     for _ in range(lc.sft_epochs):
         order = list(range(len(samples)))
@@ -97,7 +99,7 @@ def train_epochs(backend: TorchBackend, samples: list[Sample], cfg: RunConfig) -
             plan = plan_micro_batches([len(s) for s in chunk], lc.batch.max_tokens_per_micro_batch)
             result = backend.train_step([pack(chunk, ids) for ids in plan], sft_loss, lc.loss)
             losses.append(result.metrics["loss/sft"])
-            log.info("sft step %d: loss %.4f grad_norm %.3f", len(losses), losses[-1], result.grad_norm)
+            log.info("sft step %d: loss %.4f grad_norm %.3f lr %.3g", len(losses), losses[-1], result.grad_norm, result.lr)
     return losses
 
 
@@ -111,8 +113,12 @@ def run_sft(cfg: RunConfig) -> tuple[Path, list[float]]:
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(lc.model)
     samples = load_demonstrations(Path(lc.sft_data), tokenizer)
+    steps = lc.sft_epochs * math.ceil(len(samples) / lc.sft_batch_size)
+    # the cosine schedule decays over the SFT run itself (optim.total_steps is the RL run's horizon)
+    lc = msgspec.structs.replace(lc, optim=msgspec.structs.replace(lc.optim, total_steps=max(1, steps)))
+    log.info("sft: %d demonstrations, %d epochs, %d steps", len(samples), lc.sft_epochs, steps)
     backend = build_torch_backend(lc)
-    losses = train_epochs(backend, samples, cfg)
+    losses = train_epochs(backend, samples, lc, cfg.seed)
     out = Path(lc.path(lc.sft_output, str(cfg.run_dir)))
     DiskWeightSink(out.parent, base_model=Path(lc.model)).export_final(backend.export_hf, out)
     return out, losses

@@ -48,7 +48,7 @@ class OptimConfig(Section):
     weight_decay: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     warmup_steps: Annotated[int, msgspec.Meta(ge=0)] = 0
     schedule: Literal["constant", "cosine"] = "constant"
-    total_steps: Annotated[int, msgspec.Meta(ge=1)] = 1000  # horizon of the cosine schedule
+    total_steps: Annotated[int, msgspec.Meta(ge=1)] = 1000  # horizon of the cosine schedule (agentrl sft: its own steps)
     min_lr_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
     grad_clip: Annotated[float, msgspec.Meta(gt=0)] | None = 1.0
 

@@ -2,8 +2,13 @@
 
 :func:`init_model` writes a directory that ``AutoTokenizer`` and ``AutoModelForCausalLM`` load: a
 ``Qwen2ForCausalLM`` with random weights and a byte-level BPE tokenizer trained with ``tokenizers`` on a
-small generated corpus (prose-like words, numbers, arithmetic, JSON tool calls), with ChatML special tokens
-and a chat template that renders ``tools`` and ``tool`` messages. No network access is needed.
+small generated corpus (prose-like words, numbers, arithmetic, JSON tool calls, chat-rendered
+conversations), with ChatML special tokens and a chat template that renders ``tools`` and ``tool``
+messages. No network access is needed.
+
+As in the Qwen and Llama tokenizers, every digit is its own token: a number is spelled the same way
+wherever it appears (``45`` in a question and ``45`` inside a tool call are the same two tokens), which is
+what lets a small model learn to copy numbers between a problem, a tool call and a tool's result.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ def _corpus(n_lines: int, seed: int) -> list[str]:
     words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(400)]
     lines = []
     for i in range(n_lines):
-        kind = i % 4
+        kind = i % 5
         if kind == 0:
             lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(5, 15))).capitalize() + ".")
         elif kind == 1:
@@ -88,9 +93,20 @@ def _corpus(n_lines: int, seed: int) -> list[str]:
         elif kind == 2:
             call = {"name": rng.choice(_TOOLS), "arguments": {"query": rng.choice(words), "n": rng.randint(1, 9)}}
             lines.append(f"<tool_call>\n{json.dumps(call)}\n</tool_call>")
-        else:
+        elif kind == 3:
             lines.append(f"def f_{rng.choice(words)}(x):\n    return x * {rng.randint(2, 9)}\n")
+        else:
+            lines.append(_chat_snippet(rng, words))
     return lines
+
+
+def _chat_snippet(rng: random.Random, words: list[str]) -> str:
+    """A ChatML conversation with a calculator call, so chat and tool-call markup become whole tokens."""
+    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    call = json.dumps({"name": "calculator", "arguments": {"expression": f"{a}*{b}"}})
+    return (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is {a}*{b}?"
+            f"<|im_end|>\n<|im_start|>assistant\n<tool_call>{call}</tool_call><|im_end|>\n<|im_start|>tool\n"
+            f"{a * b}<|im_end|>\n<|im_start|>assistant\nThe answer is {a * b}. {rng.choice(words)}<|im_end|>\n")
 
 
 def train_tokenizer(vocab_size: int, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -99,7 +115,9 @@ def train_tokenizer(vocab_size: int, seed: int = 0):  # type: ignore[no-untyped-
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(TOOL_TOKENS),

@@ -47,3 +47,17 @@ def test_sft_command_lowers_the_loss_and_writes_a_model(tiny_model_dir: Path, tm
     assert last < 0.5 * first, line
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
     assert any(p.suffix == ".safetensors" for p in out.iterdir())
+
+
+def test_cosine_schedule_decays_over_the_sft_run(tiny_model_dir: Path, tmp_path: Path, caplog) -> None:
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS))
+    caplog.set_level("INFO", logger="trainer.sft")
+    rc = main(["sft", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "m"),
+               "--epochs", "12", "--set", "learner.device=cpu", "--set", "learner.optim.lr=1e-3",
+               "--set", "learner.optim.schedule=cosine", "--set", "learner.optim.min_lr_ratio=0.1",
+               "--set", f"dir={tmp_path}"])
+    assert rc == 0
+    lrs = [float(r.getMessage().rsplit("lr ", 1)[1]) for r in caplog.records if "sft step" in r.getMessage()]
+    assert len(lrs) == 12 and lrs[0] == pytest.approx(1e-3)  # one step per epoch (3 conversations, batch 8)
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.15e-3  # decayed to the floor over these 12 steps

@@ -17,7 +17,7 @@ def test_problems_have_one_shape_and_four_digit_answers() -> None:
     rng = random.Random(0)
     for _ in range(500):
         question, expr, answer = make_problem(rng)
-        assert re.fullmatch(r"\d\d\*\d\d[+-]\d\d", expr) and question == f"What is {expr}?"
+        assert re.fullmatch(r"\d\d\*\d\d\+\d\d", expr) and question == f"What is {expr}?"
         assert len(answer) == 4 and answer == format_number(evaluate(expr))
 
 

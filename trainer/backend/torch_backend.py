@@ -139,9 +139,10 @@ class TorchBackend:
                 diff_sum += float(gap.sum())
                 diff_max = max(diff_max, float(gap.max()))
             tokens += mb.num_tokens
+        lr = float(self.scheduler.get_last_lr()[0])  # the rate this step uses (the scheduler advances after it)
         grad_norm = self._clip_and_step()
         return StepResult(
-            metrics=dict(sums), grad_norm=grad_norm, lr=float(self.scheduler.get_last_lr()[0]), tokens=tokens,
+            metrics=dict(sums), grad_norm=grad_norm, lr=lr, tokens=tokens,
             logprob_diff_mean=diff_sum / total_tokens, logprob_diff_max=diff_max,
         )
 
