@@ -3,12 +3,14 @@
 ``python -m envs.quickstart --out DIR`` writes, deterministically from ``--seed``:
 
 * ``train.jsonl`` / ``eval.jsonl``: prompts for RL and held-out evaluation, one
-  ``{"prompt": [system, user], "label": answer, "env": "calculator"}`` per line;
+  ``{"prompt": [user], "label": answer, "env": "calculator"}`` per line;
 * ``sft.jsonl``: correct demonstrations, ``{"messages": [...]}``, of which only
   ``--tool-fraction`` call the calculator; the rest state the answer directly —
   which the model can copy the form of but not the arithmetic, so after the warm-up
   it answers mostly without the tool and mostly wrong. RL has to discover that
-  calling the tool pays.
+  calling the tool pays. ``--answer-demos`` adds tool conversations whose call is
+  context only (``"weight": 0``): they train reading the answer off the tool's
+  result without changing how often the model calls the tool.
 
 Prompts carry no tool schema (nor system message), to keep them short for a CPU run:
 the demonstrations teach the ``<tool_call>`` format, and :class:`QuickstartCalculatorEnv`
@@ -28,7 +30,7 @@ from agentrl.messages import Task
 from envs.arith import evaluate, format_number
 from envs.calculator import CalculatorEnv
 
-__all__ = ["QuickstartCalculatorEnv", "demonstration", "make_problem", "write_dataset"]
+__all__ = ["QuickstartCalculatorEnv", "answer_demonstration", "demonstration", "make_problem", "write_dataset"]
 
 # Every problem has the same shape, ab*cd+ef, and its result always has 4 digits. A fixed shape means a
 # fixed distance between where the model reads digits and where it writes them (every digit is its own
@@ -51,7 +53,8 @@ def _prompt(question: str) -> list[dict[str, str]]:
 
 def demonstration(question: str, expr: str, answer: str, use_tool: bool) -> list[dict[str, Any]]:
     """A correct conversation, with or without the tool call."""
-    final = {"role": "assistant", "content": f"The answer is {answer}."}
+    # restating the problem makes every demonstration practise copying it, the skill a tool call needs
+    final = {"role": "assistant", "content": f"The answer to {expr} is {answer}."}
     if not use_tool:
         return [*_prompt(question), final]
     call = json.dumps({"name": "calculator", "arguments": {"expression": expr}})
@@ -59,7 +62,18 @@ def demonstration(question: str, expr: str, answer: str, use_tool: bool) -> list
             {"role": "tool", "content": answer}, final]
 
 
-def write_dataset(out: Path, *, n_train: int, n_eval: int, n_demos: int, tool_fraction: float, seed: int) -> None:
+def answer_demonstration(question: str, expr: str, answer: str) -> list[dict[str, Any]]:
+    """A tool conversation in which only the final answer is trained (the call is context, ``weight`` 0).
+
+    It teaches reading the answer off the tool's result without making the model call the tool more often.
+    """
+    demo = demonstration(question, expr, answer, use_tool=True)
+    demo[1] = {**demo[1], "weight": 0}
+    return demo
+
+
+def write_dataset(out: Path, *, n_train: int, n_eval: int, n_demos: int, tool_fraction: float, seed: int,
+                  n_answer_demos: int = 0) -> None:
     """Write train/eval prompts and SFT demonstrations (disjoint questions) into ``out``."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +93,8 @@ def write_dataset(out: Path, *, n_train: int, n_eval: int, n_demos: int, tool_fr
     (out / "eval.jsonl").write_text("\n".join(rows(n_eval)) + "\n")
     (out / "train.jsonl").write_text("\n".join(rows(n_train)) + "\n")
     demos = [demonstration(*fresh(), use_tool=rng.random() < tool_fraction) for _ in range(n_demos)]
+    demos += [answer_demonstration(*fresh()) for _ in range(n_answer_demos)]
+    rng.shuffle(demos)
     (out / "sft.jsonl").write_text("\n".join(json.dumps({"messages": d}) for d in demos) + "\n")
 
 
@@ -97,9 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval", type=int, default=100)
     p.add_argument("--demos", type=int, default=2000)
     p.add_argument("--tool-fraction", type=float, default=0.25)
+    p.add_argument("--answer-demos", type=int, default=0,
+                   help="extra tool conversations that train only the final answer (the call is context)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    write_dataset(a.out, n_train=a.train, n_eval=a.eval, n_demos=a.demos, tool_fraction=a.tool_fraction, seed=a.seed)
+    write_dataset(a.out, n_train=a.train, n_eval=a.eval, n_demos=a.demos, tool_fraction=a.tool_fraction, seed=a.seed,
+                  n_answer_demos=a.answer_demos)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Each line of the data file is ``{"messages": [{"role": ..., "content": ...}, ...]}``. A conversation is
 rendered with the tokenizer's chat template one message at a time, and each rendered piece is tokenized on
 its own (as the agent SDK builds trajectories), so tokens are trained only where an assistant message
-(including its end-of-turn marker) was added; system, user and tool text is masked out.
+(including its end-of-turn marker) was added; system, user and tool text is masked out. As in OpenAI's
+chat fine-tuning format, an assistant message with ``"weight": 0`` is context only, not trained.
 """
 
 from __future__ import annotations
@@ -34,8 +35,15 @@ __all__ = ["encode_conversation", "load_demonstrations", "run_sft"]
 log = logging.getLogger(__name__)
 
 
+def _weight(msg: dict[str, Any], where: str) -> int:
+    weight = msg.get("weight", 1)
+    if weight not in (0, 1) or isinstance(weight, bool):
+        raise ConfigError(f"{where}: assistant message weight {weight!r}; expected 0 (context only) or 1 (trained)")
+    return int(weight)
+
+
 def encode_conversation(tokenizer: Any, messages: Sequence[dict[str, Any]], where: str = "") -> Sample:
-    """Token ids and a loss mask that is 1 exactly on the assistant messages' tokens."""
+    """Token ids and a loss mask that is 1 exactly on the tokens of the trained assistant messages."""
     tokens: list[int] = []
     mask: list[float] = []
     done = ""
@@ -57,7 +65,7 @@ def encode_conversation(tokenizer: Any, messages: Sequence[dict[str, Any]], wher
             raise ConfigError(f"{where}: the chat template does not render this conversation incrementally "
                               "(a later render is not an extension of an earlier one); cannot mask it")
         add(prompt[len(done):], trained=False)
-        add(full[len(prompt):], trained=True)
+        add(full[len(prompt):], trained=_weight(msg, where) == 1)
         done = full
     if not any(mask):
         raise ConfigError(f"{where}: no assistant message to train on")

@@ -9,6 +9,8 @@ messages. No network access is needed.
 As in the Qwen and Llama tokenizers, every digit is its own token: a number is spelled the same way
 wherever it appears (``45`` in a question and ``45`` inside a tool call are the same two tokens), which is
 what lets a small model learn to copy numbers between a problem, a tool call and a tool's result.
+(transformers >= 5 loads the tokenizer of a ``qwen2`` checkpoint as ``Qwen2Tokenizer``, whose own
+pre-tokenizer splits digits the same way, so the merges learned here are the ones applied at run time.)
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from agentrl.errors import DecodeError
 from agentrl.launch.plan import engine_urls, plan_actors
 from agentrl.launch.plots import plot_run
 from agentrl.launch.progress import Progress
+from agentrl.launch.summary import summary_lines
 from agentrl.launch.supervisor import ReadyCheck, Supervisor
 from agentrl.messages import Event, decode
 
@@ -108,6 +109,8 @@ async def run_local(
     plots = await asyncio.to_thread(lambda: plot_run(run_dir, sorted(Path(run_dir).glob("*metrics*.jsonl"))))
     print(progress.line(), file=out)
     print(f"plots: {', '.join(str(p) for p in plots) or 'none (no metrics)'}", file=out)
+    for line in summary_lines(cfg):
+        print(line, file=out)
     if not completed:
         print(f"run {cfg.name} stopped before it completed", file=out)
     return completed, progress

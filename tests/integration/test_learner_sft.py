@@ -35,6 +35,18 @@ def test_mask_covers_exactly_the_assistant_messages(tiny_model_dir: Path) -> Non
         encode_conversation(tok, CONVERSATIONS[1][:1], "x.jsonl:1")
 
 
+def test_assistant_messages_of_weight_zero_are_context_only(tiny_model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    messages = [dict(m) for m in CONVERSATIONS[1]]
+    messages[1]["weight"] = 0
+    s = encode_conversation(tok, messages)
+    assert tok.decode([t for t, m in zip(s.tokens, s.mask, strict=True) if m]) == "one two three<|im_end|>\n"
+    assert s.tokens.tolist() == encode_conversation(tok, CONVERSATIONS[1]).tokens.tolist()  # same text, masked
+    messages[1]["weight"] = 0.5
+    with pytest.raises(ConfigError, match=r"x.jsonl:3: assistant message weight 0.5; expected 0"):
+        encode_conversation(tok, messages, "x.jsonl:3")
+
+
 def test_sft_command_lowers_the_loss_and_writes_a_model(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     data = tmp_path / "demos.jsonl"
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agentrl.config import RunConfig, load_config
 from agentrl.launch.plots import plot_run, read_metrics
 from agentrl.launch.progress import Progress
+from agentrl.launch.summary import eval_history, summary_lines
 
 
 def test_progress_line_shows_step_reward_eval_staleness_and_eta() -> None:
@@ -28,3 +30,18 @@ def test_plots_written_for_series_with_data(tmp_path: Path) -> None:
     written = plot_run(tmp_path, [f])
     assert [p.name for p in written] == ["reward.png"]
     assert written[0].stat().st_size > 1000
+
+
+def test_summary_names_the_accuracy_gain_the_final_model_and_the_stream(tmp_path: Path) -> None:
+    cfg = load_config(RunConfig, None, [f"dir={tmp_path}/{{name}}", "name=demo"])
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True)
+    assert summary_lines(cfg) == [f"trajectories: stream AGENTRL_demo_TRAJ (store: {run_dir / 'nats'})"]
+    rows = [{"controller/eval/version": 0, "controller/eval/accuracy": 0.05}, {"controller/admitted": 3},
+            {"controller/eval/version": 20, "controller/eval/accuracy": 0.75}]
+    (run_dir / "controller_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{torn")
+    assert eval_history(run_dir / "controller_metrics.jsonl") == [(0, 0.05), (20, 0.75)]
+    (run_dir / "final").mkdir()
+    (run_dir / "final" / "config.json").write_text("{}")
+    assert summary_lines(cfg)[:2] == ["eval accuracy (held-out, greedy): 5.0% at v0 -> 75.0% at v20 (+70.0 points)",
+                                      f"final model (Hugging Face checkpoint): {run_dir / 'final'}"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from agentrl.agent.tools import parse_action
 from agentrl.messages import ChatMessage, Task
 from envs.arith import evaluate, format_number
-from envs.quickstart import QuickstartCalculatorEnv, demonstration, make_problem, write_dataset
+from envs.quickstart import QuickstartCalculatorEnv, answer_demonstration, demonstration, make_problem, write_dataset
 
 
 def test_problems_have_one_shape_and_four_digit_answers() -> None:
@@ -35,6 +35,17 @@ def test_dataset_is_seeded_and_splits_are_disjoint(tmp_path: Path) -> None:
     assert not questions("eval.jsonl") & questions("sft.jsonl")
     demos = [json.loads(line)["messages"] for line in (tmp_path / "a" / "sft.jsonl").read_text().splitlines()]
     assert 0.2 < sum(len(d) > 2 for d in demos) / len(demos) < 0.4  # about 30% call the tool
+
+
+def test_answer_demos_train_only_the_answer(tmp_path: Path) -> None:
+    question, expr, answer = make_problem(random.Random(5))
+    demo = answer_demonstration(question, expr, answer)
+    assert [m.get("weight", 1) for m in demo if m["role"] == "assistant"] == [0, 1]
+    assert [{k: v for k, v in m.items() if k != "weight"} for m in demo] == demonstration(question, expr, answer, True)
+    write_dataset(tmp_path, n_train=10, n_eval=5, n_demos=100, tool_fraction=0.3, seed=0, n_answer_demos=50)
+    demos = [json.loads(line)["messages"] for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert len(demos) == 150 and sum(d[1].get("weight") == 0 for d in demos) == 50
+    assert sum(d[1].get("weight") == 0 for d in demos[:75]) not in (0, 50)  # shuffled in, not appended
 
 
 async def test_the_environment_rewards_the_demonstrated_episode() -> None:
