@@ -10,7 +10,13 @@ from pathlib import Path
 from agentrl.agent.tools import parse_action
 from agentrl.messages import ChatMessage, Task
 from envs.arith import evaluate, format_number
-from envs.quickstart import QuickstartCalculatorEnv, answer_demonstration, demonstration, make_problem, write_dataset
+from envs.quickstart import (
+    QuickstartCalculatorEnv,
+    answer_demonstration,
+    demonstration,
+    make_problem,
+    write_dataset,
+)
 
 
 def test_problems_have_one_shape_and_four_digit_answers() -> None:
