@@ -188,7 +188,7 @@ async def test_shutdown_requeues_in_flight_episodes(bus: Bus, tiny_tokenizer: An
     assert worker.stats.requeued == 3 and worker.stats.published == 0
     assert await _pending(bus, "new") == 0 and await _pending(bus, "resume") == 3
     resume = await bus.consumer(bus.subjects.task("resume"), durable="workers-resume", typ=Task)
-    got = [d.msg for d in await resume.fetch(batch=10, timeout=2)]
+    got = [d.msg for d in await resume.fetch(batch=10, timeout=10)]
     await resume.unsubscribe()
     assert sorted(t.id for t in got) == ["task0", "task1", "task2"]
     assert all(t.attempt == 1 and t.partial is not None and int(t.partial.loss_mask.sum()) == 2 for t in got)
