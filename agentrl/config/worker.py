@@ -27,7 +27,9 @@ class WorkerConfig(Section):
     max_context_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # per-episode token budget; 0 = the agent's own
     env_call_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0  # one reset/step on an env worker
     abort_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0  # an aborted episode not stopped by then is cancelled
-    poll_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0  # longest wait for a new task
+    # longest single pull for new tasks; resume and eval tasks published meanwhile wait this long behind it
+    # (1 s made every APRIL abort cost its episode up to a second: the quickstart's RL loop took 38 s, not 27)
+    poll_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 0.1
     uvloop: bool = True
 
 

@@ -129,7 +129,10 @@ class AgentWorker:
         freed.cancel()
 
     async def _poll(self, consumers: Mapping[TaskPriority, Consumer[Task]], free: int) -> list[Delivery[Task]]:
-        """Tasks in priority order: resume and eval are checked briefly, new waits up to poll_timeout_s."""
+        """Tasks in priority order: resume and eval are checked briefly, new waits up to poll_timeout_s.
+
+        A pull cannot be interrupted without risking a message delivered to a cancelled request, so the
+        wait for new tasks is kept short: it bounds how long a resume or eval task waits behind it."""
         for priority in TASK_PRIORITIES:
             wait = self.config.poll_timeout_s if priority == "new" else 0.02
             try:

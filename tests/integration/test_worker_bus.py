@@ -43,7 +43,7 @@ async def exploding_agent(ctx: EpisodeContext, task: Task) -> Trajectory | None:
 @contextlib.asynccontextmanager
 async def running_worker(bus: Bus, gen: Any, tok: Any, agent: Any = tool_agent.run_episode,
                          **cfg: Any) -> AsyncIterator[AgentWorker]:
-    config = WorkerConfig(poll_timeout_s=0.2, abort_grace_s=2.0, **cfg)
+    config = WorkerConfig(**{"poll_timeout_s": 0.2, "abort_grace_s": 2.0, **cfg})
     worker = AgentWorker(bus, agent=agent, generator=gen, chat=ChatRenderer(tok), config=config,
                          envs=LocalEnvs({"calculator": CalculatorEnv}), worker_id="w-test")
     task = asyncio.create_task(worker.run())
@@ -113,6 +113,21 @@ async def test_200_concurrent_episodes_complete(bus: Bus, tiny_tokenizer: Any) -
     assert all(t.status == "completed" and t.reward == 1.0 and t.worker_id == "w-test" for t in got.values())
     assert {t.task_id for t in got.values()} == {t.id for t in tasks}
     assert await _pending(bus, "new") == 0  # every task acked
+
+
+async def test_resume_task_starts_promptly_while_the_worker_waits_for_new_tasks(bus: Bus, tiny_tokenizer: Any) -> None:
+    gen = ToolThenAnswer(tiny_tokenizer)
+    default_poll = WorkerConfig().poll_timeout_s
+    latencies = []
+    async with running_worker(bus, gen, tiny_tokenizer, poll_timeout_s=default_poll):
+        for i in range(5):
+            await asyncio.sleep(0.3)  # idle: the worker is in a pull for new tasks
+            calls, sent = len(gen.calls), asyncio.get_running_loop().time()
+            await bus.publish(bus.subjects.task("resume"), _task(i), msg_id=f"r{i}")
+            await _eventually(lambda calls=calls: len(gen.calls) > calls)  # type: ignore[misc]
+            latencies.append(asyncio.get_running_loop().time() - sent)
+    # an aborted episode must not wait out a long pull for new tasks (with a 1 s pull this fails ~97%)
+    assert max(latencies) < 0.5, latencies
 
 
 async def test_agent_exception_fails_that_episode_and_worker_continues(bus: Bus, tiny_tokenizer: Any) -> None:
