@@ -37,6 +37,7 @@ class EvalConfig(Section):
     interval: Annotated[int, msgspec.Meta(ge=1)] = 10  # an eval pass at every policy version divisible by this
     versions: list[Annotated[int, msgspec.Meta(ge=0)]] = []  # instead: exactly these policy versions
     at_start: bool = True  # also evaluate the initial policy (version 0)
+    at_end: bool = True  # and the final one (version max_steps), when the controller's max_steps is set
     group_size: Annotated[int, msgspec.Meta(ge=1)] = 1
     max_prompts: Annotated[int, msgspec.Meta(ge=1)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # greedy by default

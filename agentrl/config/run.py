@@ -58,7 +58,8 @@ class RunConfig(Section):
 
 
 def check_agreement(cfg: RunConfig) -> None:
-    """Settings that two actors read must agree: B (trajectories per step) and, when both set, eta.
+    """Settings that two actors read must agree: B (trajectories per step), eta when both set, and the
+    last step when the controller evaluates the final policy.
 
     Checked where one config drives both actors (``agentrl run``); raises ``ConfigError``.
     """
@@ -73,6 +74,12 @@ def check_agreement(cfg: RunConfig) -> None:
         raise ConfigError(
             f"config: controller.max_staleness={eta_ctrl} and learner.batch.max_staleness={eta_learn} must be equal "
             "(admission and training use the same staleness bound)"
+        )
+    ctrl, steps = cfg.controller, cfg.learner.max_steps
+    if ctrl.eval.dataset is not None and ctrl.eval.at_end and ctrl.max_steps is not None and 0 < steps < ctrl.max_steps:
+        raise ConfigError(
+            f"config: controller.eval.at_end waits for policy version controller.max_steps={ctrl.max_steps}, but the "
+            f"learner stops at learner.max_steps={steps}; make them equal or set controller.eval.at_end=false"
         )
 
 

@@ -109,9 +109,19 @@ class ControllerCore:
     @property
     def done(self) -> bool:
         """Every issued task finished, and no more will be issued: prompts exhausted or ``max_steps`` batches accepted."""
-        cfg, st = self.cfg, self.state
-        enough = cfg.max_steps is not None and st.counters.accepted >= cfg.max_steps * cfg.batch_size
-        return (st.exhausted or enough) and not st.running
+        st = self.state
+        return (st.exhausted or self._enough()) and not st.running and not self._final_eval_due()
+
+    def _enough(self) -> bool:
+        cfg = self.cfg
+        return cfg.max_steps is not None and self.state.counters.accepted >= cfg.max_steps * cfg.batch_size
+
+    def _final_eval_due(self) -> bool:
+        """``eval.at_end``: the final policy (version ``max_steps``, published after the last step) is still
+        to be evaluated. Not awaited when the prompts ran out first: then that version never comes."""
+        cfg = self.cfg
+        return (self.eval_dataset is not None and cfg.eval.at_end and cfg.max_steps is not None
+                and self._enough() and self.state.eval_done_through < cfg.max_steps)
 
     def task_for(self, rec: TaskRecord) -> Task:
         """Rebuild the exact task of a record (same id, prompt, group) from the dataset."""
@@ -343,13 +353,19 @@ class ControllerCore:
 
     def _next_eval_version(self) -> int | None:
         """The policy version the next eval pass is due at: the next of ``eval.versions`` if given, else
-        the next multiple of ``eval.interval`` (0 first when ``at_start``); ``None`` when none is left."""
-        ev, done = self.cfg.eval, self.state.eval_done_through
+        the next multiple of ``eval.interval`` (0 first when ``at_start``), and ``max_steps`` last when
+        ``at_end``; ``None`` when none is left."""
+        ev, done, last = self.cfg.eval, self.state.eval_done_through, self.cfg.max_steps
+        due: int | None
         if ev.versions:
-            return min((v for v in ev.versions if v > done), default=None)
-        if done < 0:
-            return 0 if ev.at_start else ev.interval
-        return (done // ev.interval + 1) * ev.interval
+            due = min((v for v in ev.versions if v > done), default=None)
+        elif done < 0:
+            due = 0 if ev.at_start else ev.interval
+        else:
+            due = (done // ev.interval + 1) * ev.interval
+        if ev.at_end and last is not None and done < last:
+            due = last if due is None else min(due, last)
+        return due
 
     def _eval_pass(self, version: int) -> list[Task]:
         assert self.eval_dataset is not None

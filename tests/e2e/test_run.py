@@ -92,7 +92,8 @@ def test_shortened_quickstart_learns_within_the_staleness_bound_and_stops_cleanl
     assert sum(reward[-5:]) / 5 > sum(reward[:5]) / 5 + 0.15, reward
     evals = [(r["controller/eval/version"], r["controller/eval/accuracy"])
              for r in rows(run_dir / "controller_metrics.jsonl") if "controller/eval/accuracy" in r]
-    assert evals[0][0] == 0 and evals[-1][1] >= evals[0][1] + 0.3, evals  # type: ignore[operator]
+    assert evals[0][0] == 0 and evals[-1][0] == LEARN_STEPS, evals  # the start and the final policy
+    assert evals[-1][1] >= evals[0][1] + 0.3, evals  # type: ignore[operator]
     assert "eval accuracy (held-out, greedy): " in out
     assert (run_dir / "final" / "config.json").is_file() and (run_dir / "config.yaml").is_file()
     assert {p.name for p in (run_dir / "plots").iterdir()} >= {"reward.png", "eval_accuracy.png", "staleness.png"}

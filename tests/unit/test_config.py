@@ -77,3 +77,8 @@ def test_settings_shared_by_two_actors_must_agree() -> None:
     with pytest.raises(ConfigError, match=r"controller.max_staleness=1 and learner.batch.max_staleness=2"):
         check_agreement(load_config(RunConfig, None, ["learner.batch.max_staleness=2"]))
     check_agreement(load_config(RunConfig, None, ["learner.batch.max_staleness=1"]))
+    final_eval = ["controller.eval.dataset.path=eval.jsonl", "controller.max_steps=40"]
+    with pytest.raises(ConfigError, match=r"controller.max_steps=40, but the learner stops at learner.max_steps=30"):
+        check_agreement(load_config(RunConfig, None, [*final_eval, "learner.max_steps=30"]))
+    check_agreement(load_config(RunConfig, None, [*final_eval, "learner.max_steps=40"]))
+    check_agreement(load_config(RunConfig, None, [*final_eval, "learner.max_steps=30", "controller.eval.at_end=false"]))

@@ -111,6 +111,30 @@ def test_eval_pass_reported_once_and_never_counted_for_training() -> None:
     assert any(isinstance(a, PublishTasks) and a.queue == "eval" for a in c.on_version(2))
 
 
+def test_final_policy_is_evaluated_before_the_controller_is_done() -> None:
+    cfg = ControllerConfig(group_size=2, batch_size=4, max_staleness=0, max_steps=1,
+                           eval=EvalConfig(interval=5, at_start=False, max_prompts=1))
+    c = ControllerCore(cfg, PromptDataset(ROWS, DatasetConfig(path="mem")),
+                       eval_dataset=PromptDataset(ROWS, DatasetConfig(path="ev", shuffle=False)))
+    train = tasks(c.start())
+    assert len(train) == 4 and not any(t.is_eval for t in train)
+    for t in train:
+        c.on_trajectory(traj(t))
+    c.on_batch_taken(0, 0, [t.id for t in train])
+    assert not c.done  # the step's trajectories are in, but version 1 (max_steps) is not evaluated yet
+    (final,) = tasks(c.on_version(1))
+    assert final.is_eval and final.metadata["eval_version"] == 1  # not a multiple of the interval: at_end
+    assert not c.done
+    c.on_trajectory(traj(final))
+    assert c.done
+    off = ControllerCore(msgspec.structs.replace(cfg, eval=EvalConfig(interval=5, at_start=False, at_end=False)),
+                         PromptDataset(ROWS, DatasetConfig(path="mem")),
+                         eval_dataset=PromptDataset(ROWS, DatasetConfig(path="ev", shuffle=False)))
+    for t in tasks(off.start()):
+        off.on_trajectory(traj(t))
+    assert off.done
+
+
 def test_config_requires_whole_groups_per_batch() -> None:
     with pytest.raises(ConfigError, match=r"batch_size=6 must be a multiple of controller\.group_size=4"):
         convert(RunConfig, {"controller": {"batch_size": 6, "group_size": 4}})
