@@ -12,7 +12,6 @@ the ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -20,6 +19,8 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+
+from agentrl.launch.plots import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SYNC = ["controller.max_staleness=0", "learner.batch.max_staleness=0", "controller.april_alpha=null"]
@@ -45,9 +46,8 @@ def rl_started(log: str) -> float:
 
 def evals(run_dir: Path) -> list[tuple[float, int, float]]:
     """(wall time, policy version, accuracy) of every eval pass."""
-    rows = [json.loads(line) for line in (run_dir / "controller_metrics.jsonl").read_text().splitlines()]
     return [(r["time"], int(r["controller/eval/version"]), r["controller/eval/accuracy"])
-            for r in rows if "controller/eval/accuracy" in r]
+            for r in read_metrics([run_dir / "controller_metrics.jsonl"]) if "controller/eval/accuracy" in r]
 
 
 def time_to(ev: list[tuple[float, int, float]], start: float, target: float) -> float | None:

@@ -13,22 +13,19 @@ time of the synchronous variant divided by this one's.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
 
 from quickstart import SYNC, evals, rl_started, run
 
+from agentrl.launch.plots import read_metrics
+
 VARIANTS = {
     "async (config: eta=1, APRIL alpha=0.5)": [],
     "async, APRIL off": ["controller.april_alpha=null"],
     "sync (eta=0, APRIL off)": SYNC,
 }
-
-
-def rows(path: Path) -> list[dict[str, float]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def one(prepared_from: Path, out: Path, seed: int, overrides: list[str]) -> dict[str, float]:
@@ -39,8 +36,8 @@ def one(prepared_from: Path, out: Path, seed: int, overrides: list[str]) -> dict
         shutil.copytree(prepared_from / part, run_dir / part)
     _, log = run(out, seed, overrides)
     end = time.time()
-    learner = rows(run_dir / "learner_metrics.jsonl")
-    counters = [r for r in rows(run_dir / "controller_metrics.jsonl") if "controller/aborted" in r]
+    learner = read_metrics([run_dir / "learner_metrics.jsonl"])
+    counters = [r for r in read_metrics([run_dir / "controller_metrics.jsonl"]) if "controller/aborted" in r]
     ev = evals(run_dir)
     return {
         "rl_s": end - rl_started(log), "loop_s": learner[-1]["time"] - learner[0]["time"],

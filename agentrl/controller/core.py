@@ -120,8 +120,8 @@ class ControllerCore:
         """``eval.at_end``: the final policy (version ``max_steps``, published after the last step) is still
         to be evaluated. Not awaited when the prompts ran out first: then that version never comes."""
         cfg = self.cfg
-        return (self.eval_dataset is not None and cfg.eval.at_end and cfg.max_steps is not None
-                and self._enough() and self.state.eval_done_through < cfg.max_steps)
+        return (self.eval_dataset is not None and cfg.eval.at_end and self._enough()
+                and self.state.eval_done_through < (cfg.max_steps or 0))
 
     def task_for(self, rec: TaskRecord) -> Task:
         """Rebuild the exact task of a record (same id, prompt, group) from the dataset."""
