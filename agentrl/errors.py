@@ -20,7 +20,8 @@ original so the cause stays visible::
     ├── EnvError               environment failures
     │   ├── EnvTimeout         a reset/step call exceeded its deadline
     │   └── EnvCrashed         the environment raised or its worker died
-    └── SandboxError           the code sandbox could not run the code at all
+    ├── SandboxError           the code sandbox could not run the code at all
+    └── BackendError           a training backend failed (e.g. one rank of a multi-rank learner)
 """
 
 from __future__ import annotations
@@ -96,3 +97,7 @@ class EnvCrashed(EnvError):
 
 class SandboxError(AgentRLError):
     """The sandbox could not execute the code (not: the code failed)."""
+
+
+class BackendError(AgentRLError):
+    """A training backend failed; for a multi-rank backend the message names the rank and its error."""
