@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from agentrl.config.loader import Section
+from agentrl.config.megatron import MegatronConfig
 
 __all__ = ["Aggregation", "BatchConfig", "LearnerConfig", "LossConfig", "OptimConfig"]
 
@@ -73,7 +74,8 @@ class LearnerConfig(Section):
     """The learner actor: model, algorithm, batching, optimizer, outputs."""
 
     model: str = ""  # Hugging Face model directory (config.json + safetensors) to start from
-    backend: Literal["torch"] = "torch"
+    backend: Literal["torch", "megatron"] = "torch"  # megatron: trainer/backend/megatron, sized by `megatron:`
+    megatron: MegatronConfig = msgspec.field(default_factory=MegatronConfig)
     device: str = "auto"  # "auto" = cuda if available else cpu
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto = bf16 on GPU, float32 on CPU
     # sdpa_varlen: per-sequence causal SDPA on packed rows (trainer/backend/varlen.py); sdpa | eager build a
