@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 async def serve_learner(cfg: RunConfig, url: str | None) -> LearnerState:
-    """Run the learner until ``max_steps`` or SIGINT/SIGTERM; export the final HF checkpoint.
+    """Run the learner until ``max_steps`` or SIGINT/SIGTERM; export the HF checkpoint (``final_dir`` when it
+    reached ``max_steps``, else ``last/`` beside it).
 
     Without ``url`` it shares the run's embedded nats-server (or starts it), like every actor.
     """
@@ -53,8 +54,10 @@ async def serve_learner(cfg: RunConfig, url: str | None) -> LearnerState:
                 loop.add_signal_handler(sig, learner.stop)
         state = await learner.run()
     final = Path(lc.path(lc.final_dir, run_dir))
+    if not 0 < lc.max_steps <= state.step:  # stopped early: its weights are not the final model
+        final = final.parent / "last"
     await asyncio.to_thread(weights.export_final, backend.export_hf, final)
-    log.info("learner stopped at step %d, version %d; final weights in %s", state.step, state.version, final)
+    log.info("learner stopped at step %d, version %d; weights in %s", state.step, state.version, final)
     return state
 
 

@@ -109,7 +109,7 @@ async def run_local(
     plots = await asyncio.to_thread(lambda: plot_run(run_dir, sorted(Path(run_dir).glob("*metrics*.jsonl"))))
     print(progress.line(), file=out)
     print(f"plots: {', '.join(str(p) for p in plots) or 'none (no metrics)'}", file=out)
-    for line in summary_lines(cfg):
+    for line in summary_lines(cfg, completed=completed):
         print(line, file=out)
     if not completed:
         print(f"run {cfg.name} stopped before it completed", file=out)

@@ -19,8 +19,11 @@ def eval_history(metrics_file: Path) -> list[EvalPoint]:
             for row in read_metrics([metrics_file]) if "controller/eval/accuracy" in row]
 
 
-def summary_lines(cfg: RunConfig) -> list[str]:
-    """Eval accuracy at the first and last eval pass, the final model, and the trajectories' stream."""
+def summary_lines(cfg: RunConfig, *, completed: bool = True) -> list[str]:
+    """Eval accuracy at the first and last eval pass, the model, and the trajectories' stream.
+
+    Only a completed run has a final model; a stopped one names the last weights its learner exported.
+    """
     run_dir = Path(cfg.run_dir)
     lines = []
     evals = eval_history(run_dir / "controller_metrics.jsonl")
@@ -29,8 +32,11 @@ def summary_lines(cfg: RunConfig) -> list[str]:
         lines.append(f"eval accuracy (held-out, greedy): {100 * a0:.1f}% at v{v0} -> {100 * a1:.1f}% at v{v1} "
                      f"({100 * (a1 - a0):+.1f} points)")
     final = Path(cfg.learner.path(cfg.learner.final_dir, str(run_dir)))
-    if (final / "config.json").exists():
+    last = final.parent / "last"
+    if completed and (final / "config.json").exists():
         lines.append(f"final model (Hugging Face checkpoint): {final}")
+    elif not completed and (last / "config.json").exists():
+        lines.append(f"last weights (the run was stopped, this is not the final model): {last}")
     store = f" (store: {run_dir / 'nats'})" if not cfg.nats.url else ""
     lines.append(f"trajectories: stream {Subjects(cfg.name).traj_stream}{store}")
     return lines

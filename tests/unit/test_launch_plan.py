@@ -7,6 +7,7 @@ from pathlib import Path
 from agentrl.config import RunConfig, load_config
 from agentrl.launch.local import resolve
 from agentrl.launch.plan import plan_actors
+from agentrl.launch.summary import summary_lines
 from agentrl.launch.supervisor import ReadyCheck
 
 
@@ -45,3 +46,15 @@ def test_no_engines_uses_configured_urls_and_no_envd_without_remote_envs(tmp_pat
     assert ports == [] and cfg.controller.engines == ["http://gpu:30000"]
     names = [s.name for s in plan_actors(cfg, tmp_path / "c.yaml", "nats://x:1", ports, no_check)]
     assert names == ["worker-0", "controller", "learner"]
+
+
+def test_a_stopped_run_names_its_last_weights_never_a_final_model(tmp_path: Path) -> None:
+    cfg = load_config(RunConfig, None, [f"dir={tmp_path}/{{name}}", "name=demo"])
+    run_dir = Path(cfg.run_dir)
+    for name in ("final", "last"):
+        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / "config.json").write_text("{}")
+    stopped = summary_lines(cfg, completed=False)
+    assert f"last weights (the run was stopped, this is not the final model): {run_dir / 'last'}" in stopped
+    assert not any("final" in line for line in stopped)
+    assert f"final model (Hugging Face checkpoint): {run_dir / 'final'}" in summary_lines(cfg, completed=True)
