@@ -169,6 +169,7 @@ class Turn(msgspec.Struct, kw_only=True, omit_defaults=True):
     reward: float | None = None
     finish_reason: str | None = None
     seconds: float = 0.0
+    temperature: float | None = None  # model turns: the sampling temperature of their tokens
     info: dict[str, Any] = {}
 
 
@@ -242,6 +243,7 @@ class Trajectory(Message, kw_only=True):
     env: str = ""
     is_eval: bool = False
     attempt: int = 0
+    temperature: float = 1.0  # sampling temperature of model tokens not covered by a model turn's own
     metadata: dict[str, Any] = {}
     created_at: float = msgspec.field(default_factory=time.time)
 
@@ -255,6 +257,18 @@ class Trajectory(Message, kw_only=True):
     @property
     def num_trained_tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+    def token_temperatures(self) -> np.ndarray:
+        """The sampling temperature of every token (float32): each model turn's own, else ``temperature``.
+
+        The behaviour logprobs are of ``softmax(logits / T)``, so the learner scores the same distribution.
+        Greedy (``T <= 0``) counts as 1, as the engine reports logprobs of the unscaled logits then.
+        """
+        temps = np.full(self.num_tokens, _effective_temperature(self.temperature), dtype=np.float32)
+        for turn in self.turns:
+            if turn.kind == "model" and turn.temperature is not None:
+                temps[turn.start:turn.end] = _effective_temperature(turn.temperature)
+        return temps
 
     def staleness(self, current_version: int) -> np.ndarray:
         """Per trained token: how many versions behind ``current_version`` it was sampled."""
@@ -280,6 +294,10 @@ class Event(Message, kw_only=True):
     source: str = ""
     data: dict[str, Any] = {}
     time: float = msgspec.field(default_factory=time.time)
+
+
+def _effective_temperature(t: float) -> float:
+    return t if t > 0 else 1.0
 
 
 _ALIGN_DTYPES = {"tokens": "<i4", "loss_mask": "|u1", "logprobs": "<f4", "versions": "<i4"}

@@ -74,7 +74,8 @@ def to_samples(items: Sequence[TrainItem], group_index: Sequence[int], advantage
         mask = item.mask.copy()
         mask[:1] = 0.0
         samples.append(Sample(tokens=item.traj.tokens, mask=mask, behaviour_logprobs=item.traj.logprobs,
-                              advantage=float(a), versions=item.traj.versions))
+                              advantage=float(a), versions=item.traj.versions,
+                              temperature=item.traj.token_temperatures()))
     return samples
 
 

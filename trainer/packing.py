@@ -32,12 +32,15 @@ class Sample:
     behaviour_logprobs: np.ndarray  # float: logprob under the sampling policy (0 where mask is 0)
     advantage: float = 0.0
     versions: np.ndarray | None = None  # int policy version per token (for staleness metrics)
+    temperature: np.ndarray | None = None  # float sampling temperature per token (None = 1.0)
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
-        if len(self.mask) != n or len(self.behaviour_logprobs) != n:
+        temps = n if self.temperature is None else len(self.temperature)
+        if len(self.mask) != n or len(self.behaviour_logprobs) != n or temps != n:
             raise ValueError(
                 f"sample arrays misaligned: tokens={n} mask={len(self.mask)} logprobs={len(self.behaviour_logprobs)}"
+                f" temperature={temps}"
             )
         if n and self.mask[0] != 0:
             raise ValueError("sample: the first token has no prediction and cannot be trained on (mask[0] must be 0)")
@@ -59,6 +62,8 @@ class MicroBatch:
     advantages: torch.Tensor
     sample_ids: list[int]  # index of each packed sequence in the list given to pack()
     proximal_logprobs: torch.Tensor | None = None  # [T], set when the policy takes several steps per batch
+    # [T] sampling temperature of each token: its logprob is log_softmax(logits[t-1] / temperature[t]); None = 1
+    temperature: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +77,7 @@ class MicroBatch:
             behaviour_logprobs=self.behaviour_logprobs.to(device), advantages=self.advantages.to(device),
             sample_ids=self.sample_ids,
             proximal_logprobs=None if self.proximal_logprobs is None else self.proximal_logprobs.to(device),
+            temperature=None if self.temperature is None else self.temperature.to(device),
         )
 
 
@@ -121,20 +127,33 @@ def pack(samples: Sequence[Sample], ids: Sequence[int] | None = None) -> MicroBa
         ),
         advantages=torch.from_numpy(np.repeat(np.asarray([s.advantage for s in seqs], dtype=np.float32), lens)),
         sample_ids=chosen,
+        temperature=_temperatures(seqs),
     )
+
+
+def _temperatures(seqs: Sequence[Sample]) -> torch.Tensor | None:
+    """The packed per-token temperatures, or None when every sequence was sampled at temperature 1."""
+    temps = [np.ones(len(s), np.float32) if s.temperature is None else np.asarray(s.temperature, np.float32)
+             for s in seqs]
+    flat = np.concatenate(temps)
+    return None if bool(np.all(flat == 1.0)) else torch.from_numpy(flat)
 
 
 def token_logprobs(
     logits: torch.Tensor, input_ids: torch.Tensor, seq_starts: torch.Tensor, *, with_entropy: bool = False,
-    entropy_grad: bool = False,
+    entropy_grad: bool = False, temperature: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob (and optionally entropy) of every token of a packed row, computed in float32.
 
     ``logits`` is ``[T, V]``, ``input_ids`` ``[T]``, ``seq_starts`` a bool ``[T]`` marking each sequence's
-    first token. Token ``t`` is scored by ``logits[t-1]``; first tokens get logprob 0 and entropy 0. The
-    entropy carries a gradient only with ``entropy_grad`` (an entropy bonus); else it is a detached metric.
+    first token. Token ``t`` is scored by ``logits[t-1] / temperature[t]`` (the distribution it was sampled
+    from; ``temperature`` ``[T]`` or None = 1); first tokens get logprob 0 and entropy 0. The entropy carries
+    a gradient only with ``entropy_grad`` (an entropy bonus); else it is a detached metric.
     """
-    logp_all = torch.log_softmax(logits[:-1], dim=-1, dtype=torch.float32)  # upcasts without an extra copy
+    scores = logits[:-1]
+    if temperature is not None:
+        scores = scores.float() / temperature[1:, None].to(scores.device)
+    logp_all = torch.log_softmax(scores, dim=-1, dtype=torch.float32)  # upcasts without an extra copy
     next_logp = logp_all.gather(-1, input_ids[1:, None]).squeeze(-1)
     zero = next_logp.new_zeros(1)
     logp = torch.cat([zero, next_logp]).masked_fill(seq_starts, 0.0)

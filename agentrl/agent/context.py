@@ -179,7 +179,7 @@ class EpisodeContext:
             out = await self.generator.generate(self.traj.token_ids, sp, rid=rid, session_id=self.trajectory_id)
         finally:
             self._rid = None
-        turn = self._record(out, resumed, time.perf_counter() - t0)
+        turn = self._record(out, resumed, time.perf_counter() - t0, sp.temperature)
         if out.finish_reason == "abort":
             raise EpisodeAborted(self.trajectory_id)
         return turn
@@ -202,7 +202,7 @@ class EpisodeContext:
         overrides = {**overrides, "max_new_tokens": max(1, min(budget, overrides.get("max_new_tokens", budget)))}
         return msgspec.structs.replace(sp, **overrides)
 
-    def _record(self, out: GenerateOutput, resumed: Turn | None, seconds: float) -> ModelTurn:
+    def _record(self, out: GenerateOutput, resumed: Turn | None, seconds: float, temperature: float) -> ModelTurn:
         start, end = self.traj.append_model(out.output_ids, out.logprobs, out.versions)
         if out.engine_id:
             self.engine_id = out.engine_id
@@ -216,7 +216,7 @@ class EpisodeContext:
         info = {"raw_text": raw, "rid": out.rid, "engine_id": out.engine_id, "weight_version": out.weight_version}
         self.traj.turns.append(
             Turn(kind="model", start=start, end=end, text=text, finish_reason=out.finish_reason,
-                 seconds=seconds, info=info)
+                 seconds=seconds, temperature=temperature, info=info)
         )
         return ModelTurn(ids, text, raw, out.finish_reason, start, end)
 
@@ -271,5 +271,6 @@ class EpisodeContext:
             env=task.env,
             is_eval=task.is_eval,
             attempt=task.attempt,
+            temperature=self.sampling.temperature,
             metadata={**task.metadata, **(metadata or {})},
         )

@@ -29,20 +29,22 @@ torch.set_num_threads(1)
 TOL = 1e-4
 
 
-async def rollouts(url: str, groups: int = 3, n: int = 2, seed: int = 0) -> list[Trajectory]:
+async def rollouts(url: str, groups: int = 3, n: int = 2, seed: int = 0, temperature: float = 1.0) -> list[Trajectory]:
     rng = np.random.default_rng(seed)
     out = []
     async with EngineClient(url) as client:
         for g in range(groups):
             prompt = rng.integers(1, 400, int(rng.integers(3, 12))).astype(np.int32)
             for i in range(n):
-                gen = await client.generate(prompt, SamplingParams(temperature=1.0, max_new_tokens=int(rng.integers(4, 20)), ignore_eos=True))
+                sp = SamplingParams(temperature=temperature, max_new_tokens=int(rng.integers(4, 20)), ignore_eos=True)
+                gen = await client.generate(prompt, sp)
                 k = len(gen.output_ids)
                 out.append(Trajectory(
                     id=f"{g}-{i}", task_id=f"{g}-{i}", group_id=str(g), group_size=n,
                     tokens=np.r_[prompt, gen.output_ids], prompt_len=len(prompt),
                     loss_mask=np.r_[np.zeros(len(prompt)), np.ones(k)], logprobs=np.r_[np.zeros(len(prompt)), gen.logprobs],
                     versions=np.r_[np.full(len(prompt), -1), gen.versions], reward=float(rng.integers(0, 2)),
+                    temperature=temperature,
                 ))
     return out
 
@@ -62,8 +64,12 @@ def max_gap(backend: TorchBackend, trajs: list[Trajectory]) -> float:
     return gap
 
 
-async def test_step0_logprobs_match_and_first_update_is_on_policy(tiny_model_dir: Path, engine_url: str) -> None:
-    trajs = await rollouts(engine_url)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+async def test_step0_logprobs_match_and_first_update_is_on_policy(
+    tiny_model_dir: Path, engine_url: str, temperature: float
+) -> None:
+    """The learner scores the distribution the engine sampled from (logits / T), so at step 0 they agree."""
+    trajs = await rollouts(engine_url, temperature=temperature)
     assert all(int(t.versions[t.prompt_len:].max()) == 0 for t in trajs)
     backend = build_torch_backend(LearnerConfig(model=str(tiny_model_dir), device="cpu"))
     assert max_gap(backend, trajs) <= TOL

@@ -169,3 +169,14 @@ def test_corrupted_messages_raise_our_decode_error(t: Trajectory, data: st.DataO
     cut = data.draw(st.integers(0, len(raw)))
     with contextlib.suppress(DecodeError):
         decode(bytes(raw[:cut]))
+
+
+def test_token_temperatures_follow_model_turns_and_treat_greedy_as_one() -> None:
+    from agentrl.messages import Turn
+
+    traj = Trajectory(
+        id="t", task_id="t", group_id="g", tokens=np.arange(6), loss_mask=np.array([0, 1, 1, 0, 1, 1]),
+        logprobs=np.zeros(6), versions=np.zeros(6), prompt_len=1, temperature=0.9,
+        turns=[Turn(kind="model", start=1, end=3, temperature=0.5), Turn(kind="model", start=4, end=6, temperature=0.0)],
+    )
+    assert traj.token_temperatures().tolist() == pytest.approx([0.9, 0.5, 0.5, 0.9, 1.0, 1.0])

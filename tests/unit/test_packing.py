@@ -140,3 +140,24 @@ def test_token_logprobs_and_entropy_match_a_plain_reference() -> None:
         p = torch.softmax(row, -1)
         assert lp[i].item() == pytest.approx(float(row[ids[i]] - torch.logsumexp(row, -1)), abs=1e-5)
         assert ent[i].item() == pytest.approx(float(-(p * p.log()).sum()), abs=1e-5)
+
+
+def test_token_logprobs_score_each_token_at_its_sampling_temperature() -> None:
+    torch.manual_seed(1)
+    logits, ids = torch.randn(6, 11), torch.randint(0, 11, (6,))
+    starts = torch.tensor([True, False, False, True, False, False])
+    temps = torch.tensor([1.0, 0.7, 0.7, 1.0, 1.0, 0.5])
+    lp, _ = token_logprobs(logits, ids, starts, temperature=temps)
+    for t in (1, 2, 4, 5):
+        ref = torch.log_softmax(logits[t - 1] / temps[t], -1)[ids[t]]
+        assert float(lp[t]) == pytest.approx(float(ref), abs=1e-6)
+    assert float(lp[0]) == float(lp[3]) == 0.0
+
+
+def test_pack_carries_temperatures_and_omits_them_when_all_one() -> None:
+    a = Sample(tokens=np.arange(3), mask=np.array([0, 1, 1.0]), behaviour_logprobs=np.zeros(3),
+               temperature=np.array([1.0, 0.7, 0.7]))
+    b = Sample(tokens=np.arange(2), mask=np.array([0, 1.0]), behaviour_logprobs=np.zeros(2))
+    mb = pack([a, b])
+    assert mb.temperature is not None and mb.temperature.tolist() == pytest.approx([1, 0.7, 0.7, 1, 1])
+    assert pack([b, b]).temperature is None

@@ -103,7 +103,7 @@ class TorchBackend:
             out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, **extra)
         starts = mb.position_ids[0] == 0
         return token_logprobs(out.logits[0], mb.input_ids[0], starts, with_entropy=with_entropy,
-                              entropy_grad=entropy_grad)
+                              entropy_grad=entropy_grad, temperature=mb.temperature)
 
     @torch.no_grad()
     def logprobs(self, mb: MicroBatch) -> torch.Tensor:
