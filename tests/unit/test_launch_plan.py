@@ -56,5 +56,5 @@ def test_a_stopped_run_names_its_last_weights_never_a_final_model(tmp_path: Path
         (run_dir / name / "config.json").write_text("{}")
     stopped = summary_lines(cfg, completed=False)
     assert f"last weights (the run was stopped, this is not the final model): {run_dir / 'last'}" in stopped
-    assert not any("final" in line for line in stopped)
+    assert not any(line.startswith("final model") for line in stopped)
     assert f"final model (Hugging Face checkpoint): {run_dir / 'final'}" in summary_lines(cfg, completed=True)
