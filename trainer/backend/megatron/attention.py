@@ -1,0 +1,116 @@
+"""Our core attention for megatron-core's local spec: RoPE, then causal attention within each packed sequence.
+
+Megatron's local ``DotProductAttention`` materialises ``[b, heads, s, s]`` scores and refuses packed
+sequences; its THD RoPE splits the row per sequence on the host. :class:`VarlenAttention` replaces both
+(the model is built with ``position_embedding_type="none"``, and this module applies the rotary embedding
+from the per-token angles in :class:`~trainer.backend.megatron.thd.PackedBatch`):
+
+- ``varlen``: PyTorch's flash-attention varlen kernel over the whole packed row (``cu_seqlens``), one launch
+  per layer, GQA without repeating K/V (CUDA only);
+- ``sdpa``: one causal ``scaled_dot_product_attention`` per sequence (any device; the CPU path).
+
+Inputs are Megatron's THD tensors ``[T, heads, head_dim]`` (query) and ``[T, groups, head_dim]`` (key, value)
+of this TP rank's heads; the output is ``[T, heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainer.backend.megatron._mcore import MCORE_ERROR
+from trainer.backend.megatron.thd import PackedBatch
+
+__all__ = ["VarlenAttention", "apply_rope", "resolve_kernel", "varlen_available"]
+
+if MCORE_ERROR is None:
+    from megatron.core.transformer.module import MegatronModule
+else:  # pure helpers below still import
+    MegatronModule = torch.nn.Module
+
+
+def varlen_available() -> bool:
+    """True when PyTorch ships the flash varlen attention and a GPU can run it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_kernel(name: str, device: torch.device) -> str:
+    """``auto`` → ``varlen`` on a GPU with the kernel, else ``sdpa``; ``varlen`` elsewhere is an error."""
+    if name == "auto":
+        return "varlen" if device.type == "cuda" and varlen_available() else "sdpa"
+    if name == "varlen" and (device.type != "cuda" or not varlen_available()):
+        from agentrl.errors import ConfigError
+
+        raise ConfigError("config key learner.megatron.attention: varlen needs CUDA and torch.nn.attention.varlen")
+    return name
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[T, heads, d]`` by the angles ``cos``/``sin`` ``[T, 1, d]`` (cast to ``x``'s dtype, as HF does)."""
+    return x * cos.to(x.dtype) + _rotate_half(x) * sin.to(x.dtype)
+
+
+def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: tuple[int, ...],
+                       scale: float) -> torch.Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    outs = []
+    for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens), strict=True):
+        out = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                             is_causal=True, scale=scale, enable_gqa=gqa)
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _varlen_kwargs() -> dict[str, Any]:
+    """Causal masking across torch versions: ``is_causal=True`` (2.9-2.12) or a (-1, 0) window (newer)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    return kwargs
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedBatch, scale: float) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = packed.cu_seqlens_q
+    out = varlen_attn(q, k, v, cu, cu, packed.max_seqlen_q, packed.max_seqlen_q, scale=scale, **_varlen_kwargs())
+    return out[0] if isinstance(out, tuple) else out
+
+
+class VarlenAttention(MegatronModule):  # type: ignore[misc]
+    """Megatron core-attention module (built through a ``ModuleSpec``) for packed THD batches."""
+
+    def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str,
+                 kernel: str = "sdpa", **_: Any) -> None:
+        super().__init__(config=config)
+        if kernel not in ("varlen", "sdpa"):
+            raise ValueError(f"VarlenAttention: kernel must be varlen or sdpa, got {kernel!r}")
+        self.kernel = kernel
+        self.scale = 1.0 / config.kv_channels ** 0.5
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+                attn_mask_type: Any = None, attention_bias: Any = None,
+                packed_seq_params: PackedBatch | None = None) -> torch.Tensor:
+        if not isinstance(packed_seq_params, PackedBatch) or packed_seq_params.rope_cos is None:
+            raise ValueError("VarlenAttention needs a PackedBatch with RoPE tables (see trainer.backend.megatron.thd)")
+        packed = packed_seq_params
+        query = apply_rope(query, packed.rope_cos, packed.rope_sin)
+        key = apply_rope(key, packed.rope_cos, packed.rope_sin)
+        if self.kernel == "varlen":
+            return _varlen(query, key, value, packed, self.scale)
+        return _sdpa_per_sequence(query, key, value, packed.seq_lens, self.scale)
