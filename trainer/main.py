@@ -13,7 +13,7 @@ import torch
 from agentrl.bus.local import open_bus
 from agentrl.config.loader import dump_config
 from agentrl.config.run import RunConfig
-from trainer.backend.torch_backend import build_torch_backend
+from trainer.backend import open_backend
 from trainer.bus_adapter import BusLink, open_trajectory_consumer
 from trainer.checkpoint import Checkpointer, LearnerState
 from trainer.learner import Learner
@@ -37,26 +37,26 @@ async def serve_learner(cfg: RunConfig, url: str | None) -> LearnerState:
         torch.set_num_threads(lc.torch_threads)
     torch.manual_seed(cfg.seed)
     await asyncio.to_thread(dump_config, cfg, cfg.run_dir / "learner_config.yaml")  # what this run used
-    backend = await asyncio.to_thread(build_torch_backend, lc)
-    async with open_bus(cfg, url) as bus:
-        weights = DiskWeightSink(
-            Path(lc.path(lc.weights_dir, run_dir)), keep=lc.keep_weights, base_model=Path(lc.model),
-            blobs=bus if lc.publish_to_object_store else None, bucket=bus.subjects.weights_bucket,
-        )
-        learner = Learner(
-            lc, backend, await open_trajectory_consumer(bus, lc), BusLink(bus), weights,
-            Checkpointer(Path(lc.path(lc.checkpoint_dir, run_dir)), keep=lc.keep_checkpoints),
-            MetricsSink(Path(lc.path(lc.metrics_file, run_dir)), bus),
-        )
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, learner.stop)
-        state = await learner.run()
-    final = Path(lc.path(lc.final_dir, run_dir))
-    if not 0 < lc.max_steps <= state.step:  # stopped early: its weights are not the final model
-        final = final.parent / "last"
-    await asyncio.to_thread(weights.export_final, backend.export_hf, final)
+    with open_backend(lc, cfg.seed) as backend:  # megatron: starts (and at the end stops) its other ranks
+        async with open_bus(cfg, url) as bus:
+            weights = DiskWeightSink(
+                Path(lc.path(lc.weights_dir, run_dir)), keep=lc.keep_weights, base_model=Path(lc.model),
+                blobs=bus if lc.publish_to_object_store else None, bucket=bus.subjects.weights_bucket,
+            )
+            learner = Learner(
+                lc, backend, await open_trajectory_consumer(bus, lc), BusLink(bus), weights,
+                Checkpointer(Path(lc.path(lc.checkpoint_dir, run_dir)), keep=lc.keep_checkpoints),
+                MetricsSink(Path(lc.path(lc.metrics_file, run_dir)), bus),
+            )
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError):
+                    loop.add_signal_handler(sig, learner.stop)
+            state = await learner.run()
+        final = Path(lc.path(lc.final_dir, run_dir))
+        if not 0 < lc.max_steps <= state.step:  # stopped early: its weights are not the final model
+            final = final.parent / "last"
+        await asyncio.to_thread(weights.export_final, backend.export_hf, final)
     log.info("learner stopped at step %d, version %d; weights in %s", state.step, state.version, final)
     return state
 

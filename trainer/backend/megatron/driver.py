@@ -12,6 +12,7 @@ acked for the step, so its trajectories are redelivered to the restarted learner
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
 from collections.abc import Sequence
@@ -58,8 +59,10 @@ def _execute(engine: MegatronEngine, cmd: Command) -> tuple[Any, str | None]:
     """Run ``cmd`` on this rank; its result and None, or None and the error's traceback."""
     if cmd.name not in _METHODS:
         return None, f"unknown command {cmd.name!r}"
+    device = torch.cuda.device(engine.rank.device) if engine.rank.device.type == "cuda" else contextlib.nullcontext()
     try:
-        return getattr(engine, cmd.name)(*cmd.args, **cmd.kwargs), None
+        with device:  # the learner calls from worker threads; the current GPU is per thread
+            return getattr(engine, cmd.name)(*cmd.args, **cmd.kwargs), None
     except Exception:
         return None, traceback.format_exc()
 
