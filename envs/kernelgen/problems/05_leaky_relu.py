@@ -1,0 +1,21 @@
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# small sizes for the CPU interpreter (TRITON_INTERPRET=1), GPU-sized under CUDA; neither is a block multiple
+N = (1 << 24) + 3 if torch.cuda.is_available() else 1000
+
+
+class Model(nn.Module):
+    """Leaky ReLU with slope 0.01."""
+
+    def forward(self, x):
+        return F.leaky_relu(x, 0.01)
+
+
+def get_inputs():
+    return [torch.randn(N)]
+
+
+def get_init_inputs():
+    return []
