@@ -13,6 +13,7 @@ import torch
 from agentrl.bus.local import open_bus
 from agentrl.config.loader import dump_config
 from agentrl.config.run import RunConfig
+from agentrl.contract import join_contract
 from trainer.backend import open_backend
 from trainer.bus_adapter import BusLink, open_trajectory_consumer
 from trainer.checkpoint import Checkpointer, LearnerState
@@ -39,12 +40,13 @@ async def serve_learner(cfg: RunConfig, url: str | None) -> LearnerState:
     await asyncio.to_thread(dump_config, cfg, cfg.run_dir / "learner_config.yaml")  # what this run used
     with open_backend(lc, cfg.seed) as backend:  # megatron: starts (and at the end stops) its other ranks
         async with open_bus(cfg, url) as bus:
+            await join_contract(bus, cfg.training, actor="learner")
             weights = DiskWeightSink(
                 Path(lc.path(lc.weights_dir, run_dir)), keep=lc.keep_weights, base_model=Path(lc.model),
                 blobs=bus if lc.publish_to_object_store else None, bucket=bus.subjects.weights_bucket,
             )
             learner = Learner(
-                lc, backend, await open_trajectory_consumer(bus, lc), BusLink(bus), weights,
+                lc, cfg.training, backend, await open_trajectory_consumer(bus, lc), BusLink(bus), weights,
                 Checkpointer(Path(lc.path(lc.checkpoint_dir, run_dir)), keep=lc.keep_checkpoints),
                 MetricsSink(Path(lc.path(lc.metrics_file, run_dir)), bus),
             )
@@ -54,7 +56,8 @@ async def serve_learner(cfg: RunConfig, url: str | None) -> LearnerState:
                     loop.add_signal_handler(sig, learner.stop)
             state = await learner.run()
         final = Path(lc.path(lc.final_dir, run_dir))
-        if not 0 < lc.max_steps <= state.step:  # stopped early: its weights are not the final model
+        last_step = cfg.training.max_steps
+        if last_step is None or state.step < last_step:  # stopped early: its weights are not the final model
             final = final.parent / "last"
         await asyncio.to_thread(weights.export_final, backend.export_hf, final)
     log.info("learner stopped at step %d, version %d; weights in %s", state.step, state.version, final)
