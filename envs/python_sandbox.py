@@ -1,11 +1,11 @@
 """A Python code-execution tool environment: the model runs code in :mod:`envs.sandbox`.
 
-Tool ``python(code)`` runs the code in a fresh subprocess (wall-clock, memory, CPU
-and process limits, no network, scratch working directory) and returns its output
-— or why it was stopped — as the tool response. A turn without a tool call is the
-final answer, scored against ``task.label`` with :mod:`envs.math_verifier`.
-Limits come from ``task.env_args`` (``wall_s``, ``cpu_s``, ``memory_mb``,
-``max_processes``) over the defaults.
+Tool ``python(code)`` runs the code in a fresh sandbox (wall-clock, whole-sandbox memory,
+CPU and process limits, no network, a minimal read-only root, a size-limited scratch
+directory) and returns its output — or why it was stopped — as the tool response. A
+turn without a tool call is the final answer, scored against ``task.label`` with
+:mod:`envs.math_verifier`. Limits come from ``task.env_args`` (``wall_s``, ``cpu_s``,
+``memory_mb``, ``max_processes``, ``scratch_mb``) over the defaults.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ PYTHON_TOOL: dict[str, Any] = {
         },
     },
 }
-_LIMIT_KEYS = {"wall_s", "cpu_s", "memory_mb", "max_processes"}
+_LIMIT_KEYS = {"wall_s", "cpu_s", "memory_mb", "max_processes", "scratch_mb"}
 
 
 class PythonSandboxEnv:

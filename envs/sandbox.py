@@ -1,64 +1,72 @@
 """Run untrusted Python code in a subprocess with hard limits.
 
-:func:`run_python` never blocks the event loop (asyncio subprocess) and never
-raises because of what the code does; the :class:`SandboxResult` says how it ended
-(``ok``, ``error``, ``timeout``, ``memory``, ``cpu``, ``process_limit``, ``output_limit``). It raises
-:class:`~agentrl.errors.SandboxError` only when the sandbox itself cannot start.
+:func:`run_python` never blocks the event loop (asyncio subprocess) and never raises because of what the
+code does; the :class:`SandboxResult` says how it ended: ``ok``, ``error`` (non-zero exit), ``timeout``
+(wall clock), ``memory`` (the sandbox's memory limit), ``cpu`` (CPU seconds), ``process_limit`` (a fork
+refused), ``disk_limit`` (scratch full or file too large), ``crash`` (killed by a fault signal such as
+SIGSEGV; ``exit_code`` is minus the signal) or ``output_limit`` (stdout/stderr cut at
+``max_output_bytes``). It raises :class:`~agentrl.errors.SandboxError` only when the sandbox itself cannot
+start.
 
-Limits, always applied (``setrlimit`` in the child):
+**Isolated** (root on Linux with namespaces; :func:`isolation_available`), set up by
+:mod:`envs.sandbox_init` before the code runs:
 
-* wall clock (the whole process tree is killed at the deadline),
-* address space ``RLIMIT_AS`` (memory), CPU seconds ``RLIMIT_CPU``, file size
-  ``RLIMIT_FSIZE``, open files ``RLIMIT_NOFILE``, and the number of processes
-  ``RLIMIT_NPROC`` (a fork bomb gets ``EAGAIN``);
-* captured stdout/stderr are cut at ``max_output_bytes``.
+* new mount, pid, network, IPC and UTS namespaces: no network interfaces at all; a private ``/proc``
+  that shows only the sandbox's processes; when the code's main process exits, every process it left
+  behind dies with the namespace;
+* a minimal read-only root: ``/usr`` and the library directories, the interpreter's prefix (and its
+  venv), a generated ``/etc`` (``passwd``, ``group``, ``hosts``), ``/dev/{null,zero,full,random,urandom}``
+  and whatever ``ro_paths`` / ``devices`` add. Nothing else of the host (``/etc/passwd``, ``/root``, the
+  project checkout, other users' files) exists inside;
+* the working directory ``/scratch`` is a tmpfs of ``scratch_mb`` (the only writable place, with a small
+  ``/dev/shm``);
+* whole-sandbox accounting in a cgroup (:mod:`envs.sandbox_cgroup`, v2 or v1) when one can be created:
+  ``memory_mb`` bounds the memory of every process of the sandbox together (tmpfs included, no swap), and
+  ``max_processes`` bounds its tasks; the OOM killer's and the task limit's counters give the reason;
+* a private unprivileged uid per concurrent sandbox with ``no_new_privs``, and rlimits on CPU seconds,
+  file size, open files, core dumps and processes (per-process address space only without a cgroup).
 
-Isolation, when the parent runs as root with ``unshare`` available (measured on
-this machine; :func:`isolation_available` reports it):
-
-* a private network namespace with no interfaces: no network at all;
-* a private mount namespace: a read-only tmpfs over every world-writable directory
-  (``/tmp``, ``/var/tmp``, ``/dev/shm``, ...) and over a non-traversable directory
-  that holds the interpreter (e.g. ``/root``, with the interpreter bound back);
-  the scratch directory is bound back, writable, at its own path;
-* the code runs as a dedicated unprivileged uid (one per concurrent sandbox), so
-  ``RLIMIT_NPROC`` applies (root is exempt from it), it can write only to its
-  scratch directory, and every process it left behind is found and killed by uid.
-
-Without root the child still gets the rlimits, a scratch working directory, and an
-audit hook that refuses socket creation (weaker: Python-level only).
+**Not isolated** (not root): rlimits only (address space for memory, processes), a scratch working
+directory, and an audit hook that refuses socket creation (weaker: Python-level only). Root without
+isolation is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
+import json
 import os
 import resource
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from agentrl.errors import SandboxError
+from envs.sandbox_cgroup import SandboxCgroup, cgroup_root
 
-__all__ = ["SandboxLimits", "SandboxResult", "isolation_available", "run_python"]
+__all__ = ["SandboxLimits", "SandboxResult", "classify", "isolation_available", "run_python"]
 
-SandboxStatus = Literal["ok", "error", "timeout", "memory", "cpu", "process_limit", "output_limit"]
+SandboxStatus = Literal[
+    "ok", "error", "timeout", "memory", "cpu", "process_limit", "disk_limit", "crash", "output_limit"
+]
 
-_CLONE_NEWNS, _CLONE_NEWNET = 0x00020000, 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 32, 4096, 0x4000, 1 << 18
+HELPER = str(Path(__file__).with_name("sandbox_init.py"))
+SCRATCH = "/scratch"  # the working directory inside an isolated sandbox
+SYSTEM_BINDS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache")
+CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS,
+                 signal.SIGTRAP}
 _UID_BASE, _UID_SPAN = 200_000, 50_000
-_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
+_SETUP_FAILED = 120
+_FORK_REFUSED = b"BlockingIOError: [Errno 11]"
 
 # Runs in the child before the user's code: refuses sockets even where no network namespace exists.
 _PRELUDE = """import sys
@@ -78,11 +86,12 @@ class SandboxLimits:
 
     wall_s: float = 10.0
     cpu_s: int = 10
-    memory_mb: int = 512
-    max_processes: int = 16
+    memory_mb: int = 512  # the whole sandbox with a cgroup (tmpfs included); per process without one
+    max_processes: int = 16  # tasks (processes and threads) of the whole sandbox
     max_file_mb: int = 16
     max_open_files: int = 64
     max_output_bytes: int = 16_384
+    scratch_mb: int = 64  # size of the /scratch tmpfs (isolated only)
 
 
 @dataclass(slots=True)
@@ -92,38 +101,77 @@ class SandboxResult:
     status: SandboxStatus
     stdout: str
     stderr: str
-    exit_code: int | None
+    exit_code: int | None  # minus the signal number when a signal killed it
     seconds: float
-    isolated: bool = False  # network + mount namespaces and a private uid were in force
+    isolated: bool = False  # namespaces, the minimal root and a private uid were in force
     files: list[str] = field(default_factory=list)  # names left in the scratch directory
+    accounting: Literal["cgroup", "rlimit"] = "rlimit"  # how memory and processes were bounded
+    collected: dict[str, bytes] = field(default_factory=dict)  # the requested result files that existed
 
     def summary(self, max_chars: int = 4000) -> str:
         """A text for the model: status line, then stdout and stderr."""
         head = {"ok": "", "error": f"exit code {self.exit_code}"}.get(self.status, f"stopped: {self.status}")
+        if self.status == "crash" and self.exit_code is not None and self.exit_code < 0:
+            head += f" ({signal.Signals(-self.exit_code).name})"
         parts = [p for p in (head, self.stdout.rstrip(), self.stderr.rstrip()) if p]
         return "\n".join(parts)[-max_chars:] or "(no output)"
 
 
+def classify(
+    exit_code: int | None, stderr: bytes, *, timed_out: bool = False, output_over: bool = False,
+    oom_kills: int = 0, task_limit_hits: int = 0, cpu_s: float = 0.0, cpu_limit_s: float = float("inf"),
+    disk_full: bool = False,
+) -> SandboxStatus:
+    """Why a run ended (pure). A limit is blamed only for a run that failed; a fault signal is a ``crash``."""
+    if timed_out:
+        return "timeout"
+    failed = exit_code != 0
+    sig = -exit_code if exit_code is not None and exit_code < 0 else None
+    if failed and (oom_kills > 0 or b"MemoryError" in stderr):
+        return "memory"
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_s >= cpu_limit_s):
+        return "cpu"
+    if failed and (task_limit_hits > 0 or _FORK_REFUSED in stderr):
+        return "process_limit"
+    if failed and (disk_full or b"[Errno 28]" in stderr or b"[Errno 27]" in stderr):
+        return "disk_limit"
+    if sig in CRASH_SIGNALS:
+        return "crash"
+    if output_over:
+        return "output_limit"
+    return "ok" if exit_code == 0 else "error"
+
+
 @functools.cache
 def isolation_available() -> bool:
-    """Whether namespaces, mounts and a private uid work here: root on Linux, probed once by running
-    ``true`` through the full isolation setup (containers without CAP_SYS_ADMIN fail the probe)."""
-    if sys.platform != "linux" or os.geteuid() != 0 or _libc() is None:
+    """Whether the isolated sandbox works here: root on Linux, probed once by running ``pass`` through the
+    full setup (containers without CAP_SYS_ADMIN fail the probe)."""
+    if sys.platform != "linux" or os.geteuid() != 0:
         return False
-    true = shutil.which("true")
-    if true is None:
-        return False
-    scratch, uid = _prepare("", None, isolate=True)
+    interpreter = _default_interpreter()
+    run = _Isolated("pass", SandboxLimits(), interpreter, None, _Options())
     try:
-        setup = _preexec(SandboxLimits(), scratch, uid, sys.executable)
-        done = subprocess.run([true], preexec_fn=setup, cwd=scratch, timeout=10, check=False)
+        r, w = os.pipe()
+        try:
+            done = subprocess.run([sys.executable, "-I", "-S", HELPER], input=run.spec(w).encode(), pass_fds=(w,),
+                                  capture_output=True, timeout=20, check=False)
+        finally:
+            os.close(w)
+            os.close(r)
         return done.returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        if uid is not None:
-            _claimed.discard(uid)
+        run.cleanup()
+
+
+@dataclass(frozen=True)
+class _Options:
+    env: Mapping[str, str] = field(default_factory=dict)
+    site_packages: bool = False
+    ro_paths: Sequence[str] = ()
+    devices: Sequence[str] = ()
+    collect: Sequence[str] = ()
 
 
 async def run_python(
@@ -133,58 +181,245 @@ async def run_python(
     python: str | None = None,
     scratch_root: str | None = None,
     isolate: bool | None = None,
+    env: Mapping[str, str] | None = None,
+    site_packages: bool = False,
+    ro_paths: Sequence[str] = (),
+    devices: Sequence[str] = (),
+    collect: Sequence[str] = (),
 ) -> SandboxResult:
-    """Execute ``code`` as ``main.py`` in a fresh scratch directory under ``limits``."""
+    """Execute ``code`` as ``main.py`` in a fresh scratch directory under ``limits``.
+
+    ``python`` is the interpreter (default: the base interpreter of this one), run with ``-I`` and,
+    unless ``site_packages``, ``-S``. ``env`` adds environment variables. Isolated runs see only the
+    minimal root plus ``ro_paths`` (read-only) and ``devices`` (e.g. ``/dev/nvidia0``). ``collect`` names
+    files in the scratch directory to return in :attr:`SandboxResult.collected` (regular files only,
+    each cut at ``max_file_mb``). ``scratch_root`` is where the host-side scratch directory goes.
+    """
+    for name in collect:
+        if not name or "/" in name or name in (".", ".."):
+            raise SandboxError(f"sandbox: collect names a plain file in the scratch directory, got {name!r}")
     isolate = await asyncio.to_thread(isolation_available) if isolate is None else isolate
     if not isolate and os.geteuid() == 0:
         raise SandboxError("sandbox: refusing to run code as root without isolation (RLIMIT_NPROC does not bind root)")
-    interpreter: str = python or getattr(sys, "_base_executable", None) or sys.executable
-    scratch, uid = await asyncio.to_thread(_prepare, code, scratch_root, isolate)
+    interpreter = python or _default_interpreter()
+    options = _Options(dict(env or {}), site_packages, tuple(ro_paths), tuple(devices), tuple(collect))
+    if isolate:
+        return await _run_isolated(code, limits, interpreter, scratch_root, options)
+    return await _run_plain(code, limits, interpreter, scratch_root, options)
+
+
+def _default_interpreter() -> str:
+    return getattr(sys, "_base_executable", None) or sys.executable
+
+
+def _argv(interpreter: str, options: _Options) -> list[str]:
+    return [interpreter, "-I", *([] if options.site_packages else ["-S"]), "-c", _PRELUDE]
+
+
+def _child_env(home: str, options: _Options) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8", **options.env}
+
+
+# ---------------------------------------------------------------- isolated runs
+
+
+class _Isolated:
+    """The host side of one isolated run: scratch directory, uid, cgroup and the helper's spec."""
+
+    def __init__(self, code: str, limits: SandboxLimits, interpreter: str, scratch_root: str | None,
+                 options: _Options) -> None:
+        self.limits, self.interpreter, self.options = limits, interpreter, options
+        self.host = Path(tempfile.mkdtemp(prefix="agentrl-sbx-", dir=scratch_root))
+        (self.host / "root").mkdir()
+        (self.host / "out").mkdir()
+        (self.host / "main.py").write_text(code)
+        self.uid = _claim_uid()
+        root = cgroup_root()
+        self.cgroup = SandboxCgroup.create(root, limits.memory_mb << 20, limits.max_processes) if root else None
+
+    def spec(self, status_fd: int) -> str:
+        """The JSON the helper runs from (see :mod:`envs.sandbox_init`)."""
+        lim, uid = self.limits, self.uid
+        return json.dumps({
+            "parent_pid": os.getpid(), "newroot": str(self.host / "root"), "out": str(self.host / "out"),
+            "code_path": str(self.host / "main.py"), "scratch": SCRATCH, "scratch_mb": lim.scratch_mb,
+            "shm_mb": min(lim.scratch_mb, 16), "uid": uid, "status_fd": status_fd,
+            "cgroup_procs": self.cgroup.procs_files if self.cgroup else [],
+            "rlimits": _rlimits(lim, cgroup=self.cgroup is not None),
+            "binds": _binds(self.interpreter, self.options.ro_paths), "devices": list(self.options.devices),
+            "etc": _etc(uid), "argv": _argv(self.interpreter, self.options),
+            "env": _child_env(SCRATCH, self.options), "collect": list(self.options.collect),
+            "collect_max_bytes": lim.max_file_mb << 20,
+        })
+
+    def cleanup(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.remove()
+        shutil.rmtree(self.host, ignore_errors=True)
+        _claimed.discard(self.uid)
+
+
+async def _run_isolated(code: str, limits: SandboxLimits, interpreter: str, scratch_root: str | None,
+                        options: _Options) -> SandboxResult:
+    run = await asyncio.to_thread(_Isolated, code, limits, interpreter, scratch_root, options)
+    status_r, status_w = os.pipe()
     try:
         t0 = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
-                interpreter, "-I", "-S", "-c", _PRELUDE, cwd=scratch, env=_child_env(scratch),
+                sys.executable, "-I", "-S", HELPER, pass_fds=(status_w,), cwd=run.host,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        finally:
+            os.close(status_w)
+        assert proc.stdin is not None
+        proc.stdin.write(run.spec(status_w).encode())
+        proc.stdin.close()
+        try:
+            out = await _wait(proc, limits)
+        finally:
+            _kill_group(proc.pid)
+        return _isolated_result(run, out, _read_all(status_r), time.monotonic() - t0)
+    finally:
+        os.close(status_r)
+        await asyncio.to_thread(run.cleanup)
+
+
+def _isolated_result(run: _Isolated, out: _Output, status: bytes, seconds: float) -> SandboxResult:
+    report: dict[str, Any] = json.loads(status) if status else {}
+    if not report and not out.timed_out:
+        raise SandboxError(f"sandbox: setup failed (code {out.returncode}): {out.stderr.decode(errors='replace')[-2000:]}")
+    code = os.waitstatus_to_exitcode(report["wait"]) if report else None
+    cg = run.cgroup
+    status_name = classify(
+        code, out.stderr, timed_out=out.timed_out, output_over=out.over,
+        oom_kills=cg.oom_kills() if cg else 0, task_limit_hits=cg.task_limit_hits() if cg else 0,
+        cpu_s=float(report.get("cpu_s", 0.0)), cpu_limit_s=run.limits.cpu_s, disk_full=bool(report.get("disk_full")),
+    )
+    collected = {n: (run.host / "out" / n).read_bytes() for n in report.get("collected", [])}
+    return SandboxResult(status_name, out.stdout.decode(errors="replace"), out.stderr.decode(errors="replace"), code,
+                         seconds, isolated=True, files=list(report.get("files", [])),
+                         accounting="cgroup" if cg else "rlimit", collected=collected)
+
+
+def _rlimits(limits: SandboxLimits, *, cgroup: bool) -> list[tuple[str, int, int]]:
+    """Per-process limits; with a cgroup, memory and tasks are its job (its counters say which limit hit),
+    and ``RLIMIT_NPROC`` stays above its task limit as a backstop."""
+    mb = 1 << 20
+    nproc = 2 * limits.max_processes if cgroup else limits.max_processes
+    out = [
+        ("RLIMIT_CPU", limits.cpu_s, limits.cpu_s + 1),  # SIGXCPU first, SIGKILL a second later
+        ("RLIMIT_FSIZE", limits.max_file_mb * mb, limits.max_file_mb * mb),
+        ("RLIMIT_NOFILE", limits.max_open_files, limits.max_open_files),
+        ("RLIMIT_NPROC", nproc, nproc),
+        ("RLIMIT_CORE", 0, 0),
+    ]
+    if not cgroup:  # bound each process's address space instead
+        out.append(("RLIMIT_AS", limits.memory_mb * mb, limits.memory_mb * mb))
+    return out
+
+
+def _binds(interpreter: str, extra: Sequence[str]) -> list[str]:
+    """Host paths mirrored read-only into the new root: system dirs, the interpreter's prefix and venv, extras."""
+    path = Path(os.path.abspath(interpreter))
+    wanted = [*SYSTEM_BINDS, str(path.resolve().parent.parent)]
+    if (path.parent.parent / "pyvenv.cfg").is_file():
+        wanted.append(str(path.parent.parent))
+    wanted += [os.path.abspath(p) for p in extra]
+    out: list[str] = []
+    for p in sorted(set(wanted), key=len):
+        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out if not os.path.islink(q)):
+            out.append(p)
+    return out
+
+
+def _etc(uid: int) -> dict[str, str]:
+    return {
+        "passwd": f"root:x:0:0:root:/:/usr/sbin/nologin\nsandbox:x:{uid}:{uid}:sandbox:{SCRATCH}:/usr/sbin/nologin\n",
+        "group": f"root:x:0:\nsandbox:x:{uid}:\n",
+        "hosts": "127.0.0.1 localhost\n::1 localhost\n",
+    }
+
+
+def _read_all(fd: int) -> bytes:
+    """What is in a pipe whose writers are gone (non-blocking; a writer still alive gives what is there)."""
+    os.set_blocking(fd, False)
+    chunks = []
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ---------------------------------------------------------------- plain runs (not root)
+
+
+async def _run_plain(code: str, limits: SandboxLimits, interpreter: str, scratch_root: str | None,
+                     options: _Options) -> SandboxResult:
+    scratch = await asyncio.to_thread(_plain_scratch, code, scratch_root)
+    try:
+        t0 = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *_argv(interpreter, options), cwd=scratch, env=_child_env(scratch, options),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True, preexec_fn=_preexec(limits, scratch, uid, interpreter),
+                start_new_session=True, preexec_fn=_plain_preexec(limits),
             )
         except OSError as exc:
             raise SandboxError(f"sandbox: cannot start {interpreter}: {exc}") from exc
         try:
-            result = await _collect(proc, limits, t0, uid)
+            out = await _wait(proc, limits)
         finally:
-            _kill_tree(proc.pid, uid)
-        result.isolated = uid is not None
-        result.files = sorted(os.listdir(scratch))
-        return result
+            _kill_group(proc.pid)
+        status = classify(out.returncode, out.stderr, timed_out=out.timed_out, output_over=out.over)
+        return SandboxResult(status, out.stdout.decode(errors="replace"), out.stderr.decode(errors="replace"),
+                             out.returncode, time.monotonic() - t0, files=sorted(os.listdir(scratch)),
+                             collected=_plain_collect(scratch, options.collect, limits.max_file_mb << 20))
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        if uid is not None:
-            _claimed.discard(uid)
+        await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
 
 
-def _prepare(code: str, scratch_root: str | None, isolate: bool) -> tuple[str, int | None]:
-    """Create the scratch dir holding ``main.py``; with isolation, claim a private uid and give it the dir."""
+def _plain_scratch(code: str, scratch_root: str | None) -> str:
     scratch = tempfile.mkdtemp(prefix="agentrl-sbx-", dir=scratch_root)
-    main = os.path.join(scratch, "main.py")
-    with open(main, "w") as f:
-        f.write(code)
-    uid = _claim_uid() if isolate else None
-    if uid is not None:
-        os.chown(scratch, uid, uid)
-        os.chown(main, uid, uid)
-    return scratch, uid
+    Path(scratch, "main.py").write_text(code)
+    return scratch
 
 
-def _child_env(scratch: str) -> dict[str, str]:
-    return {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8",
-            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"}
+def _plain_collect(scratch: str, names: Sequence[str], cap: int) -> dict[str, bytes]:
+    out = {}
+    for name in names:
+        path = Path(scratch, name)
+        if path.is_file() and not path.is_symlink():
+            out[name] = path.read_bytes()[:cap]
+    return out
 
 
-async def _collect(
-    proc: asyncio.subprocess.Process, limits: SandboxLimits, t0: float, uid: int | None
-) -> SandboxResult:
-    """Wait for the process and for EOF on its pipes (a detached child may hold them) within the wall clock."""
+def _plain_preexec(limits: SandboxLimits) -> Callable[[], None]:
+    rlimits = [(getattr(resource, name), soft, hard) for name, soft, hard in _rlimits(limits, cgroup=False)]
+
+    def setup() -> None:
+        for which, soft, hard in rlimits:
+            resource.setrlimit(which, (soft, hard))
+
+    return setup
+
+
+# ---------------------------------------------------------------- waiting, output, cleanup
+
+
+@dataclass
+class _Output:
+    stdout: bytes
+    stderr: bytes
+    over: bool
+    timed_out: bool
+    returncode: int | None
+
+
+async def _wait(proc: asyncio.subprocess.Process, limits: SandboxLimits) -> _Output:
+    """Wait for the process and for EOF on its pipes within the wall clock; kill its group at the deadline."""
     assert proc.stdout is not None and proc.stderr is not None
     cap = limits.max_output_bytes
     out_task = asyncio.ensure_future(_read_capped(proc.stdout, cap))
@@ -195,7 +430,7 @@ async def _collect(
             await asyncio.gather(proc.wait(), asyncio.shield(out_task), asyncio.shield(err_task))
     except TimeoutError:
         timed_out = True
-        _kill_tree(proc.pid, uid)
+        _kill_group(proc.pid)
         await proc.wait()
     try:
         async with asyncio.timeout(1.0):  # pipes close once every holder is dead
@@ -204,10 +439,7 @@ async def _collect(
         out_task.cancel()
         err_task.cancel()
         (out, out_over), (err, err_over) = (b"", False), (b"sandbox: output pipes held open", False)
-    seconds = time.monotonic() - t0
-    status = _status(proc.returncode, err, timed_out, out_over or err_over)
-    return SandboxResult(status, out.decode(errors="replace"), err.decode(errors="replace"),
-                         proc.returncode, seconds)
+    return _Output(out, err, out_over or err_over, timed_out, proc.returncode)
 
 
 async def _read_capped(stream: asyncio.StreamReader, cap: int) -> tuple[bytes, bool]:
@@ -222,96 +454,13 @@ async def _read_capped(stream: asyncio.StreamReader, cap: int) -> tuple[bytes, b
     return bytes(kept), over
 
 
-def _status(code: int | None, err: bytes, timed_out: bool, over: bool) -> SandboxStatus:
-    if timed_out:
-        return "timeout"
-    if code in (-signal.SIGXCPU, -signal.SIGKILL) and b"MemoryError" not in err:
-        return "cpu" if code == -signal.SIGXCPU else "memory"
-    if b"MemoryError" in err or code == -signal.SIGSEGV:
-        return "memory"
-    if b"BlockingIOError: [Errno 11]" in err:
-        return "process_limit"
-    if over:
-        return "output_limit"
-    return "ok" if code == 0 else "error"
+def _kill_group(pid: int) -> None:
+    """SIGKILL the run's process group (isolated: the namespace's init dies with it, and with it the rest)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
-# ---------------------------------------------------------------- child setup (runs after fork)
-
-
-def _preexec(limits: SandboxLimits, scratch: str, uid: int | None, interpreter: str) -> Callable[[], None]:
-    mb = 1024 * 1024
-    rlimits = [
-        (resource.RLIMIT_AS, limits.memory_mb * mb, limits.memory_mb * mb),
-        (resource.RLIMIT_CPU, limits.cpu_s, limits.cpu_s + 1),  # SIGXCPU first, SIGKILL a second later
-        (resource.RLIMIT_FSIZE, limits.max_file_mb * mb, limits.max_file_mb * mb),
-        (resource.RLIMIT_NOFILE, limits.max_open_files, limits.max_open_files),
-        (resource.RLIMIT_NPROC, limits.max_processes, limits.max_processes),
-        (resource.RLIMIT_CORE, 0, 0),
-    ]
-    hidden = _hidden_parent(Path(os.path.realpath(interpreter)))
-    writable = [d for d in _WRITABLE_DIRS if os.path.isdir(d)]
-
-    def setup() -> None:
-        if uid is not None:
-            _isolate(scratch, writable, hidden)
-        for which, soft, hard in rlimits:
-            resource.setrlimit(which, (soft, hard))
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-
-    return setup
-
-
-def _isolate(scratch: str, writable: list[str], hidden: tuple[str, str] | None) -> None:
-    libc = _libc()
-    if libc is None or libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET) != 0:
-        os._exit(121)
-    _mount(libc, b"none", "/", None, _MS_REC | _MS_PRIVATE)
-    keep = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in [scratch] + ([hidden[1]] if hidden else [])}
-    for d in writable:
-        _mount(libc, b"tmpfs", d, b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=16m,mode=1777")
-    if hidden is not None:
-        _mount(libc, b"tmpfs", hidden[0], b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=1m,mode=755")
-    for path, fd in keep.items():
-        os.makedirs(path, exist_ok=True)
-        _mount(libc, f"/proc/self/fd/{fd}".encode(), path, None, _MS_BIND | _MS_REC)
-        os.close(fd)
-    for d in writable + ([hidden[0]] if hidden else []):  # the bound-back scratch dir stays writable
-        _mount(libc, b"tmpfs", d, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
-    os.chdir(scratch)
-
-
-def _mount(libc: ctypes.CDLL, src: bytes, target: str, fstype: bytes | None, flags: int,
-           data: bytes | None = None) -> None:
-    if libc.mount(src, target.encode(), fstype, flags, data) != 0:
-        os._exit(122)
-
-
-def _hidden_parent(interpreter: Path) -> tuple[str, str] | None:
-    """(a directory others cannot traverse above the interpreter, the interpreter's install prefix)."""
-    prefix = interpreter.parent.parent
-    for parent in reversed(prefix.parents):
-        if str(parent) != "/" and not os.stat(parent).st_mode & stat.S_IXOTH:
-            return str(parent), str(prefix)
-    return None
-
-
-_LIBC: ctypes.CDLL | None = None
-
-
-def _libc() -> ctypes.CDLL | None:
-    global _LIBC
-    if _LIBC is None and sys.platform == "linux":
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-        _LIBC = lib
-    return _LIBC
-
-
-# ---------------------------------------------------------------- uids and cleanup
+# ---------------------------------------------------------------- private uids
 
 _claimed: set[int] = set()
 
@@ -335,21 +484,3 @@ def _uids_in_use() -> set[int]:
             with contextlib.suppress(OSError):
                 uids.add(os.stat(entry.path).st_uid)
     return uids
-
-
-def _kill_tree(pid: int, uid: int | None) -> None:
-    """Kill the run's process group and, with a private uid, every process of that uid (escaped setsid too)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    if uid is None:
-        return
-    for _ in range(3):  # a fork bomb may spawn while we kill
-        found = False
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if os.stat(entry.path).st_uid == uid:
-                        os.kill(int(entry.name), signal.SIGKILL)
-                        found = True
-        if not found:
-            break

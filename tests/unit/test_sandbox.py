@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -12,9 +13,11 @@ from agentrl.env import Action, ToolCall
 from agentrl.errors import SandboxError
 from agentrl.messages import ChatMessage, Task
 from envs.python_sandbox import PythonSandboxEnv
-from envs.sandbox import SandboxLimits, isolation_available, run_python
+from envs.sandbox import SandboxLimits, classify, isolation_available, run_python
 
 LIMITS = SandboxLimits(wall_s=5, cpu_s=1, memory_mb=256, max_processes=16)
+
+
 def _exists(path: str) -> bool:
     return Path(path).exists()
 
@@ -26,11 +29,13 @@ def _home_file() -> str:
 needs_isolation = pytest.mark.skipif(not isolation_available(), reason="needs root and unshare")
 
 
-async def test_runs_code_in_a_scratch_dir() -> None:
-    r = await run_python("import os; print(os.getcwd()); open('out.txt', 'w').write('x')", limits=LIMITS)
-    assert r.status == "ok" and r.exit_code == 0 and "agentrl-sbx-" in r.stdout
-    assert r.files == ["main.py", "out.txt"]
-    assert not _exists(r.stdout.strip())  # removed afterwards
+async def test_runs_code_in_a_scratch_dir_and_returns_requested_files(tmp_path: Path) -> None:
+    code = "import os; print(os.getcwd()); open('out.txt', 'w').write('x'); os.symlink('/etc/hostname', 'link')"
+    r = await run_python(code, limits=LIMITS, scratch_root=str(tmp_path), collect=["out.txt", "link", "missing"])
+    assert r.status == "ok" and r.exit_code == 0
+    assert r.files == ["link", "main.py", "out.txt"]
+    assert r.collected == {"out.txt": b"x"}  # links are never followed out of the sandbox
+    assert os.listdir(tmp_path) == []  # the scratch directory is removed afterwards
     r = await run_python("raise ValueError('bad')", limits=LIMITS)
     assert r.status == "error" and r.exit_code == 1 and "ValueError: bad" in r.stderr
 
@@ -61,8 +66,9 @@ async def test_fork_bomb_hits_the_process_limit() -> None:
 
 
 async def test_memory_hog_is_stopped() -> None:
-    r = await run_python("x = []\nwhile True:\n    x.append(bytearray(10**7))", limits=LIMITS)
-    assert r.status == "memory" and "MemoryError" in r.stderr
+    r = await run_python("x = []\nwhile True:\n    x.append(b'x' * 10**7)", limits=LIMITS)
+    assert r.status == "memory"
+    assert r.exit_code == -9 if r.accounting == "cgroup" else "MemoryError" in r.stderr
 
 
 async def test_cpu_loop_is_stopped_by_cpu_limit() -> None:
@@ -77,10 +83,28 @@ async def test_sleeping_code_is_stopped_by_the_wall_clock() -> None:
 
 
 @needs_isolation
-async def test_detached_child_is_killed_too() -> None:
-    code = "import os, time\nif os.fork() == 0:\n    os.setsid(); time.sleep(60)\nprint('parent done')"
-    r = await run_python(code, limits=SandboxLimits(wall_s=1))
-    assert r.status == "timeout" and "parent done" in r.stdout and r.seconds < 5
+async def test_detached_child_dies_with_the_sandbox() -> None:
+    code = ("import os, sys, time\nif os.fork() == 0:\n    os.setsid(); time.sleep(2); print('child alive'); sys.exit()\n"
+            "print('parent done')")
+    r = await run_python(code, limits=SandboxLimits(wall_s=20))
+    assert r.status == "ok" and "parent done" in r.stdout and "child alive" not in r.stdout and r.seconds < 2
+
+
+def test_status_names_the_limit_that_stopped_a_failed_run() -> None:
+    assert classify(None, b"", timed_out=True) == "timeout"
+    assert classify(-signal.SIGKILL, b"", oom_kills=1) == "memory"
+    assert classify(0, b"", oom_kills=1) == "ok"  # a child was OOM-killed but the program coped
+    assert classify(-signal.SIGSEGV, b"") == "crash"  # a segfault is not memory
+    assert classify(-signal.SIGABRT, b"") == "crash"
+    assert classify(-signal.SIGXCPU, b"") == "cpu"
+    assert classify(-signal.SIGKILL, b"", cpu_s=3.0, cpu_limit_s=2) == "cpu"
+    assert classify(-signal.SIGKILL, b"", cpu_s=0.1, cpu_limit_s=2) == "error"
+    assert classify(1, b"BlockingIOError: [Errno 11] Resource temporarily unavailable") == "process_limit"
+    assert classify(1, b"", task_limit_hits=3) == "process_limit"
+    assert classify(1, b"OSError: [Errno 28] No space left on device") == "disk_limit"
+    assert classify(1, b"", disk_full=True) == "disk_limit"
+    assert classify(0, b"", output_over=True) == "output_limit"
+    assert classify(2, b"") == "error" and classify(0, b"") == "ok"
 
 
 @needs_isolation
