@@ -1,0 +1,163 @@
+"""Megatron-core backend vs torch backend on the same weights and the same ragged packed RL batch.
+
+For each model shape, in one process (TP = PP = DP = 1): a random Qwen2 model is written as an HF checkpoint,
+both backends load it, and the script prints JSON rows:
+
+- ``numerics``: per-token logprobs of one packed micro-batch, Megatron (bf16 params on GPU) and torch (fp32
+  params under bf16 autocast on GPU) each against torch in float32, and against each other: max and mean
+  |Δ| over trained tokens;
+- ``first_step``: a Megatron train step on that micro-batch whose behaviour logprobs are (a) torch's scores
+  of the initial weights, (b) Megatron's own scores right before the step: the importance ratio
+  (``policy/ratio_mean``), approximate KL and logprob gap of the step;
+- ``throughput``: ``--steps`` timed optimizer steps (after ``--warmup``) of each backend over the
+  ``bench/learner.py`` workload (ragged RL batch, first-fit-decreasing packing under ``--budget`` tokens):
+  real tokens per second and the ratio Megatron / torch.
+
+    python bench/learner_megatron.py                                     # CPU, small shape, fp32
+    python bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b qwen2.5-1.5b --seqs 128 \\
+        --max-len 4096 --budget 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agentrl.config.learner import LearnerConfig, LossConfig
+from bench.learner import SHAPES, rl_batch
+from trainer.backend.base import TrainBackend
+from trainer.backend.megatron.driver import MegatronBackend
+from trainer.backend.megatron.engine import MegatronEngine
+from trainer.backend.megatron.launch import free_port
+from trainer.backend.megatron.parallel import Rank, init_parallel
+from trainer.backend.torch_backend import build_torch_backend
+from trainer.losses import ppo_loss
+from trainer.packing import MicroBatch, Sample, pack, plan_micro_batches
+
+ALL_SHAPES = {**SHAPES, "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                             num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                             rope_theta=1_000_000.0)}
+
+
+def write_model(shape: str, out: Path, device: str) -> None:
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**ALL_SHAPES[shape], max_position_embeddings=32768, tie_word_embeddings=True)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    model.save_pretrained(str(out))
+    del model
+
+
+def learner_config(model: Path, args: argparse.Namespace) -> LearnerConfig:
+    return msgspec.convert({"model": str(model), "device": args.device, "backend": "megatron",
+                            "dtype": "auto", "optim": {"lr": 1e-6}}, LearnerConfig)
+
+
+def masked_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    d = (a - b).abs()[mask > 0]
+    return {"max": float(d.max()), "mean": float(d.mean())}
+
+
+def numerics(meg: TrainBackend, torch_be: Any, mb: MicroBatch) -> dict[str, Any]:
+    lp_meg = meg.logprobs(mb)
+    lp_torch = torch_be.logprobs(mb)
+    bf16 = torch_be.bf16
+    torch_be.bf16 = False
+    lp_fp32 = torch_be.logprobs(mb)
+    torch_be.bf16 = bf16
+    return {"megatron_vs_torch": masked_gap(lp_meg, lp_torch, mb.mask),
+            "megatron_vs_torch_fp32": masked_gap(lp_meg, lp_fp32, mb.mask),
+            "torch_vs_torch_fp32": masked_gap(lp_torch, lp_fp32, mb.mask),
+            "_lp": (lp_meg, lp_torch)}
+
+
+def first_step(meg: TrainBackend, mb: MicroBatch, behaviour: torch.Tensor, label: str) -> dict[str, Any]:
+    mb.behaviour_logprobs = behaviour.clone()
+    result = meg.train_step([mb], ppo_loss, LossConfig(proximal=False))
+    return {"behaviour": label, "ratio_mean": result.metrics["policy/ratio_mean"],
+            "approx_kl": result.metrics["policy/approx_kl"], "logprob_diff_mean": result.logprob_diff_mean,
+            "logprob_diff_max": result.logprob_diff_max, "grad_norm": result.grad_norm}
+
+
+def timed(backend: TrainBackend, mbs: list[MicroBatch], steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        backend.train_step(mbs, ppo_loss, LossConfig())
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        backend.train_step(mbs, ppo_loss, LossConfig())
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def emit(row: dict[str, Any]) -> None:
+    print(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}), flush=True)
+
+
+def run_shape(shape: str, rank: Rank, args: argparse.Namespace, tmp: Path) -> None:
+    path = tmp / shape
+    write_model(shape, path, args.device)
+    lc = learner_config(path, args)
+    samples: list[Sample] = rl_batch(args.seqs, args.max_len, ALL_SHAPES[shape]["vocab_size"], seed=0)
+    plan = plan_micro_batches([len(s) for s in samples], args.budget)
+    mbs = [pack(samples, ids) for ids in plan]
+    meg = MegatronBackend(MegatronEngine(rank, lc))
+    torch_be = build_torch_backend(lc)
+    num = numerics(meg, torch_be, mbs[0])
+    emit({"shape": shape, "row": "numerics", "tokens": mbs[0].num_tokens, **num})
+    _, lp_torch = num["_lp"]  # torch's scores of the initial weights, as if an engine had sampled them
+    emit({"shape": shape, "row": "first_step", **first_step(meg, pack(samples, plan[0]), lp_torch, "torch")})
+    own = meg.logprobs(mbs[0])  # the learner's own policy, right before its step: the ratio must be 1
+    emit({"shape": shape, "row": "first_step", **first_step(meg, pack(samples, plan[0]), own, "megatron")})
+    real = sum(len(s) for s in samples)
+    times = {}
+    for name, backend in (("torch", torch_be), ("megatron", meg)):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        times[name] = timed(backend, mbs, args.steps, args.warmup)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        emit({"shape": shape, "row": "throughput", "backend": name, "micro_batches": len(mbs), "real_tokens": real,
+              "seconds_per_step": times[name], "tokens_per_s": real / times[name], "peak_mem_gb": peak})
+    emit({"shape": shape, "row": "ratio", "megatron_over_torch": times["torch"] / times["megatron"]})
+    del meg, torch_be
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", choices=sorted(ALL_SHAPES), default=["small"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seqs", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--budget", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    args = p.parse_args()
+    lc = LearnerConfig()
+    rank = init_parallel(lc.megatron, 0, 1, use_cuda=args.device == "cuda", port=free_port())
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes:
+            run_shape(shape, rank, args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
