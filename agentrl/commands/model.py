@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     init.add_argument("--max-positions", type=int, default=2048)
     init.add_argument("--untied", action="store_true", help="separate LM head (default: tied to embeddings)")
     init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--corpus", default=None, help="JSONL of extra texts (one JSON string a line) to train the tokenizer on")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,9 +44,24 @@ def run(args: argparse.Namespace) -> int:
         tie_embeddings=not args.untied,
         seed=args.seed,
     )
-    out = init_model(args.out, spec)
+    out = init_model(args.out, spec, _read_corpus(args.corpus) if args.corpus else ())
     print(f"wrote {args.arch} model to {out}")
     return 0
+
+
+def _read_corpus(path: str) -> list[str]:
+    import json
+
+    from agentrl.errors import ConfigError
+
+    texts = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            text = json.loads(line) if line.strip() else ""
+            if not isinstance(text, str):
+                raise ConfigError(f"--corpus {path} line {lineno}: expected a JSON string, got {type(text).__name__}")
+            texts.append(text)
+    return texts
 
 
 COMMAND = Command(name="model", help="model utilities: `model init` writes a random-init model", add_arguments=add_arguments, run=run)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,8 +112,9 @@ def _chat_snippet(rng: random.Random, words: list[str]) -> str:
             f"{a * b}<|im_end|>\n<|im_start|>assistant\nThe answer is {a * b}. {rng.choice(words)}<|im_end|>\n")
 
 
-def train_tokenizer(vocab_size: int, seed: int = 0):  # type: ignore[no-untyped-def]
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with ChatML specials and :data:`CHAT_TEMPLATE`."""
+def train_tokenizer(vocab_size: int, seed: int = 0, corpus: Sequence[str] = ()):  # type: ignore[no-untyped-def]
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with ChatML specials and :data:`CHAT_TEMPLATE`, trained on the
+    generated corpus plus ``corpus`` (texts of the task domain, e.g. code, so its merges fit that domain)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -127,7 +129,7 @@ def train_tokenizer(vocab_size: int, seed: int = 0):  # type: ignore[no-untyped-
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(1500, seed), trainer=trainer)
+    tok.train_from_iterator([*_corpus(1500, seed), *corpus], trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -140,14 +142,14 @@ def train_tokenizer(vocab_size: int, seed: int = 0):  # type: ignore[no-untyped-
     return fast
 
 
-def init_model(out: str | Path, spec: TinyModelSpec) -> Path:
-    """Write a random ``Qwen2ForCausalLM`` and its tokenizer to ``out``; return the directory."""
+def init_model(out: str | Path, spec: TinyModelSpec, corpus: Sequence[str] = ()) -> Path:
+    """Write a random ``Qwen2ForCausalLM`` and its tokenizer (also trained on ``corpus``) to ``out``."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(spec.vocab_size, spec.seed)
+    tokenizer = train_tokenizer(spec.vocab_size, spec.seed, corpus)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = Qwen2Config(
