@@ -55,7 +55,7 @@ def start_engine(model: Path, args: argparse.Namespace, log: Path) -> tuple[subp
         sys.executable, "-m", "agentrl.cli", "engine", "--model", str(model), "--port", str(port),
         "--device", args.device, "--dtype", args.dtype, "--max-running", str(max(args.concurrency)),
         "--context-length", str(max(args.prompt_len + args.new_tokens + 8, 128)),
-        "--set", f"engine.prefix_cache_slots={4 if args.check else 0}",
+        "--set", f"engine.prefix_cache={'true' if args.check else 'false'}",
     ]
     if args.no_cuda_graph:
         cmd += ["--set", "engine.cuda_graph=false"]

@@ -21,6 +21,10 @@ class EngineClientConfig(Section):
     backoff_s: Annotated[float, msgspec.Meta(ge=0)] = 0.2  # first retry delay; doubles, capped at 5 s
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 1024  # pooled connections per client
     health_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # router health-check period
+    # keys sent to engines (SGLang's --api-key / --admin-api-key); None = $AGENTRL_ENGINE_API_KEY /
+    # $AGENTRL_ENGINE_ADMIN_KEY, so secrets need not sit in saved configs
+    api_key: str | None = None
+    admin_api_key: str | None = None
 
 
 class EngineConfig(Section):
@@ -34,7 +38,8 @@ class EngineConfig(Section):
     max_running: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64  # requests decoded together; the rest queue
     max_queued: Annotated[int, msgspec.Meta(ge=0)] = 100_000  # waiting requests beyond this get HTTP 429
     context_length: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = min(model max positions, 4096)
-    prefix_cache_slots: Annotated[int, msgspec.Meta(ge=0)] = 16  # finished sequences kept for prefix reuse
+    prefix_cache: bool = True  # radix-tree prefix cache over the KV pool (SGLang's radix cache)
+    max_total_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # KV pool positions; 0 = (max_running + 16) * context
     max_prefill_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16384  # new prompt tokens admitted per prefill step
     cuda_graph: bool = True  # capture decode steps as CUDA graphs (CUDA only)
     cuda_graph_batch_sizes: list[int] = msgspec.field(
@@ -42,4 +47,14 @@ class EngineConfig(Section):
     )
     torch_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = torch default
     weight_version: Annotated[int, msgspec.Meta(ge=0)] = 0  # version reported before any weight update
+    # SGLang's request timeouts (its SGLANG_REQ_WAITING_TIMEOUT / SGLANG_REQ_RUNNING_TIMEOUT, read when unset):
+    # a request waiting or running longer gets an error reply with timeout_status_code
+    waiting_timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    running_timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    timeout_status_code: Annotated[int, msgspec.Meta(ge=400, le=599)] = 503
+    # SGLang's --api-key (every endpoint but /health*) and --admin-api-key (weights, pause, abort, flush, memory);
+    # None = $AGENTRL_ENGINE_API_KEY / $AGENTRL_ENGINE_ADMIN_KEY
+    api_key: str | None = None
+    admin_api_key: str | None = None
+    enable_custom_logit_processor: bool = False  # runs client-sent (dill-pickled) code: off unless trusted
     client: EngineClientConfig = msgspec.field(default_factory=EngineClientConfig)

@@ -2,14 +2,21 @@
 
 Start it with ``agentrl engine --model DIR`` (see :mod:`agentrl.commands.engine`). The parts, one job each:
 
-- :mod:`~agentrl.engine.server` — aiohttp routes of SGLang's native API (``/generate``, abort, pause,
-  weight updates, info); :mod:`~agentrl.engine.openai_api` — ``/v1/*``; :mod:`~agentrl.engine.api` —
-  request schemas and validation (HTTP 400 naming the field).
-- :mod:`~agentrl.engine.scheduler` — continuous batching, aborts, pause, weight updates between steps.
-- :mod:`~agentrl.engine.runner` — batched prefill/decode over a KV cache allocated once (CUDA graphs on GPU).
-- :mod:`~agentrl.engine.sampling` — per-row sampling, logprobs before truncation, per-request seeds.
-- :mod:`~agentrl.engine.slots` — KV slots and prefix reuse; :mod:`~agentrl.engine.request` — one request.
-- :mod:`~agentrl.engine.weights` / :mod:`~agentrl.engine.bus_weights` — loading models and new weights.
+- :mod:`~agentrl.engine.server` — the app and ``/generate``; :mod:`~agentrl.engine.admin_routes` — weights,
+  pause, abort, flush, memory release; :mod:`~agentrl.engine.info_routes` — info, load, tokenize;
+  :mod:`~agentrl.engine.openai_api` — ``/v1/*``; :mod:`~agentrl.engine.auth` — API / admin keys.
+- :mod:`~agentrl.engine.api` / :mod:`~agentrl.engine.generate_in` — request schemas, batching and ``n``,
+  validation (HTTP 400 naming the field).
+- :mod:`~agentrl.engine.scheduler` — continuous batching, aborts, pause/retract, timeouts, weight updates
+  between steps; :mod:`~agentrl.engine.step_inputs` — what a step needs from its requests.
+- :mod:`~agentrl.engine.runner` — batched prefill/decode over a paged KV pool (CUDA graphs on GPU).
+- :mod:`~agentrl.engine.kv_cache` / :mod:`~agentrl.engine.radix` — pool bookkeeping and the radix prefix cache.
+- :mod:`~agentrl.engine.sampling` — per-row sampling, logprobs before truncation, per-request seeds;
+  :mod:`~agentrl.engine.logits` — logit bias, penalties, custom processors, grammar masks;
+  :mod:`~agentrl.engine.grammar` — constrained decoding (xgrammar); :mod:`~agentrl.engine.custom_processor`.
+- :mod:`~agentrl.engine.request` — one request and its SGLang-shaped reply.
+- :mod:`~agentrl.engine.weights` / :mod:`~agentrl.engine.bus_weights` / :mod:`~agentrl.engine.tensor_weights`
+  — loading models and new weights; :mod:`~agentrl.engine.memory` — releasing memory (colocated mode).
 - :mod:`~agentrl.engine.tiny` — random-init models with a locally trained tokenizer (``agentrl model init``).
 
 Modules are imported on demand (torch and transformers are heavy); nothing is re-exported here.

@@ -2,8 +2,7 @@
 
 Requests become engine requests (same scheduler, same sampling contract as ``/generate``); chat prompts go
 through the model's chat template (``tools`` included). Responses follow the OpenAI schema; logprobs are
-the sampled tokens' logprobs; ``top_logprobs`` hold only the sampled token (the engine computes no
-others). agentrl extras, ignored by OpenAI clients, let a recorder keep exact tokens: each choice has
+the sampled tokens' logprobs and ``top_logprobs`` the most likely tokens of the same distribution. agentrl extras, ignored by OpenAI clients, let a recorder keep exact tokens: each choice has
 ``token_ids`` and ``token_versions`` and the response has ``prompt_token_ids`` and ``weight_version``.
 Assistant text holding ``<tool_call>{json}</tool_call>`` blocks is returned as ``message.tool_calls``.
 """
@@ -19,7 +18,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 from aiohttp import web
 
-from agentrl.engine.api import BadRequest, GenerateIn, SamplingIn, decode_body
+from agentrl.engine.api import BadRequest, SamplingIn, decode_body
+from agentrl.engine.generate_in import Item
 from agentrl.engine.request import Request
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     return content, calls
 
 
-def _sampling(body: _OpenAIIn, max_tokens: int | None, logprobs: bool) -> GenerateIn:
+def _item(body: _OpenAIIn, max_tokens: int | None, logprobs: bool, top: int, prompt: str | list[int], field: str) -> Item:
     try:
         sampling = SamplingIn(
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
@@ -92,7 +92,12 @@ def _sampling(body: _OpenAIIn, max_tokens: int | None, logprobs: bool) -> Genera
         sampling = msgspec.convert(msgspec.to_builtins(sampling), SamplingIn)  # re-validate constraints
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid sampling parameter: {exc}") from exc
-    return GenerateIn(sampling_params=sampling, return_logprob=logprobs, rid=body.rid)
+    return Item(
+        text=prompt if isinstance(prompt, str) else None, input_ids=prompt if isinstance(prompt, list) else None,
+        sampling=sampling, rid=body.rid or uuid.uuid4().hex, return_logprob=logprobs, logprob_start_len=None,
+        top_logprobs_num=top, token_ids_logprob=None, custom_logit_processor=None, prompt_field=field,
+        sampling_field="request",
+    )
 
 
 def _finish(req: Request) -> str:
@@ -120,9 +125,16 @@ class _Routes:
             "weight_version": str(self.server.scheduler.weight_version),
         }
 
+    def _decode(self, token: int) -> str:
+        return str(self.server.loaded.tokenizer.decode([token], skip_special_tokens=False))
+
     def _token_strings(self, req: Request) -> list[str]:
-        tok = self.server.loaded.tokenizer
-        return [tok.decode([t], skip_special_tokens=False) for t in req.output_ids]
+        return [self._decode(t) for t in req.output_ids]
+
+    def _tops(self, req: Request) -> list[list[tuple[float, int]]]:
+        """The top-k (logprob, token) pairs of each output token ([] when none were asked for)."""
+        tops = req.output_scores.top
+        return [t or [] for t in tops] if tops else [[] for _ in req.output_ids]
 
     async def models(self, request: web.Request) -> web.Response:
         from agentrl.engine.server import json_response
@@ -137,15 +149,12 @@ class _Routes:
         from agentrl.engine.server import json_response
 
         body = decode_body(await request.read(), CompletionIn)
-        inp = _sampling(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs is not None)
-        if isinstance(body.prompt, str):
-            inp.text = body.prompt
-        else:
-            inp.input_ids = body.prompt
-        req = self.server.make_request(inp, field="prompt")
+        item = _item(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs is not None,
+                     body.logprobs or 0, body.prompt, "prompt")
+        req = await self.server.make_request(item, stream=body.stream)
         if body.stream:
             return await self._stream(request, req, "text_completion")
-        await self.server.run(req)
+        await self._complete(req)
         text = req.text(self.server.loaded.tokenizer)
         choice: dict[str, Any] = {
             "index": 0, "text": text, "finish_reason": _finish(req), "logprobs": None,
@@ -159,7 +168,10 @@ class _Routes:
                 pos += len(s)
             choice["logprobs"] = {
                 "tokens": strings, "token_logprobs": req.logprobs,
-                "top_logprobs": [{s: lp} for s, lp in zip(strings, req.logprobs, strict=True)],
+                "top_logprobs": [
+                    {self._decode(t): lp for lp, t in top} if top else {s: lp}
+                    for s, lp, top in zip(strings, req.logprobs, self._tops(req), strict=True)
+                ],
                 "text_offset": offsets,
             }
         return json_response({**self._envelope("text_completion", req), "choices": [choice], "usage": _usage(req)})
@@ -171,17 +183,17 @@ class _Routes:
         if not body.messages:
             raise BadRequest("messages: at least one message is required", "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        inp = _sampling(body, max_tokens, body.logprobs)
         try:
-            inp.input_ids = list(self.server.loaded.tokenizer.apply_chat_template(
+            ids = list(self.server.loaded.tokenizer.apply_chat_template(
                 body.messages, tools=body.tools, add_generation_prompt=True, tokenize=True, return_dict=False,
             ))
         except Exception as exc:
             raise BadRequest(f"messages: the chat template cannot render them: {exc}", "messages") from exc
-        req = self.server.make_request(inp, field="messages")
+        item = _item(body, max_tokens, body.logprobs, body.top_logprobs or 0 if body.logprobs else 0, ids, "messages")
+        req = await self.server.make_request(item, stream=body.stream)
         if body.stream:
             return await self._stream(request, req, "chat.completion.chunk")
-        await self.server.run(req)
+        await self._complete(req)
         content, calls = parse_tool_calls(req.text(self.server.loaded.tokenizer))
         message: dict[str, Any] = {"role": "assistant", "content": content}
         finish = _finish(req)
@@ -196,16 +208,37 @@ class _Routes:
             choice["logprobs"] = {"content": [
                 {
                     "token": s, "logprob": lp, "bytes": list(s.encode()),
-                    "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())}] if body.top_logprobs else [],
+                    "top_logprobs": [
+                        {"token": self._decode(t), "logprob": v, "bytes": list(self._decode(t).encode())} for v, t in top
+                    ],
                 }
-                for s, lp in zip(self._token_strings(req), req.logprobs, strict=True)
+                for s, lp, top in zip(self._token_strings(req), req.logprobs, self._tops(req), strict=True)
             ]}
         return json_response({**self._envelope("chat.completion", req), "choices": [choice], "usage": _usage(req)})
+
+    async def _complete(self, req: Request) -> None:
+        self.server.register([req])
+        try:
+            await self.server.run_all([req])
+        finally:
+            self.server.unregister([req])
 
     async def _stream(self, request: web.Request, req: Request, kind: str) -> web.StreamResponse:
         """SSE chunks with the new text since the previous chunk; the last carries ``finish_reason``."""
         server = self.server
-        resp = await server.open_stream(request, req)
+        server.register([req])
+        try:
+            server.start(req)
+            resp = await server.open_stream(request)
+            return await self._write_stream(resp, req, kind)
+        except BaseException:
+            server.scheduler.abort(req.rid)
+            raise
+        finally:
+            server.unregister([req])
+
+    async def _write_stream(self, resp: web.StreamResponse, req: Request, kind: str) -> web.StreamResponse:
+        server = self.server
         sent, done, first = "", False, True
         try:
             while not done:
@@ -228,7 +261,6 @@ class _Routes:
             await resp.write(b"data: [DONE]\n\n")
         except ConnectionResetError:
             server.scheduler.abort(req.rid)
-            raise
         return resp
 
 

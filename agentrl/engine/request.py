@@ -3,10 +3,19 @@
 The reply follows SGLang's ``/generate`` shape: ``text``, ``output_ids`` and ``meta_info`` with ``id``,
 ``finish_reason`` (``{"type": "stop", "matched": token id or string}``, ``{"type": "length", "length": n}``
 or ``{"type": "abort", "message": ...}``), ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``,
-``weight_version`` (a string, as in SGLang), ``output_token_logprobs`` (``[logprob, token_id, text|None]``
-triples, when asked for), ``input_token_logprobs`` (prompt positions from ``logprob_start_len`` on, the
-first prompt token's logprob ``None``; same temperature contract as output logprobs) and the agentrl extra ``output_token_versions`` (the weight version each output
-token was sampled under).
+``weight_version`` (a string, as in SGLang) and, with ``return_logprob``:
+
+- ``input_token_logprobs`` / ``output_token_logprobs``: ``[logprob, token_id, text|None]`` per token
+  (prompt positions from ``logprob_start_len`` on; the first prompt token has logprob ``None``);
+- with ``top_logprobs_num`` k > 0, ``input_top_logprobs`` / ``output_top_logprobs``: the k most likely tokens
+  at each position as such triples, best first (``None`` where there is no distribution);
+- with ``token_ids_logprob``, ``input_token_ids_logprobs`` / ``output_token_ids_logprobs``: those tokens'
+  triples at each position.
+
+``text`` is filled in every triple when ``return_text_in_logprobs`` is set. All logprobs are
+``log_softmax(logits / T)`` (``T = 1`` for greedy) after logit bias, penalties, custom processors and grammar
+masks, before top-k/top-p/min-p truncation. The agentrl extra ``output_token_versions`` gives the weight
+version each output token was sampled under.
 """
 
 from __future__ import annotations
@@ -14,9 +23,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-__all__ = ["Request", "RequestOptions", "Tokenizer"]
+if TYPE_CHECKING:
+    from agentrl.engine.grammar import RequestGrammar
+    from agentrl.engine.kv_cache import KVSeq
+    from agentrl.engine.logits import CustomCall
+
+__all__ = ["LogprobSpec", "Request", "RequestOptions", "Tokenizer"]
+
+Triple = list[Any]  # [logprob | None, token_id, text | None]
 
 
 class Tokenizer(Protocol):
@@ -41,6 +57,29 @@ class RequestOptions:
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     seed: int = 0
+    logit_bias: dict[int, float] | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+@dataclass
+class LogprobSpec:
+    """Which logprobs a request returns (``return_logprob`` and friends)."""
+
+    start: int | None = None  # first prompt position reported; None = no prompt positions
+    top_k: int = 0
+    token_ids: list[int] | None = None
+    text: bool = False
+
+
+@dataclass
+class _Scores:
+    """Logprobs recorded for a run of positions (prompt or output), aligned with their tokens."""
+
+    chosen: list[float | None] = field(default_factory=list)
+    top: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    ids: list[list[float] | None] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -51,24 +90,39 @@ class Request:
     input_ids: list[int]
     options: RequestOptions
     return_logprob: bool = False
-    logprob_text: bool = False
+    logprobs_spec: LogprobSpec = field(default_factory=LogprobSpec)
     stream: bool = False
+    stream_interval: int = 1  # streamed chunks every this many tokens (SGLang's sampling_params.stream_interval)
+    grammar: RequestGrammar | None = None
+    custom: CustomCall | None = None
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    output_scores: _Scores = field(default_factory=_Scores)
+    input_scores: _Scores = field(default_factory=_Scores)  # prompt positions logprobs_spec.start..
     finish_reason: dict[str, Any] | None = None
     cached_tokens: int = 0
-    slot: int | None = None
-    logprob_start: int | None = None  # first prompt position whose logprob is returned; None = none
-    input_logprobs: list[float | None] = field(default_factory=list)  # positions logprob_start.. of the prompt
+    row: int | None = None  # row of the runner's table while running
+    kv: KVSeq | None = None
     kv_version: int = -1  # weight version when its keys/values started being computed
     abort_requested: bool = False
     created: float = field(default_factory=time.monotonic)
+    admitted: float | None = None
     updates: asyncio.Queue[bool] = field(default_factory=asyncio.Queue)  # True = finished
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def logprob_start(self) -> int | None:
+        return self.logprobs_spec.start if self.return_logprob else None
+
+    @property
+    def error_status(self) -> int | None:
+        """HTTP status of a request the engine gave up on (a timeout: 503), else None."""
+        status = (self.finish_reason or {}).get("status_code")
+        return int(status) if status else None
 
     def append(self, token: int, logprob: float, version: int) -> None:
         self.output_ids.append(token)
@@ -78,11 +132,13 @@ class Request:
     def check_stop(self, eos_ids: frozenset[int], tokenizer: Tokenizer) -> dict[str, Any] | None:
         """The finish reason the last appended token causes, or None to keep going."""
         opts, n = self.options, len(self.output_ids)
+        token = self.output_ids[-1]
+        if self.grammar is not None and self.grammar.terminated:
+            return {"type": "stop", "matched": token}
         if n >= opts.max_new_tokens:
             return {"type": "length", "length": n}
         if n < opts.min_new_tokens:
             return None
-        token = self.output_ids[-1]
         if token in opts.stop_token_ids or (not opts.ignore_eos and token in eos_ids):
             return {"type": "stop", "matched": token}
         if opts.stop:
@@ -93,14 +149,18 @@ class Request:
                     return {"type": "stop", "matched": s}
         return None
 
-    def set_prompt_logprobs(self, scored: list[float]) -> None:
-        """Record prompt logprobs given for the last ``len(scored)`` prompt tokens (the first token has none)."""
-        assert self.logprob_start is not None
-        first_scored = len(self.input_ids) - len(scored)
-        self.input_logprobs = [
-            None if i < first_scored else scored[i - first_scored]
-            for i in range(self.logprob_start, len(self.input_ids))
-        ]
+    def set_prompt_scores(self, chosen: list[float], top: list[list[tuple[float, int]]] | None,
+                          ids: list[list[float]] | None) -> None:
+        """Record prompt scores given for the last ``len(chosen)`` prompt tokens (the first token has none)."""
+        start = self.logprob_start
+        assert start is not None
+        first_scored = len(self.input_ids) - len(chosen)
+        s = self.input_scores
+        for i in range(start, len(self.input_ids)):
+            j = i - first_scored
+            s.chosen.append(chosen[j] if j >= 0 else None)
+            s.top.append(top[j] if top is not None and j >= 0 else None)
+            s.ids.append(ids[j] if ids is not None and j >= 0 else None)
 
     def finish(self, reason: dict[str, Any]) -> None:
         if self.finish_reason is None:
@@ -111,7 +171,7 @@ class Request:
         """Detokenized output; a matched stop string or stop token is trimmed unless ``no_stop_trim``."""
         opts, ids = self.options, self.output_ids
         matched = (self.finish_reason or {}).get("matched")
-        if isinstance(matched, int) and not opts.no_stop_trim:
+        if isinstance(matched, int) and not opts.no_stop_trim and ids and ids[-1] == matched:
             ids = ids[:-1]
         text = tokenizer.decode(ids, skip_special_tokens=opts.skip_special_tokens)
         if isinstance(matched, str) and not opts.no_stop_trim and matched in text:
@@ -131,12 +191,42 @@ class Request:
             "e2e_latency": time.monotonic() - self.created,
         }
         if self.return_logprob:
-            meta["output_token_logprobs"] = [
-                [lp, tok, tokenizer.decode([tok], skip_special_tokens=False) if self.logprob_text else None]
-                for lp, tok in zip(self.logprobs, self.output_ids, strict=True)
-            ]
-        if self.return_logprob and self.logprob_start is not None:
-            meta["input_token_logprobs"] = [
-                [lp, tok, None] for lp, tok in zip(self.input_logprobs, self.input_ids[self.logprob_start :], strict=False)
-            ]
+            meta.update(self._logprob_meta(tokenizer))
         return {"text": self.text(tokenizer), "output_ids": list(self.output_ids), "meta_info": meta}
+
+    def _logprob_meta(self, tokenizer: Tokenizer) -> dict[str, Any]:
+        spec = self.logprobs_spec
+        start = spec.start if spec.start is not None else len(self.input_ids)
+        prompt = self.input_ids[start:][: len(self.input_scores.chosen)]
+        text = _Texts(tokenizer) if spec.text else None
+        out_scores = _Scores(list(self.logprobs), self.output_scores.top, self.output_scores.ids)
+        meta: dict[str, Any] = {}
+        for where, tokens, scores in (("input", prompt, self.input_scores), ("output", self.output_ids, out_scores)):
+            meta[f"{where}_token_logprobs"] = [_triple(lp, t, text) for lp, t in zip(scores.chosen, tokens, strict=False)]
+            if spec.top_k:
+                meta[f"{where}_top_logprobs"] = [
+                    None if top is None else [_triple(lp, t, text) for lp, t in top] for top in scores.top
+                ]
+            if spec.token_ids is not None:
+                meta[f"{where}_token_ids_logprobs"] = [
+                    None if row is None else [_triple(lp, t, text) for lp, t in zip(row, spec.token_ids, strict=True)]
+                    for row in scores.ids
+                ]
+        return meta
+
+
+class _Texts:
+    """Per-token text for logprob triples, decoded once per token id."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token: int) -> str:
+        if token not in self.cache:
+            self.cache[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return self.cache[token]
+
+
+def _triple(logprob: float | None, token: int, text: _Texts | None) -> Triple:
+    return [logprob, token, text(token) if text is not None else None]

@@ -1,13 +1,15 @@
-"""Batched forward passes of a Hugging Face decoder over a KV cache allocated once.
+"""Batched forward passes of a Hugging Face decoder over a paged KV pool allocated once.
 
 The runner reuses the model's own modules (embedding, norms, projections, rotary embedding, MLP, LM head),
 so loading new weights into the HF model is enough to change what the runner computes. Attention is
-recomputed here against a static cache of shape ``[layers][slots, kv_heads, context + 1, head_dim]``:
+recomputed here against a pool of keys/values shaped ``[layers, 2, pool_tokens + 1, kv_heads, head_dim]``:
 
-- a *slot* holds one sequence's keys and values; the scheduler owns slot assignment;
-- position ``context`` (the last one) is scratch: padded decode rows write there and nothing reads it;
-- a decode step runs over rows ``0..n-1`` (= slots), so the cache is read as a view without gathers and
-  the step has static shapes when ``n`` is one of a few bucket sizes (what CUDA graphs need).
+- a *row* is one running sequence; ``table[row, p]`` is the pool index holding its position ``p`` (the
+  scheduler fills rows from :class:`~agentrl.engine.kv_cache.KVSeq`, so rows can share prefix positions);
+- pool index ``pool_tokens`` (the last) and position ``context`` are scratch: padded rows and positions write
+  there and nothing valid reads them;
+- a decode step runs over rows ``0..n-1``, so it has static shapes when ``n`` is one of a few bucket sizes
+  (what CUDA graphs need; a captured step reads the whole table, indices included).
 
 Supported: llama-family decoders (Qwen2, Qwen3, Llama, Mistral without sliding window).
 """
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 from agentrl.errors import EngineError
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "ModelRunner", "Prefill"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "ModelRunner", "Prefill", "PromptScores", "ScoreSpec"]
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 
@@ -33,17 +35,34 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class ScoreSpec(NamedTuple):
+    """What to compute for the prompt positions of one prefill row (see :meth:`ModelRunner.prefill`)."""
+
+    temperature: float
+    top_k: int = 0  # top-k logprobs per position (0: none)
+    token_ids: tuple[int, ...] = ()  # logprobs of these token ids at every position
+
+
+class PromptScores(NamedTuple):
+    """Per scored position: logprob of the next prompt token, and optionally top-k and chosen ids' logprobs (CPU)."""
+
+    logprobs: torch.Tensor  # [n]
+    top_values: torch.Tensor | None = None  # [n, k]
+    top_ids: torch.Tensor | None = None  # [n, k]
+    ids_logprobs: torch.Tensor | None = None  # [n, len(token_ids)]
+
+
 class Prefill(NamedTuple):
-    """What a prefill returns: next-token logits per row, and prompt logprobs for the rows that asked."""
+    """What a prefill returns: next-token logits per row, and prompt scores for the rows that asked."""
 
     logits: torch.Tensor
-    prompt_logprobs: dict[int, torch.Tensor]
+    prompt_logprobs: dict[int, PromptScores]
 
 
 class ModelRunner:
     """Prefill and decode for many sequences at once; returns float32 next-token logits."""
 
-    def __init__(self, model: Any, num_slots: int, context_length: int) -> None:
+    def __init__(self, model: Any, num_rows: int, context_length: int, pool_tokens: int) -> None:
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise EngineError(
@@ -54,37 +73,58 @@ class ModelRunner:
             raise EngineError("models with use_sliding_window=true are not supported by the embedded engine")
         self.model = model
         self.decoder = model.model
-        self.num_slots = num_slots
+        self.num_rows = num_rows
         self.context_length = context_length
+        self.pool_tokens = pool_tokens
         self.scratch = context_length  # the extra, never-read position
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        shape = (num_slots, self.num_kv_heads, context_length + 1, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.decoder.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.decoder.layers]
+        self.kv: torch.Tensor | None = None
+        self.allocate_kv()
+        self.table = torch.full((num_rows, context_length + 1), pool_tokens, dtype=torch.long, device=self.device)
         self._graphs: _DecodeGraphs | None = None
 
     @property
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the KV pool (0 while released)."""
+        return 0 if self.kv is None else self.kv.numel() * self.kv.element_size()
+
+    def allocate_kv(self) -> None:
+        """(Re)allocate the zeroed KV pool, one tensor (large enough that freeing it returns it to the OS)."""
+        shape = (len(self.decoder.layers), 2, self.pool_tokens + 1, self.num_kv_heads, self.head_dim)
+        self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def release_kv(self) -> None:
+        """Free the KV pool (and the CUDA graphs that read it); :meth:`allocate_kv` brings it back."""
+        self._graphs = None
+        self.kv = None
+
+    def set_rows(self, rows: Sequence[int], indices: Sequence[Any]) -> None:
+        """Point ``table[row, :len(idx)]`` at pool indices ``idx`` (numpy int64 arrays) for each row."""
+        for row, idx in zip(rows, indices, strict=True):
+            self.table[row, : len(idx)] = torch.from_numpy(idx).to(self.device, non_blocking=True)
+
     @torch.inference_mode()
     def prefill(
         self,
-        slots: Sequence[int],
+        rows: Sequence[int],
         chunks: Sequence[Sequence[int]],
         starts: Sequence[int],
         *,
-        score: Mapping[int, float] | None = None,
+        score: Mapping[int, ScoreSpec] | None = None,
     ) -> Prefill:
-        """Feed ``chunks[b]`` at positions ``starts[b]..`` of slot ``slots[b]``.
+        """Feed ``chunks[b]`` at positions ``starts[b]..`` of row ``rows[b]``.
 
         Positions before ``starts[b]`` must already hold that sequence's keys/values (prefix reuse). Returns
-        the float32 logits after each chunk's last token (``[len(slots), vocab]``) and, for each row ``b`` in
-        ``score`` (row -> temperature), the logprobs ``log_softmax(logits / T)`` of ``chunks[b][1:]``.
+        the float32 logits after each chunk's last token (``[len(rows), vocab]``) and, for each row ``b`` in
+        ``score``, the scores (:class:`PromptScores`) of ``chunks[b][1:]`` under ``log_softmax(logits / T)``.
         """
         width = max(len(c) for c in chunks)
         ids = torch.zeros((len(chunks), width), dtype=torch.long)
@@ -94,29 +134,36 @@ class ModelRunner:
             pos[b, : len(chunk)] = torch.arange(start, start + len(chunk))
         last = torch.tensor([len(c) - 1 for c in chunks], dtype=torch.long)
         ids, pos, last = ids.to(self.device), pos.to(self.device), last.to(self.device)
-        slot_t = torch.as_tensor(list(slots), dtype=torch.long, device=self.device)
+        row_t = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
         kv_len = max(s + len(c) for s, c in zip(starts, chunks, strict=True))
-        hidden = self._forward(ids, pos, slot_t, kv_len, gather=True)
-        rows = torch.arange(len(chunks), device=self.device)
+        hidden = self._forward(ids, pos, row_t, kv_len)
+        batch = torch.arange(len(chunks), device=self.device)
         scores = {
-            b: self._score(hidden[b, : len(chunks[b]) - 1], ids[b, 1 : len(chunks[b])], temperature)
-            for b, temperature in (score or {}).items()
+            b: self.score(hidden[b, : len(chunks[b]) - 1], ids[b, 1 : len(chunks[b])], spec)
+            for b, spec in (score or {}).items()
         }
-        return Prefill(self._logits(hidden[rows, last]), scores)
+        return Prefill(self._logits(hidden[batch, last]), scores)
 
-    def _score(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int = 512) -> torch.Tensor:
-        """Logprobs of ``targets`` under ``log_softmax(logits / T)``, ``chunk`` positions at a time (bounded memory)."""
-        out = [
-            torch.log_softmax(self._logits(hidden[i : i + chunk]) / temperature, dim=-1)
-            .gather(-1, targets[i : i + chunk].view(-1, 1))
-            .view(-1)
-            for i in range(0, hidden.shape[0], chunk)
-        ]
-        return torch.cat(out).cpu() if out else torch.zeros(0)
+    def score(self, hidden: torch.Tensor, targets: torch.Tensor, spec: ScoreSpec, chunk: int = 512) -> PromptScores:
+        """Scores of ``targets`` under ``log_softmax(logits / T)``, ``chunk`` positions at a time (bounded memory)."""
+        ids = torch.tensor(spec.token_ids, dtype=torch.long, device=self.device)
+        cols: list[list[torch.Tensor]] = [[], [], [], []]
+        for i in range(0, max(hidden.shape[0], 1), chunk):  # an empty slice still yields correctly shaped outputs
+            logp = torch.log_softmax(self._logits(hidden[i : i + chunk]) / spec.temperature, dim=-1)
+            cols[0].append(logp.gather(-1, targets[i : i + chunk].view(-1, 1)).view(-1).cpu())
+            if spec.top_k:
+                top = logp.topk(spec.top_k, dim=-1)
+                cols[1].append(top.values.cpu())
+                cols[2].append(top.indices.cpu())
+            if spec.token_ids:
+                cols[3].append(logp[:, ids].cpu())
+        out = [torch.cat(c) if c else None for c in cols]
+        assert out[0] is not None
+        return PromptScores(out[0], out[1], out[2], out[3])
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
-        """One token for each of rows ``0..n-1`` (slot = row) at ``positions``; padded rows use the scratch position.
+        """One token for each of rows ``0..n-1`` at ``positions``; padded rows use the scratch position.
 
         ``kv_len`` bounds the keys read (default: all; a captured CUDA graph always reads all). Returns
         ``[n, vocab]`` float32.
@@ -126,48 +173,57 @@ class ModelRunner:
         return self._decode_eager(tokens, positions, kv_len)
 
     def capture_cuda_graphs(self, batch_sizes: Sequence[int]) -> list[int]:
-        """Capture decode steps for these batch sizes (plus the slot count); returns the sizes captured."""
+        """Capture decode steps for these batch sizes (plus the row count); returns the sizes captured."""
         if self.device.type != "cuda":
             raise EngineError("CUDA graphs need a CUDA device")
         self._graphs = _DecodeGraphs(self, batch_sizes)
         return self._graphs.sizes
 
+    def drop_cuda_graphs(self) -> None:
+        self._graphs = None
+
+    @property
+    def has_cuda_graphs(self) -> bool:
+        return self._graphs is not None
+
     def _decode_eager(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None) -> torch.Tensor:
         n = tokens.shape[0]
         rows = torch.arange(n, device=self.device)
-        hidden = self._forward(tokens.view(n, 1), positions.view(n, 1), rows, kv_len or self.scratch + 1, gather=False)
+        hidden = self._forward(tokens.view(n, 1), positions.view(n, 1), rows, kv_len or self.scratch + 1)
         return self._logits(hidden[:, 0])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.decoder.norm(hidden)).float()
 
-    def _forward(
-        self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_len: int, *, gather: bool
-    ) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, kv_len: int) -> torch.Tensor:
+        if self.kv is None:
+            raise EngineError("the KV cache is released (resume_memory_occupation first)")
         hidden = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(hidden, pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         keys = torch.arange(kv_len, device=self.device)
         mask = (keys.view(1, 1, -1) <= pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, Q, kv_len]
+        table = self.table[rows]
+        where = table.gather(1, pos)  # [B, Q] pool index each new token is written to
+        read = table[:, :kv_len]  # [B, kv_len] pool index of each key position
         for i, layer in enumerate(self.decoder.layers):
             residual = hidden
             attn_in = layer.input_layernorm(hidden)
-            hidden = residual + self._attention(i, layer.self_attn, attn_in, cos, sin, pos, slots, mask, gather)
+            hidden = residual + self._attention(self.kv[i], layer.self_attn, attn_in, cos, sin, where, read, mask)
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden
 
     def _attention(
         self,
-        i: int,
+        kv: torch.Tensor,
         attn: Any,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        pos: torch.Tensor,
-        slots: torch.Tensor,
+        where: torch.Tensor,
+        read: torch.Tensor,
         mask: torch.Tensor,
-        gather: bool,
     ) -> torch.Tensor:
         b, q_len, _ = x.shape
         q = attn.q_proj(x).view(b, q_len, -1, self.head_dim)
@@ -175,17 +231,12 @@ class ModelRunner:
         v = attn.v_proj(x).view(b, q_len, -1, self.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        kc, vc = self.k_cache[i], self.v_cache[i]
-        kc[slots.view(-1, 1), :, pos] = k.transpose(1, 2)
-        vc[slots.view(-1, 1), :, pos] = v.transpose(1, 2)
-        kv_len = mask.shape[-1]
-        if gather:
-            keys, values = kc[slots, :, :kv_len], vc[slots, :, :kv_len]
-        else:
-            keys, values = kc[:b, :, :kv_len], vc[:b, :, :kv_len]
+        kv[0][where] = k.transpose(1, 2)
+        kv[1][where] = v
+        keys, values = kv[0][read].transpose(1, 2), kv[1][read].transpose(1, 2)  # [B, heads, kv_len, dim]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
         return attn.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))
 
@@ -199,7 +250,7 @@ class _DecodeGraphs:
 
     def __init__(self, runner: ModelRunner, batch_sizes: Sequence[int]) -> None:
         self.runner = runner
-        self.sizes = sorted({b for b in batch_sizes if 0 < b < runner.num_slots} | {runner.num_slots})
+        self.sizes = sorted({b for b in batch_sizes if 0 < b < runner.num_rows} | {runner.num_rows})
         top = self.sizes[-1]
         self.tokens = torch.zeros(top, dtype=torch.long, device=runner.device)
         self.positions = torch.full((top,), runner.scratch, dtype=torch.long, device=runner.device)

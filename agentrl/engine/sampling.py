@@ -3,8 +3,9 @@
 Contract:
 
 - the reported logprob of a sampled token is ``log_softmax(logits / T)[token]`` (``T = 1`` for greedy,
-  temperature 0), taken *before* top-k / top-p / min-p truncation; the only logits change applied before it
-  is the ``min_new_tokens`` mask on end tokens;
+  temperature 0), taken *before* top-k / top-p / min-p truncation, on logits already processed by
+  :mod:`agentrl.engine.logits` (bias, penalties, grammar) and the ``min_new_tokens`` ban; the top-k
+  logprobs and chosen-token logprobs a request asks for come from the same distribution;
 - a row samples by inverting the CDF of its (truncated) distribution at one uniform number that is a pure
   hash of ``(seed, step)``: a request with a fixed ``sampling_seed`` draws the same tokens whatever else is
   in the batch, no per-request RNG object has to be stepped, and the whole batch samples in a few
@@ -13,11 +14,12 @@ Contract:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["SamplingBatch", "hash_uniform", "sample"]
+__all__ = ["Sampled", "SamplingBatch", "hash_uniform", "sample"]
 
 _MASK53 = (1 << 53) - 1
 
@@ -41,6 +43,8 @@ class SamplingBatch:
     step: torch.Tensor  # int64: index of the token being sampled within its request
     ban: list[list[int]]  # token ids that may not be sampled (min_new_tokens); [] for most rows
     truncate: bool = True  # whether any row uses top-k / top-p / min-p (known on the host: no device sync)
+    top_logprobs: list[int] = field(default_factory=list)  # per row: how many top logprobs to return (0: none)
+    token_ids: list[list[int] | None] = field(default_factory=list)  # per row: ids whose logprobs to return
 
     @classmethod
     def build(
@@ -52,6 +56,8 @@ class SamplingBatch:
         seed: list[int],
         step: list[int],
         ban: list[list[int]],
+        top_logprobs: list[int] | None = None,
+        token_ids: list[list[int] | None] | None = None,
     ) -> SamplingBatch:
         return cls(
             torch.tensor(temperature, dtype=torch.float32),
@@ -62,7 +68,19 @@ class SamplingBatch:
             torch.tensor(step, dtype=torch.long),
             ban,
             any(k > 0 for k in top_k) or any(p < 1 for p in top_p) or any(m > 0 for m in min_p),
+            top_logprobs or [0] * len(temperature),
+            token_ids or [None] * len(temperature),
         )
+
+
+class Sampled(NamedTuple):
+    """One sampled token per row with its logprob; top-k and chosen-id logprobs where rows asked (all on CPU)."""
+
+    tokens: torch.Tensor  # int64 [B]
+    logprobs: torch.Tensor  # float32 [B]
+    top_values: torch.Tensor | None = None  # [B, max k]
+    top_ids: torch.Tensor | None = None  # [B, max k]
+    ids_logprobs: list[list[float] | None] | None = None
 
 
 def hash_uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -90,25 +108,32 @@ def _truncate(logp: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     return logp.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
 
 
-def sample(logits: torch.Tensor, params: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row of float32 ``logits [B, V]``; returns ``(tokens int64, logprobs float32)`` on CPU."""
+def sample(logits: torch.Tensor, params: SamplingBatch) -> Sampled:
+    """Sample one token per row of float32 ``logits [B, V]``."""
     device = logits.device
-    params = SamplingBatch(
+    p = SamplingBatch(
         params.temperature.to(device), params.top_p.to(device), params.top_k.to(device),
         params.min_p.to(device), params.seed.to(device), params.step.to(device), params.ban, params.truncate,
     )
-    if any(params.ban):
+    if any(p.ban):
         logits = logits.clone()  # the model's output may be an inference tensor: never write into it
-        for row, banned in enumerate(params.ban):
+        for row, banned in enumerate(p.ban):
             if banned:
                 logits[row, banned] = float("-inf")
-    greedy = params.temperature <= 0
-    temp = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
+    greedy = p.temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(p.temperature), p.temperature)
     logp = torch.log_softmax(logits / temp.view(-1, 1), dim=-1)
-    filtered = _truncate(logp, params) if params.truncate else logp
+    filtered = _truncate(logp, p) if p.truncate else logp
     cdf = filtered.exp().cumsum(dim=-1)
-    target = hash_uniform(params.seed, params.step).to(cdf.dtype) * cdf[:, -1]
+    target = hash_uniform(p.seed, p.step).to(cdf.dtype) * cdf[:, -1]
     sampled = torch.searchsorted(cdf, target.view(-1, 1)).view(-1).clamp(max=logits.shape[-1] - 1)
     tokens = torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
     chosen = logp.gather(-1, tokens.view(-1, 1)).view(-1)
-    return tokens.cpu(), chosen.cpu()
+    k = max(params.top_logprobs, default=0)
+    top = logp.topk(k, dim=-1) if k else None
+    ids = [None if want is None else logp[row, want].tolist() for row, want in enumerate(params.token_ids)]
+    return Sampled(
+        tokens.cpu(), chosen.cpu(),
+        top.values.cpu() if top is not None else None, top.indices.cpu() if top is not None else None,
+        ids if any(x is not None for x in ids) else None,
+    )

@@ -1,10 +1,14 @@
 """Continuous batching: requests join and leave the running batch between decode steps.
 
 One asyncio task owns all request state. Each iteration it (1) applies a pending weight update, (2) drops
-aborted requests, (3) admits waiting requests up to ``max_running`` and prefills them, (4) runs one decode
-step for every running request, then appends tokens, checks stops and wakes the HTTP handlers. Model work
-runs on one worker thread so the event loop keeps serving HTTP; nothing touches the model concurrently, so
-weights change only between steps and every token records the version that produced it.
+aborted and timed-out requests, (3) admits waiting requests while rows, KV memory and the prefill token budget
+allow, reusing cached prefixes (:mod:`agentrl.engine.kv_cache`), and prefills them, (4) runs one decode step
+for every running request, then appends tokens, checks stops and wakes the HTTP handlers. Model work runs on
+one worker thread so the event loop keeps serving HTTP; nothing touches the model concurrently, so weights
+change only between steps and every token records the version that produced it.
+
+A finished request's computed tokens stay in the prefix cache; a running request's prompt is shared as soon as
+it is prefilled, so the ``n`` samples of a prompt (or a GRPO group) arriving after it reuse its keys/values.
 """
 
 from __future__ import annotations
@@ -14,17 +18,26 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
+from agentrl.engine.kv_cache import KVCache
+from agentrl.engine.logits import apply_logits
 from agentrl.engine.request import Request, Tokenizer
-from agentrl.engine.runner import Prefill
-from agentrl.engine.sampling import SamplingBatch, sample
-from agentrl.engine.slots import SlotPool
+from agentrl.engine.runner import Prefill, ScoreSpec
+from agentrl.engine.sampling import Sampled, sample
+from agentrl.engine.step_inputs import (
+    record_prompt_scores,
+    record_sampled,
+    row_logits,
+    sampling_batch,
+    score_specs,
+)
 
 __all__ = ["QueueFull", "Runner", "Scheduler", "SchedulerStats"]
 
@@ -38,12 +51,15 @@ class QueueFull(Exception):
 class Runner(Protocol):
     """What the scheduler needs from the model runner (see :class:`agentrl.engine.runner.ModelRunner`)."""
 
-    num_slots: int
+    num_rows: int
     scratch: int
     device: torch.device
 
+    def set_rows(self, rows: Sequence[int], indices: Sequence[Any]) -> None: ...
+
     def prefill(
-        self, slots: list[int], chunks: list[list[int]], starts: list[int], *, score: dict[int, float] | None = None
+        self, rows: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int], *,
+        score: dict[int, ScoreSpec] | None = None,
     ) -> Prefill: ...
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor: ...
@@ -58,39 +74,50 @@ class SchedulerStats:
     decode_time_s: float = 0.0  # wall time of decode steps on the model thread (forward + sampling)
     prefill_time_s: float = 0.0
     generated_tokens: int = 0
-    prefilled_tokens: int = 0
-    cached_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens of admitted requests (what prefill would cost without the cache)
+    prefilled_tokens: int = 0  # prompt tokens actually computed
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     finished: int = 0
+    timed_out: int = 0
 
 
 class Scheduler:
-    """Owns the waiting queue, the running batch and the KV slots of one engine."""
+    """Owns the waiting queue, the running batch, the rows of the runner and the KV cache of one engine."""
 
     def __init__(
         self,
         runner: Runner,
         tokenizer: Tokenizer,
         eos_ids: Iterable[int],
+        cache: KVCache,
         *,
         max_running: int,
         max_queued: int,
-        prefix_cache_slots: int,
         max_prefill_tokens: int = 16384,
         weight_version: int = 0,
+        waiting_timeout_s: float | None = None,
+        running_timeout_s: float | None = None,
+        timeout_status: int = 503,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
-        self.max_running = max_running
+        self.cache = cache
+        self.max_running = min(max_running, runner.num_rows)
         self.max_queued = max_queued
         self.max_prefill_tokens = max_prefill_tokens  # new prompt tokens per prefill step (bounds its memory)
-        self.slots = SlotPool(runner.num_slots)
-        self.prefix_cache = prefix_cache_slots > 0
         self.weight_version = weight_version
+        self.waiting_timeout_s = waiting_timeout_s
+        self.running_timeout_s = running_timeout_s
+        self.timeout_status = timeout_status
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.free_rows = list(range(runner.num_rows))
         self.paused = False
+        self.released: set[str] = set()  # memory handed back (release_memory_occupation): nothing is admitted
         self.stats = SchedulerStats()
+        self._retract_pending = False
+        self._dirty: dict[int, Request] = {}  # rows whose table entries must be rewritten before the next step
         self._wake = asyncio.Event()
         self._pending_weights: list[tuple[Callable[[], None], int, asyncio.Future[None]]] = []
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="agentrl-engine-model")
@@ -126,14 +153,14 @@ class Scheduler:
     def abort(self, rid: str | None) -> int:
         """Abort one request by rid (or all with ``None``); returns how many were found.
 
-        Waiting requests finish at once with no output; running ones finish at the next step boundary with
-        what they have produced, ``finish_reason.type == "abort"``.
+        Waiting requests finish at once with what they have; running ones finish at the next step boundary
+        with what they have produced, ``finish_reason.type == "abort"``.
         """
         found = 0
         for req in list(self.waiting):
             if rid is None or req.rid == rid:
                 self.waiting.remove(req)
-                req.finish({"type": "abort", "message": "aborted before prefill"})
+                req.finish({"type": "abort", "message": "Abort in waiting queue"})
                 found += 1
         for req in self.running:
             if rid is None or req.rid == rid:
@@ -142,15 +169,28 @@ class Scheduler:
         self._wake.set()
         return found
 
-    def pause(self) -> None:
+    def pause(self, mode: str = "in_place") -> None:
+        """Stop generating. ``abort``: abort everything; ``retract``: running requests go back to the queue
+        (their keys/values are recomputed when they resume, under the weights of that time); ``in_place``: they
+        stay where they are."""
+        if mode == "abort":
+            self.abort(None)
+        elif mode == "retract":
+            self._retract_pending = True  # at the next step boundary: a step may be running now
+            self._wake.set()
         self.paused = True
 
     def resume(self) -> None:
         self.paused = False
         self._wake.set()
 
+    def wake(self) -> None:
+        """Look at the queue again (after memory came back)."""
+        self._wake.set()
+
     def flush_cache(self) -> int:
-        return self.slots.flush()
+        """Drop every cached prefix no running request uses; returns how many tokens were dropped."""
+        return self.cache.flush()
 
     async def update_weights(self, apply: Callable[[], None], version: int) -> None:
         """Run ``apply`` (copies new weights into the model) between two steps; then report ``version``."""
@@ -163,12 +203,19 @@ class Scheduler:
         """Run ``fn`` on the model thread, serialized with forward passes."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
+    @property
+    def tokens_in_use(self) -> int:
+        """KV positions held by running requests and the cache."""
+        return self.cache.capacity - self.cache.allocator.available
+
     # --- the loop --------------------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
             if not self._has_work():
                 self._wake.clear()
-                await self._wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._idle_timeout())
+                self._expire()
                 continue
             try:
                 await self._iteration()
@@ -176,21 +223,29 @@ class Scheduler:
                 log.exception("engine step failed")
                 for req in self.running:
                     req.finish({"type": "abort", "message": f"engine step failed: {exc}"})
-                self._release_finished()
+                self._release_finished(failed=True)
             await asyncio.sleep(0)
 
+    def _idle_timeout(self) -> float | None:
+        """While requests wait with a waiting timeout, wake up to expire them."""
+        return 0.05 if self.waiting and self.waiting_timeout_s is not None else None
+
     def _has_work(self) -> bool:
-        if self._pending_weights or any(r.abort_requested and not r.finished for r in self.running):
-            return True  # weight updates and aborts are served while paused too
-        return not self.paused and bool(self.waiting or self.running)
+        if self._pending_weights or self._retract_pending or any(r.abort_requested and not r.finished for r in self.running):
+            return True  # weight updates, retractions and aborts are served while paused too
+        return not self.paused and not self.released and bool(self.waiting or self.running)
 
     async def _iteration(self) -> None:
+        if self._retract_pending:
+            self._retract_pending = False
+            self._retract_all()
         await self._apply_weights()
         for req in self.running:
             if req.abort_requested:
                 req.finish({"type": "abort", "message": "aborted by request"})
+        self._expire()
         self._release_finished()
-        if self.paused:
+        if self.paused or self.released:
             return
         admitted = self._admit()
         if admitted:
@@ -209,66 +264,145 @@ class Scheduler:
                 fut.set_exception(exc)
                 continue
             self.weight_version = version
-            self.slots.flush()
+            self.cache.set_version(version)
             fut.set_result(None)
 
+    def _expire(self) -> None:
+        """Finish requests past their waiting or running timeout with an error (HTTP ``timeout_status``)."""
+        now = time.monotonic()
+        if self.waiting_timeout_s is not None:
+            for req in [r for r in self.waiting if now - r.created > self.waiting_timeout_s]:
+                self.waiting.remove(req)
+                self._time_out(req, "Request waiting timeout reached.")
+        if self.running_timeout_s is not None:
+            for req in self.running:
+                if req.admitted is not None and now - req.admitted > self.running_timeout_s:
+                    self._time_out(req, "Request running timeout reached.")
+
+    def _time_out(self, req: Request, message: str) -> None:
+        self.stats.timed_out += 1
+        req.finish({"type": "abort", "message": message, "status_code": self.timeout_status})
+
+    # --- admission and KV memory ---------------------------------------------------------------------
     def _admit(self) -> list[Request]:
-        """Move waiting requests into the batch, up to ``max_running`` and ``max_prefill_tokens`` (at least one)."""
+        """Move waiting requests into the batch while rows, KV memory and the prefill budget allow (at least one)."""
         admitted: list[Request] = []
         budget = self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_running:
-            if admitted and len(self.waiting[0].input_ids) > budget:
+            req = self.waiting[0]
+            if not self._reserve(req):
+                break  # memory is short: wait for running requests to finish (first come, first served)
+            assert req.kv is not None
+            new = len(req.input_ids) + len(req.output_ids) - req.kv.cached
+            if admitted and new > budget:
+                self.cache.release(req.kv, None)
+                req.kv = None
                 break
-            req = self.waiting.popleft()
-            # prompt logprobs need the logits before their first scored token: reuse no further than that
-            limit = None if req.logprob_start is None else max(req.logprob_start - 1, 0)
-            req.slot, req.cached_tokens = self.slots.acquire(req.input_ids, max_reuse=limit)
-            req.kv_version = self.weight_version
-            self.stats.cached_tokens += req.cached_tokens
-            budget -= len(req.input_ids) - req.cached_tokens
+            self.waiting.popleft()
+            budget -= new
+            req.row = self.free_rows.pop(self.free_rows.index(min(self.free_rows)))
+            req.cached_tokens = req.kv.cached
+            req.kv_version, req.admitted = self.weight_version, time.monotonic()
+            self._dirty[req.row] = req
+            self.stats.cached_tokens += req.kv.cached
+            self.stats.prompt_tokens += len(req.input_ids) + len(req.output_ids)
             self.running.append(req)
             admitted.append(req)
         return admitted
 
+    def _reserve(self, req: Request) -> bool:
+        seq = req.input_ids + req.output_ids  # a retracted request resumes from what it had
+        # the last token is always fed again, and scored prompt tokens need the logits before them
+        limit = len(seq) - 1
+        if req.logprob_start is not None and not req.output_ids:
+            limit = min(limit, max(req.logprob_start - 1, 0))
+        total = len(req.input_ids) + req.options.max_new_tokens
+        req.kv = self.cache.admit(np.asarray(seq, dtype=np.int64), total, limit)
+        return req.kv is not None
+
+    def _retract_all(self) -> None:
+        """Send running requests back to the front of the queue, keeping what they computed in the cache."""
+        for req in reversed(self.running):
+            if req.abort_requested:
+                req.finish({"type": "abort", "message": "aborted by request"})
+            if req.finished:
+                continue
+            self._free(req, failed=False)
+            self.waiting.appendleft(req)
+        self.running = [r for r in self.running if r.finished]
+
+    def _free(self, req: Request, *, failed: bool) -> None:
+        if req.row is not None:
+            self.free_rows.append(req.row)
+            self._dirty.pop(req.row, None)
+            req.row = None
+        if req.kv is not None:
+            seq = req.input_ids + req.output_ids
+            computed = None if failed else np.asarray(seq[: len(req.input_ids) + max(len(req.output_ids) - 1, 0)])
+            self.cache.release(req.kv, computed)
+            req.kv = None
+
+    def _release_finished(self, *, failed: bool = False) -> None:
+        keep = []
+        for req in self.running:
+            if not req.finished:
+                keep.append(req)
+                continue
+            self.stats.finished += 1
+            self._free(req, failed=failed)
+        self.running = keep
+
+    def _flush_rows(self) -> None:
+        """Model thread: write the table rows of newly admitted or re-pointed requests."""
+        dirty, self._dirty = self._dirty, {}
+        rows = [row for row, req in dirty.items() if req.kv is not None]
+        self.runner.set_rows(rows, [dirty[row].kv.indices for row in rows])  # type: ignore[union-attr]
+
+    # --- forward steps ------------------------------------------------------------------------------------
     async def _prefill(self, reqs: list[Request]) -> None:
-        slots = [r.slot for r in reqs if r.slot is not None]
-        chunks = [r.input_ids[r.cached_tokens :] for r in reqs]
+        seqs = [r.input_ids + r.output_ids for r in reqs]
+        rows = [r.row for r in reqs if r.row is not None]
+        chunks = [seq[r.cached_tokens :] for seq, r in zip(seqs, reqs, strict=True)]
         starts = [r.cached_tokens for r in reqs]
-        params = self._sampling(reqs)
+        score = score_specs(reqs)
+        params, processing = sampling_batch(reqs), row_logits(reqs, self.eos_ids)
         self.stats.prefilled_tokens += sum(len(c) for c in chunks)
 
-        score = {b: r.options.temperature or 1.0 for b, r in enumerate(reqs) if r.logprob_start is not None}
+        def step() -> tuple[Sampled, Prefill]:
+            self._flush_rows()
+            out = self.runner.prefill(rows, chunks, starts, score=score)
+            return sample(apply_logits(out.logits, processing), params), out
 
-        def step() -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-            out = self.runner.prefill(slots, chunks, starts, score=score)
-            return (*sample(out.logits, params), out.prompt_logprobs)
-
-        tokens, logprobs, prompt_logprobs = await self._timed(step, decode=False)
-        for b, values in prompt_logprobs.items():
-            reqs[b].set_prompt_logprobs(values.tolist())
-        self._commit(reqs, tokens, logprobs)
+        sampled, out = await self._timed(step, decode=False)
+        for b, scores in out.prompt_logprobs.items():
+            record_prompt_scores(reqs[b], scores)
+        for req in reqs:  # later requests with this prompt reuse it while this one still runs
+            if req.kv is not None and req.row is not None and self.cache.share(req.kv, np.asarray(req.input_ids)):
+                self._dirty[req.row] = req
+        self._commit(reqs, sampled, prefill=True)
 
     async def _decode(self) -> None:
         reqs = self.running
-        order = [r.slot for r in reqs if r.slot is not None]
-        rows = max(order) + 1
-        token_list, position_list = [0] * rows, [self.runner.scratch] * rows
-        for r, slot in zip(reqs, order, strict=True):
-            token_list[slot] = r.output_ids[-1]
-            position_list[slot] = len(r.input_ids) + len(r.output_ids) - 1
-        kv_len = max(position_list[slot] for slot in order) + 1
+        order = [r.row for r in reqs if r.row is not None]
+        n_rows = max(order) + 1
+        token_list, position_list = [0] * n_rows, [self.runner.scratch] * n_rows
+        for r, row in zip(reqs, order, strict=True):
+            token_list[row] = r.output_ids[-1]
+            position_list[row] = len(r.input_ids) + len(r.output_ids) - 1
+        kv_len = max(position_list[row] for row in order) + 1
         tokens, positions = torch.tensor(token_list), torch.tensor(position_list)
-        params = self._sampling(reqs)
+        params, processing = sampling_batch(reqs), row_logits(reqs, self.eos_ids)
         device = self.runner.device
+        dense = order == list(range(n_rows))  # rows already in request order: no gather needed
 
-        dense = order == list(range(rows))  # rows already in request order: no gather needed
-
-        def step() -> tuple[torch.Tensor, torch.Tensor]:
+        def step() -> Sampled:
+            self._flush_rows()
             logits = self.runner.decode(tokens.to(device), positions.to(device), kv_len)
-            return sample(logits if dense else logits[torch.tensor(order, device=device)], params)
+            logits = logits if dense else logits[torch.tensor(order, device=device)]
+            return sample(apply_logits(logits, processing), params)
 
-        out_tokens, logprobs = await self._timed(step, decode=True)
-        self._commit(list(reqs), out_tokens, logprobs)
+        out = await self._timed(step, decode=True)
+        self._commit(list(reqs), out, prefill=False)
 
     async def _timed(self, step: Callable[[], Any], *, decode: bool) -> Any:
         start = time.perf_counter()
@@ -281,47 +415,22 @@ class Scheduler:
             self.stats.prefill_time_s += elapsed
         return out
 
-    def _sampling(self, reqs: list[Request]) -> SamplingBatch:
-        banned = [
-            sorted(set(r.options.stop_token_ids) | (set() if r.options.ignore_eos else self.eos_ids))
-            if len(r.output_ids) < r.options.min_new_tokens
-            else []
-            for r in reqs
-        ]
-        return SamplingBatch.build(
-            [r.options.temperature for r in reqs],
-            [r.options.top_p for r in reqs],
-            [r.options.top_k for r in reqs],
-            [r.options.min_p for r in reqs],
-            [r.options.seed for r in reqs],
-            [len(r.output_ids) for r in reqs],
-            banned,
-        )
-
-    def _commit(self, reqs: list[Request], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+    def _commit(self, reqs: list[Request], out: Sampled, *, prefill: bool) -> None:
         self.stats.steps += 1
-        for req, token, lp in zip(reqs, tokens.tolist(), logprobs.tolist(), strict=True):
+        for b, (req, token, lp) in enumerate(zip(reqs, out.tokens.tolist(), out.logprobs.tolist(), strict=True)):
             if req.finished:
                 continue
+            if prefill and req.options.max_new_tokens == 0:
+                req.finish({"type": "length", "length": 0})  # prompt scoring only
+                continue
+            if req.grammar is not None and not req.grammar.accept(int(token)):
+                req.finish({"type": "abort", "message": f"sampled token {token} is not allowed by the grammar"})
+                continue
             req.append(int(token), float(lp), self.weight_version)
+            record_sampled(req, b, out)
             self.stats.generated_tokens += 1
             reason = req.check_stop(self.eos_ids, self.tokenizer)
             if reason is not None:
                 req.finish(reason)
             elif req.stream:
                 req.updates.put_nowait(False)
-
-    def _release_finished(self) -> None:
-        keep = []
-        for req in self.running:
-            if not req.finished:
-                keep.append(req)
-                continue
-            self.stats.finished += 1
-            if req.slot is not None:
-                # keys/values computed under older weights must not be reused
-                fresh = self.prefix_cache and req.kv_version == self.weight_version
-                held = (req.input_ids + req.output_ids)[:-1] if fresh else None
-                self.slots.release(req.slot, held)
-                req.slot = None
-        self.running = keep

@@ -1,17 +1,14 @@
 """The embedded engine's HTTP server: SGLang's native endpoints over a :class:`Scheduler`.
 
-Endpoints (field names and response shapes follow SGLang's ``http_server.py`` / ``io_struct.py``):
-``POST /generate`` (JSON or SSE stream), ``POST /abort_request``, ``POST /pause_generation``,
-``POST /continue_generation``, ``POST /update_weights_from_disk`` (a directory, or a bus object-store
-snapshot ``nats-object://agentrl_<run>_weights/<prefix>`` when the engine has a NATS URL), ``GET /health``, ``GET /health_generate``,
-``GET|POST /flush_cache``, ``GET /get_model_info``, ``GET /get_weight_version``, ``GET /get_server_info``,
-plus the OpenAI-compatible routes of :mod:`agentrl.engine.openai_api`.
+``POST /generate`` (JSON or SSE stream; single or batched prompts, ``n`` samples) lives here; control and
+weight endpoints in :mod:`~agentrl.engine.admin_routes`, information and tokenizer endpoints in
+:mod:`~agentrl.engine.info_routes`, ``/v1/*`` in :mod:`~agentrl.engine.openai_api`. Field names, status
+codes and response shapes follow SGLang's ``http_server.py`` / ``io_struct.py``; the README lists what is
+not supported and why.
 
-Differences from SGLang, by design: weight versions are integers (reported as strings in
-``meta_info.weight_version``, as SGLang does); ``meta_info.output_token_versions`` is an agentrl extra;
-streamed chunks carry the cumulative ``text`` / ``output_ids`` / logprobs (SGLang's default); batched
-(list) inputs, ``n > 1``, ``top_logprobs_num > 0``, penalties and constrained decoding are refused with
-HTTP 400.
+Differences from SGLang, by design: weight versions are integers (reported as strings, as SGLang does);
+``meta_info.output_token_versions`` is an agentrl extra; streamed chunks carry the cumulative ``text`` /
+``output_ids`` / logprobs (SGLang's default).
 """
 
 from __future__ import annotations
@@ -20,34 +17,26 @@ import asyncio
 import contextlib
 import logging
 import signal
-import tempfile
 import uuid
-from pathlib import Path
+from collections import Counter
 from typing import Any
 
 import msgspec
-import numpy as np
 from aiohttp import web
 
-from agentrl import __version__
 from agentrl.config.engine import EngineConfig
-from agentrl.engine.api import (
-    AbortIn,
-    BadRequest,
-    GenerateIn,
-    PauseIn,
-    SamplingIn,
-    UpdateWeightsIn,
-    decode_body,
-    to_options,
-)
-from agentrl.engine.bus_weights import OBJECT_SCHEME, fetch_snapshot
-from agentrl.engine.request import Request
+from agentrl.engine.api import BadRequest, check_tokens, to_options
+from agentrl.engine.auth import ADMIN_KEY_ENV, API_KEY_ENV, auth_middleware, resolve_key
+from agentrl.engine.custom_processor import ProcessorError, load_processor
+from agentrl.engine.generate_in import GenerateIn, Item, normalize
+from agentrl.engine.grammar import GrammarCompiler, GrammarError
+from agentrl.engine.logits import CustomCall
+from agentrl.engine.memory import MemoryManager
+from agentrl.engine.request import LogprobSpec, Request, RequestOptions
 from agentrl.engine.scheduler import QueueFull, Scheduler
-from agentrl.engine.weights import LoadedModel, copy_weights, read_state_dict
-from agentrl.errors import EngineError
+from agentrl.engine.weights import LoadedModel
 
-__all__ = ["EngineServer", "error_response", "json_response"]
+__all__ = ["EngineServer", "error_response", "json_response", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +51,13 @@ def error_response(message: str, status: int = 400, field: str | None = None) ->
     return json_response({"error": {"message": message, "type": kind, "param": field, "code": status}}, status)
 
 
+def gave_up_response(req: Request) -> web.Response:
+    """SGLang's reply for a request the engine gave up on (a timeout): ``{"object": "error", ..., "code"}``."""
+    status = req.error_status or 503
+    message = str((req.finish_reason or {}).get("message", "request aborted"))
+    return json_response({"object": "error", "message": message, "type": str(status), "param": None, "code": status}, status)
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
@@ -72,13 +68,16 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return error_response(f"engine overloaded: {exc}", 429)
     except web.HTTPException:
         raise
+    except ConnectionResetError:  # the client went away: nothing to answer, nothing to report
+        log.info("client disconnected from %s", request.path)
+        raise
     except Exception as exc:  # nothing a request does may take the server down
         log.exception("unhandled error in %s", request.path)
         return error_response(f"internal error: {exc}", 500)
 
 
 class EngineServer:
-    """One model served over HTTP; ``weight_version`` and the scheduler live here."""
+    """One model served over HTTP; the scheduler, the memory manager and in-flight rids live here."""
 
     def __init__(
         self,
@@ -86,32 +85,35 @@ class EngineServer:
         scheduler: Scheduler,
         cfg: EngineConfig,
         context_length: int,
+        memory: MemoryManager,
         *,
         nats_url: str | None = None,
     ) -> None:
         self.nats_url = nats_url  # for weight snapshots in the bus object store
         self.loaded = loaded
         self.scheduler = scheduler
+        self.memory = memory
         self.cfg = cfg
         self.context_length = context_length
+        self.model_path = str(loaded.path)  # what /get_model_info reports: the last weights loaded
         self.vocab_size = int(loaded.model.config.vocab_size)
+        self.grammars = GrammarCompiler(loaded.tokenizer, self.vocab_size, scheduler.eos_ids)
+        self.api_key = resolve_key(cfg.api_key, API_KEY_ENV)
+        self.admin_key = resolve_key(cfg.admin_api_key, ADMIN_KEY_ENV)
+        self.active: dict[str, Request] = {}  # rid -> request in flight (duplicate rids are refused)
+        self._chars_per_token = 2 * max((len(t) for t in loaded.tokenizer.get_vocab()), default=16)
 
     def app(self) -> web.Application:
+        from agentrl.engine.admin_routes import add_admin_routes
+        from agentrl.engine.info_routes import add_info_routes
         from agentrl.engine.openai_api import add_openai_routes
 
-        app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
-        r = app.router
-        r.add_post("/generate", self.generate)
-        r.add_post("/abort_request", self.abort_request)
-        r.add_post("/pause_generation", self.pause_generation)
-        r.add_post("/continue_generation", self.continue_generation)
-        r.add_post("/update_weights_from_disk", self.update_weights_from_disk)
-        r.add_get("/health", self.health)
-        r.add_get("/health_generate", self.health_generate)
-        r.add_route("*", "/flush_cache", self.flush_cache)
-        r.add_get("/get_model_info", self.get_model_info)
-        r.add_get("/get_weight_version", self.get_weight_version)
-        r.add_get("/get_server_info", self.get_server_info)
+        middlewares = [auth_middleware(self.api_key, self.admin_key), _errors]
+        app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
+        app.router.add_route("POST", "/generate", self.generate)
+        app.router.add_route("PUT", "/generate", self.generate)
+        add_admin_routes(app, self)
+        add_info_routes(app, self)
         add_openai_routes(app, self)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
@@ -128,49 +130,94 @@ class EngineServer:
     async def _on_cleanup(self, _: web.Application) -> None:
         await self.scheduler.stop()
 
-    # --- requests -----------------------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+    # --- building requests ----------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def prompt_ids(self, inp: GenerateIn, field: str) -> list[int]:
-        """The prompt's token ids (tokenizing ``text`` if needed), checked against vocab and context length."""
-        if inp.input_ids is None and inp.text is None:
-            raise BadRequest("one of input_ids or text is required", "input_ids")
-        ids = inp.input_ids if inp.input_ids is not None else self.tokenize(inp.text or "")
+    async def prompt_ids(self, item: Item) -> list[int]:
+        """The prompt's token ids (tokenizing text off the event loop), checked against vocab and context."""
+        field = item.prompt_field
+        if item.text is not None:
+            if len(item.text) > self._chars_per_token * self.context_length:  # cannot fit: don't tokenize it
+                raise BadRequest(f"{field}: {len(item.text)} characters cannot fit the context length "
+                                 f"{self.context_length}", field)
+            ids = await asyncio.to_thread(self.tokenize, item.text)
+        else:
+            ids = check_tokens(item.input_ids, field, self.vocab_size)
         if not ids:
             raise BadRequest(f"{field}: the prompt is empty", field)
-        arr = np.asarray(ids, dtype=np.int64)
-        if int(arr.min()) < 0 or int(arr.max()) >= self.vocab_size:
-            raise BadRequest(f"{field}: token ids must be in [0, {self.vocab_size})", field)
         if len(ids) >= self.context_length:
             raise BadRequest(
                 f"{field}: prompt of {len(ids)} tokens does not fit the context length {self.context_length}", field
             )
-        return list(ids)
+        return ids
 
-    def make_request(self, inp: GenerateIn, *, field: str = "input_ids") -> Request:
-        """Validate a decoded ``/generate`` body into an engine :class:`Request` (raises :class:`BadRequest`)."""
-        ids = self.prompt_ids(inp, field)
-        options = to_options(inp.sampling_params, vocab_size=self.vocab_size, room=self.context_length - len(ids))
-        start = inp.logprob_start_len
-        if start < -1 or start >= len(ids):
+    async def make_request(self, item: Item, *, stream: bool = False, text_in_logprobs: bool = False) -> Request:
+        """Validate one normalized item into an engine :class:`Request` (raises :class:`BadRequest`)."""
+        ids = await self.prompt_ids(item)
+        options = to_options(item.sampling, vocab_size=self.vocab_size, room=self.context_length - len(ids),
+                             field=item.sampling_field)
+        start = item.logprob_start_len
+        if start is not None and (start < -1 or start >= len(ids)):
             raise BadRequest(f"logprob_start_len: must be -1 or in [0, {len(ids)})", "logprob_start_len")
+        k = item.top_logprobs_num
+        if k > self.vocab_size:
+            raise BadRequest(f"top_logprobs_num: {k} exceeds the vocab size {self.vocab_size}", "top_logprobs_num")
+        token_ids = None
+        if item.token_ids_logprob is not None:
+            token_ids = check_tokens(item.token_ids_logprob, "token_ids_logprob", self.vocab_size)
+        spec = LogprobSpec(len(ids) - 1 if start == -1 else start, k, token_ids, text_in_logprobs)
+        if start is None:
+            spec.start = None
         return Request(
-            rid=inp.rid or uuid.uuid4().hex,
-            input_ids=ids,
-            options=options,
-            return_logprob=inp.return_logprob,
-            logprob_text=inp.return_text_in_logprobs,
-            logprob_start=start if inp.return_logprob and start >= 0 else None,
-            stream=inp.stream,
+            rid=item.rid, input_ids=ids, options=options, return_logprob=item.return_logprob, logprobs_spec=spec,
+            stream=stream, stream_interval=item.sampling.stream_interval or 1, grammar=await self._grammar(item),
+            custom=self._custom(item),
         )
 
+    async def _grammar(self, item: Item) -> Any:
+        grammar = item.sampling.grammar
+        if grammar is None:
+            return None
+        kind, source = grammar
+        try:
+            compiled = await asyncio.to_thread(self.grammars.compile, kind, source)
+        except GrammarError as exc:
+            field = f"{item.sampling_field}.{kind}"
+            raise BadRequest(f"{field}: {exc}", field) from exc
+        return self.grammars.matcher(compiled)
+
+    def _custom(self, item: Item) -> CustomCall | None:
+        serialized = item.custom_logit_processor
+        if serialized is None:
+            if item.sampling.custom_params is not None:
+                field = f"{item.sampling_field}.custom_params"
+                raise BadRequest(f"{field}: given without a custom_logit_processor", field)
+            return None
+        if not self.cfg.enable_custom_logit_processor:
+            raise BadRequest("custom_logit_processor: disabled on this engine (start it with "
+                             "engine.enable_custom_logit_processor=true)", "custom_logit_processor")
+        try:
+            processor = load_processor(serialized)
+        except ProcessorError as exc:
+            raise BadRequest(f"custom_logit_processor: {exc}", "custom_logit_processor") from exc
+        return CustomCall(serialized, processor, dict(item.sampling.custom_params or {}))
+
+    # --- running requests -------------------------------------------------------------------------------------
+    def register(self, reqs: list[Request]) -> None:
+        """Claim the requests' rids; a rid already in flight is SGLang's 400 "Duplicate request ID"."""
+        dup = [r.rid for r in reqs if r.rid in self.active]
+        if dup:
+            raise BadRequest(f"rid: Duplicate request ID {dup[0]!r}: a request with this rid is in flight", "rid")
+        self.active.update((r.rid, r) for r in reqs)
+
+    def unregister(self, reqs: list[Request]) -> None:
+        for r in reqs:
+            if self.active.get(r.rid) is r:
+                del self.active[r.rid]
+
     def start(self, req: Request) -> None:
-        """Hand ``req`` to the scheduler; a request for zero new tokens finishes at once (``length``)."""
-        if req.options.max_new_tokens == 0:
-            req.finish({"type": "length", "length": 0})
-        else:
-            self.scheduler.submit(req)
+        self.scheduler.submit(req)
 
     async def run(self, req: Request) -> Request:
         """Submit and wait until the request finishes (or is aborted); returns it."""
@@ -179,9 +226,26 @@ class EngineServer:
             pass
         return req
 
-    async def open_stream(self, request: web.Request, req: Request) -> web.StreamResponse:
-        """Start ``req`` and open the SSE response its chunks are written to."""
-        self.start(req)
+    async def run_all(self, reqs: list[Request]) -> None:
+        """Run requests together; prompts sampled several times are prefilled once first (cached)."""
+        try:
+            await self._warm_shared_prompts(reqs)
+            await asyncio.gather(*(self.run(r) for r in reqs))
+        except BaseException:  # the client went away or the server stops: stop the work too
+            self._abort(reqs)
+            raise
+
+    async def _warm_shared_prompts(self, reqs: list[Request]) -> None:
+        if not self.scheduler.cache.enabled:
+            return
+        counts = Counter(tuple(r.input_ids) for r in reqs)
+        warm = [
+            Request(rid=f"warm-{uuid.uuid4().hex}", input_ids=list(ids), options=RequestOptions(max_new_tokens=0))
+            for ids, n in counts.items() if n > 1
+        ]
+        await asyncio.gather(*(self.run(w) for w in warm))
+
+    async def open_stream(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         return resp
@@ -190,137 +254,87 @@ class EngineServer:
         return req.reply(self.loaded.tokenizer, self.scheduler.weight_version)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        inp = decode_body(await request.read(), GenerateIn)
-        req = self.make_request(inp)
-        if not inp.stream:
-            return json_response(self.reply(await self.run(req)))
-        return await self._stream(request, req)
-
-    async def _stream(self, request: web.Request, req: Request) -> web.StreamResponse:
-        resp = await self.open_stream(request, req)
+        inp = decode_body(await request.read())
+        items, single = normalize(inp)
+        reqs = [await self.make_request(it, stream=inp.stream, text_in_logprobs=inp.return_text_in_logprobs)
+                for it in items]
+        self.register(reqs)
         try:
-            done = False
-            while not done:
-                done = await req.updates.get()
-                while not req.updates.empty():  # coalesce: send the latest state only
-                    done = req.updates.get_nowait() or done
-                await resp.write(b"data: " + msgspec.json.encode(self.reply(req)) + b"\n\n")
+            if inp.stream:
+                return await self._stream(request, reqs, single)
+            await self.run_all(reqs)
+        finally:
+            self.unregister(reqs)
+        failed = next((r for r in reqs if r.error_status is not None), None)
+        if failed is not None:
+            return gave_up_response(failed)
+        replies = [self.reply(r) for r in reqs]
+        return json_response(replies[0] if single else replies)
+
+    async def _stream(self, request: web.Request, reqs: list[Request], single: bool) -> web.StreamResponse:
+        """SSE: a chunk per update of any request (with ``index`` in a batch), then ``[DONE]``."""
+        resp = await self.open_stream(request)
+        pending = {asyncio.ensure_future(self._updates(r)): i for i, r in enumerate(reqs)}
+        try:
+            for r in reqs:
+                self.start(r)
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    i = pending.pop(fut)
+                    finished = fut.result()
+                    await self._send_chunk(resp, reqs[i], None if single else i)
+                    if not finished:
+                        pending[asyncio.ensure_future(self._updates(reqs[i]))] = i
             await resp.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            self.scheduler.abort(req.rid)
+        except ConnectionResetError:
+            log.info("stream client disconnected; aborting %d request(s)", len(reqs))
+            self._abort(reqs)
+        except asyncio.CancelledError:
+            self._abort(reqs)
             raise
+        finally:
+            for fut in pending:
+                fut.cancel()
         return resp
 
-    # --- control ------------------------------------------------------------------------------------------
-    async def abort_request(self, request: web.Request) -> web.Response:
-        inp = decode_body(await request.read(), AbortIn)
-        if not inp.abort_all and not inp.rid:
-            raise BadRequest("rid: give a rid or abort_all=true", "rid")
-        self.scheduler.abort(None if inp.abort_all else inp.rid)
-        return web.Response(status=200)
+    def _abort(self, reqs: list[Request]) -> None:
+        for r in reqs:
+            if not r.finished:
+                self.scheduler.abort(r.rid)
 
-    async def pause_generation(self, request: web.Request) -> web.Response:
-        inp = decode_body(await request.read(), PauseIn)
-        if inp.mode == "abort":
-            self.scheduler.abort(None)
-        self.scheduler.pause()
-        return json_response({"message": "Generation paused successfully.", "status": "ok"})
+    async def _updates(self, req: Request) -> bool:
+        """Wait for the next update of ``req`` (coalescing queued ones, honouring ``stream_interval``);
+        True once it is finished."""
+        interval = req.stream_interval
+        done = False
+        while True:
+            done = await req.updates.get() or done
+            while not req.updates.empty():
+                done = req.updates.get_nowait() or done
+            if done or interval <= 1 or len(req.output_ids) % interval == 0:
+                return done
 
-    async def continue_generation(self, request: web.Request) -> web.Response:
-        self.scheduler.resume()
-        return json_response({"message": "Generation continued successfully.", "status": "ok"})
+    async def _send_chunk(self, resp: web.StreamResponse, req: Request, index: int | None) -> None:
+        if req.finished and req.error_status is not None:
+            chunk: dict[str, Any] = {"error": {"message": req.finish_reason.get("message"),  # type: ignore[union-attr]
+                                               "code": req.error_status}}
+        else:
+            chunk = self.reply(req)
+            if index is not None:
+                chunk["index"] = index
+        await resp.write(b"data: " + msgspec.json.encode(chunk) + b"\n\n")
 
-    async def update_weights_from_disk(self, request: web.Request) -> web.Response:
-        inp = decode_body(await request.read(), UpdateWeightsIn)
-        version = self.scheduler.weight_version
-        if inp.weight_version is not None:
-            try:
-                version = int(inp.weight_version)
-            except ValueError as exc:
-                raise BadRequest("weight_version: must be an integer (or a string of one)", "weight_version") from exc
-        model = self.loaded.model
-        try:
-            state = await self._read_weights(inp.model_path)
-            if inp.abort_all_requests:
-                self.scheduler.abort(None)
-            await self.scheduler.update_weights(lambda: copy_weights(model, state), version)
-        except EngineError as exc:
-            return json_response({"success": False, "message": str(exc), "num_paused_requests": 0}, 400)
-        log.info("weights updated from %s, version %d", inp.model_path, version)
-        return json_response(
-            {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
-        )
 
-    async def _read_weights(self, model_path: str) -> dict[str, Any]:
-        """State dict from a model directory, or from the bus object store for ``nats-object://`` paths."""
-        if not model_path.startswith(OBJECT_SCHEME):
-            return await asyncio.to_thread(read_state_dict, model_path)
-        if self.nats_url is None:
-            raise EngineError(f"model_path {model_path!r}: the engine was started without a NATS URL (--nats)")
-        with tempfile.TemporaryDirectory(prefix="agentrl-weights-") as tmp:
-            await fetch_snapshot(model_path, self.nats_url, Path(tmp))
-            return await asyncio.to_thread(read_state_dict, tmp)
+def decode_body(body: bytes) -> GenerateIn:
+    from agentrl.engine.api import decode_body as decode
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
-
-    async def health_generate(self, request: web.Request) -> web.Response:
-        inp = GenerateIn(input_ids=[0], sampling_params=SamplingIn(max_new_tokens=1, temperature=0.0))
-        req = self.make_request(inp)
-        try:
-            await asyncio.wait_for(self.run(req), timeout=20)
-        except TimeoutError:
-            self.scheduler.abort(req.rid)
-            return error_response("health generation timed out", 503)
-        if (req.finish_reason or {}).get("type") == "abort":
-            return error_response("health generation aborted", 503)
-        return web.Response(status=200)
-
-    async def flush_cache(self, request: web.Request) -> web.Response:
-        n = self.scheduler.flush_cache()
-        return web.Response(text=f"Cache flushed ({n} cached prefixes dropped).\n", status=200)
-
-    async def get_model_info(self, request: web.Request) -> web.Response:
-        config = self.loaded.model.config
-        return json_response({
-            "model_path": str(self.loaded.path),
-            "tokenizer_path": str(self.loaded.path),
-            "is_generation": True,
-            "preferred_sampling_params": None,
-            "weight_version": str(self.scheduler.weight_version),
-            "has_image_understanding": False,
-            "has_audio_understanding": False,
-            "model_type": config.model_type,
-            "architectures": list(getattr(config, "architectures", None) or []),
-            "context_length": self.context_length,
-            "vocab_size": self.vocab_size,
-        })
-
-    async def get_weight_version(self, request: web.Request) -> web.Response:
-        return json_response({"weight_version": str(self.scheduler.weight_version)})
-
-    async def get_server_info(self, request: web.Request) -> web.Response:
-        s = self.scheduler
-        state = {
-            "num_running_reqs": len(s.running),
-            "num_waiting_reqs": len(s.waiting),
-            "paused": s.paused,
-            "weight_version": str(s.weight_version),
-            "cached_prefixes": len(s.slots.cached),
-            **msgspec.to_builtins(s.stats.__dict__),
-        }
-        return json_response({
-            **msgspec.to_builtins(self.cfg),
-            "engine": "agentrl-embedded",
-            "version": __version__,
-            "context_length": self.context_length,
-            "internal_states": [state],
-        })
+    return decode(body, GenerateIn)
 
 
 async def serve(server: EngineServer, host: str, port: int, ready: asyncio.Event | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then stop cleanly (scheduler and model thread included)."""
-    runner = web.AppRunner(server.app(), access_log=None)
+    runner = web.AppRunner(server.app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -337,3 +351,5 @@ async def serve(server: EngineServer, host: str, port: int, ready: asyncio.Event
         await stop.wait()
     finally:
         await runner.cleanup()
+
+

@@ -103,14 +103,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def copy_weights(model: Any, state: dict[str, torch.Tensor]) -> None:
+def copy_weights(model: Any, state: dict[str, torch.Tensor], *, partial: bool = False) -> None:
     """Copy ``state`` into the model's parameters in place (addresses stay, so captured graphs stay valid).
 
-    Every parameter must be present (tied weights may be omitted) with the same shape; otherwise raises
-    :class:`EngineError` before anything is changed.
+    Every parameter must be present (tied weights may be omitted; with ``partial`` any subset may be given),
+    each with its parameter's shape; otherwise raises :class:`EngineError` before anything is changed.
     """
     params = dict(model.named_parameters())
-    missing = [n for n in params if n not in state and not _is_tied(model, n)]
+    missing = [] if partial else [n for n in params if n not in state and not _is_tied(model, n)]
     unknown = [n for n in state if n not in params and not _is_tied(model, n)]
     wrong = [n for n, t in state.items() if n in params and tuple(t.shape) != tuple(params[n].shape)]
     if missing or wrong or unknown:
@@ -120,7 +120,8 @@ def copy_weights(model: Any, state: dict[str, torch.Tensor]) -> None:
         )
     with torch.no_grad():
         for name, tensor in state.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            if name in params:  # a tied lm_head.weight is the embedding's parameter: skip the duplicate
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
 
 def _is_tied(model: Any, name: str) -> bool:

@@ -235,7 +235,7 @@ async def test_info_endpoints(engine_url: str) -> None:
         ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": -3}}, "sampling_params.max_new_tokens"),
         ({"input_ids": [1, 2], "sampling_params": {"top_k": 0}}, "sampling_params.top_k"),
         ({"input_ids": [1, 2], "sampling_params": {"bogus": 1}}, "sampling_params.bogus"),
-        ({"input_ids": [1, 2], "sampling_params": {"n": 4}}, "sampling_params.n"),
+        ({"input_ids": [1, 2], "sampling_params": {"n": 0}}, "sampling_params.n"),
         ({"input_ids": [1, 99999]}, "input_ids"),
         ({"input_ids": []}, "input_ids"),
         ({"input_ids": [1] * 5000}, "input_ids"),

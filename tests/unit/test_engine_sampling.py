@@ -17,7 +17,7 @@ def batch(n: int, **kw: list) -> SamplingBatch:  # type: ignore[type-arg]
 def test_logprob_is_log_softmax_over_temperature_before_truncation() -> None:
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     temps = [0.5, 1.0, 2.0, 0.0]
-    tokens, lps = sample(logits.clone(), batch(4, temperature=temps, top_k=[3, 3, -1, -1], top_p=[1.0, 0.5, 0.9, 1.0]))
+    tokens, lps, *_ = sample(logits.clone(), batch(4, temperature=temps, top_k=[3, 3, -1, -1], top_p=[1.0, 0.5, 0.9, 1.0]))
     for i, t in enumerate(temps):
         ref = torch.log_softmax(logits[i] / (t or 1.0), -1)[tokens[i]]
         assert abs(float(ref) - float(lps[i])) < 1e-6
@@ -27,27 +27,27 @@ def test_logprob_is_log_softmax_over_temperature_before_truncation() -> None:
 def test_top_k_and_top_p_never_sample_outside_their_set() -> None:
     logits = torch.randn(1, 100, generator=torch.Generator().manual_seed(1)).repeat(200, 1)
     top5 = set(logits[0].topk(5).indices.tolist())
-    tokens, _ = sample(logits.clone(), batch(200, top_k=[5] * 200, seed=list(range(200))))
+    tokens, _, *_ = sample(logits.clone(), batch(200, top_k=[5] * 200, seed=list(range(200))))
     assert set(tokens.tolist()) <= top5 and len(set(tokens.tolist())) > 1
     probs = torch.softmax(logits[0], -1)
     order = probs.argsort(descending=True)
     nucleus = set(order[: int((probs[order].cumsum(0) < 0.5).sum()) + 1].tolist())
-    tokens, _ = sample(logits.clone(), batch(200, top_p=[0.5] * 200, seed=list(range(200))))
+    tokens, _, *_ = sample(logits.clone(), batch(200, top_p=[0.5] * 200, seed=list(range(200))))
     assert set(tokens.tolist()) <= nucleus
 
 
 def test_same_seed_and_step_give_the_same_token_whatever_the_batch() -> None:
     gen = torch.Generator().manual_seed(2)
     row = torch.randn(1, 64, generator=gen)
-    alone, _ = sample(row.clone(), batch(1, seed=[42], step=[3]))
+    alone, _, *_ = sample(row.clone(), batch(1, seed=[42], step=[3]))
     others = torch.randn(7, 64, generator=gen)
-    mixed, _ = sample(torch.cat([others, row]), batch(8, seed=[*range(7), 42], step=[0] * 7 + [3]))
+    mixed, _, *_ = sample(torch.cat([others, row]), batch(8, seed=[*range(7), 42], step=[0] * 7 + [3]))
     assert int(mixed[-1]) == int(alone[0])
 
 
 def test_sampling_follows_the_distribution() -> None:
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(4000, 1)
-    tokens, _ = sample(logits, batch(4000, seed=list(range(4000))))
+    tokens, _, *_ = sample(logits, batch(4000, seed=list(range(4000))))
     freq = torch.bincount(tokens, minlength=3).float() / 4000
     assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03)
 
@@ -66,5 +66,5 @@ def test_hash_uniform_is_in_open_unit_interval_deterministic_and_uniform() -> No
 def test_banned_tokens_are_never_sampled() -> None:
     logits = torch.zeros(50, 4)
     logits[:, 2] = 10.0
-    tokens, _ = sample(logits, batch(50, ban=[[2]] * 50, seed=list(range(50))))
+    tokens, _, *_ = sample(logits, batch(50, ban=[[2]] * 50, seed=list(range(50))))
     assert 2 not in tokens.tolist()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
+from agentrl.engine.kv_cache import KVCache
 from agentrl.engine.request import Request, RequestOptions
 from agentrl.engine.runner import Prefill
 from agentrl.engine.scheduler import Scheduler
@@ -14,14 +18,15 @@ VOCAB = 16
 
 
 class FakeRunner:
-    """Greedy next token = (position + 1) % VOCAB; records batch shapes."""
+    """Greedy next token = (position + 1) % VOCAB; records batch shapes and table rows."""
 
-    def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
+    def __init__(self, num_rows: int) -> None:
+        self.num_rows = num_rows
         self.scratch = 1000
         self.device = torch.device("cpu")
         self.prefill_batches: list[list[int]] = []
         self.decode_rows: list[int] = []
+        self.rows: dict[int, list[int]] = {}
 
     def _peaks(self, positions: list[int]) -> torch.Tensor:
         logits = torch.zeros(len(positions), VOCAB)
@@ -29,7 +34,11 @@ class FakeRunner:
             logits[i, (p + 1) % VOCAB] = 10.0
         return logits
 
-    def prefill(self, slots, chunks, starts, *, score=None) -> Prefill:  # type: ignore[no-untyped-def]
+    def set_rows(self, rows: Sequence[int], indices: Sequence[Any]) -> None:
+        for row, idx in zip(rows, indices, strict=True):
+            self.rows[row] = np.asarray(idx).tolist()
+
+    def prefill(self, rows, chunks, starts, *, score=None) -> Prefill:  # type: ignore[no-untyped-def]
         self.prefill_batches.append([len(c) for c in chunks])
         return Prefill(self._peaks([s + len(c) - 1 for s, c in zip(starts, chunks, strict=True)]), {})
 
@@ -43,13 +52,19 @@ class Chars:
         return "".join(chr(97 + i) for i in ids)
 
 
-def make(n_prompt: int, max_new: int = 3) -> Request:
-    return Request(rid=f"r{n_prompt}-{max_new}", input_ids=list(range(n_prompt)),
+def make(n_prompt: int, max_new: int = 3, first: int = 0) -> Request:
+    return Request(rid=f"r{n_prompt}-{max_new}-{first}", input_ids=list(range(first, first + n_prompt)),
                    options=RequestOptions(temperature=0.0, max_new_tokens=max_new, ignore_eos=True))
 
 
-async def run_all(scheduler: Scheduler, reqs: list[Request]) -> None:
-    scheduler.start()
+def scheduler_for(runner: FakeRunner, *, pool: int = 1000, prefix_cache: bool = False, **kw: Any) -> Scheduler:
+    kw.setdefault("max_running", runner.num_rows)
+    return Scheduler(runner, Chars(), [], KVCache(pool, enabled=prefix_cache), max_queued=10, **kw)
+
+
+async def run_all(scheduler: Scheduler, reqs: list[Request], *, stop: bool = True, start: bool = True) -> None:
+    if start:
+        scheduler.start()
     try:
         for r in reqs:
             scheduler.submit(r)
@@ -57,31 +72,55 @@ async def run_all(scheduler: Scheduler, reqs: list[Request]) -> None:
             while not await asyncio.wait_for(r.updates.get(), 5):
                 pass
     finally:
-        await scheduler.stop()
+        if stop:
+            await scheduler.stop()
 
 
 async def test_running_batch_is_capped_and_the_queue_drains() -> None:
-    runner = FakeRunner(num_slots=2)
-    scheduler = Scheduler(runner, Chars(), [], max_running=2, max_queued=10, prefix_cache_slots=0)
+    runner = FakeRunner(num_rows=2)
+    scheduler = scheduler_for(runner)
     reqs = [make(4 + i) for i in range(5)]
     await run_all(scheduler, reqs)
     assert max(runner.decode_rows) == 2
     for r in reqs:
         n = len(r.input_ids)
         assert r.output_ids == [(n + k) % VOCAB for k in range(3)] and r.finish_reason == {"type": "length", "length": 3}
+    assert scheduler.cache.allocator.available == 1000  # every reserved position came back
 
 
 async def test_prefill_token_budget_splits_admission() -> None:
-    runner = FakeRunner(num_slots=4)
-    scheduler = Scheduler(runner, Chars(), [], max_running=4, max_queued=10, prefix_cache_slots=0, max_prefill_tokens=10)
+    runner = FakeRunner(num_rows=4)
+    scheduler = scheduler_for(runner, max_prefill_tokens=10)
     await run_all(scheduler, [make(6, 1), make(6, 1), make(3, 1)])
     assert runner.prefill_batches[0] == [6]
     assert sum(len(b) for b in runner.prefill_batches) == 3
 
 
+async def test_kv_memory_limits_admission_until_requests_finish() -> None:
+    runner = FakeRunner(num_rows=4)
+    scheduler = scheduler_for(runner, pool=20)  # each request reserves 8 + 4 = 12 positions
+    reqs = [make(8, 4, first=10 * i) for i in range(3)]
+    await run_all(scheduler, reqs)
+    assert all(len(b) == 1 for b in runner.prefill_batches) and max(runner.decode_rows) == 1
+    assert all(len(r.output_ids) == 4 for r in reqs)
+
+
+async def test_prefix_cache_hits_a_finished_turn_and_table_rows_share_positions() -> None:
+    runner = FakeRunner(num_rows=2)
+    scheduler = scheduler_for(runner, prefix_cache=True)
+    first = make(6, 3)
+    await run_all(scheduler, [first], stop=False)
+    second = Request(rid="turn2", input_ids=[*first.input_ids, *first.output_ids, 9, 9],
+                     options=RequestOptions(temperature=0.0, max_new_tokens=2, ignore_eos=True))
+    await run_all(scheduler, [second], start=False)
+    assert second.cached_tokens == 6 + 2  # prompt + outputs except the last (never fed back)
+    assert runner.prefill_batches[-1] == [len(second.input_ids) - 8]
+    assert scheduler.stats.cached_tokens == 8
+
+
 async def test_weight_update_applies_between_steps_and_versions_tokens() -> None:
-    runner = FakeRunner(num_slots=1)
-    scheduler = Scheduler(runner, Chars(), [], max_running=1, max_queued=10, prefix_cache_slots=0)
+    runner = FakeRunner(num_rows=1)
+    scheduler = scheduler_for(runner)
     req = make(2, max_new=200)
     req.stream = True  # an update per step
     scheduler.start()
@@ -97,3 +136,40 @@ async def test_weight_update_applies_between_steps_and_versions_tokens() -> None
         await scheduler.stop()
     switch = req.versions.index(4)
     assert applied == [switch] and set(req.versions[:switch]) == {0} and set(req.versions[switch:]) == {4}
+
+
+async def test_retract_sends_running_requests_back_and_they_resume_where_they_were() -> None:
+    runner = FakeRunner(num_rows=1)
+    scheduler = scheduler_for(runner, prefix_cache=True)
+    req = make(3, max_new=60)
+    req.stream = True
+    scheduler.start()
+    try:
+        scheduler.submit(req)
+        for _ in range(5):
+            await asyncio.wait_for(req.updates.get(), 5)
+        scheduler.pause("retract")
+        await asyncio.sleep(0.05)
+        assert scheduler.running == [] and list(scheduler.waiting) == [req] and not req.finished
+        produced = len(req.output_ids)
+        scheduler.resume()
+        while not await asyncio.wait_for(req.updates.get(), 5):
+            pass
+    finally:
+        await scheduler.stop()
+    assert req.output_ids == [(3 + k) % VOCAB for k in range(60)]  # as if never interrupted
+    assert req.cached_tokens == 3 + produced - 1  # resumed from its cached keys/values
+
+
+async def test_waiting_timeout_finishes_with_an_error_status() -> None:
+    runner = FakeRunner(num_rows=1)
+    scheduler = scheduler_for(runner, waiting_timeout_s=0.05)
+    scheduler.pause("in_place")
+    req = make(3)
+    scheduler.start()
+    try:
+        scheduler.submit(req)
+        await asyncio.wait_for(req.updates.get(), 5)
+    finally:
+        await scheduler.stop()
+    assert req.error_status == 503 and "waiting timeout" in req.finish_reason["message"]  # type: ignore[index]

@@ -1,0 +1,86 @@
+"""What one forward step needs from its requests: sampling params, logits processing, prompt scoring; and
+recording what the step produced back into the requests.
+
+Built on the event loop thread from request state, consumed on the model thread (the loop awaits the step, so
+nothing mutates the requests meanwhile).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agentrl.engine.custom_processor import RequestView
+from agentrl.engine.logits import CustomCall, RowLogits
+from agentrl.engine.request import Request
+from agentrl.engine.runner import PromptScores, ScoreSpec
+from agentrl.engine.sampling import Sampled, SamplingBatch
+
+__all__ = ["record_prompt_scores", "record_sampled", "row_logits", "sampling_batch", "score_specs"]
+
+
+def sampling_batch(reqs: Sequence[Request]) -> SamplingBatch:
+    return SamplingBatch.build(
+        [r.options.temperature for r in reqs],
+        [r.options.top_p for r in reqs],
+        [r.options.top_k for r in reqs],
+        [r.options.min_p for r in reqs],
+        [r.options.seed for r in reqs],
+        [len(r.output_ids) for r in reqs],
+        [[] for _ in reqs],  # the min_new_tokens ban is applied with the other logits changes (row_logits)
+        [r.logprobs_spec.top_k if r.return_logprob else 0 for r in reqs],
+        [r.logprobs_spec.token_ids if r.return_logprob else None for r in reqs],
+    )
+
+
+def row_logits(reqs: Sequence[Request], eos_ids: frozenset[int]) -> list[RowLogits]:
+    return [_row(r, eos_ids) for r in reqs]
+
+
+def _row(r: Request, eos_ids: frozenset[int]) -> RowLogits:
+    opts = r.options
+    ban: list[int] = []
+    if len(r.output_ids) < opts.min_new_tokens:
+        ban = sorted(set(opts.stop_token_ids) | (set() if opts.ignore_eos else eos_ids))
+    custom = None
+    if r.custom is not None:
+        params = {**r.custom.params, "__req__": RequestView(r.rid, r.input_ids, r.output_ids)}
+        custom = CustomCall(r.custom.key, r.custom.processor, params)
+    return RowLogits(
+        bias=opts.logit_bias,
+        output_ids=r.output_ids,
+        repetition_penalty=opts.repetition_penalty,
+        frequency_penalty=opts.frequency_penalty,
+        presence_penalty=opts.presence_penalty,
+        custom=custom,
+        grammar=r.grammar,
+        ban=ban,
+    )
+
+
+def score_specs(reqs: Sequence[Request]) -> dict[int, ScoreSpec]:
+    """Prompt scoring for requests prefilled for the first time that asked for prompt logprobs."""
+    return {
+        b: ScoreSpec(r.options.temperature or 1.0, r.logprobs_spec.top_k, tuple(r.logprobs_spec.token_ids or ()))
+        for b, r in enumerate(reqs)
+        if r.logprob_start is not None and not r.output_ids
+    }
+
+
+def record_prompt_scores(req: Request, scores: PromptScores) -> None:
+    top = None
+    if scores.top_values is not None and scores.top_ids is not None:
+        top = [list(zip(v, i, strict=True)) for v, i in zip(scores.top_values.tolist(), scores.top_ids.tolist(), strict=True)]
+    ids = scores.ids_logprobs.tolist() if scores.ids_logprobs is not None else None
+    req.set_prompt_scores(scores.logprobs.tolist(), top, ids)
+
+
+def record_sampled(req: Request, b: int, out: Sampled) -> None:
+    """Keep the top-k and chosen-id logprobs row ``b`` asked for (its token is appended by the scheduler)."""
+    if not req.return_logprob:
+        return
+    k = req.logprobs_spec.top_k
+    if k and out.top_values is not None and out.top_ids is not None:
+        pairs = zip(out.top_values[b, :k].tolist(), out.top_ids[b, :k].tolist(), strict=True)
+        req.output_scores.top.append(list(pairs))
+    if req.logprobs_spec.token_ids is not None and out.ids_logprobs is not None:
+        req.output_scores.ids.append(out.ids_logprobs[b])
