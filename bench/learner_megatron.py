@@ -126,17 +126,24 @@ def run_shape(shape: str, rank: Rank, args: argparse.Namespace, tmp: Path) -> No
     emit({"shape": shape, "row": "first_step", **first_step(meg, pack(samples, plan[0]), lp_torch, "torch")})
     own = meg.logprobs(mbs[0])  # the learner's own policy, right before its step: the ratio must be 1
     emit({"shape": shape, "row": "first_step", **first_step(meg, pack(samples, plan[0]), own, "megatron")})
+    del meg, torch_be
+    free()
     real = sum(len(s) for s in samples)
     times = {}
-    for name, backend in (("torch", torch_be), ("megatron", meg)):
-        if torch.cuda.is_available():
+    for name in ("torch", "megatron"):  # one backend on the GPU at a time (a 1.5B pair does not fit beside
+        backend = build_torch_backend(lc) if name == "torch" else MegatronBackend(MegatronEngine(rank, lc))
+        if torch.cuda.is_available():  # the other's activations)
             torch.cuda.reset_peak_memory_stats()
         times[name] = timed(backend, mbs, args.steps, args.warmup)
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         emit({"shape": shape, "row": "throughput", "backend": name, "micro_batches": len(mbs), "real_tokens": real,
               "seconds_per_step": times[name], "tokens_per_s": real / times[name], "peak_mem_gb": peak})
+        del backend
+        free()
     emit({"shape": shape, "row": "ratio", "megatron_over_torch": times["torch"] / times["megatron"]})
-    del meg, torch_be
+
+
+def free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -50,9 +50,9 @@ def _forward_stats(logits: torch.Tensor, targets: torch.Tensor, temp: torch.Tens
     local = targets - vs.start
     inside = (local >= 0) & (local < vs.valid)
     idx = local.clamp(0, max(vs.valid - 1, 0))[:, None]
-    m = torch.empty(n, dtype=torch.float32, device=logits.device)
-    for c in _chunks(n):
-        m[c] = _scaled(logits[c], None if temp is None else temp[c], vs.valid).max(-1).values
+    m = logits[:, : vs.valid].max(-1).values.float()  # in the logits' own dtype: no float32 copy
+    if temp is not None:
+        m = m / temp  # temperatures are positive: max(x / t) = max(x) / t
     m = vs.all_reduce(m, dist.ReduceOp.MAX)
     stats = torch.zeros(3, n, dtype=torch.float32, device=logits.device)  # sum e^z, z_target, sum e^z·z
     for c in _chunks(n):
