@@ -130,6 +130,7 @@ def _shard_tensor(suffix: str, t: torch.Tensor, tp: int, rank: int) -> torch.Ten
 def shard(mg: Mapping[str, torch.Tensor], shape: ModelShape, *, tp: int = 1, tp_rank: int = 0, pp: int = 1,
           pp_rank: int = 0) -> Tensors:
     """The state dict of the rank at ``(tp_rank, pp_rank)``, with stage-local layer numbers."""
+    shape.check_parallel(tp, pp)
     first, last = pp_rank == 0, pp_rank == pp - 1
     layers = stage_layers(shape, pp, pp_rank)
     vocab = padded_vocab(shape, tp)
