@@ -105,7 +105,7 @@ class TrajectoryReader:
             try:
                 msg = await sub.next_msg(timeout=_HEARTBEAT_S)
             except (nats.errors.TimeoutError, TimeoutError):
-                if not self.follow and await self._at_end(end):
+                if not self.follow and await self._at_end(sub, end):
                     return
                 continue
             record = _record(msg)
@@ -117,9 +117,15 @@ class TrajectoryReader:
             if not self.follow and (self.last_seq >= end or msg.metadata.num_pending == 0):
                 return
 
-    async def _at_end(self, end: int) -> bool:
-        _, last = await self._stream_bounds()
-        return self.last_seq >= min(end, last)
+    async def _at_end(self, sub: nats.js.JetStreamContext.PushSubscription, end: int) -> bool:
+        """Nothing left to deliver up to ``end``: the consumer has nothing pending, or we are past ``end``."""
+        if self.last_seq >= end:
+            return True
+        try:
+            info = await sub.consumer_info()
+        except (nats.errors.Error, TimeoutError):
+            return False  # being recreated after a gap: ask again on the next timeout
+        return int(info.num_pending) == 0  # and nothing arrived for a heartbeat interval: all was delivered
 
     async def _consumer_config(self, first: int, last: int) -> ConsumerConfig | None:
         """The ordered consumer's start; ``None`` when nothing would be delivered (empty, or past the end)."""
