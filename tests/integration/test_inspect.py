@@ -50,9 +50,8 @@ async def run_tail(*argv: str) -> list[str]:
 
 
 async def read_all(loc: RunLocation) -> list[Trajectory]:
-    async with open_run(loc) as source:
-        async with contextlib.aclosing(TrajectoryReader(source).records()) as records:
-            return [r.traj async for r in records]
+    async with open_run(loc) as source, contextlib.aclosing(TrajectoryReader(source).records()) as records:
+        return [r.traj async for r in records]
 
 
 @pytest.fixture
