@@ -125,7 +125,7 @@ class TrajectoryReader:
             info = await sub.consumer_info()
         except (nats.errors.Error, TimeoutError):
             return False  # being recreated after a gap: ask again on the next timeout
-        return int(info.num_pending) == 0  # and nothing arrived for a heartbeat interval: all was delivered
+        return not info.num_pending  # and nothing arrived for a heartbeat interval: all was delivered
 
     async def _consumer_config(self, first: int, last: int) -> ConsumerConfig | None:
         """The ordered consumer's start; ``None`` when nothing would be delivered (empty, or past the end)."""
