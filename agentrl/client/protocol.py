@@ -9,7 +9,10 @@ the newer version); a non-integer version string counts as version 0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+import io
+import os
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,14 +22,41 @@ from agentrl.generation import GenerateOutput
 from agentrl.messages import SamplingParams
 
 __all__ = [
+    "ADMIN_KEY_ENV",
+    "ADMIN_PATHS",
+    "API_KEY_ENV",
+    "auth_headers",
     "build_abort_request",
     "build_generate_request",
+    "build_memory_request",
+    "build_update_weights_from_tensor_request",
     "build_update_weights_request",
     "error_for_status",
     "error_message",
     "parse_generate_response",
     "parse_weight_version",
+    "resolve_key",
 ]
+
+API_KEY_ENV = "AGENTRL_ENGINE_API_KEY"  # SGLang's --api-key: every endpoint but /health*
+ADMIN_KEY_ENV = "AGENTRL_ENGINE_ADMIN_KEY"  # SGLang's --admin-api-key: the endpoints below
+
+ADMIN_PATHS = frozenset({
+    "/update_weights_from_disk", "/update_weights_from_tensor", "/pause_generation", "/continue_generation",
+    "/abort_request", "/flush_cache", "/release_memory_occupation", "/resume_memory_occupation",
+})
+
+
+def resolve_key(configured: str | None, env: str) -> str | None:
+    """The configured key, else the environment variable ``env``; empty means none."""
+    key = configured if configured is not None else os.environ.get(env)
+    return key or None
+
+
+def auth_headers(path: str, api_key: str | None, admin_key: str | None) -> dict[str, str]:
+    """``Authorization: Bearer`` for a call to ``path``: the admin key on admin endpoints (else the API key)."""
+    key = (admin_key or api_key) if path in ADMIN_PATHS else api_key
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def build_generate_request(
@@ -56,6 +86,25 @@ def build_abort_request(rid: str | None) -> dict[str, Any]:
 def build_update_weights_request(model_path: str, version: int) -> dict[str, Any]:
     """``POST /update_weights_from_disk`` body (SGLang takes the version as a string)."""
     return {"model_path": model_path, "weight_version": str(version)}
+
+
+def build_update_weights_from_tensor_request(named_tensors: Iterable[tuple[str, Any]], version: int) -> dict[str, Any]:
+    """``POST /update_weights_from_tensor`` body, in SGLang's format (base64 of a ``ForkingPickler`` dump).
+
+    CUDA tensors travel as IPC handles (the engine must be on the same GPU; keep the tensors alive until the
+    call returns). CPU tensors travel as shared-memory files: call
+    ``torch.multiprocessing.set_sharing_strategy("file_system")`` before building the body.
+    """
+    from multiprocessing.reduction import ForkingPickler
+
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(list(named_tensors))
+    return {"serialized_named_tensors": [base64.b64encode(buf.getvalue()).decode()], "weight_version": str(version)}
+
+
+def build_memory_request(tags: Sequence[str] | None = None) -> dict[str, Any]:
+    """``/release_memory_occupation`` / ``/resume_memory_occupation`` body; None = every kind of memory."""
+    return {} if tags is None else {"tags": list(tags)}
 
 
 def parse_weight_version(value: Any) -> int:

@@ -10,27 +10,14 @@ environment (:data:`API_KEY_ENV`, :data:`ADMIN_KEY_ENV`), so they need not be wr
 
 from __future__ import annotations
 
-import os
 import secrets
 from typing import Any
 
 from aiohttp import web
 
+from agentrl.client.protocol import ADMIN_KEY_ENV, ADMIN_PATHS, API_KEY_ENV, resolve_key
+
 __all__ = ["ADMIN_KEY_ENV", "ADMIN_PATHS", "API_KEY_ENV", "allowed", "auth_middleware", "resolve_key"]
-
-API_KEY_ENV = "AGENTRL_ENGINE_API_KEY"
-ADMIN_KEY_ENV = "AGENTRL_ENGINE_ADMIN_KEY"
-
-ADMIN_PATHS = frozenset({
-    "/update_weights_from_disk", "/update_weights_from_tensor", "/pause_generation", "/continue_generation",
-    "/abort_request", "/flush_cache", "/release_memory_occupation", "/resume_memory_occupation",
-})
-
-
-def resolve_key(configured: str | None, env: str) -> str | None:
-    """The configured key, else the environment's; empty means none."""
-    key = configured if configured is not None else os.environ.get(env)
-    return key or None
 
 
 def _presented(request: web.Request) -> str | None:

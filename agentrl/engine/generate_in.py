@@ -115,8 +115,8 @@ def normalize(inp: GenerateIn) -> tuple[list[Item], bool]:
     rids = _rids(inp.rid, count, batched)
     items = [
         Item(
-            text=prompt if isinstance(prompt, str) else None,
-            input_ids=prompt if isinstance(prompt, list) else None,
+            text=prompt if field == "text" else None,
+            input_ids=prompt if field == "input_ids" else None,
             sampling=params[i],
             rid=rids[i] if n == 1 else f"{rids[i]}_{j}",
             return_logprob=fields["return_logprob"][i],
@@ -153,6 +153,9 @@ def _prompts(inp: GenerateIn) -> tuple[list[Any], str, bool]:
     if not isinstance(ids, list) or not ids:
         raise BadRequest("input_ids: expected a non-empty list of token ids (or a list of such lists)", "input_ids")
     if isinstance(ids[0], list):
+        for i, row in enumerate(ids):
+            if not isinstance(row, list):
+                raise BadRequest(f"input_ids[{i}]: expected a list of token ids", f"input_ids[{i}]")
         return list(ids), "input_ids", True
     return [ids], "input_ids", False
 

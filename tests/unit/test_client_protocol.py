@@ -106,3 +106,44 @@ def test_status_mapping_retryable_vs_request_errors() -> None:
     assert isinstance(error_for_status(429, {"error": {"message": "busy"}}, "e"), EngineUnavailable)
     err = error_for_status(400, {"error": {"message": "sampling_params.top_p: bad"}}, "e")
     assert isinstance(err, EngineRequestError) and err.status == 400 and "top_p" in str(err)
+
+
+def test_auth_headers_send_the_admin_key_only_to_admin_endpoints() -> None:
+    from agentrl.client.protocol import auth_headers
+
+    assert auth_headers("/generate", None, None) == {}
+    assert auth_headers("/generate", "api", "admin") == {"Authorization": "Bearer api"}
+    assert auth_headers("/abort_request", "api", "admin") == {"Authorization": "Bearer admin"}
+    assert auth_headers("/update_weights_from_disk", "api", None) == {"Authorization": "Bearer api"}
+    assert auth_headers("/generate", None, "admin") == {}
+
+
+def test_resolve_key_prefers_config_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentrl.client.protocol import ADMIN_KEY_ENV, resolve_key
+
+    monkeypatch.setenv(ADMIN_KEY_ENV, "from-env")
+    assert resolve_key(None, ADMIN_KEY_ENV) == "from-env" and resolve_key("set", ADMIN_KEY_ENV) == "set"
+    assert resolve_key("", ADMIN_KEY_ENV) is None
+    monkeypatch.delenv(ADMIN_KEY_ENV)
+    assert resolve_key(None, ADMIN_KEY_ENV) is None
+
+
+def test_memory_and_tensor_bodies_round_trip_through_the_engines_decoder() -> None:
+    import torch
+    import torch.multiprocessing as mp
+
+    from agentrl.client.protocol import build_memory_request, build_update_weights_from_tensor_request
+    from agentrl.engine.tensor_weights import decode_named_tensors
+
+    assert build_memory_request() == {} and build_memory_request(["kv_cache"]) == {"tags": ["kv_cache"]}
+    strategy = mp.get_sharing_strategy()
+    mp.set_sharing_strategy("file_system")
+    try:
+        tensors = [("a.weight", torch.arange(6.0).view(2, 3)), ("b", torch.ones(2, dtype=torch.bfloat16))]
+        body = build_update_weights_from_tensor_request(tensors, 4)
+        assert body["weight_version"] == "4" and len(body["serialized_named_tensors"]) == 1
+        back = decode_named_tensors(body["serialized_named_tensors"][0])
+    finally:
+        mp.set_sharing_strategy(strategy)
+    assert [n for n, _ in back] == ["a.weight", "b"]
+    assert all(torch.equal(t, u) and t.dtype == u.dtype for (_, t), (_, u) in zip(back, tensors, strict=True))
