@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import ssl
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import nats
 import nats.errors
@@ -44,13 +47,14 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from agentrl.bus import blobs
+from agentrl.bus.auth import CREDENTIALS_ENV, inbox_prefix, load_credentials
 from agentrl.bus.consumer import Consumer
 from agentrl.bus.subjects import Subjects
 from agentrl.config.run import NatsConfig
 from agentrl.errors import BusConfigConflict, BusConnectError, BusError, VersionConflict
 from agentrl.messages import Event, Message, encode
 
-__all__ = ["Bus"]
+__all__ = ["Bus", "credential_options"]
 
 log = logging.getLogger(__name__)
 
@@ -343,23 +347,23 @@ class Bus:
 
 
 async def _connect(url: str, config: NatsConfig) -> NatsClient:
-    """Connect with ``connect_attempts`` bounded tries; once connected, reconnect forever (server restarts)."""
+    """Connect with ``connect_attempts`` bounded tries; once connected, reconnect forever (server restarts).
+
+    Credentials come from the URL (``nats://user:password@host:port``), else the file named by
+    ``nats.credentials``, else by ``$AGENTRL_NATS_CREDENTIALS`` (see :mod:`agentrl.bus.auth`). Refused
+    credentials fail at once (:class:`BusConnectError`), without retrying.
+    """
+    options = credential_options(url, config.credentials)
     delay = 0.1
     last: BaseException | None = None
     for _ in range(config.connect_attempts):
         try:
-            return await asyncio.wait_for(
-                nats.connect(
-                    url,
-                    connect_timeout=config.connect_timeout_s,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    pending_size=512 * 1024 * 1024,
-                    error_cb=_log_nats_error,
-                ),
-                timeout=config.connect_timeout_s,
-            )
+            return await _connect_once(url, config, options)
+        except _Refused as exc:
+            raise BusConnectError(
+                f"NATS at {url} refused this client's credentials ({_who(url, options)}); pass the actor's "
+                f"credentials file as nats.credentials or ${CREDENTIALS_ENV}, or a URL nats://user:password@host:port"
+            ) from exc
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             last = exc
             await asyncio.sleep(delay)
@@ -367,5 +371,64 @@ async def _connect(url: str, config: NatsConfig) -> NatsClient:
     raise BusConnectError(f"could not connect to NATS at {url} after {config.connect_attempts} attempts: {last!r}")
 
 
+class _Refused(Exception):
+    """The server answered the connection with an authorization violation."""
+
+
+async def _connect_once(url: str, config: NatsConfig, options: dict[str, Any]) -> NatsClient:
+    """One connection try within ``connect_timeout_s``; :class:`_Refused` at the first authorization violation
+    (nats-py itself would keep retrying the initial connection forever when reconnects are unbounded)."""
+    refused = asyncio.Event()
+
+    async def on_error(exc: Exception) -> None:
+        if "authorization violation" in str(exc).lower():
+            refused.set()
+        await _log_nats_error(exc)
+
+    nc = NatsClient()
+    settings: dict[str, Any] = {"connect_timeout": config.connect_timeout_s, "reconnect_time_wait": 0.5, **options}
+    connecting = asyncio.ensure_future(nc.connect(
+        url, allow_reconnect=True, max_reconnect_attempts=-1, pending_size=512 * 1024 * 1024, error_cb=on_error,
+        **settings,
+    ))
+    watcher = asyncio.ensure_future(refused.wait())
+    done, _ = await asyncio.wait({connecting, watcher}, timeout=config.connect_timeout_s,
+                                return_when=asyncio.FIRST_COMPLETED)
+    watcher.cancel()
+    if connecting in done:
+        connecting.result()
+        return nc
+    connecting.cancel()
+    await asyncio.gather(connecting, return_exceptions=True)
+    await nc.close()
+    if refused.is_set():
+        raise _Refused(url)
+    raise TimeoutError(f"no connection to {url} within {config.connect_timeout_s}s")
+
+
+def credential_options(url: str, credentials: str | None) -> dict[str, Any]:
+    """``nats.connect`` options for the actor's credentials; a URL with its own user gets that user's inbox."""
+    user = urlparse(url).username
+    if user:
+        return {"inbox_prefix": inbox_prefix(user)}
+    path = credentials or os.environ.get(CREDENTIALS_ENV)
+    if not path:
+        return {}
+    creds = load_credentials(path)
+    options: dict[str, Any] = {"user": creds.user, "password": creds.password, "inbox_prefix": creds.inbox_prefix}
+    if creds.ca_file:
+        options["tls"] = ssl.create_default_context(cafile=creds.ca_file)
+    return options
+
+
+def _who(url: str, options: dict[str, Any]) -> str:
+    if urlparse(url).username:
+        return f"user {urlparse(url).username} from the URL"
+    return f"user {options['user']}" if options else "no credentials"
+
+
 async def _log_nats_error(exc: Exception) -> None:
-    log.debug("nats client error: %r", exc)
+    if "permissions violation" in str(exc).lower():  # this actor's role does not allow what it tried
+        log.warning("nats: %s", exc)
+    else:
+        log.debug("nats client error: %r", exc)

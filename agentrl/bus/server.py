@@ -16,12 +16,13 @@ import subprocess
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from agentrl.errors import ServerError
 
-__all__ = ["EmbeddedNats", "find_nats_server", "free_port"]
+__all__ = ["EmbeddedNats", "TlsFiles", "find_nats_server", "free_port", "render_config", "write_config"]
 
 _READY_TIMEOUT_S = 20.0
 
@@ -51,28 +52,48 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """The server's certificate and key (PEM) for TLS on the client port."""
+
+    cert: Path
+    key: Path
+
+
 def render_config(
     port: int, store_dir: Path, max_payload_mb: int, host: str = "127.0.0.1",
-    max_buffered_msgs: int = 1_000_000, max_buffered_size: str = "4GB",
+    max_buffered_msgs: int = 1_000_000, max_buffered_size: str = "4GB", *, authorization: str = "",
+    tls: TlsFiles | None = None,
 ) -> str:
     """The nats-server config file for an embedded run (pure; tested without a server).
 
     ``max_buffered_*`` bound JetStream's ingest queue; past them a publish is answered 429.
+    ``authorization`` is an ``authorization {...}`` block (see :func:`agentrl.bus.auth.render_authorization`);
+    without one any local client may connect.
     """
-    return "\n".join(
-        [
-            f"listen: {host}:{port}",
-            f"max_payload: {max_payload_mb}MB",
-            f"max_pending: {max(256, 4 * max_payload_mb)}MB",
-            "write_deadline: 30s",
-            "jetstream {",
-            f'  store_dir: "{store_dir}"',
-            f"  max_buffered_msgs: {max_buffered_msgs}",
-            f"  max_buffered_size: {max_buffered_size}",
-            "}",
-            "",
-        ]
-    )
+    lines = [
+        f"listen: {host}:{port}",
+        f"max_payload: {max_payload_mb}MB",
+        f"max_pending: {max(256, 4 * max_payload_mb)}MB",
+        "write_deadline: 30s",
+        "jetstream {",
+        f'  store_dir: "{store_dir}"',
+        f"  max_buffered_msgs: {max_buffered_msgs}",
+        f"  max_buffered_size: {max_buffered_size}",
+        "}",
+    ]
+    if tls is not None:
+        lines += ["tls {", f'  cert_file: "{tls.cert}"', f'  key_file: "{tls.key}"', "}"]
+    return "\n".join(lines) + "\n" + authorization
+
+
+def write_config(path: Path, text: str) -> Path:
+    """Write a server config readable by its owner only (it may hold passwords)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
 
 
 class EmbeddedNats:
@@ -88,18 +109,21 @@ class EmbeddedNats:
         log_path: str | Path | None = None,
         max_buffered_msgs: int = 1_000_000,
         max_buffered_size: str = "4GB",
+        authorization: str = "",
+        tls: TlsFiles | None = None,
     ) -> None:
         self.store_dir = Path(store_dir).resolve()
         self.host = host
         self.port = port or free_port(host)
         self.max_payload_mb = max_payload_mb
         self._buffered = (max_buffered_msgs, max_buffered_size)
+        self._authorization, self._tls = authorization, tls
         self.log_path = Path(log_path) if log_path else self.store_dir / "nats-server.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self._tls else 'nats'}://{self.host}:{self.port}"
 
     def returncode(self) -> int | None:
         """The exit code if the server process has exited, else ``None`` (also before start)."""
@@ -113,9 +137,9 @@ class EmbeddedNats:
         """Start the server and wait until it accepts connections; raise :class:`ServerError` if it cannot."""
         binary = find_nats_server()
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        conf = self.store_dir / "nats-server.conf"
-        conf.write_text(render_config(self.port, self.store_dir / "jetstream", self.max_payload_mb, self.host,
-                                      *self._buffered))
+        conf = write_config(self.store_dir / "nats-server.conf", render_config(
+            self.port, self.store_dir / "jetstream", self.max_payload_mb, self.host, *self._buffered,
+            authorization=self._authorization, tls=self._tls))
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen([str(binary), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
         log.close()

@@ -33,6 +33,9 @@ class NatsConfig(Section):
     replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     max_deliver: Annotated[int, msgspec.Meta(ge=1)] = 20  # deliveries before a message is dead-lettered
     ack_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    credentials: str | None = None  # this actor's credentials file (agentrl/bus/auth.py); else $AGENTRL_NATS_CREDENTIALS
+    auth: bool = True  # `agentrl run` with its embedded server: per-actor users and permissions made at launch
+    tls: bool = False  # `agentrl run` with its embedded server: TLS on the client port, certificates made at launch
 
 
 class RunConfig(Section):
