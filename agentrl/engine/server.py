@@ -143,14 +143,14 @@ class EngineServer:
                                  f"{self.context_length}", field)
             ids = await asyncio.to_thread(self.tokenize, item.text)
         else:
-            ids = check_tokens(item.input_ids, field, self.vocab_size)
+            ids = item.input_ids or []
         if not ids:
             raise BadRequest(f"{field}: the prompt is empty", field)
-        if len(ids) >= self.context_length:
+        if len(ids) >= self.context_length:  # before looking at millions of ids one by one
             raise BadRequest(
                 f"{field}: prompt of {len(ids)} tokens does not fit the context length {self.context_length}", field
             )
-        return ids
+        return check_tokens(ids, field, self.vocab_size)
 
     async def make_request(self, item: Item, *, stream: bool = False, text_in_logprobs: bool = False) -> Request:
         """Validate one normalized item into an engine :class:`Request` (raises :class:`BadRequest`)."""
