@@ -142,6 +142,8 @@ def decode_body(body: bytes, typ: type[T]) -> T:
         raise _bad(exc, "") from exc
     except msgspec.DecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadRequest("request body is nested too deeply") from exc
 
 
 def convert(value: Any, typ: type[T], field: str) -> T:
@@ -150,6 +152,8 @@ def convert(value: Any, typ: type[T], field: str) -> T:
         return msgspec.convert(value, type=typ)
     except msgspec.ValidationError as exc:
         raise _bad(exc, field) from exc
+    except RecursionError as exc:
+        raise BadRequest(f"{field}: nested too deeply", field) from exc
 
 
 def _bad(exc: msgspec.ValidationError, prefix: str) -> BadRequest:
