@@ -9,3 +9,7 @@
 * :mod:`~envs.kernelgen.dataset` — a problem directory to task JSONL (``python -m envs.kernelgen.dataset``);
 * :mod:`~envs.kernelgen.templates` — generated elementwise problems and SFT demonstrations (CPU warm-up).
 """
+
+from envs.kernelgen.env import KernelEnv
+
+__all__ = ["KernelEnv"]
