@@ -33,8 +33,7 @@ _HEARTBEAT_S = 2.0
 _PENDING_BYTES = 64 * 1024 * 1024  # what the client buffers before the server must wait for flow control
 
 
-def _record(msg: Msg) -> Record | None:
-    meta = msg.metadata
+def _record(msg: Msg, meta: Msg.Metadata) -> Record | None:
     try:
         traj: Trajectory = decode(msg.data, Trajectory)
     except DecodeError as exc:
@@ -108,13 +107,14 @@ class TrajectoryReader:
                 if not self.follow and await self._at_end(sub, end):
                     return
                 continue
-            record = _record(msg)
-            self.last_seq = int(msg.metadata.sequence.stream)
+            meta = msg.metadata  # parsed from the reply subject on every access: once
+            record = _record(msg, meta)
+            self.last_seq = int(meta.sequence.stream)
             if record is None:
                 self.skipped += 1
             else:
                 yield record
-            if not self.follow and (self.last_seq >= end or msg.metadata.num_pending == 0):
+            if not self.follow and (self.last_seq >= end or meta.num_pending == 0):
                 return
 
     async def _at_end(self, sub: nats.js.JetStreamContext.PushSubscription, end: int) -> bool:
