@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from envs.kernelgen.evaluate import EvalResult
 from envs.kernelgen.feedback import feedback_text
 
@@ -35,7 +37,7 @@ def test_mismatch_kinds() -> None:
     shape = feedback_text(EvalResult(outcome="wrong", sets=3, mismatch={**base, "kind": "shape", "got": [10],
                                                                          "want": [5, 2]}))
     assert shape == "Wrong shape of output 0 on input set 2 of 3: got [10], expected [5, 2]."
-    kinds = {"type": {"got": "NoneType"}, "count": {"got": 2, "want": 1},
+    kinds: dict[str, dict[str, Any]] = {"type": {"got": "NoneType"}, "count": {"got": 2, "want": 1},
              "nonfinite": {"count": 3, "total": 9, "index": [0, 1], "got_value": float("nan")}}
     for kind, extra in kinds.items():
         assert "input set 2 of 3" in feedback_text(EvalResult(outcome="wrong", sets=3,
