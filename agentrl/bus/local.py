@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 from agentrl.bus.client import Bus
 from agentrl.bus.server import EmbeddedNats
 from agentrl.config.run import RunConfig
+from agentrl.launch.heartbeat import beating
 
 __all__ = ["open_bus", "running_server_url"]
 
@@ -36,14 +37,18 @@ def running_server_url(run_dir: Path) -> str | None:
 
 @contextlib.asynccontextmanager
 async def open_bus(cfg: RunConfig, url: str | None = None) -> AsyncIterator[Bus]:
-    """Connect to ``url`` (or ``cfg.nats.url``); without one, share or start the run's embedded server."""
+    """Connect to ``url`` (or ``cfg.nats.url``); without one, share or start the run's embedded server.
+
+    While the bus is open the actor beats for its supervisor (:mod:`agentrl.launch.heartbeat`), so an actor
+    whose event loop hangs, or whose process is stopped, is found and restarted.
+    """
     url = url or cfg.nats.url or running_server_url(cfg.run_dir)
     if url:
-        async with await Bus.connect(url, cfg.name, cfg.nats) as bus:
+        async with beating(), await Bus.connect(url, cfg.name, cfg.nats) as bus:
             yield bus
         return
     server = EmbeddedNats(cfg.run_dir / "nats", max_payload_mb=cfg.nats.max_payload_mb)
     async with server:
         (cfg.run_dir / "nats" / "url").write_text(server.url)
-        async with await Bus.connect(server.url, cfg.name, cfg.nats) as bus:
+        async with beating(), await Bus.connect(server.url, cfg.name, cfg.nats) as bus:
             yield bus

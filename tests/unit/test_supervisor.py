@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
+import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from agentrl.launch.lock import RunDirInUse, run_lock
 from agentrl.launch.supervisor import ActorSpec, RunFailed, Supervisor
 
 PY = sys.executable
+REPO = Path(__file__).resolve().parents[2]
 
 
 def alive(pid: int) -> bool:
@@ -26,6 +32,14 @@ def alive(pid: int) -> bool:
 
 def py(code: str) -> list[str]:
     return [PY, "-c", code]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not reached within {timeout}s")
 
 
 async def test_steps_run_first_then_finisher_ends_the_run(tmp_path: Path) -> None:
@@ -104,3 +118,105 @@ async def test_not_ready_actor_fails_with_its_log(tmp_path: Path) -> None:
                                 ready_timeout_s=1)], tmp_path / "l", grace_s=1)
     with pytest.raises(RunFailed, match=r"engine was not ready after 1s"):
         await sup.run()
+
+
+async def test_stop_during_a_step_returns_promptly_as_stopped(tmp_path: Path) -> None:
+    sup = Supervisor([ActorSpec("sft", py("import time; time.sleep(600)"), step=True),
+                      ActorSpec("learner", py("pass"), finishes_run=True)], tmp_path / "l", grace_s=2)
+    task = asyncio.create_task(sup.run())
+    await until(lambda: sup.current_step is not None)
+    pid = sup.running["sft"].proc.pid
+    t0 = time.monotonic()
+    sup.request_stop()
+    assert await asyncio.wait_for(task, 20) is False
+    assert time.monotonic() - t0 < 5 and not alive(pid)
+
+
+async def test_stop_while_waiting_for_readiness_returns_as_stopped(tmp_path: Path) -> None:
+    async def never() -> bool:
+        return False
+
+    sup = Supervisor([ActorSpec("engine", py("import time; time.sleep(600)"), ready=never, ready_timeout_s=600)],
+                     tmp_path / "l", grace_s=2)
+    task = asyncio.create_task(sup.run())
+    await asyncio.sleep(0.5)
+    sup.request_stop()
+    assert await asyncio.wait_for(task, 20) is False
+
+
+async def test_failing_health_check_restarts_the_actor(tmp_path: Path) -> None:
+    healthy = tmp_path / "healthy"
+    starts = tmp_path / "starts"
+    code = (f"import time; open({str(starts)!r}, 'a').write('x'); open({str(healthy)!r}, 'w').close(); "
+            "time.sleep(600)")
+
+    async def probe() -> bool:
+        return healthy.exists()
+
+    sup = Supervisor([ActorSpec("engine", py(code), health=probe, health_interval_s=0.1, health_failures=3)],
+                     tmp_path / "l", grace_s=2)
+    task = asyncio.create_task(sup.run())
+    await until(healthy.exists)
+    healthy.unlink()  # the engine "stops answering"
+    await until(lambda: sup.restarts.get("engine") == 1)
+    await until(lambda: starts.read_text() == "xx")  # started again
+    sup.request_stop()
+    assert await asyncio.wait_for(task, 20) is False
+
+
+async def test_a_stopped_actor_misses_its_heartbeats_and_is_restarted(tmp_path: Path) -> None:
+    flag = tmp_path / "stopped-once"
+    code = textwrap.dedent(f"""
+        import asyncio, os, signal
+        from agentrl.launch.heartbeat import beating
+        async def main():
+            async with beating():
+                await asyncio.sleep(1.5)
+                if not os.path.exists({str(flag)!r}):
+                    open({str(flag)!r}, 'w').close()
+                    os.kill(os.getpid(), signal.SIGSTOP)  # hung: no beats from now on
+        asyncio.run(main())
+    """)
+    sup = Supervisor([ActorSpec("worker", py(code), finishes_run=True, hang_timeout_s=2.0)], tmp_path / "l",
+                     grace_s=2)
+    assert await asyncio.wait_for(sup.run(), 60) is True
+    assert sup.restarts == {"worker": 1}
+    assert "no heartbeat" in (tmp_path / "l" / "worker.log").read_text() or flag.exists()
+
+
+def test_actors_die_with_a_killed_supervisor(tmp_path: Path) -> None:
+    pidfile = tmp_path / "actor.pid"
+    script = textwrap.dedent(f"""
+        import asyncio, sys
+        from pathlib import Path
+        from agentrl.launch.supervisor import ActorSpec, Supervisor
+        actor = [sys.executable, "-c", "import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)"]
+        asyncio.run(Supervisor([ActorSpec("a", actor)], Path({str(tmp_path)!r}) / "logs").run())
+    """)
+    sup = subprocess.Popen([PY, "-c", script], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        actor = int(pidfile.read_text())
+        assert alive(actor)
+    finally:
+        sup.kill()  # SIGKILL: the supervisor cannot clean up
+        sup.wait()
+    deadline = time.monotonic() + 10
+    while alive(actor) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(actor)
+
+
+def test_run_directory_lock_is_held_while_any_actor_lives(tmp_path: Path) -> None:
+    with run_lock(tmp_path) as fd:
+        actor = subprocess.Popen([PY, "-c", "import time; time.sleep(600)"], pass_fds=(fd,))
+    try:
+        with pytest.raises(RunDirInUse, match=rf"in use by processes \[{actor.pid}\]"), run_lock(tmp_path):
+            pass
+    finally:
+        actor.kill()
+        actor.wait()
+    with run_lock(tmp_path):  # free once the last holder is gone
+        pass
