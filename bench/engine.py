@@ -6,8 +6,8 @@ the baseline is one ``model.generate`` call on a batch of the same C prompts (sa
 ``max_new_tokens`` so every row makes the same number of tokens). Output tokens per second of each, and
 their ratio, are printed side by side.
 
-    python bench/engine.py                                   # CPU, small random model
-    python bench/engine.py --shape qwen2.5-0.5b --device cuda --concurrency 256 --prompt-len 128 --new-tokens 256
+    python -m bench.engine                                   # CPU, small random model
+    python -m bench.engine --shape qwen2.5-0.5b --device cuda --concurrency 256 --prompt-len 128 --new-tokens 256
 """
 
 from __future__ import annotations
