@@ -97,6 +97,8 @@ def build_update_weights_from_tensor_request(named_tensors: Iterable[tuple[str, 
     """
     from multiprocessing.reduction import ForkingPickler
 
+    import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions with ForkingPickler)
+
     buf = io.BytesIO()
     ForkingPickler(buf).dump(list(named_tensors))
     return {"serialized_named_tensors": [base64.b64encode(buf.getvalue()).decode()], "weight_version": str(version)}
