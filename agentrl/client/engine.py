@@ -87,7 +87,13 @@ class EngineClient:
             raise EngineUnavailable(f"{where}: no answer within the timeout") from exc
 
     async def request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
-        """One API call with retries; returns the decoded JSON (or text) body."""
+        """One API call with retries; returns the decoded JSON (or text) body.
+
+        Every call has a deadline: ``timeout``, else ``request_timeout_s`` for generation, 300 s for weight
+        updates and 30 s for every other (control) call, so an engine that stops answering never holds its
+        caller longer than that.
+        """
+        timeout = timeout if timeout is not None else _deadline(path)
         cfg = self.config
         retrying = AsyncRetrying(
             stop=stop_after_attempt(cfg.max_attempts),
@@ -146,6 +152,17 @@ class EngineClient:
         except EngineError:
             return False
         return True
+
+
+_WEIGHTS_DEADLINE_S = 300.0  # loading a checkpoint from disk
+_CONTROL_DEADLINE_S = 30.0  # pause, continue, abort, flush, versions, info
+
+
+def _deadline(path: str) -> float | None:
+    """The deadline of a call to ``path`` (None: the session's ``request_timeout_s``, for generation)."""
+    if path == "/generate" or path.startswith("/v1/"):
+        return None
+    return _WEIGHTS_DEADLINE_S if path.startswith("/update_weights") else _CONTROL_DEADLINE_S
 
 
 def _json_or_text(text: str) -> Any:

@@ -4,8 +4,12 @@
   engine is healthy, so the engine's prefix cache holds the conversation.
 - Otherwise the healthy engine with the fewest requests in flight gets the request (ties rotate).
 - An engine that fails with :class:`EngineUnavailable` (after the client's own retries) is marked down and
-  the request moves to another engine; a periodic ``/health`` check marks engines up or down again.
-- With every engine down, :class:`NoHealthyEngine` is raised.
+  the request moves to another engine.
+- A periodic ``/health`` probe (``health_timeout_s`` each) marks an engine down after ``failures_to_down``
+  failures in a row, and up again at its first success. An engine that stops answering (hung, SIGSTOPped)
+  is routed around: requests in flight on it are cancelled when it is marked down and go to another engine.
+- With every engine down, a request waits up to ``wait_healthy_s`` for one to come back (a restarted engine),
+  then raises :class:`NoHealthyEngine`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from types import TracebackType
 from typing import Protocol
 
@@ -55,13 +59,20 @@ class Engine(Protocol):
 class Router:
     """A :class:`~agentrl.generation.Generator` over several engines; ``async with`` runs its health checks."""
 
-    def __init__(self, engines: Sequence[Engine], *, health_interval_s: float = 5.0) -> None:
+    def __init__(self, engines: Sequence[Engine], *, health_interval_s: float = 5.0, health_timeout_s: float = 2.0,
+                 failures_to_down: int = 2, wait_healthy_s: float = 30.0) -> None:
         if not engines:
             raise ValueError("Router needs at least one engine")
         self.engines = list(engines)
         self.healthy = {e.engine_id: True for e in self.engines}
         self.outstanding = {e.engine_id: 0 for e in self.engines}
         self.health_interval_s = health_interval_s
+        self.health_timeout_s = health_timeout_s
+        self.failures_to_down = failures_to_down
+        self.wait_healthy_s = wait_healthy_s
+        self._failures = {e.engine_id: 0 for e in self.engines}
+        self._down = {e.engine_id: asyncio.Event() for e in self.engines}  # set while the engine is down
+        self._changed = asyncio.Event()  # set (and replaced) whenever an engine comes back up
         self._sticky: OrderedDict[str, Engine] = OrderedDict()
         self._owner: dict[str, Engine] = {}  # rid -> engine serving it
         self._health_task: asyncio.Task[None] | None = None
@@ -102,6 +113,50 @@ class Router:
         while len(self._sticky) > MAX_STICKY_SESSIONS:
             self._sticky.popitem(last=False)
 
+    def mark(self, engine_id: str, healthy: bool) -> None:
+        """Mark an engine up or down; marking it down cancels (and reroutes) the requests in flight on it."""
+        if healthy == self.healthy[engine_id]:
+            return
+        log.info("engine %s is %s", engine_id, "back up" if healthy else "down")
+        self.healthy[engine_id] = healthy
+        if healthy:
+            self._down[engine_id] = asyncio.Event()
+            self._failures[engine_id] = 0
+            self._changed.set()
+            self._changed = asyncio.Event()
+        else:
+            self._down[engine_id].set()
+
+    async def _pick_or_wait(self, session_id: str | None, tried: set[str]) -> Engine:
+        """:meth:`pick`, or, with no engine left, wait (bounded) for one to come back up and pick again."""
+        try:
+            return self.pick(session_id, tried)
+        except NoHealthyEngine:
+            if self.wait_healthy_s <= 0:
+                raise
+        try:
+            await asyncio.wait_for(self._changed.wait(), self.wait_healthy_s)
+        except TimeoutError:
+            raise NoHealthyEngine(f"no healthy engine among {[e.engine_id for e in self.engines]} "
+                                  f"for {self.wait_healthy_s:.0f}s") from None
+        tried.clear()
+        return self.pick(session_id, tried)
+
+    async def _unless_down(self, engine: Engine, call: Awaitable[GenerateOutput]) -> GenerateOutput:
+        """Await ``call``; cancel it if ``engine`` is marked down first (it stopped answering)."""
+        work = asyncio.ensure_future(call)
+        down = asyncio.ensure_future(self._down[engine.engine_id].wait())
+        try:
+            await asyncio.wait({work, down}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            down.cancel()
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        if work.cancelled():
+            raise EngineUnavailable(f"engine {engine.engine_id} stopped answering (health checks failed)")
+        return work.result()
+
     async def generate(
         self,
         input_ids: Sequence[int] | np.ndarray,
@@ -110,18 +165,19 @@ class Router:
         rid: str | None = None,
         session_id: str | None = None,
     ) -> GenerateOutput:
-        """Generate on the chosen engine; on :class:`EngineUnavailable` mark it down and try the next one."""
+        """Generate on the chosen engine; when it is or goes down, try the next one (see the module docstring)."""
         tried: set[str] = set()
-        while True:
-            engine = self.pick(session_id, tried)
+        for _ in range(2 * len(self.engines) + 2):
+            engine = await self._pick_or_wait(session_id, tried)
             self.outstanding[engine.engine_id] += 1
             if rid is not None:
                 self._owner[rid] = engine
             try:
-                out = await engine.generate(input_ids, sampling, rid=rid, session_id=session_id)
+                out = await self._unless_down(engine, engine.generate(input_ids, sampling, rid=rid,
+                                                                      session_id=session_id))
             except EngineUnavailable as exc:
                 log.warning("engine %s unavailable, marking it down: %s", engine.engine_id, exc)
-                self.healthy[engine.engine_id] = False
+                self.mark(engine.engine_id, False)
                 tried.add(engine.engine_id)
                 continue
             finally:
@@ -130,6 +186,7 @@ class Router:
                     self._owner.pop(rid, None)
             self._remember(session_id, engine)
             return out
+        raise NoHealthyEngine(f"request failed on every engine of {[e.engine_id for e in self.engines]}")
 
     async def abort(self, rid: str | None = None) -> None:
         """Abort ``rid`` where it runs (or everywhere if unknown); ``None`` aborts everything on every engine."""
@@ -141,12 +198,13 @@ class Router:
                 log.warning("abort on engine %s failed: %s", engine.engine_id, result)
 
     async def check_health(self) -> None:
-        """Probe every engine once and update which are up."""
-        results = await asyncio.gather(*(e.health() for e in self.engines))
+        """Probe every engine once: up at its first success, down after ``failures_to_down`` failures in a row."""
+        results = await asyncio.gather(*(e.health(self.health_timeout_s) for e in self.engines))
         for engine, ok in zip(self.engines, results, strict=True):
-            if ok != self.healthy[engine.engine_id]:
-                log.info("engine %s is %s", engine.engine_id, "back up" if ok else "down")
-            self.healthy[engine.engine_id] = ok
+            eid = engine.engine_id
+            self._failures[eid] = 0 if ok else self._failures[eid] + 1
+            if ok or self._failures[eid] >= self.failures_to_down:
+                self.mark(eid, ok)
 
     async def _health_loop(self) -> None:
         while True:

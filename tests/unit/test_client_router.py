@@ -77,18 +77,47 @@ async def test_failover_marks_engine_down_and_health_brings_it_back() -> None:
     assert router.healthy == {"a": False, "b": True}
     a.up = True
     await router.check_health()
-    assert router.healthy["a"] is True
+    assert router.healthy["a"] is True  # back at its first good probe
     b.up = False
     await router.check_health()
+    assert router.healthy["b"] is True  # one failed probe is not enough
+    await router.check_health()
+    assert router.healthy["b"] is False
     assert (await router.generate([1], SamplingParams(), session_id="s")).engine_id == "a"
 
 
-async def test_no_healthy_engine() -> None:
+async def test_no_healthy_engine_after_waiting_for_one() -> None:
     a = FakeEngine("a")
     a.up = False
-    router = Router([a])
-    with pytest.raises(NoHealthyEngine):
+    router = Router([a], wait_healthy_s=0.2)
+    with pytest.raises(NoHealthyEngine, match="for 0s"):
         await router.generate([1], SamplingParams())
+
+
+async def test_a_request_waits_for_an_engine_to_come_back() -> None:
+    a = FakeEngine("a")
+    a.up = False
+    router = Router([a], wait_healthy_s=10)
+    request = asyncio.create_task(router.generate([1], SamplingParams()))
+    await asyncio.sleep(0.1)
+    assert not request.done() and router.healthy == {"a": False}
+    a.up = True  # restarted by its supervisor
+    await router.check_health()
+    assert (await asyncio.wait_for(request, 5)).engine_id == "a"
+
+
+async def test_requests_on_a_hung_engine_move_to_another_one() -> None:
+    a, b = FakeEngine("a"), FakeEngine("b")
+    a.gate = asyncio.Event()  # a accepts requests and never answers
+    router = Router([a, b], failures_to_down=2)
+    requests = [asyncio.create_task(router.generate([1], SamplingParams(), session_id=f"s{i}")) for i in range(4)]
+    await asyncio.sleep(0.05)
+    assert router.outstanding == {"a": 2, "b": 0}  # b already answered its two
+    a.up = False  # its health probes fail too
+    await router.check_health()
+    await router.check_health()
+    outs = await asyncio.wait_for(asyncio.gather(*requests), 5)
+    assert [o.engine_id for o in outs] == ["b"] * 4 and router.outstanding == {"a": 0, "b": 0}
 
 
 async def test_abort_goes_to_the_engine_running_the_rid() -> None:
