@@ -1,14 +1,14 @@
-"""Config of a local run started by ``agentrl run``: how many of each actor, and steps run first."""
+"""Config of a local run started by ``agentrl run``: how many of each actor, which engines, steps run first."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
 from agentrl.config.loader import Section
 
-__all__ = ["LaunchConfig", "StepConfig"]
+__all__ = ["EngineKind", "LaunchConfig", "StepConfig"]
 
 
 class StepConfig(Section):
@@ -24,13 +24,38 @@ class StepConfig(Section):
     skip_if_exists: str | None = None
 
 
-class LaunchConfig(Section):
-    """Which actors a local run starts, and how it treats their failures."""
+EngineKind = Literal["embedded", "sglang", "command"]
 
-    engines: Annotated[int, msgspec.Meta(ge=0)] = 1  # 0: use engine.client.urls (e.g. real SGLang servers)
+
+class LaunchConfig(Section):
+    """Which actors a local run starts, how it starts engines, and how it treats failures.
+
+    Engines (``engine``): ``embedded`` runs ``agentrl engine``; ``sglang`` runs a real SGLang server,
+    ``python -m sglang.launch_server --model-path <engine.model> --host <engine.host> --port <port>
+    [--admin-api-key <run key>]``; ``command`` runs ``engine_command``, an argv that may use ``{python}``,
+    ``{model}``, ``{host}``, ``{port}``, ``{run_dir}`` and ``{config}``. ``engine_args`` are appended in every
+    case. Each engine is waited on until ``engine_health_path`` answers 200 (default ``/health`` for the
+    embedded engine and commands, SGLang's ``/health_generate`` for SGLang), then probed with it every
+    ``health_interval_s``; ``health_failures`` failures in a row restart it.
+    """
+
+    engines: Annotated[int, msgspec.Meta(ge=0)] = 1  # 0: use engine.client.urls (servers started elsewhere)
+    engine: EngineKind = "embedded"
+    engine_args: list[str] = msgspec.field(default_factory=list)
+    engine_command: list[str] = msgspec.field(default_factory=list)  # engine: command
+    engine_health_path: str | None = None
     workers: Annotated[int, msgspec.Meta(ge=1)] = 1
     envd: Annotated[int, msgspec.Meta(ge=0)] = 1  # started only when envd.envs names environments
     max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 3  # per actor, then the run stops with a report
     grace_s: Annotated[float, msgspec.Meta(gt=0)] = 15.0  # SIGTERM -> SIGKILL on stop
     engine_ready_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    health_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # engines and nats-server
+    health_failures: Annotated[int, msgspec.Meta(ge=1)] = 3  # failed probes in a row before a restart
+    hang_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 120.0  # bus actors without a heartbeat this long are restarted; 0 = never
     steps: list[StepConfig] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.engine == "command" and self.engines and not self.engine_command:
+            raise ValueError("launch.engine=command needs launch.engine_command (the engine's argv)")
+        if self.engine_health_path is not None and not self.engine_health_path.startswith("/"):
+            raise ValueError(f"launch.engine_health_path={self.engine_health_path!r} must start with '/'")

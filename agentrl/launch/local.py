@@ -1,9 +1,11 @@
 """``agentrl run``: one local run with every actor as its own process, under one supervisor.
 
-The resolved config (engine ports and URLs filled in) is written to
-``<run_dir>/config.yaml`` and handed to every actor; actor logs go to
-``<run_dir>/logs/``; the embedded nats-server (unless ``nats.url`` is set) keeps its
-store in ``<run_dir>/nats``, so the trajectories stay replayable after the run.
+The resolved config (engine ports and URLs filled in) is written to ``<run_dir>/config.yaml`` and handed to
+every actor; actor logs go to ``<run_dir>/logs/``. The embedded nats-server (unless ``nats.url`` is set) is
+an actor like the others: supervised, restarted on the same port and store (``<run_dir>/nats``, so the
+trajectories stay replayable after the run), with per-actor credentials (:mod:`agentrl.launch.prepare`).
+The run directory is locked for as long as the supervisor or any actor it started lives
+(:mod:`agentrl.launch.lock`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TextIO
 
@@ -20,23 +21,24 @@ import aiohttp
 import msgspec
 from nats.aio.msg import Msg
 
-from agentrl.bus import Bus, EmbeddedNats, free_port
+from agentrl.bus import Bus, free_port
 from agentrl.config import dump_config
-from agentrl.config.run import RunConfig, check_agreement
-from agentrl.errors import DecodeError
-from agentrl.launch.plan import engine_urls, plan_actors
+from agentrl.config.run import RunConfig
+from agentrl.errors import BusError, DecodeError
+from agentrl.launch.lock import run_lock
+from agentrl.launch.plan import LaunchContext, engine_urls, plan_actors
 from agentrl.launch.plots import plot_run
+from agentrl.launch.prepare import prepare
 from agentrl.launch.progress import Progress
 from agentrl.launch.summary import summary_lines
 from agentrl.launch.supervisor import ReadyCheck, Supervisor
 from agentrl.messages import Event, decode
 
-__all__ = ["resolve", "run_local"]
+__all__ = ["http_health", "resolve", "run_local"]
 
 
 def resolve(cfg: RunConfig) -> tuple[RunConfig, list[int]]:
-    """Check the config for a run of every actor, pick engine ports and fill in every URL the actors need."""
-    check_agreement(cfg)
+    """Pick engine ports and fill in every URL the actors need."""
     ports = [free_port(cfg.engine.host) for _ in range(cfg.launch.engines)]
     urls = engine_urls(cfg, ports)
     client = msgspec.structs.replace(cfg.engine.client, urls=urls)
@@ -46,71 +48,87 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, list[int]]:
 
 
 def http_health(url: str) -> ReadyCheck:
+    """A probe that ``GET url`` answers 200 within 5 s."""
     async def check() -> bool:
-        timeout = aiohttp.ClientTimeout(total=2)
-        async with aiohttp.ClientSession(timeout=timeout) as s, s.get(f"{url}/health") as r:
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as s, s.get(url) as r:
             return r.status == 200
 
     return check
 
 
-@contextlib.asynccontextmanager
-async def _nats(cfg: RunConfig) -> AsyncIterator[str]:
-    if cfg.nats.url:
-        yield cfg.nats.url
-        return
-    async with EmbeddedNats(cfg.run_dir / "nats", max_payload_mb=cfg.nats.max_payload_mb) as server:
-        (cfg.run_dir / "nats" / "url").write_text(server.url)
-        yield server.url
+async def _feed(ctx: LaunchContext, cfg: RunConfig, progress: Progress) -> None:
+    """Feed ``metrics`` events into ``progress``, (re)connecting as the run's inspector until cancelled."""
+    creds = ctx.credentials.get("inspector")
+    nats_cfg = msgspec.structs.replace(cfg.nats, credentials=str(creds) if creds else cfg.nats.credentials,
+                                       connect_attempts=1)
+
+    async def on_metrics(msg: Msg) -> None:
+        with contextlib.suppress(DecodeError):
+            event: Event = decode(msg.data, Event)
+            progress.update(event.data)
+
+    while True:
+        try:
+            async with await Bus.connect(ctx.nats_url, cfg.name, nats_cfg, ensure=False) as bus:
+                await bus.nc.subscribe(bus.subjects.events("metrics"), cb=on_metrics)
+                await asyncio.Event().wait()  # until cancelled; the client reconnects by itself
+        except BusError:
+            await asyncio.sleep(1.0)  # the server is not up yet (steps run first)
 
 
-async def _follow(
-    url: str, cfg: RunConfig, progress: Progress, sup: Supervisor, out: TextIO, every_s: float
-) -> None:
-    """Feed ``metrics`` events into ``progress`` and print its line every ``every_s`` seconds."""
-    async with await Bus.connect(url, cfg.name, cfg.nats, ensure=False) as bus:
-
-        async def on_metrics(msg: Msg) -> None:
-            with contextlib.suppress(DecodeError):
-                event: Event = decode(msg.data, Event)
-                progress.update(event.data)
-
-        await bus.nc.subscribe(bus.subjects.events("metrics"), cb=on_metrics)
+async def _follow(ctx: LaunchContext, cfg: RunConfig, progress: Progress, sup: Supervisor, out: TextIO,
+                  every_s: float) -> None:
+    """Print the progress line every ``every_s`` seconds while metrics feed it."""
+    feeder = asyncio.create_task(_feed(ctx, cfg, progress))
+    try:
         while True:
             await asyncio.sleep(every_s)
             print(progress.line(preparing=sup.current_step), file=out, flush=True)
+    finally:
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(feeder, 5.0)
+
+
+async def _supervise(cfg: RunConfig, ports: list[int], lock_fd: int, out: TextIO, every_s: float) -> bool:
+    config_path = dump_config(cfg, cfg.run_dir / "config.yaml").resolve()
+    ctx = prepare(cfg, config_path, ports, http_health)
+    sup = Supervisor(plan_actors(cfg, ctx), cfg.run_dir / "logs", grace_s=cfg.launch.grace_s, keep_fds=[lock_fd])
+    progress = Progress(cfg.training.max_steps or 0)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, sup.request_stop)
+    follower = asyncio.create_task(_follow(ctx, cfg, progress, sup, out, every_s))
+    try:
+        secrets = f", credentials in {cfg.run_dir / 'secrets'}" if ctx.credentials else ""
+        print(f"run {cfg.name}: logs in {cfg.run_dir / 'logs'}, bus {ctx.nats_url}{secrets}", file=out, flush=True)
+        completed = await sup.run()
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    print(progress.line(), file=out)
+    return completed
 
 
 async def run_local(
     cfg: RunConfig, *, out: TextIO = sys.stderr, progress_every_s: float = 5.0
-) -> tuple[bool, Progress]:
+) -> tuple[bool, Path]:
     """Run every actor of ``cfg`` until learner and controller finish (or a stop signal).
 
-    Returns whether the run completed, and its final progress.
+    Returns whether the run completed, and the run directory.
     """
     cfg, ports = resolve(cfg)
     run_dir = cfg.run_dir
-    config_path = dump_config(cfg, run_dir / "config.yaml").resolve()
-    progress = Progress(cfg.learner.max_steps)
-    async with _nats(cfg) as url:
-        sup = Supervisor(plan_actors(cfg, config_path, url, ports, http_health), run_dir / "logs",
-                         grace_s=cfg.launch.grace_s)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, sup.request_stop)
-        follower = asyncio.create_task(_follow(url, cfg, progress, sup, out, progress_every_s))
-        try:
-            print(f"run {cfg.name}: logs in {run_dir / 'logs'}, bus {url}", file=out, flush=True)
-            completed = await sup.run()
-        finally:
-            follower.cancel()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+    with run_lock(run_dir) as lock_fd:
+        completed = await _supervise(cfg, ports, lock_fd, out, progress_every_s)
     plots = await asyncio.to_thread(lambda: plot_run(run_dir, sorted(Path(run_dir).glob("*metrics*.jsonl"))))
-    print(progress.line(), file=out)
     print(f"plots: {', '.join(str(p) for p in plots) or 'none (no metrics)'}", file=out)
     for line in summary_lines(cfg, completed=completed):
         print(line, file=out)
     if not completed:
         print(f"run {cfg.name} stopped before it completed", file=out)
-    return completed, progress
+    return completed, run_dir

@@ -1,26 +1,46 @@
 """What ``agentrl run`` starts, as data: a list of :class:`ActorSpec` built from the run config (pure).
 
-Order: the config's ``launch.steps`` (run to completion), engines (each waited on
-until ``/health`` answers), env workers, agent workers, the controller, and the
-learner, whose normal exit ends the run. Every actor gets the same resolved
-config file, the bus URL and the run name, so the file alone says what ran.
+Order: the config's ``launch.steps`` (run to completion), the embedded nats-server (waited on until it
+serves JetStream, and probed from then on), engines (each waited on until its health path answers), env
+workers, agent workers, the controller, and the learner, whose normal exit ends the run. Every actor gets
+the same resolved config file, the bus URL and the run name, so the file alone says what ran; what differs
+per actor travels in its environment: its own NATS credentials file and, for engines and the actors that
+call their admin endpoints, the run's engine admin key.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from agentrl.bus.auth import CREDENTIALS_ENV, Role
+from agentrl.client.protocol import ADMIN_KEY_ENV
 from agentrl.config.run import RunConfig
 from agentrl.launch.supervisor import ActorSpec, ReadyCheck
 
-__all__ = ["agentrl_argv", "engine_urls", "plan_actors"]
+__all__ = ["LaunchContext", "agentrl_argv", "bus_users", "engine_argv", "engine_health_path", "engine_urls", "plan_actors"]
 
 
 def agentrl_argv(*args: str) -> list[str]:
     """argv that runs this installation's ``agentrl`` CLI (independent of PATH)."""
     return [sys.executable, "-m", "agentrl.cli", *args]
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """What the launcher prepared for one run, besides its config."""
+
+    config_path: Path  # the resolved config every actor reads
+    nats_url: str
+    engine_ports: list[int]
+    http_check: Callable[[str], ReadyCheck]  # URL (with path) -> a probe that it answers 200
+    nats_argv: list[str] | None = None  # the embedded nats-server's command (None: an external server)
+    nats_check: ReadyCheck | None = None
+    credentials: Mapping[str, Path] = field(default_factory=dict)  # actor name -> its NATS credentials file
+    engine_admin_key: str | None = None
 
 
 def engine_urls(cfg: RunConfig, ports: list[int]) -> list[str]:
@@ -30,8 +50,28 @@ def engine_urls(cfg: RunConfig, ports: list[int]) -> list[str]:
     return [f"http://{cfg.engine.host}:{p}" for p in ports]
 
 
-def _fill(text: str, cfg: RunConfig, config_path: Path) -> str:
-    return text.format(run_dir=str(cfg.run_dir), config=str(config_path), python=sys.executable, seed=cfg.seed)
+def engine_health_path(cfg: RunConfig) -> str:
+    """The path an engine is probed on: configured, else SGLang's ``/health_generate`` or ``/health``."""
+    lc = cfg.launch
+    return lc.engine_health_path or ("/health_generate" if lc.engine == "sglang" else "/health")
+
+
+def _fill(text: str, cfg: RunConfig, config_path: Path, **more: object) -> str:
+    return text.format(run_dir=str(cfg.run_dir), config=str(config_path), python=sys.executable, seed=cfg.seed,
+                       **more)
+
+
+def engine_argv(cfg: RunConfig, config_path: Path, port: int, admin_key: str | None) -> list[str]:
+    """The command of one engine on ``port`` (see :class:`~agentrl.config.launch.LaunchConfig`)."""
+    lc, ec = cfg.launch, cfg.engine
+    if lc.engine == "embedded":
+        return agentrl_argv("engine", "--config", str(config_path), "--port", str(port), *lc.engine_args)
+    if lc.engine == "sglang":
+        key = ["--admin-api-key", admin_key] if admin_key else []
+        return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(ec.model), "--host", ec.host,
+                "--port", str(port), *key, *lc.engine_args]
+    fill = {"model": str(ec.model), "host": ec.host, "port": port}
+    return [_fill(a, cfg, config_path, **fill) for a in lc.engine_command] + list(lc.engine_args)
 
 
 def _steps(cfg: RunConfig, config_path: Path) -> list[ActorSpec]:
@@ -46,25 +86,64 @@ def _steps(cfg: RunConfig, config_path: Path) -> list[ActorSpec]:
     return specs
 
 
-def plan_actors(
-    cfg: RunConfig, config_path: Path, nats_url: str, engine_ports: list[int],
-    health_check: Callable[[str], ReadyCheck],
-) -> list[ActorSpec]:
-    """Every process of a local run, in start order; ``health_check(url)`` makes an engine's readiness probe."""
-    common = ["--config", str(config_path), "--nats", nats_url, "--run", cfg.name]
-    restarts = cfg.launch.max_restarts
-    specs = _steps(cfg, config_path)
-    for i, (port, url) in enumerate(zip(engine_ports, engine_urls(cfg, engine_ports), strict=False)):
+def _env(ctx: LaunchContext, name: str, *, admin_key: bool = False) -> dict[str, str]:
+    env = {CREDENTIALS_ENV: str(ctx.credentials[name])} if name in ctx.credentials else {}
+    if admin_key and ctx.engine_admin_key:
+        env[ADMIN_KEY_ENV] = ctx.engine_admin_key
+    return env
+
+
+def _nats(cfg: RunConfig, ctx: LaunchContext) -> list[ActorSpec]:
+    if ctx.nats_argv is None:
+        return []
+    lc = cfg.launch
+    return [ActorSpec("nats", ctx.nats_argv, max_restarts=lc.max_restarts, ready=ctx.nats_check, ready_timeout_s=60,
+                      health=ctx.nats_check, health_interval_s=lc.health_interval_s,
+                      health_failures=lc.health_failures, death_signal=signal.SIGTERM)]
+
+
+def _engines(cfg: RunConfig, ctx: LaunchContext) -> list[ActorSpec]:
+    lc, specs = cfg.launch, []
+    urls = engine_urls(cfg, ctx.engine_ports)
+    for i, (port, url) in enumerate(zip(ctx.engine_ports, urls, strict=False)):
+        name = f"engine-{i}"
+        check = ctx.http_check(url + engine_health_path(cfg))
         specs.append(ActorSpec(
-            f"engine-{i}", agentrl_argv("engine", "--config", str(config_path), "--port", str(port)),
-            max_restarts=restarts, ready=health_check(url), ready_timeout_s=cfg.launch.engine_ready_timeout_s,
+            name, engine_argv(cfg, ctx.config_path, port, ctx.engine_admin_key), max_restarts=lc.max_restarts,
+            ready=check, ready_timeout_s=lc.engine_ready_timeout_s, health=check,
+            health_interval_s=lc.health_interval_s, health_failures=lc.health_failures,
+            env=_env(ctx, name, admin_key=True),
         ))
+    return specs
+
+
+def bus_users(cfg: RunConfig) -> dict[str, Role]:
+    """Every NATS user of a local run and its role: the actors :func:`plan_actors` starts, the launcher (admin:
+    it creates the run's streams and buckets) and an inspector (read-only, for ``agentrl tail`` and the viewer)."""
+    lc = cfg.launch
+    users: dict[str, Role] = {"launcher": "admin", "inspector": "inspector"}
+    users |= {f"engine-{i}": "engine" for i in range(lc.engines)}
     if cfg.envd.envs:
-        specs += [ActorSpec(f"envd-{i}", agentrl_argv("envd", *common), max_restarts=restarts)
-                  for i in range(cfg.launch.envd)]
-    specs += [ActorSpec(f"worker-{i}", agentrl_argv("worker", *common), max_restarts=restarts)
-              for i in range(cfg.launch.workers)]
-    specs.append(ActorSpec("controller", agentrl_argv("controller", *common, "--exit-when-done"),
-                           max_restarts=restarts, finishes_run=True))
-    specs.append(ActorSpec("learner", agentrl_argv("learner", *common), max_restarts=restarts, finishes_run=True))
+        users |= {f"envd-{i}": "envd" for i in range(lc.envd)}
+    users |= {f"worker-{i}": "worker" for i in range(lc.workers)}
+    return users | {"controller": "controller", "learner": "learner"}
+
+
+def plan_actors(cfg: RunConfig, ctx: LaunchContext) -> list[ActorSpec]:
+    """Every process of a local run, in start order."""
+    common = ["--config", str(ctx.config_path), "--nats", ctx.nats_url, "--run", cfg.name]
+    lc = cfg.launch
+    hang = lc.hang_timeout_s or None
+
+    def bus_actor(name: str, *args: str, admin_key: bool = False, finishes: bool = False) -> ActorSpec:
+        return ActorSpec(name, agentrl_argv(*args, *common), max_restarts=lc.max_restarts, finishes_run=finishes,
+                         hang_timeout_s=hang, env=_env(ctx, name, admin_key=admin_key))
+
+    specs = [*_steps(cfg, ctx.config_path), *_nats(cfg, ctx), *_engines(cfg, ctx)]
+    if cfg.envd.envs:
+        specs += [bus_actor(f"envd-{i}", "envd") for i in range(lc.envd)]
+    specs += [bus_actor(f"worker-{i}", "worker", admin_key=True) for i in range(lc.workers)]
+    specs.append(bus_actor("controller", "controller", admin_key=True, finishes=True))
+    specs[-1].argv.append("--exit-when-done")
+    specs.append(bus_actor("learner", "learner", finishes=True))
     return specs
