@@ -83,17 +83,17 @@ async def test_bad_update_fields_are_400(weights_engine: str, tiny_model_dir: Pa
     assert status == 400 and out["error"]["param"] == field
 
 
-async def long_requests(url: str, n: int) -> list[asyncio.Task[Any]]:
+async def long_requests(url: str, n: int, tokens: int) -> list[asyncio.Task[Any]]:
     rng = random.Random(n)
     return [asyncio.create_task(generate(url, {"input_ids": [rng.randrange(5, 500) for _ in range(6)],
-                                               "sampling_params": {"temperature": 0, "max_new_tokens": 300,
+                                               "sampling_params": {"temperature": 0, "max_new_tokens": tokens,
                                                                    "ignore_eos": True}})) for _ in range(n)]
 
 
 @pytest.mark.parametrize("mode", ["in_place", "retract"])
 async def test_update_while_paused_aborts_nothing(weights_engine: str, tiny_model_dir: Path, mode: str) -> None:
-    tasks = await long_requests(weights_engine, 32)
-    await asyncio.sleep(1.0)
+    tasks = await long_requests(weights_engine, 32, 300)  # at least 300 decode steps: well over a second
+    await asyncio.sleep(0.3)
     status, _ = await post(weights_engine, "/pause_generation", {"mode": mode})
     assert status == 200
     status, out = await post(weights_engine, "/update_weights_from_disk", {
@@ -107,7 +107,7 @@ async def test_update_while_paused_aborts_nothing(weights_engine: str, tiny_mode
 
 
 async def test_update_with_abort_all_requests_aborts_them(weights_engine: str, tiny_model_dir: Path) -> None:
-    tasks = await long_requests(weights_engine, 8)
+    tasks = await long_requests(weights_engine, 8, 1500)
     await asyncio.sleep(0.5)
     status, out = await post(weights_engine, "/update_weights_from_disk", {
         "model_path": str(tiny_model_dir), "abort_all_requests": True})

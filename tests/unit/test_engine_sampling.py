@@ -68,3 +68,53 @@ def test_banned_tokens_are_never_sampled() -> None:
     logits[:, 2] = 10.0
     tokens, _, *_ = sample(logits, batch(50, ban=[[2]] * 50, seed=list(range(50))))
     assert 2 not in tokens.tolist()
+
+
+def test_top_logprobs_and_chosen_ids_come_from_the_sampled_distribution() -> None:
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(5))
+    params = SamplingBatch.build([0.0, 0.7, 1.0], [1.0] * 3, [-1] * 3, [0.0] * 3, [1, 2, 3], [0] * 3, [[], [], []],
+                                 top_logprobs=[2, 0, 4], token_ids=[None, [3, 7], None])
+    out = sample(logits.clone(), params)
+    assert out.top_values is not None and out.top_ids is not None and out.ids_logprobs is not None
+    logp = torch.log_softmax(logits / torch.tensor([1.0, 0.7, 1.0]).view(-1, 1), -1)
+    assert torch.equal(out.top_ids[0, :2], logp[0].topk(2).indices) and int(out.tokens[0]) == int(out.top_ids[0, 0])
+    assert float(out.top_values[0, 0]) == float(out.logprobs[0])  # greedy: the top entry is the chosen token
+    assert torch.allclose(torch.tensor(out.ids_logprobs[1]), logp[1, [3, 7]]) and out.ids_logprobs[0] is None
+
+
+def test_logits_processing_bias_penalties_custom_grammar_and_ban() -> None:
+    from agentrl.engine.logits import CustomCall, RowLogits, apply_logits
+
+    class Allow:
+        def __init__(self, ids: list[int]) -> None:
+            self.ids = ids
+
+        def allowed_mask(self, vocab_size: int) -> torch.Tensor:
+            mask = torch.zeros(vocab_size, dtype=torch.bool)
+            mask[self.ids] = True
+            return mask
+
+    def force(logits: torch.Tensor, params: list[dict]) -> torch.Tensor:  # type: ignore[type-arg]
+        for i, p in enumerate(params):
+            logits[i] = -float("inf")
+            logits[i, p["token"]] = 0.0
+        return logits
+
+    base = torch.zeros(5, 6)
+    base[:, 0] = 2.0
+    rows = [
+        RowLogits(bias={1: 5.0}),
+        RowLogits(output_ids=[0, 0, 2], frequency_penalty=1.0, presence_penalty=0.5, repetition_penalty=2.0),
+        RowLogits(custom=CustomCall("k", force, {"token": 4})),
+        RowLogits(grammar=Allow([2, 3]), ban=[3]),
+        RowLogits(grammar=Allow([3]), ban=[3]),  # the grammar only allows an end token: it wins over the ban
+    ]
+    out = apply_logits(base, rows)
+    assert torch.equal(base[:, 0], torch.full((5,), 2.0))  # the input is never written
+    assert out[0].argmax() == 1 and out[0, 1] == 5.0
+    assert out[1, 0] == 2.0 / 2.0 - 2 * 1.0 - 0.5 and out[1, 2] == 0.0 - 1.0 - 0.5 and out[1, 1] == 0.0
+    assert out[2].argmax() == 4 and torch.isinf(out[2, 0])
+    assert torch.isfinite(out[3]).nonzero().view(-1).tolist() == [2]
+    assert torch.isfinite(out[4]).nonzero().view(-1).tolist() == [3]
+    untouched = apply_logits(base, [RowLogits()] * 5)
+    assert untouched is base
