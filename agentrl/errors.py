@@ -6,6 +6,7 @@ original so the cause stays visible::
 
     AgentRLError
     ├── ConfigError            bad key or value in a config file or --set override
+    │   └── ContractMismatch   an actor's training section differs from the run's stored contract
     ├── DecodeError            bytes that are not a valid agentrl message
     │   └── SchemaVersionError a message written by a newer (or unknown) schema
     ├── BusError               NATS / JetStream failures
@@ -33,6 +34,10 @@ class AgentRLError(Exception):
 
 class ConfigError(AgentRLError, ValueError):
     """A config key or value is wrong; the message names the key, the value and what was expected."""
+
+
+class ContractMismatch(ConfigError):
+    """An actor's ``training:`` section differs from the contract stored for its run; names each key."""
 
 
 class DecodeError(AgentRLError, ValueError):

@@ -33,12 +33,16 @@ from agentrl.errors import DecodeError, SchemaVersionError
 __all__ = [
     "NOT_SAMPLED",
     "SCHEMA_VERSION",
+    "AbortRequest",
+    "BatchTaken",
     "ChatMessage",
+    "EnvResume",
     "Event",
     "Message",
     "PartialRollout",
     "SamplingParams",
     "Task",
+    "TasksDropped",
     "Trajectory",
     "TrajectoryStatus",
     "Turn",
@@ -161,7 +165,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 class Turn(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One entry of a trajectory's turn log: a model call, a tool call, or an error."""
 
-    kind: str  # "model" | "tool" | "env" | "error"
+    kind: str  # "prompt" | "model" | "tool" | "env" | "error" | "abort" (a marker: where an abort fell)
     start: int = 0  # first token index of this turn within Trajectory.tokens
     end: int = 0  # one past the last token index
     text: str = ""
@@ -171,6 +175,28 @@ class Turn(msgspec.Struct, kw_only=True, omit_defaults=True):
     seconds: float = 0.0
     temperature: float | None = None  # model turns: the sampling temperature of their tokens
     info: dict[str, Any] = {}
+
+
+EnvResumeMode = Literal["session", "snapshot", "replay"]
+
+
+class EnvResume(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How a resumed episode gets its environment back exactly as the aborted part left it.
+
+    * ``session``: the env worker (``server``) keeps the episode's session (``session``) alive; re-attach to it;
+    * ``snapshot``: a fresh environment ``restore()``-s ``state`` (envs with ``snapshot``/``restore``);
+    * ``replay``: a fresh environment is reset and replays ``actions`` (only envs declaring ``replay_safe``).
+
+    ``observation`` is what the first ``reset`` returned: a resumed agent's ``reset`` gets it back without the
+    environment being reset.
+    """
+
+    mode: EnvResumeMode
+    observation: dict[str, Any] = {}
+    session: str = ""
+    server: str = ""
+    state: dict[str, Any] = {}
+    actions: list[dict[str, Any]] = []
 
 
 class PartialRollout(msgspec.Struct, kw_only=True):
@@ -183,6 +209,7 @@ class PartialRollout(msgspec.Struct, kw_only=True):
     prompt_len: int
     turns: list[Turn] = []
     state: dict[str, Any] = {}  # agent-defined resume state (e.g. turn counter)
+    env: EnvResume | None = None  # the environment's state, when the episode has one
 
     def __post_init__(self) -> None:
         _align(self, "partial rollout")
@@ -235,6 +262,7 @@ class Trajectory(Message, kw_only=True):
     versions: np.ndarray
     prompt_len: int
     reward: float = 0.0
+    correct: bool | None = None  # the verifier's verdict, when the env/agent gives one (eval accuracy counts it)
     turn_rewards: list[float] = []
     status: TrajectoryStatus = "completed"
     turns: list[Turn] = []
@@ -287,8 +315,36 @@ class WeightUpdate(Message, kw_only=True):
     created_at: float = msgspec.field(default_factory=time.time)
 
 
+class BatchTaken(Message, kw_only=True):
+    """The learner took a batch (durable, on ``<run>.control.batch_taken``): step ``step`` trains from policy
+    ``version`` on ``task_ids``; ``dropped_task_ids`` were consumed without training (staleness, filter, ...)."""
+
+    step: int
+    version: int
+    task_ids: list[str] = []
+    dropped_task_ids: list[str] = []
+
+
+class TasksDropped(Message, kw_only=True):
+    """Finished training tasks the learner will never train (durable, ``<run>.control.dropped``): the
+    controller stops counting them and admits replacements."""
+
+    task_ids: list[str]
+    reason: str = ""
+
+
+class AbortRequest(Message, kw_only=True):
+    """Abort running episodes (core NATS ``<run>.events.abort``): ``task_ids``, or every one with ``all``.
+
+    Best effort by design: a missed abort only means an episode runs to its end."""
+
+    task_ids: list[str] = []
+    all: bool = False
+    reason: str = ""
+
+
 class Event(Message, kw_only=True):
-    """Everything else on ``<run>.events``: metrics, logs, abort broadcasts, actor lifecycle."""
+    """Everything else on ``<run>.events``: metrics, logs, actor lifecycle."""
 
     type: str  # "metrics" | "log" | "abort" | "started" | "stopped" | ...
     source: str = ""
@@ -321,7 +377,7 @@ def _align(obj: Trajectory | PartialRollout, what: str) -> None:
 # ---------------------------------------------------------------- encode / decode
 
 M = TypeVar("M", bound=Message)
-AnyMessage = Task | Trajectory | WeightUpdate | Event
+AnyMessage = Task | Trajectory | WeightUpdate | Event | BatchTaken | TasksDropped | AbortRequest
 
 
 class _Header(msgspec.Struct):

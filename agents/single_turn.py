@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from agentrl.agent import EpisodeContext
 from agentrl.env.base import Action
 from agentrl.errors import ConfigError
@@ -16,10 +18,13 @@ async def run_episode(ctx: EpisodeContext, task: Task) -> Trajectory | None:
     else:
         ctx.start()
     turn = await ctx.generate()
+    info: dict[str, Any] = {}
     if ctx.env is not None:
-        reward = (await ctx.env.step(Action(text=turn.text))).reward
+        result = await ctx.env.step(Action(text=turn.text))
+        reward, info = result.reward, result.info
     elif ctx.reward is not None:
         reward = await ctx.reward(task, turn.text)
     else:
         raise ConfigError("single_turn agent: needs an environment (task.env) or a reward function (worker.reward)")
-    return ctx.finish(reward=reward, status="truncated" if turn.finish_reason == "length" else "completed")
+    status = "truncated" if turn.finish_reason == "length" else "completed"
+    return ctx.finish(reward=reward, status=status, metadata=info)

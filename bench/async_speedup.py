@@ -12,7 +12,11 @@ The controller keeps admitting past the last measured step, as in a long run, so
 steady state (the time until the learner finished ``--steps`` steps, warm-up included) rather than the
 drain at the end of a dataset.
 
-Settings: sync (eta = 0, alpha = 0), eta = 1, 2, 4, and eta = 4 + APRIL. Printed per setting:
+The sync baseline admits exactly B tasks per version, so B >= slots (the defaults: 32 and 32) lets it use the
+whole engine: a fair baseline. Settings: sync (eta = 0, alpha = 0), eta = 1, 2, 4, eta = 4 with
+over-provisioning; then an engine that drains its running requests before each weight update (as SGLang
+does): sync, eta = 2, and eta = 2 + APRIL (in-flight requests aborted at each update and resumed at once).
+Printed per setting:
 wall-clock per trained trajectory, engine idle fraction, speedup over sync, the worst staleness of
 any trained token, tokens masked/dropped by the bound, and aborts/resumes.
 
@@ -44,14 +48,15 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable 
 
 from agentrl.bus import Bus, EmbeddedNats
 from agentrl.config.controller import ControllerConfig, DatasetConfig
+from agentrl.config.training import TrainingConfig
 from agentrl.config.worker import WorkerConfig
 from agentrl.controller.controller import Controller
 from agentrl.controller.core import ControllerCore
 from agentrl.controller.dataset import PromptDataset
-from agentrl.controller.staleness import enforce_staleness
 from agentrl.controller.weights_sync import WeightsSync
 from agentrl.generation import GenerateOutput
-from agentrl.messages import Event, SamplingParams, Task, Trajectory, WeightUpdate, encode
+from agentrl.messages import BatchTaken, SamplingParams, Task, TasksDropped, Trajectory, WeightUpdate
+from agentrl.staleness import bound_staleness
 
 PROMPT_LEN = 4
 
@@ -76,14 +81,18 @@ class _Request:
 class SimEngine:
     """A continuous-batching engine in simulation: ``slots`` requests advance one token per ``step_s``.
 
-    Implements the Generator protocol (``generate``/``abort``) and ``update_weights_from_disk``
-    (pauses decoding for ``load_s``); tokens carry the weight version current when they were decoded.
+    Implements the Generator protocol (``generate``/``abort``) and ``update_weights_from_disk`` (pauses
+    decoding for ``load_s``); tokens carry the weight version current when they were decoded. With
+    ``drain=True`` a weight update first waits for every running request to finish, admitting none, as
+    SGLang does, unless it is asked to abort them (``abort_all_requests``, APRIL).
     """
 
     engine_id = "sim"
 
-    def __init__(self, *, slots: int, step_s: float, load_s: float, median: float, sigma: float, cap: int) -> None:
-        self.slots, self.step_s, self.load_s = slots, step_s, load_s
+    def __init__(self, *, slots: int, step_s: float, load_s: float, median: float, sigma: float, cap: int,
+                 drain: bool = False) -> None:
+        self.slots, self.step_s, self.load_s, self.drain = slots, step_s, load_s, drain
+        self.aborted = 0
         self.median, self.sigma, self.cap = median, sigma, cap
         self.version = 0
         self.outputs: dict[str, list[GenerateOutput]] = {}  # task id -> every output, in order (tests check resumes)
@@ -92,6 +101,7 @@ class SimEngine:
         self.busy_slot_s = 0.0
         self.total_slot_s = 0.0
         self._loading = asyncio.Lock()
+        self._finished = asyncio.Event()  # set whenever a request ends
         self._loop: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -126,8 +136,16 @@ class SimEngine:
             self.waiting.remove(req)
         self._finish(req, "abort")
 
-    async def update_weights_from_disk(self, model_path: str, version: int) -> None:
+    async def update_weights_from_disk(self, model_path: str, version: int, *,
+                                       abort_all_requests: bool = False) -> None:
         async with self._loading:
+            if abort_all_requests:
+                for rid in list(self.active):
+                    self.aborted += 1
+                    self._finish(self.active.pop(rid), "abort")
+            while self.drain and self.active:  # nothing new is admitted while the running requests finish
+                self._finished.clear()
+                await self._finished.wait()
             await asyncio.sleep(self.load_s)
             self.version = max(self.version, version)
 
@@ -141,6 +159,7 @@ class SimEngine:
         )
         self.outputs.setdefault(req.task_id, []).append(out)
         req.done.set_result(out)
+        self._finished.set()
 
     async def _run(self) -> None:
         last = time.monotonic()
@@ -149,9 +168,9 @@ class SimEngine:
             now = time.monotonic()
             dt, last = now - last, now
             self.total_slot_s += self.slots * dt
-            if self._loading.locked():
+            if self._loading.locked() and not (self.drain and self.active):
                 continue  # loading weights: nothing decodes
-            while self.waiting and len(self.active) < self.slots:
+            while self.waiting and len(self.active) < self.slots and not self._loading.locked():
                 req = self.waiting.popleft()
                 self.active[req.rid] = req
             self.busy_slot_s += len(self.active) * dt
@@ -180,8 +199,9 @@ class SimLearner:
     def __init__(self, bus: Bus, *, batch: int, eta: int, policy: str, train_s: float, steps: int,
                  dynamic_sampling: bool = False) -> None:
         self.bus, self.batch, self.eta, self.policy = bus, batch, eta, policy
-        self.dynamic_sampling = dynamic_sampling  # skip zero-variance groups, as the controller does
+        self.dynamic_sampling = dynamic_sampling  # drop zero-variance groups and report them, as the learner does
         self.filtered: list[str] = []
+        self._unreported: list[str] = []
         self.train_s, self.steps = train_s, steps
         self.version = 0
         self.stats = LearnerStats()
@@ -200,6 +220,9 @@ class SimLearner:
             held += deliveries
             for d in deliveries:
                 self._add(d.msg)
+            if self._unreported:
+                ids, self._unreported = self._unreported, []
+                await self._control("dropped", TasksDropped(task_ids=ids, reason="zero variance"), f"filter-{ids[0]}")
             batch = await self._take()
             if batch is not None:
                 await self._train(batch)
@@ -217,23 +240,25 @@ class SimLearner:
             group = list(self._groups.pop(traj.group_id).values())
             if self.dynamic_sampling and len(group) > 1 and len({t.reward for t in group}) == 1:
                 self.filtered += [t.task_id for t in group]
+                self._unreported += [t.task_id for t in group]
                 return
             self._ready.append(group)
 
-    async def _take(self) -> list[Trajectory] | None:
-        out: list[Trajectory] = []
+    async def _take(self) -> list[tuple[Trajectory, np.ndarray]] | None:
+        out: list[tuple[Trajectory, np.ndarray]] = []
         while self._ready and len(out) < self.batch:
             group = self._ready.popleft()
-            results = [enforce_staleness(t, self.version, self.eta, self.policy) for t in group]  # type: ignore[arg-type]
-            self.stats.stale_tokens += sum(r.stale_tokens for r in results)
-            if any(r.trajectory is None for r in results):
+            verdicts = [bound_staleness(t.loss_mask, t.versions, self.version, self.eta, self.policy)  # type: ignore[arg-type]
+                        for t in group]
+            self.stats.stale_tokens += sum(v.over_bound for v in verdicts)
+            if any(v.mask is None for v in verdicts):
                 self.stats.dropped += len(group)
-                await self.bus.publish_event(Event(type="dropped", source="learner",
-                                                   data={"task_ids": [t.task_id for t in group]}))
+                ids = [t.task_id for t in group]
+                await self._control("dropped", TasksDropped(task_ids=ids, reason="stale"), f"drop-{ids[0]}")
                 continue
-            out += [r.trajectory for r in results if r.trajectory is not None]
+            out += [(t, v.mask) for t, v in zip(group, verdicts, strict=True) if v.mask is not None]
         if len(out) < self.batch:
-            self._requeue(out)
+            self._requeue([t for t, _ in out])
             return None
         return out
 
@@ -244,18 +269,21 @@ class SimLearner:
         for g in reversed(list(groups.values())):
             self._ready.appendleft(g)
 
-    async def _train(self, batch: list[Trajectory]) -> None:
+    async def _control(self, kind: Any, msg: Any, msg_id: str) -> None:
+        await self.bus.publish(self.bus.subjects.control(kind), msg, msg_id=msg_id)
+
+    async def _train(self, batch: list[tuple[Trajectory, np.ndarray]]) -> None:
         t0 = time.monotonic()
-        await self.bus.publish_event(Event(type="batch_taken", source="learner", data={
-            "step": self.version, "version": self.version, "task_ids": [t.task_id for t in batch]}))
-        for t in batch:
+        taken = BatchTaken(step=self.version, version=self.version, task_ids=[t.task_id for t, _ in batch])
+        await self._control("batch_taken", taken, f"batch-{self.version}")
+        for t, mask in batch:
+            self.stats.staleness += (self.version - t.versions.astype(np.int64))[mask > 0].tolist()
             self.stats.trained.append(t.task_id)
             self.stats.trajectories.append(t)
-            self.stats.staleness += t.staleness(self.version).tolist()
-            self.stats.resumed += t.attempt > 0
+            self.stats.resumed += t.attempt > 0 or any(turn.kind == "abort" for turn in t.turns)
         await asyncio.sleep(self.train_s)
         update = WeightUpdate(version=self.version + 1, uri=f"file:///tmp/sim-weights/v{self.version + 1}")
-        await self.bus.nc.publish(self.bus.subjects.events("weights"), encode(update))
+        await self._control("weights", update, f"weights-{update.version}")
         await self.bus.cas_version(self.version, self.version + 1)
         self.version += 1
         self.stats.step_times.append(time.monotonic() - t0)
@@ -269,6 +297,8 @@ class Setting:
     name: str
     eta: int
     alpha: float | None
+    drain: bool = False  # the engine drains running requests before a weight update (SGLang)
+    abort: bool = False  # APRIL: abort in-flight requests at weight updates; episodes resume at once
 
 
 @dataclass
@@ -307,16 +337,16 @@ async def run_setting(url: str, setting: Setting, args: argparse.Namespace, chat
 
     run = f"bench{uuid.uuid4().hex[:8]}"
     rows = [{"prompt": [11 + i % 200, 12, 13, 14]} for i in range(200)]
-    cfg = ControllerConfig(
-        group_size=args.group, batch_size=args.batch, max_staleness=setting.eta, april_alpha=setting.alpha,
-        stale_policy=args.policy, epochs=None, max_new_tokens=args.cap,  # keeps admitting past the last step
-        metrics_interval_s=60.0,
-    )
+    cfg = ControllerConfig(april_alpha=setting.alpha, epochs=None, max_new_tokens=args.cap,  # admits past the last step
+                           metrics_interval_s=60.0, abort_on_update=setting.abort)
+    training = TrainingConfig(group_size=args.group, batch_size=args.batch, max_staleness=setting.eta,
+                              stale_policy=args.policy)
     async with await Bus.connect(url, run=run) as bus:
         engine = SimEngine(slots=args.slots, step_s=args.step_s, load_s=args.load_s, median=args.median,
-                           sigma=args.sigma, cap=args.cap)
-        core = ControllerCore(cfg, PromptDataset(rows, DatasetConfig(path="bench"), seed=0))
-        controller = Controller(bus, core, weights=WeightsSync([engine]), version_poll_s=0.5)
+                           sigma=args.sigma, cap=args.cap, drain=setting.drain)
+        core = ControllerCore(cfg, training, PromptDataset(rows, DatasetConfig(path="bench"), seed=0))
+        controller = Controller(bus, core, weights=WeightsSync([engine], abort_in_flight=setting.abort),
+                                version_poll_s=0.5)
         worker = AgentWorker(bus, agent=run_episode, generator=engine, chat=chat, reward=_reward,
                              config=WorkerConfig(concurrency=args.workers, poll_timeout_s=0.05, uvloop=False))
         learner = SimLearner(bus, batch=args.batch, eta=setting.eta, policy=args.policy, train_s=args.train_s,
@@ -334,7 +364,7 @@ async def run_setting(url: str, setting: Setting, args: argparse.Namespace, chat
     off_policy = float(np.mean(np.array(stats.staleness) > 0)) if stats.staleness else 0.0
     masked = stats.stale_tokens / max(1, stats.stale_tokens + len(stats.staleness))
     return Result(setting, wall, len(stats.trained), idle, max(stats.staleness, default=0), off_policy, masked,
-                  stats.stale_tokens, stats.dropped, core.state.counters.aborted, stats.resumed)
+                  stats.stale_tokens, stats.dropped, engine.aborted, stats.resumed)
 
 
 def check_workload(args: argparse.Namespace) -> tuple[float, float]:
@@ -348,8 +378,10 @@ SETTINGS = [
     Setting("async eta=1", 1, None),
     Setting("async eta=2", 2, None),
     Setting("async eta=4", 4, None),
-    Setting("async eta=4 + APRIL (alpha=0.5)", 4, 0.5),
-    Setting("async eta=4 + APRIL (alpha=1)", 4, 1.0),
+    Setting("async eta=4, alpha=0.5", 4, 0.5),
+    Setting("drain engine: sync", 0, 0.0, drain=True),
+    Setting("drain engine: async eta=2", 2, None, drain=True),
+    Setting("drain engine: async eta=2 + APRIL abort at update", 2, None, drain=True, abort=True),
 ]
 
 
@@ -394,7 +426,7 @@ async def main_async(args: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--slots", type=int, default=32)
     p.add_argument("--workers", type=int, default=128, help="episodes in flight on the agent worker")

@@ -33,25 +33,39 @@ CALCULATOR_TOOL: dict[str, Any] = {
 
 
 class CalculatorEnv:
-    """One episode of calculator tool use; stateless apart from the task and a call counter."""
+    """One episode of calculator tool use; its state is the reference answer and a call counter.
 
-    def __init__(self) -> None:
-        self.task: Task | None = None
+    ``advertise_tools=False`` leaves the tool schema out of the observation (a prompt or the demonstrations
+    teach the tool instead: the quickstart's short CPU prompts). Deterministic, so resumable by replay, and by
+    snapshot.
+    """
+
+    replay_safe = True
+
+    def __init__(self, *, advertise_tools: bool = True) -> None:
+        self.advertise_tools = advertise_tools
+        self.label: Any = None
+        self.ready = False
         self.calls = 0
 
     async def reset(self, task: Task) -> Observation:
-        self.task = task
-        self.calls = 0
-        return Observation(tools=[CALCULATOR_TOOL])
+        self.label, self.ready, self.calls = task.label, True, 0
+        return Observation(tools=[CALCULATOR_TOOL] if self.advertise_tools else None)
+
+    async def snapshot(self) -> dict[str, Any]:
+        return {"label": self.label, "calls": self.calls}
+
+    async def restore(self, state: dict[str, Any]) -> None:
+        self.label, self.ready, self.calls = state["label"], True, int(state["calls"])
 
     async def step(self, action: Action) -> StepResult:
-        if self.task is None:
+        if not self.ready:
             raise RuntimeError("CalculatorEnv.step before reset")
         if action.error is not None:
             return StepResult(observation=Observation(messages=[tool_message(f"error: {action.error}")]))
         if action.tool_calls:
             return StepResult(observation=Observation(messages=[self._call(c) for c in action.tool_calls]))
-        correct = is_equivalent(extract_answer(action.text), self.task.label)
+        correct = is_equivalent(extract_answer(action.text), self.label)
         return StepResult(reward=1.0 if correct else 0.0, done=True, info={"correct": correct})
 
     def _call(self, call: ToolCall) -> ChatMessage:
@@ -70,4 +84,4 @@ class CalculatorEnv:
         return tool_message(result, name=call.name, call_id=call.id)
 
     async def close(self) -> None:
-        self.task = None
+        self.ready = False

@@ -13,8 +13,8 @@
   result without changing how often the model calls the tool.
 
 Prompts carry no tool schema (nor system message), to keep them short for a CPU run:
-the demonstrations teach the ``<tool_call>`` format, and :class:`QuickstartCalculatorEnv`
-is the calculator environment without the schema.
+the demonstrations teach the ``<tool_call>`` format, and the run uses the calculator environment with
+``advertise_tools: false`` (configs/quickstart.yaml).
 """
 
 from __future__ import annotations
@@ -25,12 +25,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from agentrl.env.base import Observation
-from agentrl.messages import Task
 from envs.arith import evaluate, format_number
-from envs.calculator import CalculatorEnv
 
-__all__ = ["QuickstartCalculatorEnv", "answer_demonstration", "demonstration", "make_problem", "write_dataset"]
+__all__ = ["answer_demonstration", "demonstration", "make_problem", "write_dataset"]
 
 # Every problem has the same shape, ab*cd+ef, and its result always has 4 digits. A fixed shape means a
 # fixed distance between where the model reads digits and where it writes them (every digit is its own
@@ -96,14 +93,6 @@ def write_dataset(out: Path, *, n_train: int, n_eval: int, n_demos: int, tool_fr
     demos += [answer_demonstration(*fresh()) for _ in range(n_answer_demos)]
     rng.shuffle(demos)
     (out / "sft.jsonl").write_text("\n".join(json.dumps({"messages": d}) for d in demos) + "\n")
-
-
-class QuickstartCalculatorEnv(CalculatorEnv):
-    """The calculator environment with the tool described by the system prompt instead of a schema."""
-
-    async def reset(self, task: Task) -> Observation:
-        await super().reset(task)
-        return Observation()
 
 
 def main(argv: list[str] | None = None) -> None:

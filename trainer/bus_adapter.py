@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from agentrl.bus import Bus, Consumer, Delivery
+from agentrl.bus.subjects import ControlKind
 from agentrl.config.learner import LearnerConfig
-from agentrl.messages import Event, Trajectory, WeightUpdate, encode
+from agentrl.messages import Event, Message, Trajectory
 
 __all__ = ["BusLink", "TrajectoryConsumer", "open_trajectory_consumer"]
 
@@ -24,9 +25,9 @@ class BusLink:
     async def publish_event(self, event: Event) -> None:
         await self.bus.publish_event(event)
 
-    async def announce_weights(self, update: WeightUpdate) -> None:
-        """The WeightUpdate itself on ``<run>.events.weights`` (core NATS), as the protocol specifies."""
-        await self.bus.nc.publish(self.bus.subjects.events("weights"), encode(update))
+    async def publish_control(self, kind: ControlKind, msg: Message, msg_id: str) -> None:
+        """Durably on ``<run>.control.<kind>``: the controller's accounting must survive its restarts."""
+        await self.bus.publish(self.bus.subjects.control(kind), msg, msg_id=msg_id)
 
 
 class TrajectoryConsumer:

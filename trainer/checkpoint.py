@@ -40,17 +40,19 @@ class LearnerState:
 
     step: int = 0
     version: int = 0
-    consumed: set[str] = field(default_factory=set)
+    consumed: set[str] = field(default_factory=set)  # trajectory ids
     history: list[StepRecord] = field(default_factory=list)
+    consumed_tasks: set[str] = field(default_factory=set)  # their task ids: another attempt is never trained
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "version": self.version, "consumed": sorted(self.consumed),
-                "history": [asdict(r) for r in self.history]}
+                "consumed_tasks": sorted(self.consumed_tasks), "history": [asdict(r) for r in self.history]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LearnerState:
         return cls(step=int(data["step"]), version=int(data["version"]), consumed=set(data["consumed"]),
-                   history=[StepRecord(**r) for r in data["history"]])
+                   history=[StepRecord(**r) for r in data["history"]],
+                   consumed_tasks=set(data.get("consumed_tasks", [])))
 
 
 def _rng_state() -> dict[str, Any]:

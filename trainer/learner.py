@@ -22,20 +22,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from agentrl.agent.plugins import load_object
+from agentrl.bus.subjects import ControlKind
 from agentrl.config.learner import LearnerConfig
-from agentrl.messages import Event, WeightUpdate
+from agentrl.config.training import TrainingConfig
+from agentrl.messages import BatchTaken, Event, Message, TasksDropped
+from agentrl.plugins import load_object
+from agentrl.staleness import staleness_histogram
 from trainer.advantages import AdvantageFn
 from trainer.backend.base import StepResult, TrainBackend
-from trainer.batching import (
-    Batch,
-    GroupBuffer,
-    GroupFilter,
-    Received,
-    TrainItem,
-    keep_all,
-    staleness_histogram,
-)
+from trainer.batching import Batch, GroupBuffer, GroupFilter, Received, TrainItem, keep_all
 from trainer.checkpoint import Checkpointer, LearnerState, StepRecord
 from trainer.losses import LossFn
 from trainer.metrics import MetricsSink, Phases
@@ -54,15 +49,17 @@ class TrajectorySource(Protocol):
 
 
 class LearnerBus(Protocol):
-    """Policy version compare-and-set, events and weight announcements."""
+    """Policy version compare-and-set, durable control messages and events."""
 
     async def get_version(self) -> int: ...
 
     async def cas_version(self, expected: int, new: int) -> None: ...
 
-    async def publish_event(self, event: Event) -> None: ...
+    async def publish_control(self, kind: ControlKind, msg: Message, msg_id: str) -> None:
+        """Store ``msg`` durably on the run's control stream (deduplicated by ``msg_id``)."""
+        ...
 
-    async def announce_weights(self, update: WeightUpdate) -> None: ...
+    async def publish_event(self, event: Event) -> None: ...
 
 
 def to_samples(items: Sequence[TrainItem], group_index: Sequence[int], advantage: AdvantageFn) -> list[Sample]:
@@ -113,15 +110,15 @@ class Learner:
     """Consumes trajectories and trains until ``max_steps`` (0 = until :meth:`stop`)."""
 
     def __init__(
-        self, cfg: LearnerConfig, backend: TrainBackend, source: TrajectorySource, bus: LearnerBus,
-        weights: WeightSink, checkpoints: Checkpointer, metrics: MetricsSink,
+        self, cfg: LearnerConfig, training: TrainingConfig, backend: TrainBackend, source: TrajectorySource,
+        bus: LearnerBus, weights: WeightSink, checkpoints: Checkpointer, metrics: MetricsSink,
     ) -> None:
-        self.cfg, self.backend, self.source, self.bus = cfg, backend, source, bus
+        self.cfg, self.training, self.backend, self.source, self.bus = cfg, training, backend, source, bus
         self.weights, self.checkpoints, self.metrics = weights, checkpoints, metrics
         self.advantage: AdvantageFn = load_object(cfg.advantage, what="learner.advantage")
         self.loss_fn: LossFn = load_object(cfg.loss.fn, what="learner.loss.fn")
-        group_filter = cfg.batch.group_filter
-        self.group_filter: GroupFilter = load_object(group_filter, what="learner.batch.group_filter") \
+        group_filter = training.group_filter
+        self.group_filter: GroupFilter = load_object(group_filter, what="training.group_filter") \
             if group_filter else keep_all
         self._stop = asyncio.Event()
         self._unacked: list[Received] = []  # consumed by steps not yet checkpointed
@@ -134,7 +131,8 @@ class Learner:
         """The loop of DESIGN.md §7; returns the final state."""
         self.state = state = await self.restore()
         log.info("learner ready at step %d, policy version %d", state.step, state.version)
-        buffer = GroupBuffer(self.cfg.batch, state.consumed, self.group_filter)
+        buffer = GroupBuffer(self.cfg.batch, self.training, state.consumed, self.group_filter,
+                             committed_tasks=state.consumed_tasks)
         keepalive = asyncio.create_task(self._keep_alive(buffer))
         try:
             return await self._loop(state, buffer)
@@ -151,18 +149,18 @@ class Learner:
             if batch is None:
                 break
             self._unacked += batch.consumed
-            await self.bus.publish_event(Event(type="batch_taken", source="learner", data=batch_taken(state, batch)))
+            await self.bus.publish_control("batch_taken", batch_taken(state, batch), f"batch-{state.step}")
             with phases("train"):
                 result = await asyncio.to_thread(self.train, batch)
             with phases("publish"):
                 update = await self.weights.publish(state.version + 1, self.backend.export_hf)
-                await self.bus.announce_weights(update)
+                await self.bus.publish_control("weights", update, f"weights-{update.version}")
                 await self.bus.cas_version(state.version, state.version + 1)
             self.state = state = advance(state, batch)
             if state.step % self.cfg.checkpoint_every == 0 or self._done(state):
                 with phases("checkpoint"):
                     await self.commit(state, buffer)
-            await self.metrics.record(state.step, step_metrics(batch, result, state, phases))
+            await self.metrics.record(state.step, step_metrics(batch, result, state, phases, self.training.max_staleness))
         if self._unacked:  # stopped between checkpoints: commit what was trained
             await self.commit(state, buffer)
         return state
@@ -200,7 +198,8 @@ class Learner:
             batch = buffer.take(version)
             dropped = buffer.pop_dropped_task_ids()
             if dropped:
-                await self.bus.publish_event(Event(type="dropped", source="learner", data={"task_ids": dropped}))
+                msg = TasksDropped(task_ids=dropped, reason="not trainable (see the learner's batch metrics)")
+                await self.bus.publish_control("dropped", msg, f"dropped-{version}-{min(dropped)}-{len(dropped)}")
             if batch is not None:
                 return batch
             for d in await self.source.fetch(self.cfg.batch.fetch_batch, timeout=1.0):
@@ -221,29 +220,30 @@ class Learner:
         return result
 
     def _done(self, state: LearnerState) -> bool:
-        return self._stop.is_set() or (self.cfg.max_steps > 0 and state.step >= self.cfg.max_steps)
+        last = self.training.max_steps
+        return self._stop.is_set() or (last is not None and state.step >= last)
 
 
 def advance(state: LearnerState, batch: Batch) -> LearnerState:
     """The state after committing ``batch``: one more step, one more version, its ids consumed."""
     record = StepRecord(step=state.step, version=state.version, trained=batch.trained_ids, dropped=batch.dropped)
     return LearnerState(step=state.step + 1, version=state.version + 1,
-                        consumed=state.consumed | set(batch.consumed_ids), history=[*state.history, record])
+                        consumed=state.consumed | set(batch.consumed_ids), history=[*state.history, record],
+                        consumed_tasks=state.consumed_tasks | set(batch.consumed_task_ids))
 
 
-def batch_taken(state: LearnerState, batch: Batch) -> dict[str, Any]:
-    """The ``batch_taken`` event's data: step, version trained from, task ids trained and dropped."""
+def batch_taken(state: LearnerState, batch: Batch) -> BatchTaken:
+    """What the controller learns of a taken batch: step, version trained from, task ids trained and dropped."""
     dropped = {d.msg.task_id for d in batch.consumed if d.msg.id in batch.dropped}
-    return {"step": state.step, "version": state.version,
-            "task_ids": sorted({i.traj.task_id for i in batch.items}), "dropped_task_ids": sorted(dropped)}
+    return BatchTaken(step=state.step, version=state.version, task_ids=sorted({i.traj.task_id for i in batch.items}),
+                      dropped_task_ids=sorted(dropped))
 
 
-def step_metrics(batch: Batch, result: StepResult, state: LearnerState, phases: Phases) -> dict[str, Any]:
+def step_metrics(batch: Batch, result: StepResult, state: LearnerState, phases: Phases, eta: int) -> dict[str, Any]:
     """The per-step metrics record (keys ``learner/...``)."""
     rewards = np.array([i.traj.reward for i in batch.items], dtype=np.float64)
     out: dict[str, Any] = {f"learner/{k}" if not k.startswith("learner/") else k: v for k, v in result.metrics.items()}
-    hist = staleness_histogram(batch.items, state.version - 1)
-    counts = {int(k): v for k, v in hist.items()}
+    counts = staleness_histogram([i.ages for i in batch.items] + batch.stale_dropped_ages)
     tokens = max(sum(counts.values()), 1)
     out.update({
         "learner/step": state.step,
@@ -256,9 +256,13 @@ def step_metrics(batch: Batch, result: StepResult, state: LearnerState, phases: 
         "learner/batch/dropped": len(batch.dropped),
         "learner/batch/tokens": result.tokens,
         "learner/batch/trained_tokens": int(sum(float(i.mask.sum()) for i in batch.items)),
-        "learner/staleness/hist": hist,
+        # the true staleness of every sampled token of the batch (trained, masked or dropped), never capped at η
+        "learner/staleness/hist": {str(k): v for k, v in counts.items()},
         "learner/staleness/mean": sum(k * v for k, v in counts.items()) / tokens,
         "learner/staleness/max": max(counts, default=0),
+        "learner/staleness/over_bound_tokens": sum(v for k, v in counts.items() if k > eta),
+        "learner/staleness/masked_tokens": sum(i.masked for i in batch.items),
+        "learner/staleness/dropped_trajectories": len(batch.stale_dropped_ages),
         "learner/logprob_diff/mean": result.logprob_diff_mean,
         "learner/logprob_diff/max": result.logprob_diff_max,
         **phases.as_metrics(),

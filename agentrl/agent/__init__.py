@@ -27,7 +27,6 @@ A task names its environment in ``Task.env``; one environment instance serves on
 
 from agentrl.agent.chat import ChatRenderer, ChatTokenizer, TemplateError
 from agentrl.agent.context import ContextExhausted, EpisodeAborted, EpisodeContext, ModelTurn, current_episode
-from agentrl.agent.plugins import load_object
 from agentrl.agent.runner import AgentFn, EpisodeOutcome, run_episode
 from agentrl.agent.tools import parse_action, tool_message
 from agentrl.agent.trajectory import TrajectoryBuilder
@@ -44,7 +43,6 @@ __all__ = [
     "TemplateError",
     "TrajectoryBuilder",
     "current_episode",
-    "load_object",
     "parse_action",
     "run_episode",
     "tool_message",

@@ -56,6 +56,16 @@ class ContextExhausted(AgentRLError):
 
 
 @dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where an aborted episode can resume: trajectory length and turns, agent state, env steps begun."""
+
+    length: int
+    turns: int
+    state: dict[str, Any]
+    env_steps: int
+
+
+@dataclass(frozen=True, slots=True)
 class ModelTurn:
     """One assistant turn: the tokens the model produced (a resumed turn includes its first part)."""
 
@@ -73,8 +83,8 @@ class EpisodeContext:
     Construct it through the runtime (:func:`agentrl.agent.runner.run_agent`); agents only use it.
     ``state`` is agent-defined and JSON-like; it is saved into a partial rollout on abort and
     restored on resume (``resumed`` is then True and :meth:`start` is a no-op). A resumed episode
-    gets a fresh environment (reset again with the same task): environments whose state across
-    steps matters must be able to rebuild it from the task or from ``state``.
+    continues against its environment as the aborted part left it; its ``reset`` returns the first
+    observation again without resetting anything (see :mod:`agentrl.env.episode`).
     """
 
     def __init__(
@@ -109,7 +119,7 @@ class EpisodeContext:
         self._calls = 0
         self._rid: str | None = None
         self._abort_requested = False
-        self._safe: tuple[int, int, dict[str, Any]] | None = None
+        self._safe: ResumePoint | None = None
 
     # ------------------------------------------------------------ building the conversation
 
@@ -134,6 +144,7 @@ class EpisodeContext:
             msgs = messages if messages is not None else (self.task.prompt or [])
             prompt_ids = self.chat.prompt_ids(msgs, tools=tools)
         self.traj.set_prompt(prompt_ids)
+        self.traj.turns.append(Turn(kind="prompt", start=0, end=len(self.traj)))
 
     def add_messages(
         self,
@@ -169,7 +180,7 @@ class EpisodeContext:
             raise EpisodeAborted(self.trajectory_id)
         if not self.started:
             raise RuntimeError("ctx.generate(): call ctx.start() first to set the prompt")
-        self._safe = (len(self.traj), len(self.traj.turns), copy.deepcopy(self.state))
+        self._safe = self._point()
         resumed = self._open_turn()
         sp = self._sampling(sampling, overrides, already=0 if resumed is None else resumed.end - resumed.start)
         self._rid = rid = f"{self.trajectory_id}-{self._calls}"
@@ -185,10 +196,14 @@ class EpisodeContext:
         return turn
 
     def _open_turn(self) -> Turn | None:
-        """The last model turn if it was cut by an abort: a resumed generation continues it."""
-        last = self.traj.turns[-1] if self.traj.turns else None
-        if last is not None and last.kind == "model" and last.finish_reason == "abort" and last.end == len(self.traj):
-            return last
+        """The last model turn if it was cut by an abort (only abort markers after it): a resumed generation
+        continues it."""
+        for turn in reversed(self.traj.turns):
+            if turn.kind == "abort":
+                continue
+            if turn.kind == "model" and turn.finish_reason == "abort" and turn.end == len(self.traj):
+                return turn
+            return None
         return None
 
     def _sampling(self, sampling: SamplingParams | None, overrides: dict[str, Any], already: int) -> SamplingParams:
@@ -208,7 +223,8 @@ class EpisodeContext:
             self.engine_id = out.engine_id
         if resumed is not None:
             start = resumed.start
-            self.traj.turns.pop()
+            # the abort marker after it stays: it shows where the abort fell
+            self.traj.turns = [t for t in self.traj.turns if t is not resumed]
             seconds += resumed.seconds
         ids = self.traj.token_ids[start:end].copy()
         raw = self.chat.decode(ids.tolist())
@@ -238,11 +254,13 @@ class EpisodeContext:
         if rid is not None and abort is not None:
             await abort(rid)
 
-    def partial_state(self, *, at_safe_point: bool) -> tuple[int, int, dict[str, Any]] | None:
+    def partial_state(self, *, at_safe_point: bool) -> ResumePoint | None:
         """Where a resumed episode restarts: now, or the start of the last ``generate`` call."""
-        if not at_safe_point:
-            return len(self.traj), len(self.traj.turns), copy.deepcopy(self.state)
-        return self._safe
+        return self._safe if at_safe_point else self._point()
+
+    def _point(self) -> ResumePoint:
+        steps = getattr(self.env, "steps_started", 0)
+        return ResumePoint(len(self.traj), len(self.traj.turns), copy.deepcopy(self.state), int(steps))
 
     def log_error(self, text: str, **info: Any) -> None:
         """Record an error in the turn log (it covers no tokens)."""
@@ -255,9 +273,16 @@ class EpisodeContext:
         reward: float = 0.0,
         status: TrajectoryStatus = "completed",
         metadata: dict[str, Any] | None = None,
+        correct: bool | None = None,
     ) -> Trajectory:
-        """The finished trajectory, with per-turn rewards from the turn log."""
+        """The finished trajectory, with per-turn rewards from the turn log.
+
+        ``correct`` is the verifier's verdict (eval accuracy counts it); without it, a boolean
+        ``metadata["correct"]`` (e.g. an env's step info) is taken as the verdict.
+        """
         task = self.task
+        if correct is None and isinstance((metadata or {}).get("correct"), bool):
+            correct = bool((metadata or {})["correct"])
         return self.traj.build(
             id=self.trajectory_id,
             task_id=task.id,
@@ -265,6 +290,7 @@ class EpisodeContext:
             group_size=task.group_size,
             status=status,
             reward=float(reward),
+            correct=correct,
             turn_rewards=[t.reward for t in self.traj.turns if t.reward is not None],
             worker_id=self.worker_id,
             engine_id=self.engine_id,

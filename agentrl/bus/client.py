@@ -79,6 +79,8 @@ def _stream_configs(s: Subjects, cfg: NatsConfig) -> list[StreamConfig]:
         StreamConfig(name=s.tasks_stream, subjects=[s.tasks_all], retention=RetentionPolicy.WORK_QUEUE, **common),
         StreamConfig(name=s.traj_stream, subjects=[s.traj], retention=RetentionPolicy.LIMITS, max_age=max_age, **common),
         StreamConfig(name=s.dlq_stream, subjects=[s.dead_letter], retention=RetentionPolicy.LIMITS, **common),
+        StreamConfig(name=s.control_stream, subjects=[s.control_all], retention=RetentionPolicy.LIMITS,
+                     max_age=max_age, **common),
     ]
 
 
@@ -236,6 +238,10 @@ class Bus:
         """Fire-and-forget an event on ``<run>.events.<type>`` (core NATS, not stored)."""
         await self.nc.publish(self.subjects.events(event.type), encode(event))
 
+    async def broadcast(self, kind: str, msg: Message) -> None:
+        """Fire-and-forget a typed message on ``<run>.events.<kind>`` (core NATS, not stored), e.g. aborts."""
+        await self.nc.publish(self.subjects.events(kind), encode(msg))
+
     # ------------------------------------------------------------ consume
 
     async def consumer(
@@ -392,15 +398,18 @@ async def _connect_once(url: str, config: NatsConfig, options: dict[str, Any]) -
         **settings,
     ))
     watcher = asyncio.ensure_future(refused.wait())
-    done, _ = await asyncio.wait({connecting, watcher}, timeout=config.connect_timeout_s,
-                                return_when=asyncio.FIRST_COMPLETED)
-    watcher.cancel()
+    try:
+        done, _ = await asyncio.wait({connecting, watcher}, timeout=config.connect_timeout_s,
+                                    return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not connecting.done():  # timed out, refused, or this task was cancelled: leave nothing behind
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            await nc.close()
     if connecting in done:
         connecting.result()
         return nc
-    connecting.cancel()
-    await asyncio.gather(connecting, return_exceptions=True)
-    await nc.close()
     if refused.is_set():
         raise _Refused(url)
     raise TimeoutError(f"no connection to {url} within {config.connect_timeout_s}s")

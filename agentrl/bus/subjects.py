@@ -5,7 +5,8 @@ One run is one namespace ``agentrl.<run>``::
     agentrl.<run>.tasks.{resume,eval,new}   stream AGENTRL_<run>_TASKS (work queue)
     agentrl.<run>.traj                      stream AGENTRL_<run>_TRAJ (limits, durable, replayable)
     agentrl.<run>.dlq.<stream>              stream AGENTRL_<run>_DLQ (undecodable / poison messages)
-    agentrl.<run>.events.<type>             core NATS (metrics, weights, abort, batch_taken, logs)
+    agentrl.<run>.control.<kind>            stream AGENTRL_<run>_CONTROL (batch_taken, dropped, weights: durable)
+    agentrl.<run>.events.<type>             core NATS (metrics, abort broadcasts, logs)
     agentrl.<run>.env.<env name>            core NATS request/reply to env workers (queue group)
     agentrl_<run>                           KV bucket (policy version, controller state, registry)
     agentrl_<run>_weights                   object store (weight snapshots)
@@ -17,9 +18,11 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["TASK_PRIORITIES", "Subjects", "TaskPriority", "validate_run_name"]
+__all__ = ["CONTROL_KINDS", "TASK_PRIORITIES", "ControlKind", "Subjects", "TaskPriority", "validate_run_name"]
 
 TaskPriority = Literal["resume", "eval", "new"]
+ControlKind = Literal["batch_taken", "dropped", "weights"]
+CONTROL_KINDS: tuple[ControlKind, ...] = ("batch_taken", "dropped", "weights")
 TASK_PRIORITIES: tuple[TaskPriority, ...] = ("resume", "eval", "new")  # the order workers poll them in
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -58,6 +61,10 @@ class Subjects:
     def dlq_stream(self) -> str:
         return f"AGENTRL_{self.run}_DLQ"
 
+    @property
+    def control_stream(self) -> str:
+        return f"AGENTRL_{self.run}_CONTROL"
+
     # subjects --------------------------------------------------------
     def task(self, priority: TaskPriority = "new") -> str:
         if priority not in TASK_PRIORITIES:
@@ -71,6 +78,16 @@ class Subjects:
     @property
     def traj(self) -> str:
         return f"{self.prefix}.traj"
+
+    def control(self, kind: ControlKind) -> str:
+        """Durable control messages the controller's accounting depends on (learner -> controller)."""
+        if kind not in CONTROL_KINDS:
+            raise ValueError(f"control kind {kind!r}: expected one of {CONTROL_KINDS}")
+        return f"{self.prefix}.control.{kind}"
+
+    @property
+    def control_all(self) -> str:
+        return f"{self.prefix}.control.>"
 
     def dead_letter_for(self, stream: str) -> str:
         return f"{self.prefix}.dlq.{stream}"
@@ -102,4 +119,6 @@ class Subjects:
             return self.traj_stream
         if subject.startswith(f"{self.prefix}.dlq."):
             return self.dlq_stream
+        if subject.startswith(f"{self.prefix}.control."):
+            return self.control_stream
         raise ValueError(f"subject {subject!r} is not stored in a stream of run {self.run!r}")

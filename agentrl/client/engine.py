@@ -128,9 +128,14 @@ class EngineClient:
     async def resume(self) -> None:
         await self.request("POST", "/continue_generation", {})
 
-    async def update_weights_from_disk(self, model_path: str, version: int) -> None:
-        """Load weights from a model directory the engine can read; raises :class:`EngineError` on failure."""
-        out = await self.request("POST", "/update_weights_from_disk", build_update_weights_request(model_path, version))
+    async def update_weights_from_disk(self, model_path: str, version: int, *, abort_all_requests: bool = False) -> None:
+        """Load weights from a model directory the engine can read; raises :class:`EngineError` on failure.
+
+        ``abort_all_requests`` (SGLang's field) aborts the engine's in-flight requests before loading."""
+        body = build_update_weights_request(model_path, version)
+        if abort_all_requests:
+            body["abort_all_requests"] = True
+        out = await self.request("POST", "/update_weights_from_disk", body)
         if not isinstance(out, dict) or not out.get("success", False):
             raise EngineError(f"engine {self.engine_id}: weight update failed: {out}")
 

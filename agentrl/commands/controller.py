@@ -25,15 +25,17 @@ _FLAGS = {"dataset": "controller.dataset.path"}
 async def serve(cfg: RunConfig, url: str | None, *, exit_when_done: bool) -> None:
     from agentrl.bus.local import open_bus
     from agentrl.client.engine import EngineClient
+    from agentrl.contract import join_contract
     from agentrl.controller.controller import Controller, build_core
     from agentrl.controller.engine_load import EngineLoad
     from agentrl.controller.weights_sync import WeightsSync
 
-    cc = cfg.controller
+    cc, tc = cfg.controller, cfg.training
     async with open_bus(cfg, url) as bus:
-        core = await build_core(bus, cc, seed=cfg.seed)
+        await join_contract(bus, tc, actor="controller")
+        core = await build_core(bus, cc, tc, seed=cfg.seed)
         clients = [EngineClient(url) for url in cc.engines]
-        weights = WeightsSync(clients) if clients else None
+        weights = WeightsSync(clients, abort_in_flight=cc.abort_on_update) if clients else None
         load = EngineLoad(clients) if clients else None
         controller = Controller(bus, core, weights=weights, engine_load=load,
                                 metrics_path=cfg.run_dir / "controller_metrics.jsonl")
@@ -41,8 +43,8 @@ async def serve(cfg: RunConfig, url: str | None, *, exit_when_done: bool) -> Non
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, controller.stop)
-        print(f"controller ready: {len(core.dataset)} prompts, B={cc.batch_size}, n={cc.group_size}, "
-              f"eta={cc.max_staleness}, april_alpha={cc.april_alpha}", flush=True)
+        print(f"controller ready: {len(core.dataset)} prompts, B={tc.batch_size}, n={tc.group_size}, "
+              f"eta={tc.max_staleness}, april_alpha={cc.april_alpha}", flush=True)
         try:
             await controller.run(exit_when_done=exit_when_done)
         finally:

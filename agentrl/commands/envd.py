@@ -30,14 +30,14 @@ def _env_overrides(args: argparse.Namespace) -> list[str]:
 
 
 async def serve(cfg: RunConfig, url: str | None) -> None:
-    from agentrl.agent.plugins import load_object
     from agentrl.bus.local import open_bus
     from agentrl.env.server import EnvServer
+    from agentrl.plugins import load_factory
 
     ec = cfg.envd
     if not ec.envs:
         raise ConfigError("envd.envs: no environments to serve (set envd.envs.<name> or pass --env NAME=PATH)")
-    factories = {name: load_object(path, what=f"envd.envs.{name}") for name, path in ec.envs.items()}
+    factories = {name: load_factory(spec, what=f"envd.envs.{name}") for name, spec in ec.envs.items()}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -10,10 +10,10 @@ from agentrl.commands import Command, add_common_arguments, load_run_config, set
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     p.add_argument("--model", help="Hugging Face model directory to start from (learner.model)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (learner.max_steps; 0 = never)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (training.max_steps)")
 
 
-_FLAGS = {"model": "learner.model", "max_steps": "learner.max_steps"}
+_FLAGS = {"model": "learner.model", "max_steps": "training.max_steps"}
 
 
 def run(args: argparse.Namespace) -> int:

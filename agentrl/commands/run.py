@@ -11,7 +11,7 @@ from agentrl.commands import Command, load_run_config, setup_logging
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config (YAML), e.g. configs/quickstart.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set learner.max_steps=10 (repeatable)")
+                   help="override a config value, e.g. --set training.max_steps=10 (repeatable)")
     p.add_argument("--nats", default=None, metavar="URL", help="use this NATS server instead of the embedded one")
     p.add_argument("--run", default=None, help="run name (overrides name)")
 

@@ -37,17 +37,17 @@ def _tokenizer(path: str | None) -> Any:
 
 async def serve(cfg: RunConfig, url: str | None) -> None:
     from agentrl.agent.chat import ChatRenderer
-    from agentrl.agent.plugins import load_object
     from agentrl.bus.local import open_bus
     from agentrl.client import EngineClient, Router
     from agentrl.env.local import ChainedEnvs, LocalEnvs
     from agentrl.env.remote import RemoteEnvs
+    from agentrl.plugins import load_factory, load_object
     from agentrl.worker import AgentWorker
 
     wc, ec = cfg.worker, cfg.engine
     agent = load_object(wc.agent, what="worker.agent")
     reward = load_object(wc.reward, what="worker.reward") if wc.reward else None
-    local = LocalEnvs({n: load_object(p, what=f"worker.envs.{n}") for n, p in wc.envs.items()})
+    local = LocalEnvs({n: load_factory(p, what=f"worker.envs.{n}") for n, p in wc.envs.items()})
     chat = ChatRenderer(_tokenizer(wc.tokenizer or ec.model))
     urls = ec.client.urls or [f"http://{ec.host}:{ec.port}"]
     worker_id = f"{socket.gethostname()}-{os.getpid()}"

@@ -37,46 +37,33 @@ class EvalConfig(Section):
     interval: Annotated[int, msgspec.Meta(ge=1)] = 10  # an eval pass at every policy version divisible by this
     versions: list[Annotated[int, msgspec.Meta(ge=0)]] = []  # instead: exactly these policy versions
     at_start: bool = True  # also evaluate the initial policy (version 0)
-    at_end: bool = True  # and the final one (version max_steps), when the controller's max_steps is set
+    at_end: bool = True  # and the final one (version training.max_steps), when max_steps is set
     group_size: Annotated[int, msgspec.Meta(ge=1)] = 1
     max_prompts: Annotated[int, msgspec.Meta(ge=1)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # greedy by default
 
 
 class ControllerConfig(Section):
-    """Admission control (staleness bound), APRIL over-provisioning and dynamic sampling.
+    """Admission control, APRIL over-provisioning and eval passes. B, the group size, η and ``max_steps`` are
+    the ``training:`` section's (:class:`~agentrl.config.training.TrainingConfig`), shared with the learner.
 
-    * ``batch_size`` (B): trajectories per learner step; must be a multiple of ``group_size`` (n),
-      because whole groups are admitted so the learner never waits on a group that cannot finish.
-    * ``max_staleness`` (eta): admission allows ``accepted + running < (v + eta + 1) * B``; 0 = synchronous.
-    * ``april_alpha``: ``None`` turns APRIL off; a number keeps at most ``ceil(B * (1 + alpha))``
-      training tasks in flight and aborts in-flight surplus whenever the learner takes a batch.
-    * ``stale_policy``: what the learner does with tokens older than eta: ``mask`` (loss mask 0) or
-      ``drop`` (the trajectory is not trained and is reported). The learner enforces it (its own
-      ``learner.batch.stale_policy`` must match); the controller counts such tokens apart from trained
-      ones (``controller/stale_tokens``) and flags ``drop`` violations (``controller/stale_violations``).
+    * ``april_alpha``: ``None`` = no in-flight cap; a number keeps up to ``ceil(B * (1 + alpha))`` training tasks
+      in flight (over-provisioning). With ``abort_on_update`` the long tail is cut at weight updates instead
+      of waited for (see :mod:`agentrl.controller.april`).
     """
 
     dataset: DatasetConfig = msgspec.field(default_factory=DatasetConfig)
-    group_size: Annotated[int, msgspec.Meta(ge=1)] = 8
-    batch_size: Annotated[int, msgspec.Meta(ge=1)] = 64
-    max_staleness: Annotated[int, msgspec.Meta(ge=0)] = 1
     april_alpha: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    stale_policy: Literal["drop", "mask"] = "mask"
-    dynamic_sampling: bool = False
-    # a complete group still untrained eta + this many versions after completing is counted as dropped
+    # abort engines' in-flight requests when they load new weights (SGLang's abort_all_requests); the episodes
+    # resume at once, token for token. For engines that drain before an update (SGLang, engine.weight_update:
+    # drain); the embedded engine's default swaps weights between decode steps and needs no abort.
+    abort_on_update: bool = False
+    # a complete group still untrained max_staleness + this many versions after completing is counted as dropped
+    # (a safety valve for a learner that drops without reporting it)
     presume_dropped_after: Annotated[int, msgspec.Meta(ge=1)] | None = 3
     epochs: Annotated[int, msgspec.Meta(ge=1)] | None = 1  # None = cycle forever
-    max_steps: Annotated[int, msgspec.Meta(ge=1)] | None = None  # stop admitting after the tasks of this many steps
     max_new_tokens: Annotated[int, msgspec.Meta(ge=1)] = 256
     temperature: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     engines: list[str] = []  # engine base URLs told to load new weights on every WeightUpdate
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
     metrics_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
-
-    def __post_init__(self) -> None:
-        if self.batch_size % self.group_size:
-            raise ValueError(
-                f"controller.batch_size={self.batch_size} must be a multiple of "
-                f"controller.group_size={self.group_size} (whole groups are admitted)"
-            )

@@ -57,13 +57,9 @@ class OptimConfig(Section):
 class BatchConfig(Section):
     """How trajectories become training batches."""
 
-    trajectories_per_step: Annotated[int, msgspec.Meta(ge=1)] = 64  # B: whole groups are taken until >= B
     max_tokens_per_micro_batch: Annotated[int, msgspec.Meta(ge=1)] = 8192  # packing budget (one sequence may exceed it alone)
-    max_staleness: Annotated[int, msgspec.Meta(ge=0)] | None = None  # η: tokens older than this many versions...
-    stale_policy: Literal["drop", "mask"] = "drop"  # ...drop the whole trajectory, or mask those tokens out
     incomplete_group: Literal["wait", "drop", "partial"] = "wait"  # after group_timeout_s: drop or train what came
     group_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
-    group_filter: str | None = None  # dotted path of a GroupFilter, e.g. trainer.batching.drop_zero_variance
     fetch_batch: Annotated[int, msgspec.Meta(ge=1)] = 64  # messages pulled from the bus per fetch
     # Trajectories stay unacked until their step commits; the learner marks them in progress every
     # ack_wait_s / 3 seconds. After a crash, what it held is redelivered to the restarted learner after this long.
@@ -89,7 +85,6 @@ class LearnerConfig(Section):
     loss: LossConfig = msgspec.field(default_factory=LossConfig)
     optim: OptimConfig = msgspec.field(default_factory=OptimConfig)
     batch: BatchConfig = msgspec.field(default_factory=BatchConfig)
-    max_steps: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = run until stopped
     weights_dir: str = "{run_dir}/weights"  # v<version>/ in HF layout, one per published version
     keep_weights: Annotated[int, msgspec.Meta(ge=1)] = 3  # published versions kept on disk
     publish_to_object_store: bool = False  # also put the safetensors into the bus object store

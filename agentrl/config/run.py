@@ -16,10 +16,10 @@ from agentrl.config.engine import EngineConfig
 from agentrl.config.launch import LaunchConfig
 from agentrl.config.learner import LearnerConfig
 from agentrl.config.loader import Section
+from agentrl.config.training import TrainingConfig
 from agentrl.config.worker import EnvdConfig, WorkerConfig
-from agentrl.errors import ConfigError
 
-__all__ = ["NatsConfig", "RunConfig", "check_agreement"]
+__all__ = ["NatsConfig", "RunConfig"]
 
 
 class NatsConfig(Section):
@@ -45,6 +45,7 @@ class RunConfig(Section):
     dir: str = "runs/{name}"  # run directory; {name} is replaced by the run name
     seed: int = 0
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    training: TrainingConfig = msgspec.field(default_factory=TrainingConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     controller: ControllerConfig = msgspec.field(default_factory=ControllerConfig)
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
@@ -58,32 +59,6 @@ class RunConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.dir.format(name=self.name))
-
-
-def check_agreement(cfg: RunConfig) -> None:
-    """Settings that two actors read must agree: B (trajectories per step), eta when both set, and the
-    last step when the controller evaluates the final policy.
-
-    Checked where one config drives both actors (``agentrl run``); raises ``ConfigError``.
-    """
-    b_ctrl, b_learn = cfg.controller.batch_size, cfg.learner.batch.trajectories_per_step
-    if b_ctrl != b_learn:
-        raise ConfigError(
-            f"config: controller.batch_size={b_ctrl} and learner.batch.trajectories_per_step={b_learn} must be equal "
-            "(both are B, the trajectories of one train step)"
-        )
-    eta_ctrl, eta_learn = cfg.controller.max_staleness, cfg.learner.batch.max_staleness
-    if eta_learn is not None and eta_learn != eta_ctrl:
-        raise ConfigError(
-            f"config: controller.max_staleness={eta_ctrl} and learner.batch.max_staleness={eta_learn} must be equal "
-            "(admission and training use the same staleness bound)"
-        )
-    ctrl, steps = cfg.controller, cfg.learner.max_steps
-    if ctrl.eval.dataset is not None and ctrl.eval.at_end and ctrl.max_steps is not None and 0 < steps < ctrl.max_steps:
-        raise ConfigError(
-            f"config: controller.eval.at_end waits for policy version controller.max_steps={ctrl.max_steps}, but the "
-            f"learner stops at learner.max_steps={steps}; make them equal or set controller.eval.at_end=false"
-        )
 
 
 def _fill_run_dir(obj: Any, run_dir: str) -> Any:

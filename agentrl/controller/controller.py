@@ -1,15 +1,18 @@
 """The controller actor: :class:`~agentrl.controller.core.ControllerCore` wired to the bus.
 
-Inputs, all funnelled into one queue so the core sees one event at a time:
+Inputs, all funnelled into one queue so the core sees one event at a time, and all durable: what the
+accounting depends on is acked only after the state that counted it is saved in KV, so a controller that dies
+at any moment gets it redelivered rather than lost (and the core handles every input idempotently):
 
-* the durable consumer ``controller`` on the trajectory stream (finished episodes; acked only after
-  the state that counted them is saved in KV, so a crash redelivers rather than loses them),
-* ``batch_taken`` events (APRIL aborts surplus; trained-token staleness is recorded),
-* ``weights`` events (every engine is told to load the weights; then the admission version advances),
-* ``dropped`` events / ``dropped_task_ids`` in ``batch_taken`` (finished tasks the learner will not train),
-* the policy version in KV, polled (a missed weights event still advances admission after a grace period).
+* the durable consumer ``controller`` on the trajectory stream (finished episodes),
+* the durable consumer ``controller-control`` on the control stream, typed messages from the learner:
+  :class:`~agentrl.messages.BatchTaken` (trained-token staleness is recorded; APRIL aborts surplus),
+  :class:`~agentrl.messages.TasksDropped` (finished tasks the learner will not train: replacements are
+  admitted) and :class:`~agentrl.messages.WeightUpdate` (every engine is told to load the weights; then the
+  admission version advances),
+* the policy version in KV, polled (admission still advances if weights cannot reach the engines).
 
-Outputs: tasks on ``tasks.new`` / ``tasks.eval`` (msg id ``f"{task.id}-{attempt}"``), ``abort`` events,
+Outputs: tasks on ``tasks.new`` / ``tasks.eval`` (msg id ``f"{task.id}-{attempt}"``), abort broadcasts,
 ``metrics`` events plus a JSONL file (counters, staleness histogram, off-policy token fraction, eval
 results, and the engines' idle fraction when an :class:`EngineLoad` sampler is given). The core's
 state is saved to KV before any action is executed and again after, so a restarted controller
@@ -25,20 +28,21 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nats.errors
-from nats.aio.msg import Msg
 
-from agentrl.bus import Bus, Delivery
+from agentrl.bus import Bus, Consumer, Delivery
 from agentrl.config.controller import ControllerConfig
-from agentrl.controller.core import AbortTasks, Action, ControllerCore, PublishTasks, Report
+from agentrl.config.training import TrainingConfig
+from agentrl.controller.core import Action, ControllerCore, PublishTasks, Report
 from agentrl.controller.dataset import PromptDataset
 from agentrl.controller.engine_load import EngineLoad
 from agentrl.controller.state import load_state, save_state
 from agentrl.controller.weights_sync import WeightsSync
-from agentrl.errors import DecodeError
-from agentrl.messages import Event, Trajectory, WeightUpdate, decode
+from agentrl.messages import BatchTaken, Event, TasksDropped, Trajectory, WeightUpdate
+
+ControlMessage = BatchTaken | TasksDropped | WeightUpdate
 
 __all__ = ["Controller", "build_core"]
 
@@ -47,7 +51,7 @@ log = logging.getLogger(__name__)
 _Item = tuple[str, Any]
 
 
-async def build_core(bus: Bus, cfg: ControllerConfig, *, seed: int = 0) -> ControllerCore:
+async def build_core(bus: Bus, cfg: ControllerConfig, training: TrainingConfig, *, seed: int = 0) -> ControllerCore:
     """Load the datasets and the saved state (if any) and build the core."""
     dataset = await asyncio.to_thread(PromptDataset.load, cfg.dataset, seed=seed)
     eval_dataset = None
@@ -56,7 +60,7 @@ async def build_core(bus: Bus, cfg: ControllerConfig, *, seed: int = 0) -> Contr
     state = await load_state(bus)
     if state is not None:
         log.info("controller: resuming from saved state at version %d (%d running)", state.version, len(state.running))
-    return ControllerCore(cfg, dataset, state, eval_dataset)
+    return ControllerCore(cfg, training, dataset, state, eval_dataset)
 
 
 class Controller:
@@ -84,10 +88,11 @@ class Controller:
         self._stop.set()
 
     async def run(self, *, exit_when_done: bool = False) -> None:
-        consumer = await self.bus.consumer(self.bus.subjects.traj, durable="controller", typ=Trajectory, ack_wait=60.0)
-        subs = [await self.bus.nc.subscribe(self.bus.subjects.events(t), cb=self._on_event)
-                for t in ("batch_taken", "weights", "dropped")]
-        loops = [self._fetch(consumer), self._poll_version(), self._tick()]
+        subjects = self.bus.subjects
+        consumer = await self.bus.consumer(subjects.traj, durable="controller", typ=Trajectory, ack_wait=60.0)
+        control: Consumer[Any] = await self.bus.consumer(
+            subjects.control_all, durable="controller-control", typ=cast(Any, ControlMessage), ack_wait=60.0)
+        loops = [self._fetch(consumer, "traj"), self._fetch(control, "control"), self._poll_version(), self._tick()]
         if self.engine_load is not None:
             loops.append(self._sample_engines(self.engine_load))
         if self.weights is not None:
@@ -108,9 +113,9 @@ class Controller:
             _, stuck = await asyncio.wait(feeders, timeout=5.0)
             if stuck:
                 log.warning("controller: %d input loops did not stop in 5 s", len(stuck))
-            for s in subs:
+            for c in (consumer, control):
                 with contextlib.suppress(nats.errors.Error):
-                    await s.unsubscribe()
+                    await c.unsubscribe()
             # no final save: every handled batch of events was saved before its actions and acks
 
     # ------------------------------------------------------------ inputs
@@ -124,18 +129,7 @@ class Controller:
             return items
         return []
 
-    async def _on_event(self, msg: Msg) -> None:
-        try:
-            message: Any = decode(msg.data)
-        except DecodeError as exc:
-            log.warning("controller: ignoring undecodable event on %s: %s", msg.subject, exc)
-            return
-        if isinstance(message, WeightUpdate):
-            self._queue.put_nowait(("weights", message))
-        elif isinstance(message, Event) and message.type in ("batch_taken", "dropped"):
-            self._queue.put_nowait((message.type, message.data))
-
-    async def _fetch(self, consumer: Any) -> None:
+    async def _fetch(self, consumer: Any, kind: str) -> None:
         while not self._closing.is_set():
             try:
                 deliveries = await consumer.fetch(batch=256, timeout=1.0)
@@ -143,7 +137,7 @@ class Controller:
                 deliveries = []
             if deliveries:
                 done = asyncio.get_running_loop().create_future()
-                self._queue.put_nowait(("traj", (deliveries, done)))
+                self._queue.put_nowait((kind, (deliveries, done)))
                 await done  # next fetch only after these are saved and acked
 
     async def _poll_version(self) -> None:
@@ -165,20 +159,14 @@ class Controller:
 
     async def _handle(self, items: list[_Item], *, initial: bool = False) -> None:
         actions: list[Action] = self.core.start() if initial else []
-        acks: list[tuple[list[Delivery[Trajectory]], asyncio.Future[None]]] = []
+        acks: list[tuple[list[Delivery[Any]], asyncio.Future[None]]] = []
         metrics = False
         for kind, payload in items:
-            if kind == "traj":
+            if kind in ("traj", "control"):
                 deliveries, done = payload
                 acks.append((deliveries, done))
                 for d in deliveries:
-                    actions += self.core.on_trajectory(d.msg)
-            elif kind == "batch_taken":
-                actions += self._batch_taken(payload)
-            elif kind == "dropped":
-                actions += self.core.on_dropped(payload.get("task_ids", []))
-            elif kind == "weights":
-                actions += await self._weights(payload)
+                    actions += await self._on_message(d.msg)
             elif kind == "version":
                 actions += self._kv_version(int(payload), initial)
             elif kind == "metrics":
@@ -197,11 +185,14 @@ class Controller:
             await asyncio.sleep(every_s)
             await weights.reconcile()
 
-    def _batch_taken(self, data: dict[str, Any]) -> list[Action]:
-        return self.core.on_batch_taken(
-            int(data.get("step", 0)), int(data.get("version", self.core.version)),
-            data.get("task_ids", []), data.get("dropped_task_ids", []),
-        )
+    async def _on_message(self, msg: Trajectory | ControlMessage) -> list[Action]:
+        if isinstance(msg, Trajectory):
+            return self.core.on_trajectory(msg)
+        if isinstance(msg, BatchTaken):
+            return self.core.on_batch_taken(msg)
+        if isinstance(msg, TasksDropped):
+            return self.core.on_dropped(msg.task_ids)
+        return await self._weights(msg)
 
     async def _weights(self, update: WeightUpdate) -> list[Action]:
         if self.weights is not None:
@@ -232,9 +223,6 @@ class Controller:
                 await self.bus.publish_many(self.bus.subjects.task(action.queue), list(action.tasks), msg_ids=ids)
                 self.core.mark_published(t.id for t in action.tasks)
                 published = True
-            elif isinstance(action, AbortTasks):
-                await self.bus.publish_event(Event(type="abort", source="controller",
-                                                   data={"task_ids": list(action.task_ids)}))
             elif isinstance(action, Report):
                 await self._emit(action.data)
                 self.core.mark_reported(action.eval_version)

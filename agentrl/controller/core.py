@@ -9,11 +9,12 @@ Events (methods):  :meth:`start` (fresh or restarted), :meth:`on_version` (polic
 :meth:`on_dropped` (the learner will never train some finished tasks),
 :meth:`mark_published` (tasks reached the queue).
 
-Actions (returned):  :class:`PublishTasks` (to the ``new`` or ``eval`` queue),
-:class:`AbortTasks` (APRIL surplus), :class:`Report` (a finished eval pass).
+Actions (returned):  :class:`PublishTasks` (to the ``new`` or ``eval`` queue), :class:`Report` (a finished
+eval pass).
 
-Every training task ends in exactly one of: trained (``batch_taken``), filtered (dynamic sampling,
-zero-variance group), dropped (reported by the learner) — each counted in :class:`Counters`.
+Every training task ends in exactly one of: trained (``batch_taken``) or dropped (reported by the learner:
+group filter, staleness, failed episode; or presumed dropped) — each counted in :class:`Counters`. Only the
+learner filters groups.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import numpy as np
 
 from agentrl.bus.subjects import TaskPriority
 from agentrl.config.controller import ControllerConfig
+from agentrl.config.training import TrainingConfig
 from agentrl.controller.admission import admissible_groups
-from agentrl.controller.april import choose_surplus, in_flight_limit
+from agentrl.controller.april import in_flight_limit
 from agentrl.controller.dataset import PromptDataset
 from agentrl.controller.state import ControllerState, EvalPass, GroupRecord, TaskRecord
-from agentrl.messages import SamplingParams, Task
+from agentrl.messages import BatchTaken, SamplingParams, Task
 
-__all__ = ["AbortTasks", "Action", "ControllerCore", "FinishedEpisode", "PublishTasks", "Report"]
+__all__ = ["Action", "ControllerCore", "FinishedEpisode", "PublishTasks", "Report"]
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,6 @@ class PublishTasks:
 
 
 @dataclass(frozen=True)
-class AbortTasks:
-    """Ask workers to abort these episodes; they re-queue them as partials on ``resume``."""
-
-    task_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class Report:
     """Results to publish as a metrics event (a finished eval pass); then call ``mark_reported``."""
 
@@ -58,7 +53,7 @@ class Report:
     eval_version: int
 
 
-Action = PublishTasks | AbortTasks | Report
+Action = PublishTasks | Report
 
 
 class FinishedEpisode(Protocol):
@@ -75,6 +70,8 @@ class FinishedEpisode(Protocol):
     @property
     def reward(self) -> float: ...
     @property
+    def correct(self) -> bool | None: ...
+    @property
     def status(self) -> str: ...
     @property
     def versions(self) -> np.ndarray: ...
@@ -86,14 +83,15 @@ class ControllerCore:
     """Admission, APRIL and accounting for one run. Mutates ``self.state``; persist it as a whole."""
 
     def __init__(
-        self, cfg: ControllerConfig, dataset: PromptDataset, state: ControllerState | None = None,
-        eval_dataset: PromptDataset | None = None,
+        self, cfg: ControllerConfig, training: TrainingConfig, dataset: PromptDataset,
+        state: ControllerState | None = None, eval_dataset: PromptDataset | None = None,
     ) -> None:
         self.cfg = cfg
+        self.training = training
         self.dataset = dataset
         self.eval_dataset = eval_dataset
         self.state = state or ControllerState()
-        self.max_in_flight = in_flight_limit(cfg.batch_size, cfg.april_alpha)
+        self.max_in_flight = in_flight_limit(training.batch_size, cfg.april_alpha)
         self.sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
         self.eval_sampling = SamplingParams(temperature=cfg.eval.temperature, max_new_tokens=cfg.max_new_tokens)
 
@@ -108,20 +106,22 @@ class ControllerCore:
 
     @property
     def done(self) -> bool:
-        """Every issued task finished, and no more will be issued: prompts exhausted or ``max_steps`` batches accepted."""
+        """No more will be issued (prompts exhausted or ``max_steps`` batches accepted) and every issued task
+        finished; with ``max_steps``, also the learner has accounted for every one of them (trained or dropped),
+        so the books are final. (When the prompts run out first, what is left may never fill a batch.)"""
         st = self.state
-        return (st.exhausted or self._enough()) and not st.running and not self._final_eval_due()
+        settled = not st.pending_versions or (st.exhausted and not self._enough())
+        return (st.exhausted or self._enough()) and not st.running and settled and not self._final_eval_due()
 
     def _enough(self) -> bool:
-        cfg = self.cfg
-        return cfg.max_steps is not None and self.state.counters.accepted >= cfg.max_steps * cfg.batch_size
+        t = self.training
+        return t.max_steps is not None and self.state.counters.accepted >= t.max_steps * t.batch_size
 
     def _final_eval_due(self) -> bool:
         """``eval.at_end``: the final policy (version ``max_steps``, published after the last step) is still
         to be evaluated. Not awaited when the prompts ran out first: then that version never comes."""
-        cfg = self.cfg
-        return (self.eval_dataset is not None and cfg.eval.at_end and self._enough()
-                and self.state.eval_done_through < (cfg.max_steps or 0))
+        return (self.eval_dataset is not None and self.cfg.eval.at_end and self._enough()
+                and self.state.eval_done_through < (self.training.max_steps or 0))
 
     def task_for(self, rec: TaskRecord) -> Task:
         """Rebuild the exact task of a record (same id, prompt, group) from the dataset."""
@@ -166,7 +166,10 @@ class ControllerCore:
         return self._maybe_eval() + self.admit()
 
     def on_trajectory(self, traj: FinishedEpisode) -> list[Action]:
-        """An episode finished (any status). Duplicates and unknown tasks are counted and ignored."""
+        """An episode finished. An aborted attempt is not an ending (its resume follows); duplicates and
+        unknown tasks are counted and ignored."""
+        if traj.status == "aborted":
+            return []
         rec = self.state.running.pop(traj.task_id, None)
         if rec is None:
             self.state.counters.duplicates += 1
@@ -179,7 +182,7 @@ class ControllerCore:
         c.resumed += traj.attempt > 0
         c.failed += traj.status == "failed"
         self._remember_versions(traj)
-        self._group_finished(rec, traj.reward)
+        self._group_finished(rec)
         if traj.task_id in self.state.early_verdicts:
             verdict = self.state.early_verdicts.pop(traj.task_id)
             if verdict is None:
@@ -188,15 +191,12 @@ class ControllerCore:
                 self._account_trained(traj.task_id, verdict)
         return self.admit()
 
-    def on_batch_taken(
-        self, step: int, version: int, task_ids: Iterable[str], dropped_task_ids: Iterable[str] = ()
-    ) -> list[Action]:
-        """The learner took ``task_ids`` (trained at ``version``) and dropped ``dropped_task_ids``."""
-        taken = list(task_ids)
-        for tid in taken:
-            self._account_trained(tid, version)
-        self._forget_dropped(dropped_task_ids)
-        return self._abort_surplus(taken) + self.admit()
+    def on_batch_taken(self, msg: BatchTaken) -> list[Action]:
+        """The learner took ``msg.task_ids`` (trained at ``msg.version``) and dropped ``msg.dropped_task_ids``."""
+        for tid in msg.task_ids:
+            self._account_trained(tid, msg.version)
+        self._forget_dropped(msg.dropped_task_ids)
+        return self.admit()
 
     def on_dropped(self, task_ids: Iterable[str]) -> list[Action]:
         """The learner will never train these finished tasks (e.g. past the staleness bound): admit replacements."""
@@ -216,17 +216,17 @@ class ControllerCore:
 
     def admit(self) -> list[Action]:
         """Admit as many whole groups as the staleness bound (and APRIL cap) allow."""
-        cfg, st = self.cfg, self.state
+        t, st = self.training, self.state
         if st.exhausted:
             return []
         running = self.running_training()
         k = admissible_groups(
-            st.counters.accepted, running, st.version, cfg.max_staleness, cfg.batch_size, cfg.group_size,
+            st.counters.accepted, running, st.version, t.max_staleness, t.batch_size, t.group_size,
             self.max_in_flight,
         )
-        if cfg.max_steps is not None:
-            room = cfg.max_steps * cfg.batch_size - st.counters.accepted - running
-            k = min(k, max(room, 0) // cfg.group_size)
+        if t.max_steps is not None:
+            room = t.max_steps * t.batch_size - st.counters.accepted - running
+            k = min(k, max(room, 0) // t.group_size)
         tasks: list[Task] = []
         for _ in range(k):
             group = self._next_group()
@@ -236,7 +236,7 @@ class ControllerCore:
         return [PublishTasks(tuple(tasks), "new")] if tasks else []
 
     def _next_group(self) -> list[Task] | None:
-        st, n = self.state, self.cfg.group_size
+        st, n = self.state, self.training.group_size
         step = self.dataset.advance(st.cursor, self.cfg.epochs)
         if step is None:
             st.exhausted = True
@@ -254,46 +254,20 @@ class ControllerCore:
         st.counters.admitted += n
         return tasks
 
-    # ------------------------------------------------------------ APRIL
+    # ------------------------------------------------------------ groups
 
-    def _abort_surplus(self, taken: list[str]) -> list[Action]:
-        if self.max_in_flight is None:
-            return []
-        for rec in self.state.running.values():
-            rec.abort_requested = False  # each task may be aborted once per step
-        ids = choose_surplus(self.state.running.values(), taken)
-        for tid in ids:
-            self.state.running[tid].abort_requested = True
-        self.state.counters.aborted += len(ids)
-        return [AbortTasks(tuple(ids))] if ids else []
-
-    # ------------------------------------------------------------ groups / dynamic sampling
-
-    def _group_finished(self, rec: TaskRecord, reward: float) -> None:
+    def _group_finished(self, rec: TaskRecord) -> None:
+        """Once a whole group finished, its members start the presume-dropped clock."""
         group = self.state.groups.get(rec.group_id)
         if group is None:
             return
-        group.rewards.append(float(reward))
         group.task_ids.append(rec.task_id)
-        if len(group.rewards) < group.size:
+        if len(group.task_ids) < group.size:
             return
         del self.state.groups[rec.group_id]
-        if self.cfg.dynamic_sampling and group.size > 1 and float(np.var(group.rewards)) == 0.0:
-            self._filter_group(group)
-            return
         for tid in group.task_ids:
             if tid in self.state.pending_versions:
                 self.state.complete_since[tid] = self.state.version
-
-    def _filter_group(self, group: GroupRecord) -> None:
-        """A zero-variance group teaches nothing: stop counting it so a replacement is admitted."""
-        c = self.state.counters
-        for tid in group.task_ids:
-            if tid in self.state.early_verdicts:  # the learner already decided about it; not filtered
-                continue
-            self.state.pending_versions.pop(tid, None)
-            c.filtered += 1
-            c.accepted -= 1
 
     # ------------------------------------------------------------ staleness accounting
 
@@ -310,28 +284,30 @@ class ControllerCore:
                 self.state.early_verdicts[tid] = train_version
             return
         self.state.complete_since.pop(tid, None)
-        c = self.state.counters
+        c, t = self.state.counters, self.training
         c.trained += 1
         for token_version, n in hist.items():
             age = train_version - token_version
-            if age > self.cfg.max_staleness:
-                # past the bound: the learner masked these out of the loss (mask), or, under `drop`, it
-                # should never have taken this trajectory at all -- counted apart, never as trained
-                c.stale_tokens += n
-                c.stale_violations += n if self.cfg.stale_policy == "drop" else 0
-                continue
+            # the true age of every sampled token of a taken trajectory, never capped at the bound
             self.state.staleness_hist[age] = self.state.staleness_hist.get(age, 0) + n
+            if age > t.max_staleness or age < 0:
+                # past the bound: masked out of the loss (mask); under `drop`, or from a future version, the
+                # learner should never have taken this trajectory at all
+                c.stale_tokens += n
+                c.stale_violations += n if (t.stale_policy == "drop" or age < 0) else 0
+                continue
             c.trained_tokens += n
             c.off_policy_tokens += n if age > 0 else 0
 
     def _presume_dropped(self) -> None:
-        """Safety valve for a learner that drops without saying so: a complete group still untrained
-        ``eta + presume_dropped_after`` versions after it completed can only have been dropped (every
-        token is past the bound), so it stops holding admission capacity."""
+        """Safety valve for a learner that drops without saying so (drops travel durably, so only a custom
+        learner would): under ``drop``, a complete group still untrained ``eta + presume_dropped_after``
+        versions after it completed can only have been dropped (every token is past the bound), so it stops
+        holding admission capacity."""
         slack = self.cfg.presume_dropped_after
-        if slack is None:
+        if slack is None or self.training.stale_policy != "drop":  # under mask a late group is still trained
             return
-        horizon = self.state.version - self.cfg.max_staleness - slack
+        horizon = self.state.version - self.training.max_staleness - slack
         old = [tid for tid, since in self.state.complete_since.items() if since < horizon]
         for tid in old:
             del self.state.complete_since[tid]
@@ -355,7 +331,7 @@ class ControllerCore:
         """The policy version the next eval pass is due at: the next of ``eval.versions`` if given, else
         the next multiple of ``eval.interval`` (0 first when ``at_start``), and ``max_steps`` last when
         ``at_end``; ``None`` when none is left."""
-        ev, done, last = self.cfg.eval, self.state.eval_done_through, self.cfg.max_steps
+        ev, done, last = self.cfg.eval, self.state.eval_done_through, self.training.max_steps
         due: int | None
         if ev.versions:
             due = min((v for v in ev.versions if v > done), default=None)
@@ -394,15 +370,23 @@ class ControllerCore:
             return []
         p.finished += 1
         p.reward_sum += float(traj.reward)
+        if traj.correct is not None:
+            p.judged += 1
+            p.correct += bool(traj.correct)
         return [self._eval_report(p)] if p.finished >= p.issued else []
 
     def _eval_report(self, p: EvalPass) -> Report:
-        return Report({
+        """Mean reward, and accuracy = episodes the verifier judged correct / episodes issued (an episode
+        without a verdict, e.g. failed, counts as not correct); no accuracy when nothing was judged."""
+        data = {
             "controller/eval/version": float(p.version),
             "controller/eval/reward_mean": p.reward_sum / max(p.issued, 1),
-            "controller/eval/accuracy": p.reward_sum / max(p.issued, 1),  # for 0/1 rewards
             "controller/eval/episodes": float(p.issued),
-        }, eval_version=p.version)
+            "controller/eval/judged": float(p.judged),
+        }
+        if p.judged:
+            data["controller/eval/accuracy"] = p.correct / max(p.issued, 1)
+        return Report(data, eval_version=p.version)
 
     def mark_reported(self, eval_version: int) -> None:
         """An eval pass's report was published: forget the pass."""

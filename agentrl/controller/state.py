@@ -32,14 +32,12 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     admitted_version: int
     is_eval: bool = False
     published: bool = False
-    abort_requested: bool = False
 
 
 class GroupRecord(msgspec.Struct, kw_only=True):
-    """Rewards of a training group's finished members, until the group is complete."""
+    """A training group's finished members, until the group is complete."""
 
     size: int
-    rewards: list[float] = []
     task_ids: list[str] = []
 
 
@@ -50,15 +48,15 @@ class EvalPass(msgspec.Struct, kw_only=True):
     issued: int = 0
     finished: int = 0
     reward_sum: float = 0.0
+    judged: int = 0  # episodes that carry the verifier's verdict (Trajectory.correct is not None)
+    correct: int = 0
 
 
 class Counters(msgspec.Struct, kw_only=True):
     admitted: int = 0  # training tasks published (first attempts)
     finished: int = 0  # training trajectories seen on the stream
-    accepted: int = 0  # finished, minus filtered groups and learner drops: the admission rule's `accepted`
-    filtered: int = 0  # trajectories in zero-variance groups (dynamic sampling)
+    accepted: int = 0  # finished, minus learner drops (filters, staleness, failures): the admission rule's `accepted`
     failed: int = 0
-    aborted: int = 0  # abort requests sent (APRIL surplus)
     resumed: int = 0  # finished trajectories that had been aborted and resumed (attempt > 0)
     trained: int = 0  # reported taken by the learner (batch_taken)
     dropped: int = 0  # reported dropped by the learner (e.g. past the staleness bound)
@@ -69,8 +67,8 @@ class Counters(msgspec.Struct, kw_only=True):
     groups_issued: int = 0
     trained_tokens: int = 0
     off_policy_tokens: int = 0  # trained tokens sampled by an older policy than the one trained
-    stale_tokens: int = 0  # sampled tokens older than eta when their trajectory was taken (masked, not trained)
-    stale_violations: int = 0  # ... of which in trajectories a `drop` learner took anyway (should stay 0)
+    stale_tokens: int = 0  # sampled tokens past the bound (or from the future) when their trajectory was taken
+    stale_violations: int = 0  # ... of which the learner should not have taken (`drop`, or future): stays 0
 
 
 class ControllerState(msgspec.Struct, kw_only=True):

@@ -14,7 +14,7 @@ import msgspec
 
 from agentrl.messages import ChatMessage, Task
 
-__all__ = ["Action", "Environment", "Observation", "RewardFn", "StepResult", "ToolCall"]
+__all__ = ["Action", "Environment", "Observation", "RewardFn", "Snapshottable", "StepResult", "ToolCall", "replay_safe"]
 
 
 class ToolCall(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -73,6 +73,27 @@ class Environment(Protocol):
     async def step(self, action: Action) -> StepResult: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Snapshottable(Protocol):
+    """Optional: an environment whose state can be saved and put back (msgpack-able dicts).
+
+    When an episode is aborted (APRIL, a worker stopping) and resumed later — maybe on another worker — the
+    runtime saves ``snapshot()`` with the partial rollout and calls ``restore(state)`` on a fresh instance, so
+    the episode continues against the environment exactly as it was. ``restore`` replaces ``reset``.
+    """
+
+    async def snapshot(self) -> dict[str, Any]: ...
+
+    async def restore(self, state: dict[str, Any]) -> None: ...
+
+
+def replay_safe(env: object) -> bool:
+    """Whether ``env`` declares (class attribute ``replay_safe = True``) that resetting it with the same task
+    and replaying the same actions reproduces its state exactly (deterministic, no outside effects). Only
+    such environments are resumed by replay when they cannot be snapshotted or kept."""
+    return bool(getattr(env, "replay_safe", False))
 
 
 RewardFn = Callable[[Task, str], Awaitable[float]]

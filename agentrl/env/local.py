@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from agentrl.env.base import Environment
-from agentrl.errors import ConfigError
+from agentrl.errors import ConfigError, EnvCrashed
 
 __all__ = ["ChainedEnvs", "EnvFactory", "EnvProvider", "LocalEnvs"]
 
@@ -52,7 +52,18 @@ class ChainedEnvs:
         return any(p.has(name) for p in self._providers)
 
     def open(self, name: str, session_id: str) -> Environment:
+        return self._provider(name).open(name, session_id)
+
+    def attach(self, name: str, session: str, server: str) -> Environment:
+        """Re-attach to an env-worker session (see :class:`~agentrl.env.remote.RemoteEnvs`)."""
+        provider = self._provider(name)
+        if not hasattr(provider, "attach"):
+            raise EnvCrashed(f"environment {name!r}: runs in-process here; no env-worker session to attach to")
+        env: Environment = provider.attach(name, session, server)
+        return env
+
+    def _provider(self, name: str) -> EnvProvider:
         for p in self._providers:
             if p.has(name):
-                return p.open(name, session_id)
+                return p
         raise ConfigError(f"environment {name!r}: no in-process factory and no env worker configured for it")

@@ -96,3 +96,9 @@ class RemoteEnvs:
 
     def open(self, name: str, session_id: str) -> Environment:
         return RemoteEnv(self._nc, self._subjects.env(name), name, session_id, call_timeout_s=self.call_timeout_s)
+
+    def attach(self, name: str, session: str, server: str) -> Environment:
+        """The session an env worker kept open for an aborted episode (its state as the episode left it)."""
+        env = RemoteEnv(self._nc, self._subjects.env(name), name, session, call_timeout_s=self.call_timeout_s)
+        env.server = server
+        return env

@@ -8,10 +8,15 @@ Protocol (see DESIGN.md and the cross-actor protocol):
 * a finished episode's Trajectory is published on ``traj`` with ``msg_id`` = its id,
   then the task is acked — only after JetStream stored the trajectory; a failed
   publish naks the task so it is redelivered;
-* ``Event(type="abort", data={"task_ids": [...]} | {"all": true})`` aborts matching
-  episodes: the engine request is aborted, the episode ends with what it had, and a
-  resume Task (same id, attempt + 1, partial rollout) is published on ``tasks.resume``
-  before the original is acked. Shutdown does the same for every episode in flight;
+* an :class:`~agentrl.messages.AbortRequest` (or an engine that aborts its requests, e.g. to load
+  weights) ends the current attempt where the engine stopped: the aborted attempt is published
+  (``status="aborted"``: visible to inspection, never trained) and the episode resumes at once,
+  token for token, on this worker and on the very same environment. A stopping worker instead
+  publishes a resume Task (attempt + 1, partial rollout, the environment carried along —
+  :mod:`agentrl.env.episode` — or, if it cannot be, no partial) on ``tasks.resume`` before acking;
+* an infrastructure failure (no engine, env worker gone, timeouts) is not an outcome: the task is
+  handed back with backoff (``nak``) up to ``worker.infra_retries`` times, then published as
+  ``failed`` (never trained: the learner drops it and the controller admits a replacement);
 * long episodes keep their task leased with ``in_progress`` heartbeats.
 """
 
@@ -24,16 +29,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from agentrl.agent.chat import ChatRenderer
 from agentrl.agent.context import EpisodeContext
 from agentrl.agent.runner import AgentFn, EpisodeOutcome, run_episode
 from agentrl.bus import TASK_PRIORITIES, Bus, Consumer, Delivery, TaskPriority
 from agentrl.config.worker import WorkerConfig
 from agentrl.env.base import RewardFn
+from agentrl.env.episode import EpisodeEnv, carry
 from agentrl.env.local import EnvProvider
 from agentrl.errors import AgentRLError, DecodeError
 from agentrl.generation import Generator
-from agentrl.messages import Event, Task, decode
+from agentrl.messages import AbortRequest, EnvResume, Task, Trajectory, decode
 
 __all__ = ["AgentWorker", "WorkerStats"]
 
@@ -43,10 +51,34 @@ log = logging.getLogger(__name__)
 @dataclass
 class WorkerStats:
     started: int = 0
-    published: int = 0  # trajectories stored (any status but aborted)
-    requeued: int = 0  # aborted episodes re-queued as resume tasks
+    published: int = 0  # trajectories stored (any status, aborted attempts included)
+    resumed_here: int = 0  # aborted episodes resumed on this worker, on their own environment
+    requeued: int = 0  # aborted episodes handed to the resume queue (the worker was stopping)
     failed: int = 0  # trajectories with status failed
+    retried: int = 0  # tasks handed back after an infrastructure failure
     nacked: int = 0  # tasks handed back because their result could not be published
+
+
+class _Retry(Exception):
+    """An infrastructure failure the task should be retried after."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _carry_quietly(env: EpisodeEnv) -> EnvResume | None:
+    try:
+        return await carry(env)
+    except Exception as exc:  # a snapshot that fails only costs a restart from scratch
+        log.warning("could not carry an environment to another worker (%r); its episode restarts", exc)
+        return None
+
+
+async def _close_quietly(env: EpisodeEnv) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(10.0):
+            await env.close()
 
 
 @dataclass
@@ -159,15 +191,33 @@ class AgentWorker:
     # ------------------------------------------------------------ one episode
 
     async def _episode(self, delivery: Delivery[Task]) -> None:
+        """Run a task to its end: an aborted attempt is published and resumed right here on the same
+        environment; an infrastructure failure hands the task back for a retry (bounded)."""
         task = delivery.msg
         running = self._running[task.id] = _Running()
         heartbeat = asyncio.create_task(self._heartbeat(delivery))
         self.stats.started += 1
+        env: EpisodeEnv | None = None
         try:
-            running.agent_task = asyncio.create_task(self._run_agent(task, running))
-            outcome = await running.agent_task
-            await self._publish(outcome)
+            while True:
+                running.abort_requested = False
+                running.agent_task = asyncio.create_task(self._run_agent(task, running, env))
+                outcome = await running.agent_task
+                env = outcome.env
+                if outcome.resume is None:
+                    break
+                await self._publish_trajectory(outcome.trajectory)  # the aborted attempt, for inspection
+                if self._stopping.is_set():
+                    await self._requeue(outcome)
+                    env = None
+                    break
+                task = outcome.resume
+                self.stats.resumed_here += 1
+            if outcome.resume is None:
+                await self._finish(delivery, outcome)
             await delivery.ack()
+        except _Retry as retry:
+            await self._retry(delivery, retry.reason)
         except Exception as exc:  # could not publish or ack: hand the task back for another try
             self.stats.nacked += 1
             log.warning("worker %s: task %s not completed (%s); nak", self.worker_id, task.id, exc)
@@ -176,8 +226,10 @@ class AgentWorker:
         finally:
             heartbeat.cancel()
             self._running.pop(task.id, None)
+            if env is not None:
+                await _close_quietly(env)
 
-    async def _run_agent(self, task: Task, running: _Running) -> EpisodeOutcome:
+    async def _run_agent(self, task: Task, running: _Running, env: EpisodeEnv | None) -> EpisodeOutcome:
         def keep(ctx: EpisodeContext) -> None:
             running.ctx = ctx
             if self._stopping.is_set() or running.abort_requested:  # it resumes later, maybe elsewhere
@@ -186,17 +238,38 @@ class AgentWorker:
         return await run_episode(
             self.agent, task, generator=self.generator, chat=self.chat, envs=self.envs, reward=self.reward,
             timeout=self.config.episode_timeout_s, max_context=self.config.max_context_tokens or None,
-            worker_id=self.worker_id, on_start=keep,
+            worker_id=self.worker_id, on_start=keep, env=env,
         )
 
-    async def _publish(self, outcome: EpisodeOutcome) -> None:
-        if outcome.resume is not None:
-            resume = outcome.resume
-            await self.bus.publish(self.bus.subjects.task("resume"), resume,
-                                   msg_id=f"resume-{resume.id}-{resume.attempt}")
-            self.stats.requeued += 1
-            return
-        traj = outcome.trajectory
+    async def _finish(self, delivery: Delivery[Task], outcome: EpisodeOutcome) -> None:
+        """Publish the finished trajectory; an infrastructure failure is retried first (never trained)."""
+        if outcome.infra is not None and delivery.num_delivered <= self.config.infra_retries:
+            raise _Retry(outcome.infra)
+        await self._publish_trajectory(outcome.trajectory)
+
+    async def _retry(self, delivery: Delivery[Task], reason: str) -> None:
+        """Hand the task back with backoff: JetStream redelivers it (to any worker) after the delay."""
+        self.stats.retried += 1
+        delay = min(self.config.infra_backoff_s * 2 ** (delivery.num_delivered - 1), 30.0)
+        log.warning("worker %s: task %s hit an infrastructure failure (%s); retry in %.1fs",
+                    self.worker_id, delivery.msg.id, reason.splitlines()[-1][:200], delay)
+        with contextlib.suppress(Exception):
+            await delivery.nak(delay=delay)
+
+    async def _requeue(self, outcome: EpisodeOutcome) -> None:
+        """Hand an aborted episode to any worker: its environment carried along, or else restarted from scratch."""
+        resume = outcome.resume
+        assert resume is not None
+        if outcome.env is not None and resume.partial is not None:
+            carried = await _carry_quietly(outcome.env)
+            resume = msgspec.structs.replace(
+                resume, partial=None if carried is None else msgspec.structs.replace(resume.partial, env=carried))
+            if carried is None or carried.mode != "session":
+                await _close_quietly(outcome.env)
+        await self.bus.publish(self.bus.subjects.task("resume"), resume, msg_id=f"resume-{resume.id}-{resume.attempt}")
+        self.stats.requeued += 1
+
+    async def _publish_trajectory(self, traj: Trajectory) -> None:
         await self.bus.publish(self.bus.subjects.traj, traj, msg_id=traj.id)
         self.stats.published += 1
         if traj.status == "failed":
@@ -213,14 +286,11 @@ class AgentWorker:
 
     async def _on_abort(self, msg: Any) -> None:
         try:
-            event: Event = decode(msg.data, Event)
+            request: AbortRequest = decode(msg.data, AbortRequest)
         except DecodeError as exc:
-            log.warning("worker %s: ignoring undecodable abort event: %s", self.worker_id, exc)
+            log.warning("worker %s: ignoring undecodable abort request: %s", self.worker_id, exc)
             return
-        if event.data.get("all"):
-            ids = list(self._running)
-        else:
-            ids = [i for i in event.data.get("task_ids", []) if i in self._running]
+        ids = list(self._running) if request.all else [i for i in request.task_ids if i in self._running]
         for task_id in ids:
             task = asyncio.create_task(self.abort(task_id))
             self._aborts.add(task)

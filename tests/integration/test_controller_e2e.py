@@ -1,8 +1,10 @@
 """End to end with every real piece: engine process (tiny model), agent worker, controller, learner process.
 
-APRIL aborts surplus episodes mid-generation once the learner takes a batch; each comes back as one
-trajectory whose response tokens and per-token versions are exactly the concatenation of the segments
-the engine produced before and after the abort. New weights reach the engine through the controller.
+APRIL: the controller asks the engine to abort its in-flight requests whenever it loads new weights
+(``abort_on_update``, SGLang's ``abort_all_requests``); each aborted episode resumes at once on its worker and
+comes back as one trajectory whose response tokens, logprobs and per-token versions are exactly the
+concatenation of the segments the engine produced before and after the abort. New weights reach the engine
+through the controller.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import yaml
 from agentrl.bus import Bus
 from agentrl.client import EngineClient, Router
 from agentrl.config.controller import ControllerConfig, DatasetConfig
+from agentrl.config.training import TrainingConfig
 from agentrl.config.worker import WorkerConfig
 from agentrl.controller.controller import Controller, build_core
 from agentrl.controller.engine_load import EngineLoad
@@ -90,24 +93,22 @@ async def test_abort_and_resume_end_to_end(bus: Bus, nats_url: str, run_name: st
 
     steps, batch, eta = 3, 4, 1
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"name": run_name, "dir": str(tmp_path / "run"), "learner": {
-        "model": str(tiny_model_dir), "device": "cpu", "torch_threads": 1, "max_steps": steps,
-        "batch": {"trajectories_per_step": batch, "max_staleness": eta, "stale_policy": "mask"},
-    }}))
+    training = {"batch_size": batch, "group_size": 2, "max_staleness": eta, "stale_policy": "mask", "max_steps": steps}
+    config.write_text(yaml.safe_dump({"name": run_name, "dir": str(tmp_path / "run"), "training": training,
+                                      "learner": {"model": str(tiny_model_dir), "device": "cpu", "torch_threads": 1}}))
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": [5 + i, 17, 23, 42]}) + "\n" for i in range(32)))
-    cfg = ControllerConfig(dataset=DatasetConfig(path=str(data)), group_size=2, batch_size=batch,
-                           max_staleness=eta, april_alpha=1.0, max_new_tokens=160, epochs=None,
-                           metrics_interval_s=1.0)
+    cfg = ControllerConfig(dataset=DatasetConfig(path=str(data)), april_alpha=1.0, max_new_tokens=160, epochs=None,
+                           metrics_interval_s=1.0, abort_on_update=True)
     learner_log = tmp_path / "learner.log"
     with start_engine(tiny_model_dir, "--max-running", "8") as url:
         router = Router([EngineClient(url)])
         gen = Recording(router)
         worker = AgentWorker(bus, agent=run_episode, generator=gen, chat=ChatRenderer(AutoTokenizer.from_pretrained(tiny_model_dir)),
                              reward=coin, config=WorkerConfig(concurrency=16, poll_timeout_s=0.1, uvloop=False))
-        core = await build_core(bus, cfg)
+        core = await build_core(bus, cfg, TrainingConfig(**training))  # type: ignore[arg-type]
         clients = [EngineClient(url)]
-        weights = WeightsSync(clients)
+        weights = WeightsSync(clients, abort_in_flight=True)
         controller = Controller(bus, core, weights=weights, engine_load=EngineLoad(clients), version_poll_s=0.5)
         metrics: list[dict[str, Any]] = []
 
@@ -143,9 +144,12 @@ async def test_abort_and_resume_end_to_end(bus: Bus, nats_url: str, run_name: st
     idle = [m["controller/engine_idle_frac"] for m in metrics if "controller/engine_idle_frac" in m]
     assert idle and all(0.0 <= f <= 1.0 for f in idle)
     c = core.state.counters
-    assert c.trained == steps * batch and c.aborted > 0
-    assert max(core.state.staleness_hist) <= eta
-    resumed = [t for t in await read_all(bus) if t.attempt > 0 and t.status != "aborted"]
+    assert c.trained == steps * batch and c.resumed > 0 and worker.stats.resumed_here > 0
+    trained_ages = [age for age, n in core.state.staleness_hist.items() if n and age <= eta]
+    assert trained_ages and c.stale_violations == 0
+    everything = await read_all(bus)
+    assert any(t.status == "aborted" for t in everything)  # every aborted attempt is visible on the stream
+    resumed = [t for t in everything if t.attempt > 0 and t.status != "aborted"]
     mid_generation = [t for t in resumed if len(gen.outputs[t.task_id][0].output_ids) > 0]
     assert mid_generation, "no episode was aborted mid-generation and resumed"  # (some are aborted while queued)
     for traj in resumed:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from agentrl.bus import Bus
+from agentrl.messages import decode
 
 pytestmark = pytest.mark.slow
 
@@ -32,19 +33,20 @@ async def test_killed_controller_resumes_without_reissuing_or_losing(
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": [11 + i, 12, 13, 14], "id": i}) + "\n" for i in range(prompts)))
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"name": run_name, "dir": str(tmp_path / "run"), "controller": {
-        "dataset": {"path": str(data)}, "group_size": n, "batch_size": batch, "max_staleness": eta,
-        "epochs": 1, "metrics_interval_s": 0.5,
-    }}))
+    config.write_text(yaml.safe_dump({
+        "name": run_name, "dir": str(tmp_path / "run"),
+        "training": {"group_size": n, "batch_size": batch, "max_staleness": eta},
+        "controller": {"dataset": {"path": str(data)}, "epochs": 1, "metrics_interval_s": 0.5},
+    }))
     log = tmp_path / "controller.log"
     steps = prompts * n // batch
     delivered: list[tuple[str, int, int]] = []
     async with start_rollout(bus, batch=batch, eta=eta, steps=steps, slots=4, median=25.0, train_s=0.1) as r:
         original = r.worker._run_agent
 
-        async def recording(task: Any, running: Any) -> Any:
+        async def recording(task: Any, running: Any, env: Any) -> Any:
             delivered.append((task.id, task.attempt, task.metadata["row"]))
-            return await original(task, running)
+            return await original(task, running, env)
 
         r.worker._run_agent = recording
         proc = controller_proc(config, nats_url, log)
@@ -73,3 +75,70 @@ async def test_killed_controller_resumes_without_reissuing_or_losing(
     assert rows == list(range(prompts))  # every prompt issued as exactly one group
     assert max(stats.staleness) <= eta
     assert "resuming from saved state" in log.read_text()
+
+
+async def tap_admissions(bus: Bus, into: dict[str, Any]) -> Any:
+    """Record every training task the controller publishes, first sighting only, in order (a core-NATS tap:
+    it sees publishes without consuming from the work queue)."""
+    from agentrl.messages import Task
+
+    async def on_task(msg: Any) -> None:
+        task = decode(msg.data, Task)
+        into.setdefault(task.id, task)
+
+    return await bus.nc.subscribe(bus.subjects.task("new"), cb=on_task)
+
+
+async def test_controller_killed_between_batch_taken_and_its_receipt_never_over_admits(
+    bus: Bus, nats_url: str, run_name: str, tmp_path: Path, start_rollout: Any
+) -> None:
+    """The learner's batch_taken (and the weights after it) are published while the controller is dead. They
+    are durable, so the restarted controller still counts them: its books match the learner's, and admission
+    never exceeds (v + eta + 1) * B at the version each task was admitted at."""
+    prompts, n, batch, eta = 20, 2, 4, 1
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [11 + i, 12, 13, 14]}) + "\n" for i in range(prompts)))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": run_name, "dir": str(tmp_path / "run"),
+        "training": {"group_size": n, "batch_size": batch, "max_staleness": eta, "max_steps": prompts * n // batch},
+        "controller": {"dataset": {"path": str(data)}, "epochs": 1, "metrics_interval_s": 0.5},
+    }))
+    log = tmp_path / "controller.log"
+    steps = prompts * n // batch
+    seen: dict[str, Any] = {}
+    await tap_admissions(bus, seen)
+    procs = [controller_proc(config, nats_url, log)]
+    async with start_rollout(bus, batch=batch, eta=eta, steps=steps, slots=4, median=25.0, train_s=0.1) as r:
+        publish = r.learner._control
+
+        async def kill_first(kind: Any, msg: Any, msg_id: str) -> None:
+            if kind == "batch_taken" and msg.step in (2, 5):  # the controller dies just before it is sent
+                procs[-1].send_signal(signal.SIGKILL)
+                procs[-1].wait(timeout=10)
+                await publish(kind, msg, msg_id)
+                await asyncio.sleep(0.5)
+                procs.append(controller_proc(config, nats_url, log))
+                return
+            await publish(kind, msg, msg_id)
+
+        r.learner._control = kill_first
+        try:
+            stats = await asyncio.wait_for(r.learner.run(), timeout=180)
+            assert await asyncio.to_thread(procs[-1].wait, 60) == 0, log.read_text()
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        from agentrl.controller.state import load_state
+
+        state = await load_state(bus)
+        admitted = list(seen.values())
+    assert len(procs) == 3 and state is not None
+    c = state.counters
+    assert c.trained == len(stats.trained) == steps * batch  # every batch_taken counted, also those sent while dead
+    assert sum(n for age, n in state.staleness_hist.items()) == c.trained_tokens + c.stale_tokens
+    assert len(admitted) == len({t.id for t in admitted}) == prompts * n
+    for k, task in enumerate(admitted, start=1):  # accepted + running (no drops here) at each admission
+        assert k <= (task.admitted_version + eta + 1) * batch, (k, task.admitted_version)

@@ -59,7 +59,9 @@ async def test_crash_and_timeout_fail_only_their_episode(bus: Bus, server: EnvSe
     crashed = await _episode(bus, tiny_tokenizer, _task("c1", env="crashing"))
     assert crashed.status == "failed" and "crashed: step raised RuntimeError: env exploded" in crashed.turns[-1].text
     slow = await _episode(bus, tiny_tokenizer, _task("s1", env="slow", sleep=5))
-    assert slow.status == "truncated" and "timeout: step exceeded 0.5s" in slow.turns[-1].text
+    assert slow.status == "failed" and "timeout: step exceeded 0.5s" in slow.turns[-1].text
+    # neither is an outcome of the policy: marked as infrastructure failures (retried, never trained)
+    assert "infra" in crashed.metadata and "infra" in slow.metadata
     ok = await _episode(bus, tiny_tokenizer, _task("ok", env="calculator"))
     assert ok.status == "completed"  # the worker kept serving
     assert server.stats["crashes"] == 1 and server.stats["timeouts"] == 1 and server.sessions == 0
@@ -114,8 +116,8 @@ async def test_envd_killed_mid_episode_fails_it_and_a_restarted_one_serves(
 
     try:
         t = await _episode(bus, tiny_tokenizer, _task("k1"), KillingGenerator(tiny_tokenizer, REPLIES), timeout=5)
-        assert t.status == "failed" and "is gone" in t.turns[-1].text
-        assert [turn.kind for turn in t.turns[:2]] == ["model", "tool"]  # it had served the first step
+        assert t.status == "failed" and "is gone" in t.turns[-1].text and "infra" in t.metadata
+        assert [turn.kind for turn in t.turns[:3]] == ["prompt", "model", "tool"]  # it had served the first step
         proc = await _start_envd(nats_url, run_name)
         t2 = await _episode(bus, tiny_tokenizer, _task("k2"), timeout=5)
         assert (t2.status, t2.reward) == ("completed", 1.0)

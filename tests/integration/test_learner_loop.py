@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from agentrl.config.learner import BatchConfig, LearnerConfig, LossConfig, OptimConfig
+from agentrl.config.training import TrainingConfig
 from agentrl.errors import VersionConflict
-from agentrl.messages import Event, Trajectory, WeightUpdate
+from agentrl.messages import BatchTaken, Event, Message, TasksDropped, Trajectory, WeightUpdate
 from tests.fixtures.learner import synth_trajectories
 from trainer.backend.torch_backend import build_torch_backend
 from trainer.checkpoint import Checkpointer
@@ -50,7 +51,22 @@ class FakeBus:
     def __init__(self) -> None:
         self.version = 0
         self.events: list[Event] = []
-        self.updates: list[WeightUpdate] = []
+        self.controls: list[tuple[str, Message, str]] = []
+
+    def control(self, kind: str) -> list:
+        return [m for k, m, _ in self.controls if k == kind]
+
+    @property
+    def updates(self) -> list[WeightUpdate]:
+        return self.control("weights")
+
+    @property
+    def taken(self) -> list[BatchTaken]:
+        return self.control("batch_taken")
+
+    @property
+    def dropped(self) -> list[TasksDropped]:
+        return self.control("dropped")
 
     async def get_version(self) -> int:
         return self.version
@@ -63,22 +79,29 @@ class FakeBus:
     async def publish_event(self, event: Event) -> None:
         self.events.append(event)
 
-    async def announce_weights(self, update: WeightUpdate) -> None:
-        self.updates.append(update)
+    async def publish_control(self, kind: str, msg: Message, msg_id: str) -> None:
+        self.controls.append((kind, msg, msg_id))
+
+
+TRAINING = TrainingConfig(batch_size=4, group_size=2, max_staleness=3, max_steps=3)
 
 
 def learner_config(model: Path, **loss: object) -> LearnerConfig:
     return LearnerConfig(
-        model=str(model), device="cpu", max_steps=3, loss=LossConfig(**loss),  # type: ignore[arg-type]
-        optim=OptimConfig(lr=1e-3), batch=BatchConfig(trajectories_per_step=4, max_tokens_per_micro_batch=40),
+        model=str(model), device="cpu", loss=LossConfig(**loss),  # type: ignore[arg-type]
+        optim=OptimConfig(lr=1e-3), batch=BatchConfig(max_tokens_per_micro_batch=40),
     )
 
 
-def make_learner(cfg: LearnerConfig, tmp: Path, source: FakeSource, bus: FakeBus) -> tuple[Learner, Checkpointer]:
+def make_learner(cfg: LearnerConfig, tmp: Path, source: FakeSource, bus: FakeBus,
+                 training: TrainingConfig = TRAINING) -> tuple[Learner, Checkpointer]:
     ckpt = Checkpointer(tmp / "ckpt")
-    learner = Learner(cfg, build_torch_backend(cfg), source, bus, DiskWeightSink(tmp / "weights", keep=2),
+    learner = Learner(cfg, training, build_torch_backend(cfg), source, bus, DiskWeightSink(tmp / "weights", keep=2),
                       ckpt, MetricsSink(tmp / "metrics.jsonl", bus))
     return learner, ckpt
+
+
+ONE_STEP = msgspec.structs.replace(TRAINING, max_steps=1)
 
 
 @pytest.mark.parametrize("checkpoint_every", [1, 2])
@@ -109,10 +132,11 @@ async def test_loop_trains_publishes_checkpoints_then_acks(
     assert len(trained) == 12 and len(set(trained)) == 12
     assert sorted(acked) == sorted(trained)
     assert saves == ([1, 2, 3] if checkpoint_every == 1 else [2, 3])  # every k steps, and at the end
-    taken = [e.data for e in bus.events if e.type == "batch_taken"]
-    assert [d["step"] for d in taken] == [0, 1, 2] and [d["version"] for d in taken] == [0, 1, 2]
-    assert sorted(t for d in taken for t in d["task_ids"]) == sorted(t.task_id for t in trajs[:12])
+    taken = bus.taken
+    assert [d.step for d in taken] == [0, 1, 2] and [d.version for d in taken] == [0, 1, 2]
+    assert sorted(t for d in taken for t in d.task_ids) == sorted(t.task_id for t in trajs[:12])
     assert [u.version for u in bus.updates] == [1, 2, 3]
+    assert [i for k, _, i in bus.controls] == ["batch-0", "weights-1", "batch-1", "weights-2", "batch-2", "weights-3"]
     newest = tmp_path / "weights" / "v3"
     assert digest_dir(newest) == (bus.updates[-1].sha256, bus.updates[-1].nbytes)
     assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["v2", "v3"]
@@ -146,9 +170,9 @@ async def test_restore_adopts_a_newer_bus_version(tiny_qwen2_dir: Path, tmp_path
 
 @pytest.mark.parametrize("fn", ["trainer.losses.sft_loss", "trainer.losses.ppo_loss"])
 async def test_loss_is_pluggable_by_dotted_path(tiny_qwen2_dir: Path, tmp_path: Path, fn: str) -> None:
-    cfg = msgspec.structs.replace(learner_config(tiny_qwen2_dir, fn=fn), max_steps=1)
+    cfg = learner_config(tiny_qwen2_dir, fn=fn)
     source = FakeSource([FakeDelivery(t, lambda _: None) for t in synth_trajectories(2, 2)])
-    learner, _ = make_learner(cfg, tmp_path, source, FakeBus())
+    learner, _ = make_learner(cfg, tmp_path, source, FakeBus(), ONE_STEP)
     state = await learner.run()
     assert state.step == 1
     key = "learner/loss/sft" if fn.endswith("sft_loss") else "learner/loss/policy"
@@ -159,15 +183,15 @@ async def test_filtered_groups_are_announced_as_dropped_and_never_trained(tiny_q
     trajs = synth_trajectories(num_groups=4, group_size=2, seed=5)
     for i, t in enumerate(trajs):
         t.reward = 1.0 if i < 2 else float(i % 2)  # group 0 has zero variance
-    cfg = msgspec.structs.replace(learner_config(tiny_qwen2_dir), max_steps=1)
-    cfg = msgspec.structs.replace(cfg, batch=msgspec.structs.replace(cfg.batch, group_filter="trainer.batching.drop_zero_variance"))
+    cfg = learner_config(tiny_qwen2_dir)
+    training = msgspec.structs.replace(ONE_STEP, group_filter="trainer.batching.drop_zero_variance")
     acked: list[str] = []
     bus = FakeBus()
-    learner, _ = make_learner(cfg, tmp_path, FakeSource([FakeDelivery(t, acked.append) for t in trajs]), bus)
+    learner, _ = make_learner(cfg, tmp_path, FakeSource([FakeDelivery(t, acked.append) for t in trajs]), bus, training)
     state = await learner.run()
     zero = sorted(t.task_id for t in trajs[:2])
-    assert [e.data["task_ids"] for e in bus.events if e.type == "dropped"] == [zero]
-    assert [e.data["dropped_task_ids"] for e in bus.events if e.type == "batch_taken"] == [zero]
+    assert [d.task_ids for d in bus.dropped] == [zero]
+    assert [d.dropped_task_ids for d in bus.taken] == [zero]
     assert sorted(state.history[0].dropped) == sorted(t.id for t in trajs[:2])
     assert sorted(state.history[0].trained) == sorted(t.id for t in trajs[2:6])
     assert sorted(acked) == sorted(t.id for t in trajs[:6])
@@ -177,10 +201,9 @@ async def test_filtered_groups_are_announced_as_dropped_and_never_trained(tiny_q
 async def test_minibatches_use_proximal_logprobs_from_before_the_first_step(
     tiny_qwen2_dir: Path, tmp_path: Path, minibatches: int
 ) -> None:
-    cfg = msgspec.structs.replace(learner_config(tiny_qwen2_dir), max_steps=1, minibatches=minibatches,
-                                  optim=OptimConfig(lr=5e-2))
+    cfg = msgspec.structs.replace(learner_config(tiny_qwen2_dir), minibatches=minibatches, optim=OptimConfig(lr=5e-2))
     source = FakeSource([FakeDelivery(t, lambda _: None) for t in synth_trajectories(2, 2, seed=7)])
-    learner, _ = make_learner(cfg, tmp_path, source, FakeBus())
+    learner, _ = make_learner(cfg, tmp_path, source, FakeBus(), ONE_STEP)
     await learner.run()
     line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     if minibatches == 1:
@@ -228,8 +251,35 @@ async def test_held_trajectories_are_kept_in_progress(tiny_qwen2_dir: Path, tmp_
                 return [Beating(first, lambda _: None)]
             return [Beating(second, lambda _: None)] if self.calls == 20 else []
 
-    cfg = msgspec.structs.replace(learner_config(tiny_qwen2_dir), max_steps=1)
-    cfg = msgspec.structs.replace(cfg, batch=msgspec.structs.replace(cfg.batch, trajectories_per_step=2, ack_wait_s=0.03))
-    learner, _ = make_learner(cfg, tmp_path, Trickle([]), FakeBus())
+    cfg = learner_config(tiny_qwen2_dir)
+    cfg = msgspec.structs.replace(cfg, batch=msgspec.structs.replace(cfg.batch, ack_wait_s=0.03))
+    training = msgspec.structs.replace(ONE_STEP, batch_size=2)
+    learner, _ = make_learner(cfg, tmp_path, Trickle([]), FakeBus(), training)
     assert (await learner.run()).step == 1
     assert first.id in beats
+
+
+async def test_tokens_past_the_bound_are_counted_then_masked_or_dropped(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    """A trajectory with tokens older than eta is counted in the staleness metrics at its true age, then masked
+    (mask) or dropped (drop) -- the histogram is not capped at the bound it reports on."""
+    for policy in ("mask", "drop"):
+        trajs = synth_trajectories(2, 2, seed=11, version=0)
+        bus = FakeBus()
+        bus.version = 3  # the learner trains at version 3: every token is 3 versions old, past eta = 1
+        fresh = synth_trajectories(2, 2, seed=12, version=3)
+        training = TrainingConfig(batch_size=4, group_size=2, max_staleness=1, stale_policy=policy, max_steps=1)  # type: ignore[arg-type]
+        out = tmp_path / policy
+        learner, _ = make_learner(learner_config(tiny_qwen2_dir), out, FakeSource(
+            [FakeDelivery(t, lambda _: None) for t in trajs + fresh]), bus, training)
+        state = await learner.run()
+        line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        old_tokens = sum(t.num_trained_tokens for t in trajs)
+        assert line["learner/staleness/hist"]["3"] == old_tokens and line["learner/staleness/max"] == 3
+        assert line["learner/staleness/over_bound_tokens"] == old_tokens
+        if policy == "mask":  # trained with those tokens out of the loss
+            assert line["learner/staleness/masked_tokens"] == old_tokens
+            assert line["learner/batch/trained_tokens"] == 0 and state.history[0].dropped == {}
+        else:  # not trained at all, and reported
+            assert line["learner/staleness/dropped_trajectories"] == 4
+            assert sorted(state.history[0].trained) == sorted(t.id for t in fresh)
+            assert sorted(d for m in bus.dropped for d in m.task_ids) == sorted(t.task_id for t in trajs)

@@ -15,6 +15,7 @@ import pytest
 
 from agentrl.bus import Bus
 from agentrl.config.learner import BatchConfig, LearnerConfig
+from agentrl.config.training import TrainingConfig
 from agentrl.messages import Trajectory, WeightUpdate, decode
 from tests.fixtures.learner import synth_trajectories
 from trainer.backend.torch_backend import build_torch_backend
@@ -32,7 +33,8 @@ STEPS = 16  # 32 trajectories in groups of 2, 2 per step
 def learner_cmd(url: str, run: str, model: Path, run_dir: Path) -> list[str]:
     sets = {
         "dir": str(run_dir), "learner.device": "cpu", "learner.torch_threads": 1, "learner.optim.lr": 1e-3,
-        "learner.batch.trajectories_per_step": 2, "learner.keep_checkpoints": 2,
+        "training.batch_size": 2, "training.group_size": 2, "learner.keep_checkpoints": 2,
+        "training.max_staleness": 100,  # every trajectory is trainable however late it arrives
         "learner.batch.ack_wait_s": 2,  # what the killed learner held comes back to the next one after 2 s
     }
     cmd = [sys.executable, "-m", "agentrl.cli", "learner", "--nats", url, "--run", run, "--model", str(model),
@@ -80,7 +82,7 @@ async def test_sigkill_restart_trains_each_trajectory_exactly_once(
         async def on_weights(msg: object) -> None:
             updates.append(decode(msg.data, WeightUpdate))  # type: ignore[attr-defined]
 
-        await bus.nc.subscribe(bus.subjects.events("weights"), cb=on_weights)
+        await bus.nc.subscribe(bus.subjects.control("weights"), cb=on_weights)
         await publish(bus, trajs[:20])
         first = await asyncio.to_thread(run_until, cmd, run_dir, 3, log)
         await publish(bus, trajs[16:])  # late arrivals, and duplicates that JetStream deduplicates
@@ -126,9 +128,12 @@ class CrashingCheckpointer(Checkpointer):
         return path
 
 
+TRAINING = TrainingConfig(batch_size=2, group_size=2, max_staleness=100, max_steps=4)
+
+
 async def run_learner(url: str, run: str, cfg: LearnerConfig, tmp: Path, ckpt: Checkpointer) -> LearnerState:
     async with await Bus.connect(url, run=run) as bus:
-        learner = Learner(cfg, build_torch_backend(cfg), await open_trajectory_consumer(bus, cfg), BusLink(bus),
+        learner = Learner(cfg, TRAINING, build_torch_backend(cfg), await open_trajectory_consumer(bus, cfg), BusLink(bus),
                           DiskWeightSink(tmp / "weights"), ckpt, MetricsSink(tmp / "metrics.jsonl", bus))
         return await learner.run()
 
@@ -138,8 +143,8 @@ async def test_crash_at_the_edges_of_the_commit_trains_each_trajectory_once(
     nats_url: str, run_name: str, tiny_qwen2_dir: Path, tmp_path: Path, when: str, every: int
 ) -> None:
     trajs = synth_trajectories(num_groups=4, group_size=2, seed=4)
-    cfg = LearnerConfig(model=str(tiny_qwen2_dir), device="cpu", max_steps=4, checkpoint_every=every,
-                        batch=BatchConfig(trajectories_per_step=2, ack_wait_s=1.0))
+    cfg = LearnerConfig(model=str(tiny_qwen2_dir), device="cpu", checkpoint_every=every,
+                        batch=BatchConfig(ack_wait_s=1.0))
     async with await Bus.connect(nats_url, run=run_name) as bus:
         await publish(bus, trajs)
     with pytest.raises(Crash):
@@ -173,4 +178,5 @@ def test_sigterm_stops_the_learner_cleanly(nats_url: str, run_name: str, tiny_qw
         proc.kill()
         proc.wait()
     assert proc.returncode == 0, log.read_text()[-3000:]
-    assert (run_dir / "final" / "config.json").exists()
+    assert (run_dir / "last" / "config.json").exists()  # stopped early: not presented as the final model
+    assert not (run_dir / "final").exists()

@@ -15,7 +15,7 @@ from agentrl.bus import Bus
 from agentrl.config.worker import WorkerConfig
 from agentrl.env import LocalEnvs
 from agentrl.generation import GenerateOutput
-from agentrl.messages import ChatMessage, Event, SamplingParams, Task, Trajectory
+from agentrl.messages import AbortRequest, ChatMessage, SamplingParams, Task, Trajectory
 from agentrl.worker import AgentWorker
 from agents import tool_agent
 from envs.calculator import CalculatorEnv
@@ -170,16 +170,18 @@ class HoldingGenerator(ScriptedGenerator):
         self.waiting[rid].set()
 
 
-async def test_abort_event_requeues_partial_and_it_resumes(bus: Bus, tiny_tokenizer: Any) -> None:
+async def test_abort_publishes_the_attempt_and_resumes_it_here_token_for_token(bus: Bus, tiny_tokenizer: Any) -> None:
     rest = tiny_tokenizer.decode(tiny_tokenizer.encode("\\boxed{84}", add_special_tokens=False)[2:])
     holder = HoldingGenerator(tiny_tokenizer, lambda i: "\\boxed{84}" if i == 0 else rest, version=1, hold_calls=1)
     await bus.publish(bus.subjects.task("new"), _task(0), msg_id="task0")
     async with running_worker(bus, holder, tiny_tokenizer) as worker:
         await asyncio.wait_for(holder.entered.wait(), 10)
         holder.version = 2  # new weights arrive while the episode is out
-        await bus.publish_event(Event(type="abort", data={"task_ids": ["task0"]}))
-        got = await _collect(bus, 1)  # re-queued on tasks.resume, picked up again (first priority), finished
-    assert (worker.stats.requeued, worker.stats.published) == (1, 1)
+        await bus.broadcast("abort", AbortRequest(task_ids=["task0"]))
+        got = await _collect(bus, 2)  # the aborted attempt, then the episode resumed on this worker
+    assert (worker.stats.resumed_here, worker.stats.requeued, worker.stats.published) == (1, 0, 2)
+    aborted = got["task0-0"]
+    assert aborted.status == "aborted" and aborted.turns[-1].kind == "abort"  # visible, never trained
     assert holder.aborted == ["task0-0-0"]
     assert await _pending(bus, "new") == 0 and await _pending(bus, "resume") == 0
     t = got["task0-1"]
@@ -200,10 +202,12 @@ async def test_shutdown_requeues_in_flight_episodes(bus: Bus, tiny_tokenizer: An
     await bus.publish_many(bus.subjects.task("new"), tasks, msg_ids=[t.id for t in tasks])
     async with running_worker(bus, holder, tiny_tokenizer) as worker:
         await _eventually(lambda: len(holder.waiting) == 3)
-    assert worker.stats.requeued == 3 and worker.stats.published == 0
+    assert worker.stats.requeued == 3 and worker.stats.published == 3  # the aborted attempts are published
     assert await _pending(bus, "new") == 0 and await _pending(bus, "resume") == 3
     resume = await bus.consumer(bus.subjects.task("resume"), durable="workers-resume", typ=Task)
     got = [d.msg for d in await resume.fetch(batch=10, timeout=10)]
     await resume.unsubscribe()
     assert sorted(t.id for t in got) == ["task0", "task1", "task2"]
     assert all(t.attempt == 1 and t.partial is not None and int(t.partial.loss_mask.sum()) == 2 for t in got)
+    # the calculator can be snapshotted: its state travels with the partial to whichever worker resumes it
+    assert all(t.partial is not None and t.partial.env is not None and t.partial.env.mode == "snapshot" for t in got)

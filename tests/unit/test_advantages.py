@@ -95,7 +95,7 @@ def test_zero_variance_group_gets_zero_advantage() -> None:
 )
 def test_advantage_contract(path: str) -> None:
     """What the learner relies on from any AdvantageFn named in config: [N] in, finite [N] out, same dtype."""
-    from agentrl.agent.plugins import load_object
+    from agentrl.plugins import load_object
 
     fn = load_object(path, what="learner.advantage")
     rewards, groups = _ragged(3)

@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 
 import agentrl.agent
-from agentrl.agent import ChatRenderer, load_object, run_episode
+from agentrl.agent import ChatRenderer, run_episode
 from agentrl.env import Action, Environment, LocalEnvs, Observation, StepResult
 from agentrl.errors import ConfigError
 from agentrl.messages import ChatMessage, SamplingParams, Task, Trajectory
+from agentrl.plugins import load_object
 from tests.fixtures.envs import ScriptedGenerator
 
 AGENTS = ["agents.single_turn:run_episode", "agents.tool_agent:run_episode"]
@@ -24,7 +25,7 @@ TASK = Task(id="c", group_id="g", prompt=[ChatMessage(role="user", content="2+2?
 def test_public_api_is_stable() -> None:
     assert sorted(agentrl.agent.__all__) == [
         "AgentFn", "ChatRenderer", "ChatTokenizer", "ContextExhausted", "EpisodeAborted", "EpisodeContext",
-        "EpisodeOutcome", "ModelTurn", "TemplateError", "TrajectoryBuilder", "current_episode", "load_object",
+        "EpisodeOutcome", "ModelTurn", "TemplateError", "TrajectoryBuilder", "current_episode",
         "parse_action", "run_episode", "tool_message",
     ]
     for path in AGENTS + ENVS + REWARDS:

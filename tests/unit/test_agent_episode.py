@@ -57,14 +57,15 @@ async def test_tool_episode_trains_on_exactly_the_generated_tokens(tiny_tokenize
     assert t.tokens[: len(gen.calls[-1])].tolist() == gen.calls[-1].tolist()
     text = tiny_tokenizer.decode(t.tokens, skip_special_tokens=False)
     assert "<tool_response>\n84\n</tool_response>" in text and text.endswith("\\boxed{84}<|im_end|>")
-    assert [turn.kind for turn in t.turns] == ["model", "tool", "model", "tool", "model"]
+    assert [turn.kind for turn in t.turns] == ["prompt", "model", "tool", "model", "tool", "model"]
+    assert (t.turns[0].start, t.turns[0].end) == (0, t.prompt_len)
 
 
 async def test_wrong_answer_scores_zero_and_malformed_call_is_an_observation(tiny_tokenizer: Any) -> None:
     gen = ScriptedGenerator(tiny_tokenizer, ["<tool_call>{not json</tool_call>", "\\boxed{83}"])
     out = await _run(tool_agent.run_episode, _task(), gen, tiny_tokenizer)
     assert (out.trajectory.status, out.trajectory.reward) == ("completed", 0.0)
-    tool_turn = out.trajectory.turns[1]
+    tool_turn = out.trajectory.turns[2]
     assert tool_turn.kind == "tool" and "error: tool call 0: invalid JSON" in tool_turn.text
 
 
@@ -114,7 +115,7 @@ async def test_rejected_episode_and_context_var(tiny_tokenizer: Any) -> None:
         current_episode()
 
 
-async def test_episode_timeout_truncates(tiny_tokenizer: Any) -> None:
+async def test_episode_timeout_is_an_infrastructure_failure(tiny_tokenizer: Any) -> None:
     class Slow(ScriptedGenerator):
         async def generate(self, *a: Any, **kw: Any) -> GenerateOutput:
             await asyncio.sleep(10)
@@ -122,7 +123,8 @@ async def test_episode_timeout_truncates(tiny_tokenizer: Any) -> None:
 
     out = await _run(single_turn.run_episode, _task(env=""), Slow(tiny_tokenizer, []), tiny_tokenizer,
                      reward=math_reward, timeout=0.05)
-    assert out.trajectory.status == "truncated" and "episode timeout" in out.trajectory.turns[-1].text
+    assert out.trajectory.status == "failed" and "episode timeout" in out.trajectory.turns[-1].text
+    assert out.infra is not None and "episode timeout" in out.trajectory.metadata["infra"]
 
 
 class AbortingGenerator(ScriptedGenerator):
@@ -155,7 +157,7 @@ async def test_abort_mid_generation_resumes_token_for_token(tiny_tokenizer: Any)
     # The resumed run continues the cut model turn: the engine gets the partial tokens as they were.
     rest = tiny_tokenizer.encode(final, add_special_tokens=False)[3:]
     second = ScriptedGenerator(tiny_tokenizer, [tiny_tokenizer.decode(rest)], version=2)
-    out2 = await _run(tool_agent.run_episode, resume, second, tiny_tokenizer)
+    out2 = await _run(tool_agent.run_episode, resume, second, tiny_tokenizer, env=out.env)  # resumed on its env
     t = out2.trajectory
     assert (t.status, t.reward, t.id) == ("completed", 1.0, "t1-1")
     assert second.calls[0].tolist() == partial.tokens.tolist()
@@ -165,7 +167,9 @@ async def test_abort_mid_generation_resumes_token_for_token(tiny_tokenizer: Any)
     last = t.turns[-1]
     assert last.kind == "model" and last.text == final
     assert set(t.versions[last.start : last.end].tolist()) == {1, 2}  # one turn spanning two versions
-    assert second.calls[0].size and len(t.turns) == 3
+    marker = t.turns[-2]  # where the abort fell, inside the resumed turn
+    assert (marker.kind, marker.start, marker.end) == ("abort", n, n) and last.start < n < last.end
+    assert second.calls[0].size and [x.kind for x in t.turns] == ["prompt", "model", "tool", "abort", "model"]
 
 
 async def test_abort_requested_between_calls_stops_at_next_generate(tiny_tokenizer: Any) -> None:
@@ -212,7 +216,7 @@ async def test_cancel_after_abort_rolls_back_to_last_safe_point(tiny_tokenizer: 
 async def test_observation_crossing_the_budget_ends_truncated_before_generating(tiny_tokenizer: Any) -> None:
     gen = ScriptedGenerator(tiny_tokenizer, lambda i: CALL.format("1+1"))
     first = await _run(tool_agent.make_tool_agent(max_turns=50), _task(), gen, tiny_tokenizer, max_context=10_000)
-    prompt_and_one_turn = first.trajectory.turns[1].end  # prompt + first model turn + its tool result
+    prompt_and_one_turn = first.trajectory.turns[2].end  # prompt + first model turn + its tool result
     gen2 = ScriptedGenerator(tiny_tokenizer, lambda i: CALL.format("1+1"))
     out = await _run(tool_agent.make_tool_agent(max_turns=50), _task(), gen2, tiny_tokenizer,
                      max_context=prompt_and_one_turn - 1)

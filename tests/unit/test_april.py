@@ -1,4 +1,4 @@
-"""APRIL bookkeeping: in-flight cap, surplus choice, queue priority."""
+"""APRIL bookkeeping: in-flight cap, queue priority."""
 
 from __future__ import annotations
 
@@ -6,15 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from agentrl.controller.april import choose_surplus, in_flight_limit, queue_for
-
-
-@dataclass
-class Running:
-    task_id: str
-    is_eval: bool = False
-    abort_requested: bool = False
-    published: bool = True
+from agentrl.controller.april import in_flight_limit, queue_for
 
 
 @dataclass
@@ -31,14 +23,6 @@ def test_in_flight_limit() -> None:
     assert in_flight_limit(10, 0.2) == 12  # float noise in 10 * 1.2 does not round up to 13
     with pytest.raises(ValueError, match="alpha"):
         in_flight_limit(8, -0.1)
-
-
-def test_surplus_is_running_training_tasks_not_taken() -> None:
-    running = [
-        Running("a"), Running("b", is_eval=True), Running("c", abort_requested=True),
-        Running("d", published=False), Running("e"), Running("f"),
-    ]
-    assert choose_surplus(running, taken=["f"]) == ["a", "e"]
 
 
 def test_queue_priority() -> None:

@@ -3,15 +3,16 @@
 A tick-based discrete-event simulation: agent workers pull tasks by priority (resume > eval > new),
 episodes generate tokens at random speeds with long-tailed lengths under the engine's current policy
 version, workers crash (their task is redelivered), trajectories reach the controller late or twice,
-the controller itself restarts from its persisted state mid-publish, APRIL aborts re-queue partials
-that resume token for token, and a learner takes complete groups, enforces the staleness bound with
-the configured policy (:func:`agentrl.controller.staleness.enforce_staleness`), trains, and bumps the
-version; the controller advances only once the engines loaded the new weights.
+the controller itself restarts from its persisted state mid-publish, stopping workers hand partials to
+the resume queue that resume token for token, and a learner takes complete groups, filters zero-variance
+groups (dynamic sampling: the learner alone, reporting drops), enforces the staleness bound with the
+production function (:func:`agentrl.staleness.bound_staleness`, the one the real learner calls), trains, and
+bumps the version; the controller advances only once the engines loaded the new weights.
 
 Shown for every run: no trained token is more than eta versions stale, the admission bound and the
-APRIL in-flight cap hold at every instant, every admitted task ends exactly once as trained, filtered,
-dropped or (final partial batch) left over — none lost or duplicated — and the synchronous setting
-(eta = 0) trains only on-policy tokens.
+APRIL in-flight cap hold at every instant, every admitted task ends exactly once as trained, dropped or
+(final partial batch) left over — none lost or duplicated — and the synchronous setting (eta = 0) trains
+only on-policy tokens.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentrl.config.controller import ControllerConfig, DatasetConfig, EvalConfig
+from agentrl.config.training import TrainingConfig
 from agentrl.controller.admission import capacity
 from agentrl.controller.april import queue_for
-from agentrl.controller.core import AbortTasks, Action, ControllerCore, PublishTasks, Report
+from agentrl.controller.core import Action, ControllerCore, PublishTasks, Report
 from agentrl.controller.dataset import PromptDataset
-from agentrl.controller.staleness import enforce_staleness
 from agentrl.controller.state import ControllerState
-from agentrl.messages import NOT_SAMPLED, PartialRollout, Task, Trajectory
+from agentrl.messages import NOT_SAMPLED, BatchTaken, PartialRollout, Task, Trajectory
+from agentrl.staleness import bound_staleness
 
 PROMPT = [7, 8, 9]
 
@@ -71,15 +73,16 @@ class Params:
 class Sim:
     def __init__(self, p: Params) -> None:
         self.p, self.rng = p, random.Random(p.seed)
-        self.cfg = ControllerConfig(
-            group_size=p.n, batch_size=p.n * p.groups_per_batch, max_staleness=p.eta, april_alpha=p.alpha,
-            stale_policy=p.policy, dynamic_sampling=p.dynamic, epochs=p.epochs,  # type: ignore[arg-type]
-            eval=EvalConfig(interval=2, group_size=1, max_prompts=2),
+        self.training = TrainingConfig(
+            group_size=p.n, batch_size=p.n * p.groups_per_batch, max_staleness=p.eta,
+            stale_policy=p.policy,  # type: ignore[arg-type]
         )
+        self.cfg = ControllerConfig(april_alpha=p.alpha, epochs=p.epochs,
+                                    eval=EvalConfig(interval=2, group_size=1, max_prompts=2))
         rows = [{"prompt": PROMPT, "label": str(i)} for i in range(p.rows)]
         self.dataset = PromptDataset(rows, DatasetConfig(path="sim"), seed=p.seed)
         self.eval_ds = PromptDataset(rows[:3], DatasetConfig(path="sim-eval", shuffle=False)) if p.evals else None
-        self.core = ControllerCore(self.cfg, self.dataset, None, self.eval_ds)
+        self.core = ControllerCore(self.cfg, self.training, self.dataset, None, self.eval_ds)
         self.snapshot = msgspec.msgpack.encode(self.core.state)
         self.queues: dict[str, deque[Task]] = {"resume": deque(), "eval": deque(), "new": deque()}
         self.published_ids: set[str] = set()  # Nats-Msg-Id dedup window of the tasks stream
@@ -123,8 +126,6 @@ class Sim:
                 for task in action.tasks:
                     self.publish(task)
                 self.core.mark_published(t.id for t in action.tasks)
-            elif isinstance(action, AbortTasks):
-                self.abort(action.task_ids)
             elif isinstance(action, Report):
                 self.reports.append(action.data)
                 self.core.mark_reported(action.eval_version)
@@ -135,7 +136,7 @@ class Sim:
         for task in tasks[: self.rng.randint(0, len(tasks))]:
             self.publish(task)
         state = msgspec.msgpack.decode(self.snapshot, type=ControllerState)
-        self.core = ControllerCore(self.cfg, self.dataset, state, self.eval_ds)
+        self.core = ControllerCore(self.cfg, self.training, self.dataset, state, self.eval_ds)
         self.apply(self.core.start())
 
     def publish(self, task: Task) -> None:
@@ -149,18 +150,12 @@ class Sim:
 
     def check_bounds(self) -> None:
         c, running = self.core.state.counters, self.core.running_training()
-        assert c.accepted + running <= capacity(self.core.version, self.p.eta, self.cfg.batch_size)
+        assert c.accepted + running <= capacity(self.core.version, self.p.eta, self.training.batch_size)
         if self.core.max_in_flight is not None:
             assert running <= self.core.max_in_flight
 
     # ---------------------------------------------------------------- workers and engine
 
-    def abort(self, task_ids: tuple[str, ...]) -> None:
-        for tid in task_ids:
-            ep = self.running.pop(tid, None)
-            if ep is None:
-                continue  # not generating right now: nothing to abort
-            self.queues["resume"].append(self.partial_task(ep))
 
     def partial_task(self, ep: Episode) -> Task:
         n = len(ep.tokens)
@@ -192,6 +187,10 @@ class Sim:
             if self.rng.random() < self.p.p_crash:  # the worker died: its delivery comes back later
                 del self.running[tid]
                 self.redeliver.append((self.tick + self.rng.randint(1, 5), ep.task))
+                continue
+            if self.rng.random() < self.p.p_crash:  # the worker is stopping: it hands the partial on
+                del self.running[tid]
+                self.queues["resume"].append(self.partial_task(ep))
                 continue
             for _ in range(min(ep.speed, ep.length - len(ep.tokens))):
                 ep.tokens.append(self.rng.randint(0, 999))
@@ -243,7 +242,9 @@ class Sim:
             del self.groups[traj.group_id]
             rewards = [m.reward for m in members]
             if self.p.dynamic and len(members) > 1 and float(np.var(rewards)) == 0.0:
-                self.filtered.update(m.task_id for m in members)
+                ids = [m.task_id for m in members]  # the learner's group filter, reported as dropped
+                self.filtered.update(ids)
+                self.apply(self.core.on_dropped(ids))
             else:
                 self.ready.append(members)
         self.to_learner = []
@@ -260,25 +261,28 @@ class Sim:
         batch = self.take_batch()
         if batch is None:
             return
-        for traj in batch:
+        for traj, mask in batch:
             self.trained[traj.task_id] = self.trained.get(traj.task_id, 0) + 1
-            self.trained_staleness.extend(traj.staleness(self.version).tolist())
+            ages = self.version - traj.versions.astype(np.int64)
+            self.trained_staleness.extend(ages[mask > 0].tolist())
         self.training_until = self.tick + self.p.train_ticks
-        self.apply(self.core.on_batch_taken(self.version, self.version, [t.task_id for t in batch]))
+        taken = BatchTaken(step=self.version, version=self.version, task_ids=[t.task_id for t, _ in batch])
+        self.apply(self.core.on_batch_taken(taken))
 
-    def take_batch(self) -> list[Trajectory] | None:
-        need = self.cfg.batch_size // self.p.n
+    def take_batch(self) -> list[tuple[Trajectory, np.ndarray]] | None:
+        need = self.training.batch_size // self.p.n
         while True:
             if len(self.ready) < need:
                 return None
             kept, dropped = [], []
             for group in list(self.ready)[:need]:
-                results = [enforce_staleness(t, self.version, self.p.eta, self.p.policy) for t in group]  # type: ignore[arg-type]
-                self.stale_tokens += sum(r.stale_tokens for r in results)
-                if any(r.trajectory is None for r in results):
+                verdicts = [bound_staleness(t.loss_mask, t.versions, self.version, self.p.eta, self.p.policy)  # type: ignore[arg-type]
+                            for t in group]
+                self.stale_tokens += sum(v.over_bound for v in verdicts)
+                if any(v.mask is None for v in verdicts):
                     dropped.append(group)
                 else:
-                    kept.append([r.trajectory for r in results])
+                    kept.append([(t, v.mask) for t, v in zip(group, verdicts, strict=True)])
             for group in dropped:
                 self.ready.remove(group)
                 ids = [t.task_id for t in group]
@@ -288,7 +292,7 @@ class Sim:
             if not dropped:
                 for _ in range(need):
                     self.ready.popleft()
-                return [t for g in kept for t in g if t is not None]
+                return [item for g in kept for item in g]
 
     # ---------------------------------------------------------------- run
 
@@ -296,7 +300,7 @@ class Sim:
         return (
             self.core.done and not self.running and not any(self.queues.values()) and not self.redeliver
             and not self.to_controller and self.training_until is None and self.loaded_at is None
-            and len(self.ready) < self.cfg.batch_size // self.p.n
+            and len(self.ready) < self.training.batch_size // self.p.n
         )
 
     def run(self, max_ticks: int = 20_000) -> None:
@@ -329,7 +333,7 @@ def test_simulated_run_keeps_bound_and_loses_nothing(p: Params) -> None:
     sim.run()
     # no trained token is more than eta versions stale
     assert all(0 <= s <= p.eta for s in sim.trained_staleness)
-    # every admitted task ends exactly once: trained, filtered, dropped, or left over in the last partial batch
+    # every admitted task ends exactly once: trained, filtered or dropped by the learner, or left over
     admitted = [t.id for t in sim.first_attempts]
     assert len(admitted) == len(set(admitted))
     assert all(count == 1 for count in sim.trained.values())
@@ -337,20 +341,22 @@ def test_simulated_run_keeps_bound_and_loses_nothing(p: Params) -> None:
     outcomes = [set(sim.trained), sim.filtered, sim.dropped, leftover]
     assert sum(len(o) for o in outcomes) == len(admitted)
     assert set().union(*outcomes) == set(admitted)
-    assert len(leftover) < sim.cfg.batch_size
+    assert len(leftover) < sim.training.batch_size
     # every prompt of every epoch was issued as exactly one group
     rows = sorted(t.metadata["row"] for t in sim.first_attempts if t.index_in_group == 0)
     assert rows == sorted(list(range(p.rows)) * p.epochs)
     # the controller's books agree with the learner's
     c = sim.core.state.counters
-    assert c.filtered == len(sim.filtered) and c.dropped == len(sim.dropped) and c.presumed_dropped == 0
+    assert c.dropped == len(sim.filtered) + len(sim.dropped) and c.presumed_dropped == 0
     assert c.admitted == len(admitted) and c.finished == len(admitted)
     assert c.duplicates >= sim.duplicates_sent
-    # the controller's view of trained-token staleness agrees with what the learner enforced
-    assert max(sim.core.state.staleness_hist, default=0) <= p.eta and c.stale_violations == 0
+    # the controller's view of staleness agrees with what the learner enforced: the true ages, over-bound
+    # tokens counted (mask) or never taken (drop), no violation
+    assert c.stale_violations == 0 and c.trained_tokens == len(sim.trained_staleness)
     if p.policy == "mask":
         assert c.stale_tokens == sim.stale_tokens
-        assert c.trained_tokens == len(sim.trained_staleness)
+    else:
+        assert max(sim.core.state.staleness_hist, default=0) <= p.eta
     # eval: never trained, every pass reported once with all its episodes
     assert not {t.task_id for t in sim.eval_done} & set(sim.trained)
     versions = [r["controller/eval/version"] for r in sim.reports]

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from agentrl.config.learner import BatchConfig
+from agentrl.config.training import TrainingConfig
 from agentrl.messages import Trajectory
-from trainer.batching import GroupBuffer, drop_zero_variance, staleness_histogram
+from agentrl.staleness import staleness_histogram
+from trainer.batching import GroupBuffer, drop_zero_variance
 
 
 class FakeDelivery:
@@ -22,12 +24,14 @@ class FakeDelivery:
         self.acked += 1
 
 
-def traj(tid: str, group: str, size: int, reward: float = 0.0, versions: list[int] | None = None) -> Trajectory:
+def traj(tid: str, group: str, size: int, reward: float = 0.0, versions: list[int] | None = None,
+         task: str | None = None, status: str = "completed") -> Trajectory:
     v = versions if versions is not None else [0, 0, 0]
     n = 2 + len(v)
     return Trajectory(
-        id=tid, task_id=tid, group_id=group, group_size=size, tokens=np.arange(n), prompt_len=2,
+        id=tid, task_id=task or tid, group_id=group, group_size=size, tokens=np.arange(n), prompt_len=2,
         loss_mask=[0, 0] + [1] * len(v), logprobs=np.zeros(n), versions=[-1, -1, *v], reward=reward,
+        status=status,  # type: ignore[arg-type]
     )
 
 
@@ -39,13 +43,18 @@ class Clock:
         return self.t
 
 
+_TRAINING = ("batch_size", "max_staleness", "stale_policy")
+
+
 def buffer(**kw: object) -> tuple[GroupBuffer, Clock]:
     clock = Clock()
-    return GroupBuffer(BatchConfig(**kw), set(), clock=clock), clock  # type: ignore[arg-type]
+    training = TrainingConfig(group_size=1, **{k: v for k, v in kw.items() if k in _TRAINING})  # type: ignore[arg-type]
+    batch = BatchConfig(**{k: v for k, v in kw.items() if k not in _TRAINING})  # type: ignore[arg-type]
+    return GroupBuffer(batch, training, set(), clock=clock), clock
 
 
 def test_waits_for_complete_groups_and_takes_whole_groups_fifo() -> None:
-    buf, _ = buffer(trajectories_per_step=3)
+    buf, _ = buffer(batch_size=3)
     for d in [FakeDelivery(traj("a0", "a", 2)), FakeDelivery(traj("b0", "b", 2)), FakeDelivery(traj("b1", "b", 2))]:
         assert buf.add(d)
     assert buf.take(0) is None  # b complete (2) < 3, a incomplete
@@ -59,26 +68,65 @@ def test_waits_for_complete_groups_and_takes_whole_groups_fifo() -> None:
 
 def test_staleness_drop_and_mask() -> None:
     versions = [3, 5, 5]  # at version 5: staleness 2, 0, 0
-    drop, _ = buffer(trajectories_per_step=1, max_staleness=1, stale_policy="drop")
+    drop, _ = buffer(batch_size=1, max_staleness=1, stale_policy="drop")
     drop.add(FakeDelivery(traj("x", "g", 2, versions=versions)))
     drop.add(FakeDelivery(traj("y", "g", 2, versions=[5, 5, 5])))
     batch = drop.take(5)
     assert batch is not None and batch.trained_ids == ["y"]
     assert batch.dropped == {"x": "staler than max_staleness=1"} and len(batch.consumed) == 2
     assert drop.pop_dropped_task_ids() == ["x"]
+    # the dropped trajectory's true staleness is reported, not hidden by the bound
+    assert staleness_histogram(batch.stale_dropped_ages) == {0: 2, 2: 1}
 
-    mask, _ = buffer(trajectories_per_step=1, max_staleness=1, stale_policy="mask")
+    mask, _ = buffer(batch_size=1, max_staleness=1, stale_policy="mask")
     mask.add(FakeDelivery(traj("x", "g", 1, versions=versions)))
     batch = mask.take(5)
     assert batch is not None
-    assert batch.items[0].mask.tolist() == [0, 0, 0, 1, 1]
-    assert staleness_histogram(batch.items, 5) == {"0": 2}
-    assert staleness_histogram(batch.items, 6) == {"1": 2}
+    item = batch.items[0]
+    assert item.mask.tolist() == [0, 0, 0, 1, 1]
+    assert item.masked == 1 and staleness_histogram([item.ages]) == {0: 2, 2: 1}  # true ages, past the bound too
+
+
+def test_tokens_from_a_future_policy_version_are_never_trained() -> None:
+    for policy in ("mask", "drop"):
+        buf, _ = buffer(batch_size=1, max_staleness=1, stale_policy=policy)
+        buf.add(FakeDelivery(traj("f", "g", 1, versions=[5, 9, 9])))  # learner at 5: v9 cannot exist yet
+        buf.add(FakeDelivery(traj("ok", "h", 1, versions=[5, 5, 5])))
+        batch = buf.take(5)
+        assert batch is not None and batch.trained_ids == ["ok"]
+        assert "newer than the version trained" in batch.dropped["f"]
+
+
+def test_two_attempts_of_one_task_never_fill_a_group() -> None:
+    buf, _ = buffer(batch_size=2)
+    first, second = traj("a-0", "g", 2, task="a"), traj("a-1", "g", 2, task="a")
+    buf.add(FakeDelivery(first))
+    buf.add(FakeDelivery(second))  # another attempt of task a (e.g. a retry raced the original)
+    assert buf.take(0) is None  # the group still waits for its real sibling b
+    buf.add(FakeDelivery(traj("b-0", "g", 2, task="b")))
+    batch = buf.take(0)
+    assert batch is not None and batch.trained_ids == ["a-0", "b-0"]
+    assert "a-1" in batch.consumed_ids and "a-1" not in batch.dropped  # acked with the step, never trained
+    buf.commit()
+    assert not buf.add(FakeDelivery(traj("a-2", "g", 2, task="a")))  # a later attempt of a trained task: ack now
+
+
+def test_failed_empty_and_aborted_trajectories_are_not_training_data() -> None:
+    buf, _ = buffer(batch_size=1)
+    assert not buf.add(FakeDelivery(traj("ab", "x", 1, status="aborted")))  # an aborted attempt: ack at once
+    buf.add(FakeDelivery(traj("f", "g", 3, status="failed")))
+    empty = Trajectory(id="e", task_id="e", group_id="g", group_size=3, tokens=[], loss_mask=[], logprobs=[],
+                       versions=[], prompt_len=0)
+    buf.add(FakeDelivery(empty))
+    buf.add(FakeDelivery(traj("ok", "g", 3, reward=1.0)))
+    batch = buf.take(0)
+    assert batch is not None and batch.trained_ids == ["ok"]  # siblings of failed members still train
+    assert set(batch.dropped) == {"f", "e"} and sorted(buf.pop_dropped_task_ids()) == ["e", "f"]
 
 
 def test_incomplete_group_policies() -> None:
     for policy, trained, dropped in (("drop", ["c0"], ["a0"]), ("partial", ["a0"], [])):
-        buf, clock = buffer(trajectories_per_step=1, incomplete_group=policy, group_timeout_s=10)
+        buf, clock = buffer(batch_size=1, incomplete_group=policy, group_timeout_s=10)
         buf.add(FakeDelivery(traj("a0", "a", 3)))
         assert buf.take(0) is None
         clock.t = 11
@@ -89,14 +137,14 @@ def test_incomplete_group_policies() -> None:
         assert sorted(batch.dropped) == dropped
         assert sorted(d.msg.id for d in batch.consumed) == sorted({*trained, *dropped})
 
-    wait, clock = buffer(trajectories_per_step=1, incomplete_group="wait", group_timeout_s=10)
+    wait, clock = buffer(batch_size=1, incomplete_group="wait", group_timeout_s=10)
     wait.add(FakeDelivery(traj("a0", "a", 3)))
     clock.t = 1e9
     assert wait.take(0) is None
 
 
 def test_dynamic_sampling_filter_discards_zero_variance_groups_and_acks_them_later() -> None:
-    buf = GroupBuffer(BatchConfig(trajectories_per_step=2), set(), group_filter=drop_zero_variance)
+    buf = GroupBuffer(BatchConfig(), TrainingConfig(batch_size=2, group_size=1), set(), group_filter=drop_zero_variance)
     buf.add(FakeDelivery(traj("z0", "z", 2, reward=1.0)))
     buf.add(FakeDelivery(traj("z1", "z", 2, reward=1.0)))
     assert buf.take(0) is None  # z rejected; nothing to train yet
@@ -113,7 +161,7 @@ def test_dynamic_sampling_filter_discards_zero_variance_groups_and_acks_them_lat
 
 
 def test_redeliveries_are_deduplicated() -> None:
-    buf, _ = buffer(trajectories_per_step=2)
+    buf, _ = buffer(batch_size=2)
     first, again = FakeDelivery(traj("a0", "a", 2)), FakeDelivery(traj("a0", "a", 2))
     buf.add(first)
     buf.add(again)
@@ -136,7 +184,7 @@ def test_redeliveries_are_deduplicated() -> None:
 
 
 def test_eval_trajectories_are_never_trained() -> None:
-    buf, _ = buffer(trajectories_per_step=1)
+    buf, _ = buffer(batch_size=1)
     t = traj("e", "e", 1)
     t.is_eval = True
     assert not buf.add(FakeDelivery(t))
@@ -145,7 +193,7 @@ def test_eval_trajectories_are_never_trained() -> None:
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_batch_takes_at_least_b(n: int) -> None:
-    buf, _ = buffer(trajectories_per_step=n)
+    buf, _ = buffer(batch_size=n)
     for g in range(4):
         for i in range(2):
             buf.add(FakeDelivery(traj(f"{g}-{i}", str(g), 2)))
@@ -156,7 +204,7 @@ def test_batch_takes_at_least_b(n: int) -> None:
 @pytest.mark.parametrize("path", ["trainer.batching.keep_all", "trainer.batching.drop_zero_variance"])
 def test_group_filter_contract(path: str) -> None:
     """Any GroupFilter named in config takes a group's trajectories and returns a bool."""
-    from agentrl.agent.plugins import load_object
+    from agentrl.plugins import load_object
 
     fn = load_object(path, what="learner.batch.group_filter")
     assert isinstance(fn([traj("a", "g", 2, reward=0.0), traj("b", "g", 2, reward=1.0)]), bool)

@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from agentrl.config import RunConfig, dump_config, load_config, parse_override
-from agentrl.config.run import check_agreement
 from agentrl.errors import ConfigError
 
 
@@ -70,15 +69,12 @@ def test_run_dir_placeholder_is_filled_everywhere() -> None:
     assert cfg.dir == "/r/{name}"
 
 
-def test_settings_shared_by_two_actors_must_agree() -> None:
-    bad_b = load_config(RunConfig, None, ["controller.batch_size=32", "controller.group_size=8"])
-    with pytest.raises(ConfigError, match=r"controller.batch_size=32 and learner.batch.trajectories_per_step=64"):
-        check_agreement(bad_b)
-    with pytest.raises(ConfigError, match=r"controller.max_staleness=1 and learner.batch.max_staleness=2"):
-        check_agreement(load_config(RunConfig, None, ["learner.batch.max_staleness=2"]))
-    check_agreement(load_config(RunConfig, None, ["learner.batch.max_staleness=1"]))
-    final_eval = ["controller.eval.dataset.path=eval.jsonl", "controller.max_steps=40"]
-    with pytest.raises(ConfigError, match=r"controller.max_steps=40, but the learner stops at learner.max_steps=30"):
-        check_agreement(load_config(RunConfig, None, [*final_eval, "learner.max_steps=30"]))
-    check_agreement(load_config(RunConfig, None, [*final_eval, "learner.max_steps=40"]))
-    check_agreement(load_config(RunConfig, None, [*final_eval, "learner.max_steps=30", "controller.eval.at_end=false"]))
+def test_the_training_contract_is_one_section_and_the_old_keys_are_gone() -> None:
+    cfg = load_config(RunConfig, None, ["training.batch_size=32", "training.group_size=8", "training.max_steps=5"])
+    assert (cfg.training.batch_size, cfg.training.max_staleness, cfg.training.stale_policy) == (32, 1, "mask")
+    with pytest.raises(ConfigError, match=r"training.batch_size=30 must be a multiple of training.group_size=8"):
+        load_config(RunConfig, None, ["training.batch_size=30"])
+    for old in ("controller.batch_size=32", "controller.max_staleness=1", "learner.batch.trajectories_per_step=8",
+                "learner.batch.max_staleness=1", "learner.max_steps=3", "controller.dynamic_sampling=true"):
+        with pytest.raises(ConfigError, match=rf"config key {old.split('=')[0]}: unknown key"):
+            load_config(RunConfig, None, [old])

@@ -209,7 +209,7 @@ def test_kl_estimators_reference() -> None:
 @pytest.mark.parametrize("path", ["trainer.losses.ppo_loss", "trainer.losses.sft_loss"])
 def test_loss_contract(path: str) -> None:
     """Any LossFn named in config: a scalar loss with a gradient, and a 'loss/total' metric equal to it."""
-    from agentrl.agent.plugins import load_object
+    from agentrl.plugins import load_object
 
     fn = load_object(path, what="learner.loss.fn")
     inp = make_inputs(1)

@@ -10,8 +10,8 @@ from pathlib import Path
 from agentrl.agent.tools import parse_action
 from agentrl.messages import ChatMessage, Task
 from envs.arith import evaluate, format_number
+from envs.calculator import CalculatorEnv
 from envs.quickstart import (
-    QuickstartCalculatorEnv,
     answer_demonstration,
     demonstration,
     make_problem,
@@ -58,7 +58,7 @@ async def test_the_environment_rewards_the_demonstrated_episode() -> None:
     question, expr, answer = make_problem(random.Random(3))
     demo = demonstration(question, expr, answer, use_tool=True)
     task = Task(id="t", group_id="g", prompt=[ChatMessage(role="user", content=question)], label=answer)
-    env = QuickstartCalculatorEnv()
+    env = CalculatorEnv(advertise_tools=False)
     obs = await env.reset(task)
     assert obs.tools in (None, [])  # no schema in the prompt
     call = await env.step(parse_action(demo[1]["content"]))

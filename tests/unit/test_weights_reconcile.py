@@ -11,7 +11,7 @@ class FakeEngine:
     def __init__(self, engine_id: str, up: bool = True) -> None:
         self.engine_id, self.version, self.up, self.loads = engine_id, 0, up, []
 
-    async def update_weights_from_disk(self, model_path: str, version: int) -> None:
+    async def update_weights_from_disk(self, model_path: str, version: int, *, abort_all_requests: bool = False) -> None:
         if not self.up:
             raise EngineUnavailable(f"{self.engine_id} is down")
         self.version = version
