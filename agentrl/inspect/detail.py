@@ -18,11 +18,14 @@ __all__ = ["trajectory_detail"]
 def _segment_dicts(record: Record) -> list[dict[str, Any]]:
     out = []
     for seg in segments(record.traj):
-        item: dict[str, Any] = {"kind": seg.kind, "start": seg.start, "end": seg.end}
+        item: dict[str, Any] = {"kind": seg.kind}
         if seg.turn is not None:
             turn = msgspec.to_builtins(seg.turn)
             turn.get("info", {}).pop("raw_text", None)  # the same text again, unstripped
+            if seg.part and seg.end != seg.turn.end:
+                turn.pop("text", None)  # a split turn's text goes with its last piece
             item.update(turn)
+        item.update(start=seg.start, end=seg.end, part=seg.part)
         out.append(item)
     return out
 

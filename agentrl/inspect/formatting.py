@@ -55,21 +55,44 @@ def format_json(record: Record, text: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class Segment:
-    """A stretch of the token sequence: a turn of the log, or tokens no turn covers (``turn`` is None)."""
+    """A stretch of the token sequence: a turn of the log, or tokens no turn covers (``turn`` is None).
+
+    A turn that a zero-token marker (an abort) falls inside is split around it: its pieces have
+    ``part`` 1, 2, ... (0 = the whole turn).
+    """
 
     start: int
     end: int
     turn: Turn | None
     kind: str
+    part: int = 0
+
+
+def _split(turn: Turn, markers: list[Turn]) -> Iterator[Segment]:
+    """``turn`` in pieces around the markers inside it, each marker between its two pieces."""
+    inside = [m for m in markers if turn.start < m.start < turn.end]
+    if not inside:
+        yield Segment(turn.start, turn.end, turn, turn.kind)
+        return
+    pos = turn.start
+    for part, marker in enumerate(inside, 1):
+        yield Segment(pos, marker.start, turn, turn.kind, part)
+        yield Segment(marker.start, marker.start, marker, marker.kind)
+        pos = marker.start
+    yield Segment(pos, turn.end, turn, turn.kind, len(inside) + 1)
 
 
 def segments(traj: Trajectory) -> Iterator[Segment]:
-    """The turn log in token order, with the tokens no turn covers (e.g. a prompt without a prompt turn) filled in."""
+    """The turn log in token order, with the tokens no turn covers (e.g. a prompt without a prompt turn) filled in
+    and every zero-token marker (abort, error) at its token position, inside a turn if it fell there."""
+    spans = [t for t in traj.turns if t.end > t.start]
+    markers = [t for t in traj.turns if t.end <= t.start]
+    nested = {id(m) for m in markers for t in spans if t.start < m.start < t.end}
     pos = 0
-    for turn in sorted(traj.turns, key=lambda t: (t.start, t.end > t.start)):
+    for turn in sorted(spans + [m for m in markers if id(m) not in nested], key=lambda t: (t.start, t.end > t.start)):
         if turn.start > pos:
             yield Segment(pos, turn.start, None, "prompt" if pos == 0 and turn.start <= traj.prompt_len else "tokens")
-        yield Segment(turn.start, turn.end, turn, turn.kind)
+        yield from _split(turn, markers) if turn.end > turn.start else [Segment(turn.start, turn.end, turn, turn.kind)]
         pos = max(pos, turn.end)
     if pos < traj.num_tokens:
         yield Segment(pos, traj.num_tokens, None, "prompt" if pos == 0 else "tokens")
@@ -86,7 +109,8 @@ def _mask_runs(mask: np.ndarray) -> str:
 
 def _header(traj: Trajectory, seg: Segment) -> str:
     turn = seg.turn
-    parts = [f"[{seg.kind}{' ' + turn.tool if turn is not None and turn.tool else ''}]"]
+    parts = [f"[{seg.kind}{' ' + turn.tool if turn is not None and turn.tool else ''}"
+             f"{f' (part {seg.part})' if seg.part else ''}]"]
     if seg.end > seg.start:
         parts.append(f"tokens {seg.start}..{seg.end}")
         parts.append(_mask_runs(traj.loss_mask[seg.start:seg.end]))
@@ -105,11 +129,23 @@ def _header(traj: Trajectory, seg: Segment) -> str:
     return " ".join(parts)
 
 
+def _turn_text(seg: Segment, tokens: TokenText | None) -> str:
+    """The turn's own text; for a piece of a split turn, its decoded tokens (or, without a tokenizer, the whole
+    turn's text on its last piece)."""
+    if seg.turn is None or not seg.turn.text:
+        return ""
+    if not seg.part:
+        return seg.turn.text
+    if tokens is not None:
+        return ""  # decoded from the piece's own tokens
+    return f"(the whole turn) {seg.turn.text}" if seg.end == seg.turn.end else ""
+
+
 def _body(traj: Trajectory, seg: Segment, tokens: TokenText | None, per_token: bool, colour: bool) -> str:
     ids = traj.tokens[seg.start:seg.end]
     if per_token and tokens is not None and ids.size:
         return _token_body(tokens.pieces(ids.tolist()), traj.loss_mask[seg.start:seg.end], colour)
-    text = seg.turn.text if seg.turn is not None and seg.turn.text else ""
+    text = _turn_text(seg, tokens)
     if not text and ids.size:
         text = tokens.decode(ids.tolist()) if tokens is not None else f"({ids.size} tokens; no tokenizer to show them)"
     if not colour or not text:

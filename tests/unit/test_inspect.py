@@ -252,3 +252,19 @@ def test_group_advantages_use_the_runs_function_or_fall_back() -> None:
     assert normalised_rewards([3.0]) == [0.0]
     mean, std = np.mean(rewards), np.std(rewards, ddof=1)
     assert np.allclose(normalised_rewards(rewards), (np.array(rewards) - mean) / (std + 1e-6))
+
+
+def test_an_abort_inside_a_merged_model_turn_splits_it_at_the_cut() -> None:
+    """The runtime merges a resumed generation into the turn it continues; the abort marker stays where it fell."""
+    traj = resumed_record().traj
+    model_a, abort, model_b = traj.turns[1:4]
+    merged = msgspec.structs.replace(model_a, end=model_b.end, text=model_a.text + model_b.text)
+    traj = msgspec.structs.replace(traj, turns=[traj.turns[0], abort, merged, *traj.turns[4:]])
+    segs = list(segments(traj))
+    assert [(s.kind, s.start, s.end, s.part) for s in segs[:4]] == [
+        ("prompt", 0, traj.prompt_len, 0), ("model", model_a.start, abort.start, 1),
+        ("abort", abort.start, abort.start, 0), ("model", abort.start, model_b.end, 2)]
+    text = format_transcript(resumed_record(), summarize(resumed_record()))
+    assert "[model (part" not in text  # unmerged turns are not split
+    text = format_transcript(Record(1, 0.0, traj), summarize(Record(1, 0.0, traj)))
+    assert "[model (part 1)]" in text and "[model (part 2)]" in text and "(the whole turn)" in text

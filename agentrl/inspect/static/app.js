@@ -169,7 +169,7 @@ function segmentHtml(seg, mode) {
   const t = current.tokens, n = seg.end - seg.start;
   let trained = 0;
   for (let i = seg.start; i < seg.end; i++) trained += t.mask[i];
-  const bits = [`<b>${esc(seg.kind)}${seg.tool ? " " + esc(seg.tool) : ""}</b>`];
+  const bits = [`<b>${esc(seg.kind)}${seg.tool ? " " + esc(seg.tool) : ""}${seg.part ? ` (part ${seg.part})` : ""}</b>`];
   if (n) bits.push(`tokens ${seg.start}..${seg.end}`, trained === n ? `trained ${n}` : trained ? `trained ${trained}/${n}` : `masked ${n}`);
   for (const [k, label] of [["temperature", "T"], ["finish_reason", "finish"], ["reward", "reward"]]) {
     if (seg[k] !== undefined && seg[k] !== null) bits.push(`${label}=${esc(seg[k])}`);
@@ -318,5 +318,5 @@ $("#rows").addEventListener("click", (ev) => {
 $("#back").addEventListener("click", (ev) => { ev.preventDefault(); location.hash = table.query ? `#/?${table.query}` : "#/"; });
 window.addEventListener("hashchange", route);
 window.addEventListener("resize", renderTable);
-refreshInfo(); setInterval(refreshInfo, 3000);
+refreshInfo(); setInterval(refreshInfo, 1000);
 route();
