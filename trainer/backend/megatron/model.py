@@ -19,7 +19,19 @@ from trainer.backend.megatron.attention import VarlenAttention
 from trainer.backend.megatron.convert import padded_vocab
 from trainer.backend.megatron.shape import ModelShape
 
-__all__ = ["ModelOptions", "build_gpt", "layer_spec", "transformer_config"]
+__all__ = ["ModelOptions", "RMSNorm", "build_gpt", "layer_spec", "transformer_config"]
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """RMSNorm for the local spec, also under sequence parallelism (megatron's own torch norm refuses it).
+
+    With sequence parallelism each TP rank normalises its own tokens, so the weight's gradient is partial;
+    marking the weight ``sequence_parallel`` makes megatron's grad finalisation sum it over the TP group.
+    """
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **_: Any) -> None:
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,7 @@ def layer_spec(kernel: str) -> Any:
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     attention = spec.submodules.self_attention.submodules
     attention.core_attention = ModuleSpec(module=VarlenAttention, params={"kernel": kernel})
     return spec
@@ -73,10 +86,13 @@ def layer_spec(kernel: str) -> Any:
 def build_gpt(shape: ModelShape, opts: ModelOptions, *, pre_process: bool, post_process: bool) -> Any:
     """This rank's stage of the ``GPTModel`` (uninitialised weights: load a shard into it)."""
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     shape.check_parallel(opts.tp, opts.pp)
+    block = TransformerBlockSubmodules(layer_specs=[layer_spec(opts.kernel)] * (shape.layers // opts.pp),
+                                       layer_norm=RMSNorm)
     return GPTModel(
-        transformer_config(shape, opts), layer_spec(opts.kernel), vocab_size=padded_vocab(shape, opts.tp),
+        transformer_config(shape, opts), block, vocab_size=padded_vocab(shape, opts.tp),
         max_sequence_length=shape.max_positions, pre_process=pre_process, post_process=post_process,
         parallel_output=True, share_embeddings_and_output_weights=shape.tied, position_embedding_type="none",
     )

@@ -66,6 +66,8 @@ def init_parallel(cfg: MegatronConfig, rank: int, world: int, *, use_cuda: bool,
 
     if world != cfg.world_size:
         raise ValueError(f"world size {world} != tensor_parallel*pipeline_parallel*data_parallel = {cfg.world_size}")
+    # Megatron's TP layers overlap their all-reduce with the weight-gradient GEMM only with one CUDA work queue.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     device = _device(use_cuda)
     backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if use_cuda else "gloo")
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
