@@ -8,7 +8,12 @@ through the host). Within ``--budget-gb`` of device memory:
   learner's step on batch i overlaps the generation of batch i+1 (async RL, one step stale);
 - **colocated** (slime's ``--colocate``): the KV pool gets the whole budget; before each step the engine releases
   its KV cache and weights (``/release_memory_occupation``) and the learner moves its states back from the
-  host; after it the learner offloads, the engine resumes and loads the new weights.
+  host; after it the engine resumes its weights only, loads the new ones from the learner's GPU tensors, the
+  learner offloads, and only then the engine resumes its KV pool and CUDA graphs (SGLang's multi-stage resume),
+  so the two never hold their peaks at once.
+
+Both engines are warmed up (one small round of requests) before anything is timed, and the client keeps every
+rollout in flight at once (no connection cap).
 
 Printed: seconds per iteration and per phase, KV positions each mode could afford, peak device memory used
 (whole device, both processes), and the ratio colocated / side by side.
@@ -63,6 +68,10 @@ class Learner:
         self.opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         return time.perf_counter() - start
+
+    def drop_cache(self) -> None:
+        """Return the step's cached activation memory to the device (the engine needs it next)."""
+        torch.cuda.empty_cache()
 
     def move(self, device: str) -> None:
         self.model.to(device)
@@ -140,9 +149,19 @@ class PeakMemory:
         self._thread.join()
 
 
+def session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=3600))
+
+
+async def warm_up(engine: Engine, batch: list[list[int]]) -> None:
+    async with session() as s:
+        await engine.rollouts(s, batch[:64], 8)
+
+
 async def side_by_side(engine: Engine, learner: Learner, batches: list[list[list[int]]], new: int) -> dict[str, float]:
     phases: dict[str, float] = {}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as s:
+    await warm_up(engine, batches[0])
+    async with session() as s:
         start = time.perf_counter()
         done = await engine.rollouts(s, batches[0], new)
         for batch in batches[1:]:  # train on batch i while generating batch i+1
@@ -167,17 +186,20 @@ async def colocated(engine: Engine, learner: Learner, batches: list[list[list[in
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
         return out
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as s:
+    await warm_up(engine, batches[0])
+    async with session() as s:
         start = time.perf_counter()
         for batch in batches:
             done = await phase("generate", engine.rollouts(s, batch, new))
             await phase("release", engine.post(s, "/release_memory_occupation", build_memory_request()))
             await phase("learner onload", asyncio.to_thread(learner.move, "cuda"))
             await phase("train", asyncio.to_thread(learner.step, done))
-            await phase("resume", engine.post(s, "/resume_memory_occupation", build_memory_request()))
+            await phase("train", asyncio.to_thread(learner.drop_cache))
+            await phase("resume", engine.post(s, "/resume_memory_occupation", build_memory_request(["weights"])))
             await phase("update weights", engine.post(s, "/update_weights_from_tensor",
                                                       build_update_weights_from_tensor_request(learner.named(), 1)))
             await phase("learner offload", asyncio.to_thread(learner.move, "cpu"))
+            await phase("resume", engine.post(s, "/resume_memory_occupation", build_memory_request(["kv_cache", "cuda_graph"])))
         phases["iteration"] = (time.perf_counter() - start) / len(batches)
     return phases
 
@@ -241,7 +263,7 @@ def main() -> None:
     for mode, (phases, peak) in results.items():
         detail = ", ".join(f"{k} {v / args.iterations:.2f}s" for k, v in phases.items() if k != "iteration")
         print(f"{mode:>12}: {phases['iteration']:.2f} s/iteration | KV pool {kv[mode]:,} positions | "
-              f"peak device memory {peak / GIB:.1f} GiB | per iteration: {detail}")
+              f"peak device memory {peak / GIB:.1f} GiB (budget {budget / GIB:.1f}) | per iteration: {detail}")
     if len(results) == 2:
         ratio = results["side by side"][0]["iteration"] / results["colocated"][0]["iteration"]
         print(f"colocated speedup over side by side: {ratio:.2f}x")

@@ -101,13 +101,15 @@ async def test_release_is_refused_while_requests_run(engine: str) -> None:
     assert status == 400 and out["error"]["param"].startswith("tags")
 
 
-async def test_weights_load_after_resume_and_updates_refused_while_released(engine: str, mid_model_dir: Path) -> None:
+async def test_multi_stage_resume_loads_weights_before_the_kv_pool_returns(engine: str, mid_model_dir: Path) -> None:
     await post(engine, "/release_memory_occupation", {})
     status, out = await post(engine, "/update_weights_from_disk", {"model_path": str(mid_model_dir)})
     assert status == 400 and "resume_memory_occupation" in out["message"]
-    await post(engine, "/resume_memory_occupation", {})
+    await post(engine, "/resume_memory_occupation", {"tags": ["weights"]})
     status, out = await post(engine, "/update_weights_from_disk", {"model_path": str(mid_model_dir), "weight_version": 2})
     assert status == 200 and out["success"] is True
+    assert (await state(engine))["released_memory"] == ["cuda_graph", "kv_cache"]
+    await post(engine, "/resume_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]})
     reply = await generate(engine, {"input_ids": PROMPT, "sampling_params": GREEDY})
     assert reply["meta_info"]["output_token_versions"] == [2] * 12
 
