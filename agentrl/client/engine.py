@@ -18,12 +18,18 @@ import numpy as np
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from agentrl.client.protocol import (
+    ADMIN_KEY_ENV,
+    API_KEY_ENV,
+    auth_headers,
     build_abort_request,
     build_generate_request,
+    build_memory_request,
+    build_update_weights_from_tensor_request,
     build_update_weights_request,
     error_for_status,
     parse_generate_response,
     parse_weight_version,
+    resolve_key,
 )
 from agentrl.config.engine import EngineClientConfig
 from agentrl.errors import EngineError, EngineUnavailable
@@ -43,6 +49,9 @@ class EngineClient:
     def __init__(self, url: str, config: EngineClientConfig | None = None, *, engine_id: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.config = config or EngineClientConfig()
+        # SGLang's --api-key / --admin-api-key: from the config, else $AGENTRL_ENGINE_API_KEY / _ADMIN_KEY
+        self.api_key = resolve_key(self.config.api_key, API_KEY_ENV)
+        self.admin_key = resolve_key(self.config.admin_api_key, ADMIN_KEY_ENV)
         self.engine_id = engine_id or self.url
         self._session: aiohttp.ClientSession | None = None
 
@@ -70,7 +79,7 @@ class EngineClient:
 
     async def _once(self, method: str, path: str, body: Any, timeout: float | None) -> Any:
         where = f"engine {self.engine_id} {path}"
-        kwargs: dict[str, Any] = {"json": body}
+        kwargs: dict[str, Any] = {"json": body, "headers": auth_headers(path, self.api_key, self.admin_key)}
         if timeout is not None:
             kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, self.config.connect_timeout_s))
         try:
@@ -138,6 +147,20 @@ class EngineClient:
         out = await self.request("POST", "/update_weights_from_disk", body)
         if not isinstance(out, dict) or not out.get("success", False):
             raise EngineError(f"engine {self.engine_id}: weight update failed: {out}")
+
+    async def update_weights_from_tensor(self, named_tensors: Sequence[tuple[str, Any]], version: int) -> None:
+        """Send tensors by handle (CUDA IPC on the engine's GPU; CPU tensors need the file_system sharing strategy)."""
+        body = build_update_weights_from_tensor_request(named_tensors, version)
+        out = await self.request("POST", "/update_weights_from_tensor", body)
+        if not isinstance(out, dict) or not out.get("success", False):
+            raise EngineError(f"engine {self.engine_id}: weight update failed: {out}")
+
+    async def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Colocated mode: the engine frees its KV cache / weights / CUDA graphs (None: all) until :meth:`resume_memory`."""
+        await self.request("POST", "/release_memory_occupation", build_memory_request(tags))
+
+    async def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        await self.request("POST", "/resume_memory_occupation", build_memory_request(tags))
 
     async def flush_cache(self) -> None:
         await self.request("POST", "/flush_cache")
