@@ -46,16 +46,19 @@ from trainer.backend.torch_backend import build_torch_backend
 from trainer.losses import ppo_loss
 from trainer.packing import MicroBatch, Sample, pack, plan_micro_batches
 
-ALL_SHAPES = {**SHAPES, "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                                             num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                                             rope_theta=1_000_000.0)}
+ALL_SHAPES: dict[str, dict[str, Any]] = {
+    **{name: dict(shape) for name, shape in SHAPES.items()},
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, rope_theta=1_000_000.0),
+}
 
 
 def write_model(shape: str, out: Path, device: str) -> None:
     torch.manual_seed(0)
     cfg = Qwen2Config(**ALL_SHAPES[shape], max_position_embeddings=32768, tie_word_embeddings=True)
     with torch.device(device):
-        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16 if device == "cuda" else torch.float32)
+        model = Qwen2ForCausalLM(cfg)
+        model.to(torch.bfloat16 if device == "cuda" else torch.float32)  # type: ignore[arg-type]
     model.save_pretrained(str(out))
     del model
 

@@ -13,20 +13,23 @@ from typing import Any
 __all__ = ["MCORE_ERROR", "PackedSeqParams", "require"]
 
 MCORE_ERROR: str | None = None
-PackedSeqParams: Any
 
+
+class _NoPackedSeqParams:
+    """Stand-in so the pure parts of this package import without megatron-core."""
+
+
+PackedSeqParams: Any = _NoPackedSeqParams
 try:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import megatron.core
         import megatron.core.optimizer
         import megatron.core.pipeline_parallel  # noqa: F401
-        from megatron.core.packed_seq_params import PackedSeqParams
+        from megatron.core.packed_seq_params import PackedSeqParams as _Packed
+    PackedSeqParams = _Packed
 except ImportError as exc:  # the megatron extra is not installed
     MCORE_ERROR = f"megatron-core is not installed ({exc}); pip install 'agentrl[megatron]'"
-
-    class PackedSeqParams:  # type: ignore[no-redef]
-        """Stand-in so the pure parts of this package import without megatron-core."""
 
 
 def require() -> None:

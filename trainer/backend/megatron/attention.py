@@ -15,7 +15,7 @@ of this TP rank's heads; the output is ``[T, heads, head_dim]``.
 
 from __future__ import annotations
 
-import inspect
+from inspect import signature
 from typing import Any
 
 import torch
@@ -77,7 +77,7 @@ def _varlen_kwargs() -> dict[str, Any]:
     """Causal masking across torch versions: ``is_causal=True`` (2.9-2.12) or a (-1, 0) window (newer)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = signature(varlen_attn).parameters
     kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = True
@@ -92,7 +92,7 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedBat
     return out[0] if isinstance(out, tuple) else out
 
 
-class VarlenAttention(MegatronModule):  # type: ignore[misc]
+class VarlenAttention(MegatronModule):
     """Megatron core-attention module (built through a ``ModuleSpec``) for packed THD batches."""
 
     def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str,
@@ -106,9 +106,9 @@ class VarlenAttention(MegatronModule):  # type: ignore[misc]
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
                 attn_mask_type: Any = None, attention_bias: Any = None,
                 packed_seq_params: PackedBatch | None = None) -> torch.Tensor:
-        if not isinstance(packed_seq_params, PackedBatch) or packed_seq_params.rope_cos is None:
-            raise ValueError("VarlenAttention needs a PackedBatch with RoPE tables (see trainer.backend.megatron.thd)")
         packed = packed_seq_params
+        if not isinstance(packed, PackedBatch) or packed.rope_cos is None or packed.rope_sin is None:
+            raise ValueError("VarlenAttention needs a PackedBatch with RoPE tables (see trainer.backend.megatron.thd)")
         query = apply_rope(query, packed.rope_cos, packed.rope_sin)
         key = apply_rope(key, packed.rope_cos, packed.rope_sin)
         if self.kernel == "varlen":

@@ -69,7 +69,8 @@ def _split_qkv(qkv: torch.Tensor, shape: ModelShape) -> tuple[torch.Tensor, torc
     d = shape.head_dim
     grouped = qkv.reshape(shape.kv_heads, (shape.heads_per_group + 2) * d, *qkv.shape[1:])
     q, k, v = grouped.split([shape.heads_per_group * d, d, d], dim=1)
-    return tuple(t.reshape(-1, *qkv.shape[1:]) for t in (q, k, v))  # type: ignore[return-value]
+    rest = qkv.shape[1:]
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
 def hf_to_megatron(hf: Mapping[str, torch.Tensor], shape: ModelShape) -> Tensors:
@@ -83,11 +84,9 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], shape: ModelShape) -> Tensors
         for mg, name in _LAYER_SAME:
             out[dst + mg] = _take(hf, src + name)
         attn = src + "self_attn."
-        out[dst + "self_attention.linear_qkv.weight"] = _fuse_qkv(
-            *(_take(hf, f"{attn}{p}_proj.weight") for p in "qkv"), shape)
-        if shape.qkv_bias:
-            out[dst + "self_attention.linear_qkv.bias"] = _fuse_qkv(
-                *(_take(hf, f"{attn}{p}_proj.bias") for p in "qkv"), shape)
+        for kind in ("weight", "bias") if shape.qkv_bias else ("weight",):
+            q, k, v = (_take(hf, f"{attn}{p}_proj.{kind}") for p in "qkv")
+            out[f"{dst}self_attention.linear_qkv.{kind}"] = _fuse_qkv(q, k, v, shape)
         out[dst + "mlp.linear_fc1.weight"] = torch.cat(
             [_take(hf, src + "mlp.gate_proj.weight"), _take(hf, src + "mlp.up_proj.weight")])
     return out

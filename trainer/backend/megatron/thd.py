@@ -20,7 +20,7 @@ __all__ = ["PackedBatch", "rope_tables", "to_thd"]
 
 
 @dataclass
-class PackedBatch(PackedSeqParams):  # type: ignore[misc]  # megatron-core is untyped
+class PackedBatch(PackedSeqParams):  # megatron-core is untyped (Any)
     """Megatron's packed-sequence parameters plus what our core attention needs (RoPE angles per token)."""
 
     rope_cos: torch.Tensor | None = None  # [T', 1, head_dim] float32
