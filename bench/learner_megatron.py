@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import torch
@@ -47,7 +47,7 @@ from trainer.losses import ppo_loss
 from trainer.packing import MicroBatch, Sample, pack, plan_micro_batches
 
 ALL_SHAPES: dict[str, dict[str, Any]] = {
-    **{name: dict(shape) for name, shape in SHAPES.items()},
+    **{name: cast(dict[str, Any], shape) for name, shape in SHAPES.items()},
     "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, rope_theta=1_000_000.0),
 }
