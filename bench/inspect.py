@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -115,9 +116,8 @@ async def publish_at_rate(url: str, run: str, rate: float, seconds: float, model
 
 
 @contextlib.contextmanager
-def process(*argv: str, stdout: Any = subprocess.DEVNULL, cpus: set[int] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    proc = subprocess.Popen(list(argv), stdout=stdout, stderr=subprocess.DEVNULL, env=ENV, preexec_fn=pin)
+def process(*argv: str, stdout: Any = subprocess.DEVNULL) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(list(argv), stdout=stdout, stderr=subprocess.DEVNULL, env=ENV)
     try:
         yield proc
     finally:
@@ -221,6 +221,12 @@ async def tail_reader(proc: asyncio.subprocess.Process, stats: dict[str, Any]) -
             stats["lags"].append(time.time() - row["published"])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _answers(url: str) -> bool:
     import urllib.request
 
@@ -270,14 +276,16 @@ async def bench_live(root: Path, model: Path, rate: float, seconds: float) -> di
             PY, "-m", "agentrl.cli", "tail", "live", "--nats", server.url, "--json", "--follow", "--from", "end",
             stdout=asyncio.subprocess.PIPE, env=ENV)
         reading = asyncio.create_task(tail_reader(tail, stats))
-        async with viewer("live", server.url) as (_, url), browser_pages(url, 2) as (watch_all, watch_markers):
+        async with viewer("live", server.url) as (view_proc, url), browser_pages(url, 2) as (watch_all, watch_markers):
             await watch_all.goto(url)
             await watch_markers.goto(url + "/#/?task=marker")
             await watch_markers.wait_for_selector("#count")
             await watch_markers.evaluate(OBSERVER)
             await asyncio.sleep(3)  # tail and the viewer connected
             markers: dict[str, float] = {}
+            cpu0 = {"viewer": cpu_seconds(view_proc.pid), "tail": cpu_seconds(tail.pid)}
             summary = await run_publisher(server.url, "live", rate, seconds, model, markers)
+            cpu = {"viewer": cpu_seconds(view_proc.pid) - cpu0["viewer"], "tail": cpu_seconds(tail.pid) - cpu0["tail"]}
             await asyncio.sleep(3)
             seen: dict[str, float] = await watch_markers.evaluate("() => window.__seen")
             all_count = await watch_all.inner_text("#count")
@@ -292,40 +300,60 @@ async def bench_live(root: Path, model: Path, rate: float, seconds: float) -> di
             "tail_lag_max": max(stats["lags"]) if stats["lags"] else None, "markers": len(markers),
             "markers_seen": len(latencies), "latency_p50": statistics.median(latencies) if latencies else None,
             "latency_p95": latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
-            "latency_max": latencies[-1] if latencies else None, "page_all_count": all_count}
+            "latency_max": latencies[-1] if latencies else None, "page_all_count": all_count,
+            "viewer_cpu": cpu["viewer"] / wall, "tail_cpu": cpu["tail"] / wall}
 
 
 # ---------------------------------------------------------------- 3. learner step time
 
 
-def learner_steps(metrics: Path) -> list[float]:
-    times = [json.loads(line)["time"] for line in metrics.read_text().splitlines() if line.strip()]
-    return [b - a for a, b in itertools.pairwise(times)]
+PHASES = ("wait", "train", "publish")
 
 
-@contextlib.contextmanager
-def affinity(cpus: set[int] | None) -> Iterator[None]:
-    """Run this process (and what it starts: nats-server, chromium, the publisher, the viewer) on ``cpus``."""
-    before = os.sched_getaffinity(0)
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
+def learner_steps(metrics: Path) -> list[dict[str, float]]:
+    """Per step: wall seconds since the previous step, and the learner's own phase timings."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [{"step": b["time"] - a["time"], **{k: float(b.get(f"learner/time/{k}", 0.0)) for k in PHASES}}
+            for a, b in itertools.pairwise(rows)]
 
 
-async def learner_run(root: Path, model: Path, name: str, rate: float, seconds: float, with_viewer: bool,
-                      pin: bool) -> list[float]:
-    """Step times of a learner training on the stream; with ``pin`` it has CPU 0 and everything else CPU 1."""
-    with affinity({1} if pin else None):
-        return await _learner_run(root, model, name, rate, seconds, with_viewer, {0} if pin else None)
+def descendants(root: int) -> set[int]:
+    """Every live process below ``root``."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return found
 
 
-async def _learner_run(root: Path, model: Path, name: str, rate: float, seconds: float, with_viewer: bool,
-                       cpus: set[int] | None) -> list[float]:
+def tree_cpu(pids: set[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def burn(fraction: float, seconds: float) -> None:
+    """Busy for ``fraction`` of every 10 ms for ``seconds``: CPU load without any bus traffic."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        start = time.monotonic()
+        while time.monotonic() - start < 0.01 * fraction:
+            pass
+        time.sleep(0.01 * (1 - fraction))
+
+
+async def learner_run(root: Path, model: Path, name: str, args: argparse.Namespace,
+                      load: str) -> tuple[list[dict[str, float]], float]:
+    """Step times of a learner training on the stream while ``load`` runs beside it ("none", "viewer" or
+    "burn:<cores>"); returns them and the CPU seconds per second that the load used."""
     run_dir = make_run_dir(root, name, model)
-    sets = ["training.batch_size=16", "training.group_size=4", "training.max_staleness=1000",
+    sets = [f"training.batch_size={args.batch}", "training.group_size=4", "training.max_staleness=1000",
             "learner.torch_threads=1", "learner.checkpoint_every=1000", "learner.keep_weights=1",
             f"learner.metrics_file={run_dir}/learner_metrics.jsonl", f"learner.weights_dir={run_dir}/weights",
             f"learner.checkpoint_dir={run_dir}/checkpoints", f"learner.final_dir={run_dir}/final"]
@@ -335,14 +363,26 @@ async def _learner_run(root: Path, model: Path, name: str, rate: float, seconds:
         argv = [PY, "-m", "agentrl.cli", "learner", "--nats", server.url, "--run", name, "--model", str(model)]
         for s in sets:
             argv += ["--set", s]
-        with process(*argv, cpus=cpus):
+        with process(*argv) as learner:
             async with contextlib.AsyncExitStack() as stack:
-                if with_viewer:
+                if load == "viewer":
                     await attach_viewer(stack, name, server.url)
-                await asyncio.sleep(5)  # the learner loads its model
-                await run_publisher(server.url, name, rate, seconds, model, {})
+                await asyncio.sleep(5)  # the learner loads its model; the viewer's pages load
+                skip = {learner.pid, os.getpid()}
+                before = descendants(os.getpid()) - skip
+                cpu0, t0 = tree_cpu(before), time.monotonic()
+                publishing = asyncio.create_task(
+                    run_publisher(server.url, name, args.learner_rate, args.learner_seconds, model, {}))
+                if load.startswith("burn:"):
+                    cores = float(load[5:])
+                    for _ in range(math.ceil(cores)):
+                        stack.enter_context(process(PY, __file__, "--burn", str(cores / math.ceil(cores)),
+                                                    str(args.learner_seconds + 2)))
+                await publishing
+                after = descendants(os.getpid()) - skip
+                used = (tree_cpu(before & after) - cpu0) / (time.monotonic() - t0)
     steps = learner_steps(run_dir / "learner_metrics.jsonl")
-    return steps[2:]  # the first steps warm up
+    return steps[2:], used  # the first steps warm up
 
 
 async def attach_viewer(stack: contextlib.AsyncExitStack, name: str, url: str) -> None:
@@ -366,36 +406,71 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-inspect-") as tmp:
         root = Path(tmp)
         model = tiny_model(root)
-        drain = await bench_drain(root, model, args.drain)
-        print(f"== 1. tail --json draining {drain['n']} stored trajectories ({drain['bytes_per_traj']:.0f} B each)")
-        print(f"raw ordered consumer (no decode): {drain['raw_per_s']:,.0f}/s")
-        print(f"agentrl tail --json:              {drain['json_per_s']:,.0f}/s  ratio {drain['json_per_s'] / drain['raw_per_s']:.2f}x of raw"
-              f"  (startup {drain['startup_s']:.2f}s subtracted)")
-        print(f"agentrl tail (lines):             {drain['line_per_s']:,.0f}/s  ratio {drain['line_per_s'] / drain['raw_per_s']:.2f}x of raw")
+        if args.only in ("", "tail"):
+            await bench_tail_and_viewer(root, model, args)
+        if args.only in ("", "learner"):
+            await bench_learner(root, model, args)
 
-        live = await bench_live(root, model, args.rate, args.seconds)
-        print(f"\n== 2. live at {live['rate']:.0f}/s target: published {live['published']} in {live['publish_s']:.1f}s "
-              f"= {live['published_per_s']:,.0f}/s")
-        print(f"tail --json --follow: {live['tail_lines']} lines ({live['tail_lines'] / max(live['published'], 1):.3f} of published), "
-              f"lag p50 {fmt(live['tail_lag_p50'], 's')}, max {fmt(live['tail_lag_max'], 's')}")
-        print(f"viewer, publish -> row in the filtered page: {live['markers_seen']}/{live['markers']} markers seen, "
-              f"p50 {fmt(live['latency_p50'], 's')}, p95 {fmt(live['latency_p95'], 's')}, max {fmt(live['latency_max'], 's')}; "
-              f"unfiltered page: {live['page_all_count']}")
 
-        print(f"\n== 3. learner step time while {args.learner_rate:.0f} trajectories/s stream (B=16, tiny model, 1 thread)")
-        for pin in (True, False):
-            where = "learner alone on CPU 0, the rest on CPU 1" if pin else "all processes share the CPUs"
-            base = await learner_run(root, model, f"base{int(pin)}", args.learner_rate, args.learner_seconds, False, pin)
-            view = await learner_run(root, model, f"view{int(pin)}", args.learner_rate, args.learner_seconds, True, pin)
-            print(where)
-            for label, steps in (("  without viewer", base), ("  with viewer + 2 pages + tail", view)):
-                sd = statistics.stdev(steps) if len(steps) > 1 else 0.0
-                print(f"{label:32s}: {len(steps)} steps, mean {statistics.fmean(steps):.3f}s, stdev {sd:.3f}s")
-            if base and view:
-                print(f"  ratio with/without: {statistics.fmean(view) / statistics.fmean(base):.2f}x")
+async def bench_tail_and_viewer(root: Path, model: Path, args: argparse.Namespace) -> None:
+    drain = await bench_drain(root, model, args.drain)
+    print(f"== 1. tail --json draining {drain['n']} stored trajectories ({drain['bytes_per_traj']:.0f} B each)")
+    print(f"raw ordered consumer (no decode): {drain['raw_per_s']:,.0f}/s")
+    print(f"agentrl tail --json:              {drain['json_per_s']:,.0f}/s  ratio "
+          f"{drain['json_per_s'] / drain['raw_per_s']:.2f}x of raw  (startup {drain['startup_s']:.2f}s subtracted)")
+    print(f"agentrl tail (lines):             {drain['line_per_s']:,.0f}/s  ratio "
+          f"{drain['line_per_s'] / drain['raw_per_s']:.2f}x of raw")
+
+    live = await bench_live(root, model, args.rate, args.seconds)
+    print(f"\n== 2. live at {live['rate']:.0f}/s target: published {live['published']} in {live['publish_s']:.1f}s "
+          f"= {live['published_per_s']:,.0f}/s")
+    print(f"tail --json --follow: {live['tail_lines']} lines ({live['tail_lines'] / max(live['published'], 1):.3f} "
+          f"of published), lag p50 {fmt(live['tail_lag_p50'], 's')}, max {fmt(live['tail_lag_max'], 's')}")
+    print(f"viewer, publish -> row in the filtered page: {live['markers_seen']}/{live['markers']} markers seen, "
+          f"p50 {fmt(live['latency_p50'], 's')}, p95 {fmt(live['latency_p95'], 's')}, "
+          f"max {fmt(live['latency_max'], 's')}; unfiltered page: {live['page_all_count']}")
+    print(f"CPU while streaming: viewer process {live['viewer_cpu']:.0%} of a core, tail --json {live['tail_cpu']:.0%}")
+
+
+def _report(label: str, steps: list[dict[str, float]]) -> None:
+    walls = [st["step"] for st in steps]
+    sd = statistics.stdev(walls) if len(walls) > 1 else 0.0
+    phases = ", ".join(f"{k} {statistics.fmean(st[k] for st in steps):.3f}s" for k in PHASES)
+    print(f"{label:32s}: {len(steps)} steps, mean {statistics.fmean(walls):.3f}s (stdev {sd:.3f}s; {phases})")
+
+
+async def bench_learner(root: Path, model: Path, args: argparse.Namespace) -> None:
+    print(f"\n== 3. learner step time while {args.learner_rate:.0f} trajectories/s stream "
+          f"(B={args.batch}, tiny model, 1 thread)")
+    base: list[dict[str, float]] = []
+    view: list[dict[str, float]] = []
+    burn: list[dict[str, float]] = []
+    for r in range(args.rounds):  # interleaved, so drifting load from other processes hits every condition
+        steps, base_cpu = await learner_run(root, model, f"base{r}", args, "none")
+        base += steps
+        steps, view_cpu = await learner_run(root, model, f"view{r}", args, "viewer")
+        view += steps
+        extra = max(0.0, view_cpu - base_cpu)  # what the viewer, its pages and tail added
+        steps, _ = await learner_run(root, model, f"burn{r}", args, f"burn:{extra:.3f}")
+        burn += steps
+    print(f"  (load average of the machine at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          f"on {os.cpu_count()} CPUs)")
+    _report("  without viewer", base)
+    _report("  with viewer + 2 pages + tail", view)
+    _report(f"  with a {extra:.2f}-core CPU burner", burn)
+    print(f"  (in the last round the viewer, its browser pages and tail used {extra:.2f} cores beyond the "
+          "publisher and nats-server)")
+    for label, ref in (("viewer / none", base), ("viewer / same CPU burned", burn)):
+        if ref and view:
+            ratios = {k: statistics.fmean(st[k] for st in view) / max(statistics.fmean(st[k] for st in ref), 1e-9)
+                      for k in ("step", *PHASES)}
+            print(f"  ratio {label}: " + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items()))
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--burn":
+        burn(float(sys.argv[2]), float(sys.argv[3]))
+        sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "--publisher":
         url, run, rate, seconds, model = sys.argv[2:7]
         asyncio.run(publish_at_rate(url, run, float(rate), float(seconds), model))
@@ -406,4 +481,7 @@ if __name__ == "__main__":
     p.add_argument("--seconds", type=float, default=20, help="seconds of streaming in part 2 (default 20)")
     p.add_argument("--learner-rate", type=float, default=1_000, help="trajectories/s while the learner trains")
     p.add_argument("--learner-seconds", type=float, default=30, help="seconds of streaming per learner run")
+    p.add_argument("--batch", type=int, default=64, help="trajectories per learner step (default 64)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the three learner runs (default 2)")
+    p.add_argument("--only", choices=("tail", "learner"), default="", help="run only parts 1-2, or only part 3")
     asyncio.run(main(p.parse_args()))

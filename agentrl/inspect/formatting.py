@@ -119,7 +119,9 @@ def _header(traj: Trajectory, seg: Segment) -> str:
         if sampled.size:
             parts.append(f"v{int(sampled.min())}..{int(sampled.max())}")
     elif turn is not None and turn.kind == "abort":
-        parts.append(f"at token {seg.start}: an earlier attempt was cut here")
+        attempt = turn.info.get("attempt")
+        who = f"attempt {attempt}" if attempt is not None else "an earlier attempt"
+        parts.append(f"at token {seg.start}: {who} was cut here")
     if turn is not None:
         temperature = getattr(turn, "temperature", None)
         parts += [f"{k}={v}" for k, v in (("T", temperature), ("finish", turn.finish_reason),

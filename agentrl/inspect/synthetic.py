@@ -57,7 +57,7 @@ class _Builder:
 
     def abort(self, attempt: int) -> None:
         n = len(self.tokens)
-        self.turns.append(Turn(kind="abort", start=n, end=n, text=f"attempt {attempt} aborted (APRIL surplus)"))
+        self.turns.append(Turn(kind="abort", start=n, end=n, info={"attempt": attempt}))
 
     def build(self, prompt_len: int, **fields: object) -> Trajectory:
         return Trajectory(tokens=np.array(self.tokens, np.int32), loss_mask=np.array(self.mask, np.uint8),
@@ -111,6 +111,7 @@ def synthetic_group(
             first = _Builder(encode)
             first.masked("prompt", prompt)
             first.model(_call(a, c)[: len(_call(a, c)) // 2], version, rng, 1.0)
+            first.abort(0)
             out.append(first.build(prompt_len, id=f"{task_id}-0", status="aborted", attempt=0, **common))
         reward = _episode(b, rng, version, a, c, cut)
         finals.append(b.build(prompt_len, id=task_id if not cut else f"{task_id}-1", status="completed",

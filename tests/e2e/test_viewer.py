@@ -188,7 +188,7 @@ async def test_viewer_live_table_filter_and_trajectory_page(
                 trained = await page.locator("#segments .tokens span.tk-1").count()
                 assert trained == int(resumed.loss_mask.sum())
                 assert "The answer is" in await page.inner_text("#segments .segment.model >> nth=-1")
-                assert "an earlier attempt was cut here" in await page.inner_text(".abort-mark")
+                assert "attempt 0 was cut here" in await page.inner_text(".abort-mark")
                 assert "attempt 0 · aborted" in await page.inner_text("#attempts")
                 sibling_rows = await page.locator("#siblings tr").count() - 1
                 assert sibling_rows == resumed.group_size + 1  # four final trajectories and one aborted attempt

@@ -128,7 +128,7 @@ def test_transcript_shows_prompt_turns_abort_and_mask() -> None:
     rec = resumed_record()
     text = format_transcript(rec, summarize(rec))
     assert "[prompt] tokens 0..64 masked 64" in text
-    assert "[abort] at token" in text and "earlier attempt was cut here" in text
+    assert "[abort] at token" in text and "attempt 0 was cut here" in text
     assert "[tool calculator]" in text and "reward=0.0" in text
     assert text.count("[model]") == 3 and "trained" in text
 

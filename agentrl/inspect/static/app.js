@@ -176,7 +176,8 @@ function segmentHtml(seg, mode) {
   }
   if (seg.seconds) bits.push(`${seg.seconds.toFixed(2)}s`);
   let body;
-  if (seg.kind === "abort") body = `<div class="abort-mark">✂ an earlier attempt was cut here (token ${seg.start})${seg.text ? ": " + esc(seg.text) : ""}</div>`;
+  const who = seg.info && seg.info.attempt !== undefined ? `attempt ${esc(seg.info.attempt)}` : "an earlier attempt";
+  if (seg.kind === "abort") body = `<div class="abort-mark">✂ ${who} was cut here (token ${seg.start})${seg.text ? ": " + esc(seg.text) : ""}</div>`;
   else if (!n) body = `<div class="tokens">${esc(seg.text || "")}</div>`;
   else if (!t.pieces && mode === "mask") body = `<div class="tokens"><span class="tk-${trained === n ? 1 : 0}">${esc(seg.text || "(no tokenizer: token ids below)")}</span></div><div class="tokens">${tokensHtml(seg, mode)}</div>`;
   else body = `<div class="tokens">${tokensHtml(seg, mode)}</div>`;
