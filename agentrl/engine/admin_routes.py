@@ -111,7 +111,7 @@ class _Admin:
 
     async def pause_generation(self, request: web.Request) -> web.Response:
         inp = decode_body(await request.read(), PauseIn)
-        self.scheduler.pause(inp.mode)
+        await self.scheduler.pause(inp.mode)
         return _ok("Generation paused successfully.")
 
     async def continue_generation(self, request: web.Request) -> web.Response:

@@ -117,6 +117,7 @@ class Scheduler:
         self.released: set[str] = set()  # memory handed back (release_memory_occupation): nothing is admitted
         self.stats = SchedulerStats()
         self._retract_pending = False
+        self._settle_waiters: list[asyncio.Future[None]] = []  # pause() calls waiting for the batch to empty
         self._dirty: dict[int, Request] = {}  # rows whose table entries must be rewritten before the next step
         self._wake = asyncio.Event()
         self._pending_weights: list[tuple[Callable[[], None], int, asyncio.Future[None]]] = []
@@ -169,16 +170,20 @@ class Scheduler:
         self._wake.set()
         return found
 
-    def pause(self, mode: str = "in_place") -> None:
+    async def pause(self, mode: str = "in_place") -> None:
         """Stop generating. ``abort``: abort everything; ``retract``: running requests go back to the queue
         (their keys/values are recomputed when they resume, under the weights of that time); ``in_place``: they
-        stay where they are."""
+        stay where they are. Returns once no request runs any more (at once for ``in_place``)."""
         if mode == "abort":
             self.abort(None)
         elif mode == "retract":
-            self._retract_pending = True  # at the next step boundary: a step may be running now
-            self._wake.set()
+            self._retract_pending = True
         self.paused = True
+        if mode != "in_place" and self.running:
+            settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._settle_waiters.append(settled)
+            self._wake.set()
+            await settled
 
     def resume(self) -> None:
         self.paused = False
@@ -226,12 +231,21 @@ class Scheduler:
                 self._release_finished(failed=True)
             await asyncio.sleep(0)
 
+    def _settle(self) -> None:
+        if not self.running:
+            for waiter in self._settle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._settle_waiters.clear()
+
     def _idle_timeout(self) -> float | None:
         """While requests wait with a waiting timeout, wake up to expire them."""
         return 0.05 if self.waiting and self.waiting_timeout_s is not None else None
 
     def _has_work(self) -> bool:
-        if self._pending_weights or self._retract_pending or any(r.abort_requested and not r.finished for r in self.running):
+        if self._pending_weights or self._retract_pending or self._settle_waiters or any(
+            r.abort_requested and not r.finished for r in self.running
+        ):
             return True  # weight updates, retractions and aborts are served while paused too
         return not self.paused and not self.released and bool(self.waiting or self.running)
 
@@ -246,6 +260,7 @@ class Scheduler:
         self._expire()
         self._release_finished()
         if self.paused or self.released:
+            self._settle()
             return
         admitted = self._admit()
         if admitted:

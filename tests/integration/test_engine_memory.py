@@ -114,6 +114,30 @@ async def test_multi_stage_resume_loads_weights_before_the_kv_pool_returns(engin
     assert reply["meta_info"]["output_token_versions"] == [2] * 12
 
 
+async def test_colocation_turn_retracts_releases_loads_and_resumes(engine: str, mid_model_dir: Path) -> None:
+    from agentrl.client import EngineClient
+    from agentrl.client.colocate import Colocation
+
+    tasks = [asyncio.create_task(generate(engine, {"input_ids": [7 + i, 8, 9], "sampling_params": {
+        "max_new_tokens": 300, "ignore_eos": True, "temperature": 0}})) for i in range(6)]
+    await asyncio.sleep(0.5)
+    async with EngineClient(engine) as client:
+
+        async def load(e: Any) -> None:
+            await e.update_weights_from_disk(str(mid_model_dir), 3)
+
+        async with Colocation([client]).learner_turn(load):
+            during = await state(engine)
+            assert during["released_memory"] == ["cuda_graph", "kv_cache", "weights"] and during["kv_cache_bytes"] == 0
+            assert during["num_running_reqs"] == 0 and during["num_waiting_reqs"] == 6  # retracted, not aborted
+    outs = await asyncio.gather(*tasks)
+    for out in outs:
+        versions = out["meta_info"]["output_token_versions"]
+        assert out["meta_info"]["finish_reason"]["type"] == "length" and len(out["output_ids"]) == 300
+        assert 0 < versions.index(3) < 300 and set(versions[versions.index(3):]) == {3}
+    assert (await state(engine))["released_memory"] == []
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_on_gpu_a_learner_allocation_fits_only_after_release(mid_model_dir: Path) -> None:

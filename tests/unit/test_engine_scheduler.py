@@ -148,8 +148,7 @@ async def test_retract_sends_running_requests_back_and_they_resume_where_they_we
         scheduler.submit(req)
         for _ in range(5):
             await asyncio.wait_for(req.updates.get(), 5)
-        scheduler.pause("retract")
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(scheduler.pause("retract"), 5)
         assert scheduler.running == [] and list(scheduler.waiting) == [req] and not req.finished
         produced = len(req.output_ids)
         scheduler.resume()
@@ -164,7 +163,7 @@ async def test_retract_sends_running_requests_back_and_they_resume_where_they_we
 async def test_waiting_timeout_finishes_with_an_error_status() -> None:
     runner = FakeRunner(num_rows=1)
     scheduler = scheduler_for(runner, waiting_timeout_s=0.05)
-    scheduler.pause("in_place")
+    await scheduler.pause("in_place")
     req = make(3)
     scheduler.start()
     try:
