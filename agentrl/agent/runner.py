@@ -185,6 +185,8 @@ def _aborted(ctx: EpisodeContext, *, at_safe_point: bool) -> EpisodeOutcome:
     task = ctx.task
     resume = msgspec.structs.replace(task, attempt=task.attempt + 1, partial=partial)
     keep = env if partial is not None else None
+    if keep is not None:
+        keep.keep_for_resume()
     return EpisodeOutcome(ctx.finish(status="aborted"), resume=resume, env=keep)
 
 
