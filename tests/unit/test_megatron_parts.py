@@ -96,3 +96,17 @@ def test_driver_names_the_rank_and_error() -> None:
     backend = MegatronBackend(_FailingEngine())  # type: ignore[arg-type]
     with pytest.raises(BackendError, match="rank 0 export_hf failed: OSError: disk full"):
         backend.export_hf("/nowhere")  # type: ignore[arg-type]
+
+
+def test_megatron_config_section() -> None:
+    import msgspec
+
+    from agentrl.config.learner import LearnerConfig
+
+    lc = msgspec.convert({"backend": "megatron", "megatron": {"tensor_parallel": 2, "data_parallel": 3}},
+                         LearnerConfig)
+    assert lc.megatron.world_size == 6 and lc.megatron.distributed_optimizer
+    with pytest.raises(msgspec.ValidationError, match="tensor_paralel"):
+        msgspec.convert({"megatron": {"tensor_paralel": 2}}, LearnerConfig)
+    with pytest.raises(msgspec.ValidationError, match="pipeline_parallel"):
+        msgspec.convert({"megatron": {"pipeline_parallel": 0}}, LearnerConfig)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from agentrl.config.learner import LearnerConfig
-from agentrl.errors import BackendError
+from agentrl.errors import BackendError, ConfigError
 from trainer.backend.megatron.driver import MegatronBackend, follow
 from trainer.backend.megatron.engine import MegatronEngine
 from trainer.backend.megatron.parallel import init_parallel, shutdown_parallel
@@ -79,6 +79,10 @@ def _join(procs: list[Any]) -> None:
 @contextlib.contextmanager
 def open_megatron_backend(lc: LearnerConfig, seed: int = 0) -> Iterator[MegatronBackend]:
     """All ranks of the learner up and loaded; the rank-0 backend for the learner loop."""
+    world = lc.megatron.world_size
+    if _use_cuda(lc) and world > torch.cuda.device_count():
+        raise ConfigError(f"config key learner.megatron: tensor_parallel*pipeline_parallel*data_parallel = {world} "
+                          f"ranks, but this host has {torch.cuda.device_count()} GPUs")
     port = lc.megatron.master_port or free_port(lc.megatron.master_addr)
     procs = _spawn(lc, port, seed)
     backend = None
