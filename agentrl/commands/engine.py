@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+import msgspec
+
 from agentrl.commands import Command, add_common_arguments, load_run_config, setup_logging
 
 
@@ -17,11 +19,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (engine.device)")
     p.add_argument("--max-running", type=int, help="requests decoded together (engine.max_running)")
     p.add_argument("--context-length", type=int, help="max prompt + output tokens (engine.context_length)")
+    p.add_argument("--max-total-tokens", type=int, help="KV pool positions (engine.max_total_tokens)")
+    p.add_argument("--disable-radix-cache", action="store_const", const="false", help="engine.prefix_cache=false")
+    p.add_argument("--enable-custom-logit-processor", action="store_const", const="true",
+                   help="run client-sent logit processors (engine.enable_custom_logit_processor)")
+    p.add_argument("--api-key", help="key for every endpoint but /health* (default: $AGENTRL_ENGINE_API_KEY)")
+    p.add_argument("--admin-api-key", help="key for admin endpoints (default: $AGENTRL_ENGINE_ADMIN_KEY)")
 
 
 _FLAGS = {
     "model": "engine.model", "host": "engine.host", "port": "engine.port", "dtype": "engine.dtype",
     "device": "engine.device", "max_running": "engine.max_running", "context_length": "engine.context_length",
+    "max_total_tokens": "engine.max_total_tokens", "disable_radix_cache": "engine.prefix_cache",
+    "enable_custom_logit_processor": "engine.enable_custom_logit_processor",
 }
 
 
@@ -32,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     setup_logging()
     run_cfg = load_run_config(args, _FLAGS)
     cfg = run_cfg.engine
+    keys = {k: v for k, v in (("api_key", args.api_key), ("admin_api_key", args.admin_api_key)) if v is not None}
+    cfg = msgspec.structs.replace(cfg, **keys)  # strings as given (not parsed as YAML values)
     server = build_server(cfg, nats_url=args.nats or run_cfg.nats.url)
     try:
         import uvloop

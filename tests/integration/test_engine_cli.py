@@ -37,3 +37,16 @@ def test_engine_with_a_missing_or_broken_model_dir_fails_clearly(tmp_path: Path)
 def test_model_init_rejects_inconsistent_shapes(tmp_path: Path) -> None:
     done = agentrl("model", "init", "--hidden-size", "30", "--heads", "4", str(tmp_path / "x"))
     assert done.returncode == 1 and "--hidden-size 30" in done.stderr
+
+
+async def test_sglang_style_flags_reach_the_engine(tiny_model_dir: Path) -> None:
+    from tests.conformance.calls import get, post
+    from tests.fixtures.engine import start_engine
+
+    with start_engine(tiny_model_dir, "--admin-api-key", "12345", "--disable-radix-cache", "--max-total-tokens", "5000",
+                      "--enable-custom-logit-processor") as url:
+        _, info = await get(url, "/get_server_info")
+        assert info["disable_radix_cache"] is True and info["max_total_num_tokens"] == 5000
+        assert info["enable_custom_logit_processor"] is True
+        assert (await post(url, "/flush_cache"))[0] == 401
+        assert (await post(url, "/flush_cache", headers={"Authorization": "Bearer 12345"}))[0] == 200
