@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="port (engine.port, default 30000)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="engine.dtype")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (engine.device)")
-    p.add_argument("--max-running", type=int, help="requests decoded together (engine.max_running)")
+    p.add_argument("--max-running", "--max-running-requests", type=int, help="requests decoded together (engine.max_running)")
     p.add_argument("--context-length", type=int, help="max prompt + output tokens (engine.context_length)")
     p.add_argument("--max-total-tokens", type=int, help="KV pool positions (engine.max_total_tokens)")
     p.add_argument("--disable-radix-cache", action="store_const", const="false", help="engine.prefix_cache=false")
