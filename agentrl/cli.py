@@ -1,7 +1,8 @@
 """The ``agentrl`` command.
 
 Each subcommand is a module in :mod:`agentrl.commands` that defines ``COMMAND``,
-a :class:`~agentrl.commands.Command`. Only modules that exist are listed in
+a :class:`~agentrl.commands.Command`, or a Command another package registers in the
+``agentrl.commands`` entry-point group (the trainer's ``learner`` and ``sft``). Only modules that exist are listed in
 ``agentrl --help``, so the help never offers a subcommand that does not work.
 """
 
@@ -11,6 +12,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+from importlib import metadata
 
 from agentrl import __version__
 from agentrl.commands import Command
@@ -18,13 +20,19 @@ from agentrl.errors import AgentRLError
 
 
 def discover() -> list[Command]:
-    """Every ``COMMAND`` defined by a module of :mod:`agentrl.commands`, sorted by name."""
+    """Every ``COMMAND`` defined by a module of :mod:`agentrl.commands`, plus the commands other installed
+    packages register in the ``agentrl.commands`` entry-point group (the trainer's ``learner`` and ``sft``),
+    sorted by name."""
     import agentrl.commands as pkg
 
     found = []
     for info in pkgutil.iter_modules(pkg.__path__):
         module = importlib.import_module(f"agentrl.commands.{info.name}")
         command = getattr(module, "COMMAND", None)
+        if isinstance(command, Command):
+            found.append(command)
+    for entry in metadata.entry_points(group="agentrl.commands"):
+        command = entry.load()
         if isinstance(command, Command):
             found.append(command)
     return sorted(found, key=lambda c: c.name)

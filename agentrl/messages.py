@@ -301,7 +301,8 @@ class Trajectory(Message, kw_only=True):
     def staleness(self, current_version: int) -> np.ndarray:
         """Per trained token: how many versions behind ``current_version`` it was sampled."""
         trained = self.versions[self.loss_mask.astype(bool)]
-        return (current_version - trained).astype(np.int64)
+        ages: np.ndarray = (current_version - trained).astype(np.int64)
+        return ages
 
 
 class WeightUpdate(Message, kw_only=True):
@@ -419,7 +420,8 @@ def decode(data: bytes | memoryview, typ: type[M] | Any = AnyMessage) -> M:
             f"this agentrl reads versions 1..{SCHEMA_VERSION} (upgrade agentrl to read it)"
         )
     try:
-        return _decoder(typ).decode(data)
+        message: M = _decoder(typ).decode(data)
+        return message
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
         name = getattr(typ, "__name__", str(typ))
         raise DecodeError(f"invalid {header.msg or name} message ({len(data)} bytes): {exc}") from exc

@@ -7,7 +7,7 @@ from typing import Any
 from agentrl.agent import EpisodeContext
 from agentrl.env.base import Action
 from agentrl.errors import ConfigError
-from agentrl.messages import Task, Trajectory
+from agentrl.messages import Task, Trajectory, TrajectoryStatus
 
 
 async def run_episode(ctx: EpisodeContext, task: Task) -> Trajectory | None:
@@ -26,5 +26,5 @@ async def run_episode(ctx: EpisodeContext, task: Task) -> Trajectory | None:
         reward = await ctx.reward(task, turn.text)
     else:
         raise ConfigError("single_turn agent: needs an environment (task.env) or a reward function (worker.reward)")
-    status = "truncated" if turn.finish_reason == "length" else "completed"
+    status: TrajectoryStatus = "truncated" if turn.finish_reason == "length" else "completed"
     return ctx.finish(reward=reward, status=status, metadata=info)

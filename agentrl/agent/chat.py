@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from agentrl.errors import AgentRLError
 from agentrl.messages import ChatMessage
 
 __all__ = ["ChatRenderer", "ChatTokenizer", "TemplateError"]
@@ -37,7 +38,7 @@ _BASE: list[dict[str, Any]] = [
 ]
 
 
-class TemplateError(ValueError):
+class TemplateError(AgentRLError, ValueError):
     """The tokenizer's chat template cannot be rendered incrementally (it rewrites earlier turns)."""
 
 
