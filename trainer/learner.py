@@ -128,7 +128,7 @@ class Learner:
         self._stop.set()
 
     async def run(self) -> LearnerState:
-        """The loop of DESIGN.md §7; returns the final state."""
+        """The loop of docs/architecture.md §7; returns the final state."""
         self.state = state = await self.restore()
         log.info("learner ready at step %d, policy version %d", state.step, state.version)
         buffer = GroupBuffer(self.cfg.batch, self.training, state.consumed, self.group_filter,

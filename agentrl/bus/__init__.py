@@ -1,4 +1,4 @@
-"""The NATS JetStream bus that every actor talks through (see DESIGN.md §2)."""
+"""The NATS JetStream bus that every actor talks through (see docs/architecture.md §2)."""
 
 from agentrl.bus.client import Bus
 from agentrl.bus.consumer import Consumer, Delivery

@@ -1,6 +1,6 @@
 """The agent worker: pulls Tasks, runs episodes concurrently on one event loop, publishes Trajectories.
 
-Protocol (see DESIGN.md and the cross-actor protocol):
+Protocol (see docs/architecture.md):
 
 * tasks are pulled from ``tasks.resume`` > ``tasks.eval`` > ``tasks.new`` (durable
   consumers ``workers-<priority>`` shared by all workers), never more than the free
