@@ -207,3 +207,71 @@ async def test_viewer_live_table_filter_and_trajectory_page(
                 await screenshot(page, tmp_path, "viewer_plots.png")
                 await page.click('nav a[data-tab="config"]')
                 await page.wait_for_function("document.querySelector('#config').textContent.includes('name: live')")
+
+
+async def test_viewer_shows_a_real_resumed_episode_and_its_aborted_attempt(
+    tmp_path: Path, engine_url: str, tiny_model_dir: Path
+) -> None:
+    """A real abort on a real engine: the aborted attempt and the resumed trajectory are both listed, and the
+    resumed one's page shows the prompt, the model turn split at the token where the abort fell, and the attempts."""
+    require_browser()
+    from transformers import AutoTokenizer
+
+    from agentrl.agent import ChatRenderer
+    from agentrl.client import EngineClient
+    from agentrl.config.worker import WorkerConfig
+    from agentrl.env import LocalEnvs
+    from agentrl.messages import AbortRequest
+    from agentrl.worker import AgentWorker
+    from agents import tool_agent
+    from tests.fixtures.envs import EchoEnv
+
+    run_dir = tmp_path / "runs" / "abort"
+    cfg = RunConfig(name="abort", dir=str(run_dir))
+    cfg.engine.model = str(tiny_model_dir)
+    dump_config(cfg, run_dir / "config.yaml")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    async with EmbeddedNats(run_dir / "nats") as server, await Bus.connect(server.url, "abort") as bus:
+        async with EngineClient(engine_url) as client:
+            generating = asyncio.Event()
+
+            class Started:  # the engine client, telling when the first generation began
+                async def generate(self, *args: Any, **kwargs: Any) -> Any:
+                    generating.set()
+                    return await client.generate(*args, **kwargs)
+
+                async def abort(self, rid: str) -> None:
+                    await client.abort(rid)
+
+            worker = AgentWorker(bus, agent=tool_agent.make_tool_agent(stop_on_length=False), generator=Started(),
+                                 chat=ChatRenderer(tok), config=WorkerConfig(poll_timeout_s=0.2),
+                                 envs=LocalEnvs({"echo": EchoEnv}), worker_id="w-abort")
+            task = Task(id="ab", group_id="g", prompt=[ChatMessage(role="user", content="Count.")], env="echo",
+                        env_args={"steps": 1}, sampling=SamplingParams(max_new_tokens=300, ignore_eos=True))
+            await bus.publish(bus.subjects.task("new"), task, msg_id=task.id)
+            running = asyncio.create_task(worker.run())
+            await asyncio.wait_for(generating.wait(), 60)
+            await asyncio.sleep(0.3)  # mid-generation of the first turn
+            await bus.broadcast("abort", AbortRequest(task_ids=["ab"]))
+            async with asyncio.timeout(120):
+                for _ in iter(int, 1):  # until the aborted attempt and the resumed trajectory are stored
+                    if (await bus.js.stream_info(bus.subjects.traj_stream)).state.messages >= 2:
+                        break
+                    await asyncio.sleep(0.2)
+            worker.stop()
+            await asyncio.wait_for(running, 30)
+        (run_dir / "nats" / "url").write_text(server.url)
+        async with run_viewer(resolve_run(str(run_dir)), ViewerOptions(port=0)) as url, browser_page() as page:
+            await page.goto(url + "/#/?task=ab")
+            await page.wait_for_selector('.row[data-id="ab-1"]', timeout=20_000)
+            assert await page.locator('.row[data-id="ab-0"] .st-aborted').count() == 1
+            await page.click('.row[data-id="ab-1"]')
+            await page.wait_for_selector("#segments .segment")
+            kinds = await page.locator("#segments .segment").evaluate_all("els => els.map(e => e.classList[1])")
+            assert kinds[:4] == ["prompt", "model", "abort", "model"]
+            assert "(part 1)" in await page.inner_text("#segments .segment.model >> nth=0")
+            assert "attempt 0 was cut here" in await page.inner_text(".abort-mark")
+            assert "attempt 0 · aborted" in await page.inner_text("#attempts")
+            assert await page.locator("#segments .segment.prompt .tk-1").count() == 0
+            assert await page.locator("#segments .segment.prompt .tk-0").count() > 0
+            await screenshot(page, tmp_path, "viewer_resumed_real.png", full_page=True)
