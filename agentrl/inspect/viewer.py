@@ -52,6 +52,11 @@ async def _read_into(state: ViewerState, start: Start, follow: bool) -> None:
     log.info("viewer: read %d trajectories (end of the stream)", n)
 
 
+def _report_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("viewer: reading the stream failed (the page keeps what it has): %r", task.exception())
+
+
 @contextlib.asynccontextmanager
 async def run_viewer(loc: RunLocation, opts: ViewerOptions) -> AsyncIterator[str]:
     """Serve the viewer of ``loc`` until the context exits; yields its URL (``http://host:port``)."""
@@ -68,6 +73,7 @@ async def run_viewer(loc: RunLocation, opts: ViewerOptions) -> AsyncIterator[str
         start = opts.start or Start("last", opts.max_rows)
         follow = source.live if opts.follow is None else opts.follow
         reading = asyncio.create_task(_read_into(state, start, follow))
+        reading.add_done_callback(_report_failure)
         try:
             yield f"http://{opts.host}:{port}"
         finally:
