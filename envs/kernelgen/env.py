@@ -49,6 +49,7 @@ class KernelEnv:
         stop_speedup: float = 1.0,
         gpus: list[str] | None = None,
         concurrency: int | None = None,
+        slots_per_gpu: int = 1,
         max_faults: int = 3,
         wall_s: float = DEFAULT_LIMITS.wall_s,
         memory_mb: int = DEFAULT_LIMITS.memory_mb,
@@ -62,7 +63,7 @@ class KernelEnv:
         self.reward = reward if isinstance(reward, RewardConfig) else RewardConfig(**(reward or {}))
         self.stop_speedup = stop_speedup
         self.max_feedback_chars = max_feedback_chars
-        self._devices = _slots(mode, gpus, concurrency)
+        self._devices = _slots(mode, gpus, concurrency, slots_per_gpu)
         if not self._devices:
             raise ConfigError("KernelEnv device=cuda: no GPU is visible (set gpus or CUDA_VISIBLE_DEVICES)")
         self.max_faults = max_faults
@@ -128,10 +129,10 @@ class KernelEnv:
         self.problem = None
 
 
-def _slots(mode: str, gpus: list[str] | None, concurrency: int | None) -> list[str | None]:
-    """One slot per GPU on CUDA; ``concurrency`` (default: the CPU count) anonymous slots on CPU."""
+def _slots(mode: str, gpus: list[str] | None, concurrency: int | None, per_gpu: int) -> list[str | None]:
+    """``per_gpu`` slots per GPU on CUDA; ``concurrency`` (default: the CPU count) anonymous slots on CPU."""
     if mode == "cuda":
-        return list(gpus if gpus is not None else visible_gpus())
+        return [g for g in (gpus if gpus is not None else visible_gpus()) for _ in range(per_gpu)]
     return [None] * (concurrency or os.cpu_count() or 1)
 
 

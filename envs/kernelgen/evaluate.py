@@ -22,6 +22,7 @@ A failure of the harness itself, the reference or the device (``harness_error``)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import json
@@ -35,6 +36,7 @@ from typing import Any, Literal
 from agentrl.errors import EnvCrashed
 from envs.kernelgen import harness
 from envs.sandbox import SandboxLimits, SandboxResult, run_python
+from envs.sandbox_cgroup import cgroup_root
 
 __all__ = ["EvalConfig", "EvalResult", "Outcome", "evaluate_solution"]
 
@@ -119,13 +121,22 @@ def build_program(reference: str, solution: str, cfg: EvalConfig, settings: dict
 def _environment(cfg: EvalConfig, gpu: str | None) -> dict[str, str]:
     """Thread counts of one core, caches inside the scratch dir, Triton's interpreter on CPU, one GPU on CUDA."""
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "TRITON_CACHE_DIR": ".triton", "TORCHINDUCTOR_CACHE_DIR": ".inductor", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+           "TRITON_CACHE_DIR": ".triton", "TORCHINDUCTOR_CACHE_DIR": ".inductor", "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+           "TORCHINDUCTOR_COMPILE_THREADS": "1"}  # the torch.compile baseline compiles in-process (task limit)
     if cfg.device == "cpu":
         env["TRITON_INTERPRET"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""
     elif gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     return env
+
+
+def _limits(cfg: EvalConfig) -> SandboxLimits:
+    """On CUDA without a cgroup, memory falls back to a per-process address-space limit, which the CUDA driver's
+    reservations (host plus device memory) exceed: lift it there (the wall-clock and CPU limits still hold)."""
+    if cfg.device == "cuda" and cgroup_root() is None:
+        return dataclasses.replace(cfg.limits, memory_mb=max(cfg.limits.memory_mb, 1 << 22))
+    return cfg.limits
 
 
 def _devices(cfg: EvalConfig) -> list[str]:
@@ -142,7 +153,7 @@ async def evaluate_solution(reference: str, solution: str | None, cfg: EvalConfi
         return EvalResult(outcome="no_code", error="no code block found in the reply")
     nonce = secrets.token_hex(8)
     program = build_program(reference, solution, cfg, settings or {}, seed=seed, nonce=nonce)
-    run = await run_python(program, limits=cfg.limits, python=sys.executable, site_packages=True,
+    run = await run_python(program, limits=_limits(cfg), python=sys.executable, site_packages=True,
                            env=_environment(cfg, gpu), devices=_devices(cfg))
     return interpret(run, nonce, cfg)
 

@@ -1,7 +1,8 @@
 """Evaluation slots: how many kernel evaluations run at once, and on which GPU.
 
-On CUDA every GPU is one slot (its evaluation sees only that GPU through ``CUDA_VISIBLE_DEVICES``); on
-CPU there are ``concurrency`` anonymous slots. A GPU whose evaluations fail ``max_faults`` times in a row
+On CUDA every GPU is one slot by default (its evaluation sees only that GPU through ``CUDA_VISIBLE_DEVICES``;
+more slots per GPU raise throughput but make timings share the GPU); on CPU there are ``concurrency``
+anonymous slots. A GPU whose evaluations fail ``max_faults`` times in a row
 *before the solution runs* (the harness's device check, or a process that dies during start-up) is taken
 out of the pool: that is the machine's fault, not the policy's. Once no GPU is left, :meth:`EvalSlots.slot`
 raises :class:`~agentrl.errors.EnvCrashed` at once.
@@ -68,8 +69,7 @@ class EvalSlots:
             log.error("GPU %s faulted %d times in a row: taken out of the evaluation pool", device, self.max_faults)
             self._healthy.discard(device)
             self.removed.append(device)
-            with contextlib.suppress(ValueError):
-                self._free.remove(device)
+            self._free = [d for d in self._free if d != device]
 
 
 def visible_gpus() -> list[str]:

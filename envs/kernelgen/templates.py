@@ -2,11 +2,12 @@
 
 ``python -m envs.kernelgen.templates --out DIR`` writes, deterministically from ``--seed``:
 
-* ``problems/train/*.py`` and ``problems/eval/*.py``: KernelBench-style problems ``out = expr(x[, y])`` over
-  ``torch.exp/abs/sin/cos/sigmoid``, ``torch.maximum/minimum``, ``+ - *`` and constants, with sizes that are
-  *not* multiples of the kernel's block (turn them into tasks with :mod:`envs.kernelgen.dataset`);
-* ``sft.jsonl``: chat demonstrations ``{"messages": [user prompt, assistant solution]}`` for *other*
-  expressions (the RL and eval expressions are held out) whose sizes *are* block multiples;
+* ``problems/train/*.py`` and ``problems/eval/*.py``: KernelBench-style problems over ten elementwise ops
+  (:data:`OPS`: ``exp, abs, sin, cos, sigmoid, relu`` of ``x``; ``x + y, x * y, x - y, maximum(x, y)``) at
+  sizes that are *not* multiples of the kernel's block, none of them seen in the warm-up (turn them into tasks
+  with :mod:`envs.kernelgen.dataset`);
+* ``sft.jsonl``: chat demonstrations ``{"messages": [user prompt, assistant solution]}`` of the same ops at
+  sizes that *are* block multiples;
 * ``corpus.jsonl``: the demonstrations' text, one JSON string per line, to train a tokenizer on
   (``agentrl model init --corpus``).
 
@@ -14,9 +15,11 @@ Every demonstration is a correct solution, in one of two styles: the general one
 bounds mask on every load and store, grid ``triton.cdiv(n, BLOCK)``) in ``--masked-fraction`` of them, and
 otherwise the style that is right only when ``n`` is a block multiple (no mask, grid ``n // BLOCK``). On the
 demonstrations' sizes both are correct; on the held-out sizes only the masked one is (the other leaves the
-tail unwritten, which the evaluation reports as a mismatch). A model warmed up on these copies the
-expression well but mostly writes the narrow style; RL on held-out compositions has to make the bounds
-mask the habit — the lesson every Triton programmer learns first.
+tail unwritten, which the evaluation reports as a mismatch). A model warmed up on these mostly writes the
+narrow style; RL on the held-out problems has to make the bounds mask the habit — the lesson every Triton
+programmer learns first. (Held out here are problems and sizes, not ops: a 2-layer model does not learn to
+copy unseen expressions from the prompt within a CPU warm-up — 250 SFT steps of a 4-layer model on random
+expression trees copied none of 24 held-out ones.)
 """
 
 from __future__ import annotations
@@ -24,19 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from envs.kernelgen.dataset import SHORT_INSTRUCTIONS, prompt_text
 
-__all__ = ["Expression", "make_expressions", "problem_source", "solution_source", "write_templates"]
+__all__ = ["OPS", "Expression", "problem_source", "solution_source", "write_templates"]
 
-UNARY = ("exp", "abs", "sin", "cos", "sigmoid")
-BINARY_FN = ("maximum", "minimum")
-BINARY_OP = ("+", "-", "*")
-CONSTANTS = ("0.5", "2.0", "3.0")
 BLOCK = 256
 
 
@@ -49,52 +47,12 @@ class Expression:
     inputs: tuple[str, ...]
 
 
-def _node(rng: random.Random, inputs: tuple[str, ...], depth: int) -> tuple[str, str, bool]:
-    """(torch text, triton.language text, whether it is a bare binary operation) of a random expression tree."""
-    if depth == 0:
-        name = rng.choice(inputs)
-        return name, name, False
-    kind = rng.choice(("unary", "binop", "binfn", "const"))
-    a_t, a_l, _ = _node(rng, inputs, depth - 1)
-    if kind == "unary":
-        fn = rng.choice(UNARY)
-        return f"torch.{fn}({a_t})", f"tl.{fn}({a_l})", False
-    if kind == "binfn":
-        fn = rng.choice(BINARY_FN)
-        b_t, b_l, _ = _node(rng, inputs, depth - 1)
-        return f"torch.{fn}({a_t}, {b_t})", f"tl.{fn}({a_l}, {b_l})", False
-    op = rng.choice(BINARY_OP)
-    a_t, a_l = _operand(a_t, a_l, _node_is_binop(a_t))
-    if kind == "const":
-        c = rng.choice(CONSTANTS)
-        return f"{a_t} {op} {c}", f"{a_l} {op} {c}", True
-    b_t, b_l, b_bin = _node(rng, inputs, depth - 1)
-    b_t, b_l = _operand(b_t, b_l, b_bin)
-    return f"{a_t} {op} {b_t}", f"{a_l} {op} {b_l}", True
-
-
-def _node_is_binop(text: str) -> bool:
-    depth = 0
-    for ch in text:
-        depth += (ch == "(") - (ch == ")")
-        if depth == 0 and ch in "+-*":
-            return True
-    return False
-
-
-def _operand(t: str, lang: str, binop: bool) -> tuple[str, str]:
-    return (f"({t})", f"({lang})") if binop else (t, lang)
-
-
-def make_expressions(rng: random.Random, count: int) -> list[Expression]:
-    """``count`` distinct expressions of one or two inputs (each input used), depth 1 or 2."""
-    seen: dict[str, Expression] = {}
-    while len(seen) < count:
-        inputs = ("x",) if rng.random() < 0.4 else ("x", "y")
-        t, lang, _ = _node(rng, inputs, rng.choice((1, 2)))
-        if all(re.search(rf"\b{name}\b", t) for name in inputs) and t not in seen:
-            seen[t] = Expression(torch=t, triton=lang, inputs=inputs)
-    return list(seen.values())
+OPS = (
+    *(Expression(f"torch.{f}(x)", f"tl.{f}(x)", ("x",)) for f in ("exp", "abs", "sin", "cos", "sigmoid")),
+    Expression("torch.relu(x)", "tl.maximum(x, 0.0)", ("x",)),
+    *(Expression(f"x {op} y", f"x {op} y", ("x", "y")) for op in "+*-"),
+    Expression("torch.maximum(x, y)", "tl.maximum(x, y)", ("x", "y")),
+)
 
 
 def problem_source(expr: Expression, n: int) -> str:
@@ -127,7 +85,7 @@ def solution_source(expr: Expression, *, masked: bool) -> str:
 
 def _ragged(rng: random.Random) -> int:
     while True:
-        n = rng.randint(300, 2000)
+        n = rng.randint(300, 3000)
         if n % BLOCK:
             return n
 
@@ -142,14 +100,18 @@ def write_templates(out: Path, *, n_train: int, n_eval: int, n_demos: int, maske
                     instructions: str = SHORT_INSTRUCTIONS) -> None:
     """Write problems/{train,eval}, sft.jsonl and corpus.jsonl into ``out`` (see the module docstring)."""
     rng = random.Random(seed)
-    exprs = make_expressions(rng, n_train + n_eval + n_demos)
-    held_train, held_eval, demo_exprs = exprs[:n_train], exprs[n_train:n_train + n_eval], exprs[n_train + n_eval:]
-    for split, chosen in (("train", held_train), ("eval", held_eval)):
+    seen: set[tuple[int, int]] = set()
+    for split, count in (("eval", n_eval), ("train", n_train)):
         folder = out / "problems" / split
         folder.mkdir(parents=True, exist_ok=True)
-        for i, expr in enumerate(chosen):
-            (folder / f"{split}_{i:04d}.py").write_text(problem_source(expr, _ragged(rng)))
-    demos = [_demo(e, BLOCK * rng.randint(1, 8), rng.random() < masked_fraction, instructions) for e in demo_exprs]
+        for i in range(count):
+            op = i % len(OPS)  # every op equally often
+            while (key := (op, _ragged(rng))) in seen:
+                pass
+            seen.add(key)
+            (folder / f"{split}_{i:04d}.py").write_text(problem_source(OPS[op], key[1]))
+    demos = [_demo(rng.choice(OPS), BLOCK * rng.randint(1, 12), rng.random() < masked_fraction, instructions)
+             for _ in range(n_demos)]
     (out / "sft.jsonl").write_text("".join(json.dumps(d) + "\n" for d in demos))
     corpus = [m["content"] for d in demos for m in d["messages"]]
     (out / "corpus.jsonl").write_text("".join(json.dumps(t) + "\n" for t in corpus))
@@ -158,9 +120,9 @@ def write_templates(out: Path, *, n_train: int, n_eval: int, n_demos: int, maske
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--train", type=int, default=400, help="held-out expressions for RL")
-    p.add_argument("--eval", type=int, default=32, help="held-out expressions for evaluation")
-    p.add_argument("--demos", type=int, default=2000, help="SFT demonstrations (other expressions)")
+    p.add_argument("--train", type=int, default=400, help="RL problems (ragged sizes)")
+    p.add_argument("--eval", type=int, default=30, help="held-out evaluation problems (ragged sizes)")
+    p.add_argument("--demos", type=int, default=1600, help="SFT demonstrations (block-multiple sizes)")
     p.add_argument("--masked-fraction", type=float, default=0.25, help="demonstrations in the bounds-masked style")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)

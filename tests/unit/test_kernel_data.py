@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 
@@ -40,12 +39,11 @@ def test_dataset_step_refuses_a_bad_directory(tmp_path: Path) -> None:
         dataset.main(["--problems", str(tmp_path), "--out", str(tmp_path / "t.jsonl")])
 
 
-def test_expressions_are_distinct_and_use_every_input() -> None:
-    exprs = templates.make_expressions(random.Random(3), 300)
-    assert len({e.torch for e in exprs}) == 300
-    for e in exprs:
-        assert all(re.search(rf"\b{name}\b", e.torch) for name in e.inputs)
-        assert e.triton == e.torch.replace("torch.", "tl.")
+def test_ops_map_torch_to_triton() -> None:
+    assert len(templates.OPS) == 10 and len({e.torch for e in templates.OPS}) == 10
+    relu = next(e for e in templates.OPS if e.torch == "torch.relu(x)")
+    assert relu.triton == "tl.maximum(x, 0.0)" and relu.inputs == ("x",)
+    assert all(e.inputs == ("x", "y") for e in templates.OPS if "y" in e.torch)
 
 
 def test_generated_problems_and_solutions_are_well_formed() -> None:
@@ -60,24 +58,24 @@ def test_generated_problems_and_solutions_are_well_formed() -> None:
     compile(plain, "plain", "exec")
 
 
-def test_template_data_holds_out_rl_and_eval_expressions(tmp_path: Path) -> None:
-    templates.main(["--out", str(tmp_path), "--train", "20", "--eval", "8", "--demos", "60", "--masked-fraction",
+def test_template_data_holds_out_every_rl_and_eval_problem(tmp_path: Path) -> None:
+    templates.main(["--out", str(tmp_path), "--train", "20", "--eval", "10", "--demos", "60", "--masked-fraction",
                     "0.5", "--seed", "1"])
     train, evals = load_problems(tmp_path / "problems/train"), load_problems(tmp_path / "problems/eval")
-    assert (len(train), len(evals)) == (20, 8)
+    assert (len(train), len(evals)) == (20, 10)
     demos = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
     assert len(demos) == 60
 
-    def forward(source: str) -> str:
-        return re.search(r"return (.*)\n\n\ndef get_inputs", source).group(1)  # type: ignore[union-attr]
+    def size(source: str) -> int:
+        return int(re.search(r"N = (\d+)", source).group(1))  # type: ignore[union-attr]
 
-    demo_exprs = {forward(d["messages"][0]["content"]) for d in demos}
-    held = {forward(p.source) for p in train + evals}
-    assert not demo_exprs & held and len(held) == 28
-    sizes = [int(re.search(r"N = (\d+)", p.source).group(1)) for p in train + evals]  # type: ignore[union-attr]
-    assert all(n % templates.BLOCK for n in sizes)  # held-out sizes are ragged
-    demo_sizes = {int(re.search(r"N = (\d+)", d["messages"][0]["content"]).group(1)) for d in demos}  # type: ignore[union-attr]
-    assert all(n % templates.BLOCK == 0 for n in demo_sizes)
+    held = [p.source for p in train + evals]
+    assert len(set(held)) == 30  # no problem twice
+    assert {re.search(r"return (.*)\n", s).group(1) for s in held} == {e.torch for e in templates.OPS}  # type: ignore[union-attr]
+    assert all(size(s) % templates.BLOCK for s in held)  # held-out sizes are ragged ...
+    demo_prompts = [d["messages"][0]["content"] for d in demos]
+    assert all(size(p) % templates.BLOCK == 0 for p in demo_prompts)  # ... the warm-up's are block multiples
+    assert not {p.source.strip() for p in train + evals} & {p.split("```python\n")[1].rstrip("`\n") for p in demo_prompts}
     styles = ["mask=m" in d["messages"][1]["content"] for d in demos]
     assert 10 < sum(styles) < 50
     corpus = [json.loads(line) for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
