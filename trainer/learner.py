@@ -239,6 +239,11 @@ def batch_taken(state: LearnerState, batch: Batch) -> BatchTaken:
                       dropped_task_ids=sorted(dropped))
 
 
+def trained_ages(items: Sequence[TrainItem]) -> list[np.ndarray]:
+    """Per item, the staleness of the tokens actually trained (sampled and not masked by the bound)."""
+    return [i.ages[i.mask[i.traj.loss_mask > 0] > 0] for i in items]
+
+
 def step_metrics(batch: Batch, result: StepResult, state: LearnerState, phases: Phases, eta: int) -> dict[str, Any]:
     """The per-step metrics record (keys ``learner/...``)."""
     rewards = np.array([i.traj.reward for i in batch.items], dtype=np.float64)
@@ -261,6 +266,7 @@ def step_metrics(batch: Batch, result: StepResult, state: LearnerState, phases: 
         "learner/staleness/mean": sum(k * v for k, v in counts.items()) / tokens,
         "learner/staleness/max": max(counts, default=0),
         "learner/staleness/over_bound_tokens": sum(v for k, v in counts.items() if k > eta),
+        "learner/staleness/trained_max": max((int(a.max()) for a in trained_ages(batch.items) if a.size), default=0),
         "learner/staleness/masked_tokens": sum(i.masked for i in batch.items),
         "learner/staleness/dropped_trajectories": len(batch.stale_dropped_ages),
         "learner/logprob_diff/mean": result.logprob_diff_mean,

@@ -69,9 +69,12 @@ class Progress:
         acc = self.eval_accuracy()
         if acc is not None:
             parts.append(f"eval {100 * acc:.1f}%")
-        stale = _max_staleness(self.latest.get("learner/staleness/hist"))
+        stale = self.latest.get("learner/staleness/trained_max")
+        if stale is None:
+            stale = _max_staleness(self.latest.get("learner/staleness/hist"))
         if stale is not None:
-            parts.append(f"stale≤{stale}")
+            masked = int(self.latest.get("learner/staleness/masked_tokens", 0))
+            parts.append(f"stale≤{int(stale)}" + (f" ({masked} older masked)" if masked else ""))
         if "learner/perf/tokens_per_s" in self.latest:
             parts.append(f"{float(self.latest['learner/perf/tokens_per_s']):.0f} tok/s")
         eta = self.eta_seconds(now)

@@ -26,7 +26,7 @@ SHORT = [
     " --vocab-size, '512', --max-positions, '512']},"
     " {name: sft, argv: [agentrl, sft, --config, '{config}', --model, '{run_dir}/base', --data,"
     " '{run_dir}/data/sft.jsonl', --output, '{run_dir}/sft', --epochs, '1']}]",
-    f"learner.batch.trajectories_per_step={BATCH}", f"controller.batch_size={BATCH}", "controller.group_size=4",
+    f"training.batch_size={BATCH}", "training.group_size=4",
     "controller.max_new_tokens=24", "controller.eval.interval=3", "controller.eval.max_prompts=8",
     "engine.max_running=32", "launch.grace_s=5",
 ]
@@ -74,7 +74,7 @@ def actor_pids(run_dir: Path) -> list[int]:
 
 # The quickstart's own preparation (data, model, SFT) and RL, shortened to 20 steps: enough for the reward
 # and the held-out accuracy to rise (the full run takes them from ~0 to ~75% in 40 steps).
-LEARN = [f"learner.max_steps={LEARN_STEPS}", f"controller.max_steps={LEARN_STEPS}", "controller.eval.interval=10",
+LEARN = [f"training.max_steps={LEARN_STEPS}", "controller.eval.interval=10",
          "controller.eval.max_prompts=32", "launch.grace_s=5"]
 
 
@@ -83,10 +83,11 @@ def test_shortened_quickstart_learns_within_the_staleness_bound_and_stops_cleanl
     run_dir = tmp_path / "quickstart"
     learner = [r for r in rows(run_dir / "learner_metrics.jsonl") if "learner/step" in r]
     assert [r["learner/step"] for r in learner] == list(range(1, LEARN_STEPS + 1)), out[-3000:]
-    # the staleness bound (eta = 1) held for every trained token
+    # the staleness bound (eta = 1) held for every trained token; older sampled tokens were counted and masked
     for r in learner:
-        hist = r["learner/staleness/hist"]
-        assert isinstance(hist, dict) and max(int(k) for k, v in hist.items() if v) <= 1
+        assert r["learner/staleness/trained_max"] <= 1
+        over = sum(v for k, v in r["learner/staleness/hist"].items() if int(k) > 1)  # type: ignore[union-attr]
+        assert r["learner/staleness/over_bound_tokens"] == over == r["learner/staleness/masked_tokens"]
     # the reward went up: the last five steps against the first five, and held-out greedy accuracy
     reward = [float(r["learner/reward/mean"]) for r in learner]  # type: ignore[arg-type]
     assert sum(reward[-5:]) / 5 > sum(reward[:5]) / 5 + 0.15, reward
@@ -115,7 +116,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[bytes], timeo
 
 def test_run_survives_killing_a_worker_and_the_engine(tmp_path: Path) -> None:
     steps = 5
-    proc = start_run(tmp_path, f"learner.max_steps={steps}", f"controller.max_steps={steps}", "launch.workers=2")
+    proc = start_run(tmp_path, f"training.max_steps={steps}", "launch.workers=2")
     run_dir = tmp_path / "quickstart"
     wait_for_step(run_dir, 1, proc, timeout=600)
     workers = [p for p in actor_pids(run_dir) if " worker " in cmdline(p)]
@@ -128,7 +129,7 @@ def test_run_survives_killing_a_worker_and_the_engine(tmp_path: Path) -> None:
     assert "restart 1/3" in out  # the supervisor brought them back
     latest = (run_dir / "checkpoints" / "LATEST").read_text().strip()
     state = json.loads((run_dir / "checkpoints" / latest / "state.json").read_text())
-    trained_tasks = [tid.rsplit("-", 1)[0] for tid in state["consumed"]]
+    trained_tasks = [tid.rsplit("-", 1)[0] for rec in state["history"] for tid in rec["trained"]]
     assert len(trained_tasks) == len(set(trained_tasks)) == steps * BATCH  # every task trained once, none lost
     ctrl = [r for r in rows(run_dir / "controller_metrics.jsonl") if "controller/admitted" in r][-1]
     assert ctrl["controller/admitted"] == ctrl["controller/finished"] == steps * BATCH

@@ -73,3 +73,27 @@ def test_load_object_errors_name_the_path() -> None:
         load_object("agents.tool_agent.nope")
     with pytest.raises(ConfigError, match="expected a dotted path"):
         load_object("plain")
+
+
+class _Shop:
+    """An environment configured from YAML: ``{factory: ..., args: {items: 3}}``."""
+
+    def __init__(self, *, items: int, currency: str = "EUR") -> None:
+        self.items, self.currency = items, currency
+
+
+def test_env_factories_take_arguments_from_config() -> None:
+    from agentrl.config.loader import load_config
+    from agentrl.config.run import RunConfig
+    from agentrl.plugins import load_factory
+
+    path = f"{__name__}:_Shop"
+    cfg = load_config(RunConfig, None, [f"worker.envs.shop={{factory: '{path}', args: {{items: 3}}}}",
+                                        f"worker.envs.plain={path}"])
+    shop = load_factory(cfg.worker.envs["shop"], what="worker.envs.shop")()
+    assert (shop.items, shop.currency) == (3, "EUR")
+    with pytest.raises(ConfigError, match=r"worker.envs.bad .*args \{'color': 1\} do not fit its signature"):
+        load_factory(load_config(RunConfig, None, [f"worker.envs.bad={{factory: '{path}', args: {{color: 1}}}}"])
+                     .worker.envs["bad"], what="worker.envs.bad")
+    with pytest.raises(ConfigError, match="missing a required argument: 'items'"):
+        load_factory(cfg.worker.envs["plain"], what="worker.envs.plain")  # items has no default
