@@ -34,7 +34,17 @@ _SETTINGS = ("atol", "rtol", "forbid")
 
 
 class KernelEnv:
-    """One episode of writing a Triton kernel for one problem, scored by sandboxed evaluation."""
+    """One episode of writing a Triton kernel for one problem, scored by sandboxed evaluation.
+
+    ``device``: ``cpu`` (Triton's interpreter, no timing), ``cuda`` or ``auto`` (cuda when a GPU is visible).
+    ``sets`` fresh input sets must match within ``atol``/``rtol`` (a problem's own settings win). ``timing`` /
+    ``compile_baseline``: CUDA-event timing against eager PyTorch and ``torch.compile``. ``reward``: a
+    :class:`~envs.kernelgen.reward.RewardConfig` or its fields (``credit``, ``speed_baseline``, ...).
+    ``stop_speedup``: a correct kernel at least this much faster than eager ends the episode. Slots: ``gpus``
+    (default: every visible GPU) times ``slots_per_gpu`` on CUDA, ``concurrency`` (default: the CPU count) on
+    CPU, shared by every episode of the process; ``max_faults`` failed health checks in a row take a GPU out.
+    ``wall_s`` / ``memory_mb`` bound one evaluation.
+    """
 
     def __init__(
         self,
