@@ -277,8 +277,13 @@ class Bus:
             )
 
     async def dead_letter(self, stream: str, data: bytes, *, reason: str, origin: dict[str, str]) -> int:
-        """Store an undeliverable message in the DLQ stream with why and where it came from."""
+        """Store an undeliverable message in the DLQ stream with why and where it came from.
+
+        Stored once per original message: every consumer of a stream (the learner's and the controller's, say)
+        that finds the same bad message dead-letters it under one message id, which the DLQ deduplicates."""
         headers = {"Agentrl-Reason": reason[:1000], **{f"Agentrl-{k}": v for k, v in origin.items()}}
+        if "Seq" in origin:
+            headers["Nats-Msg-Id"] = f"dlq-{stream}-{origin['Seq']}"
         ack = await self.js.publish(self.subjects.dead_letter_for(stream), data, headers=headers)
         return int(ack.seq)
 

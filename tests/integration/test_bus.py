@@ -87,6 +87,10 @@ async def test_undecodable_message_is_dead_lettered_and_consumer_keeps_going(bus
     for d in got:
         await d.ack()
     assert await consumer.fetch(10, 0.5) == []  # terminated: not redelivered
+    other = await bus.consumer(bus.subjects.traj, "controller", Trajectory)  # a second reader of the stream
+    assert len(await other.fetch(10, 2.0)) == 2 and other.dead_lettered == 2
+    info = await bus.js.stream_info(bus.subjects.dlq_stream)
+    assert info.state.messages == 2  # each bad message stored once, however many consumers met it
 
 
 async def test_poison_message_is_dead_lettered_after_max_deliver(nats_url: str, run_name: str) -> None:
