@@ -84,6 +84,17 @@ def test_one_rank_matches_torch_backend_through_training_resume_and_export(model
         torch.testing.assert_close(meg.logprobs(whole), after_resume_ref, atol=1e-6, rtol=0)
 
 
+def test_kl_to_the_reference_matches_torch_backend(model_dir: Path) -> None:
+    lc = msgspec.convert({**msgspec.to_builtins(_config(model_dir)), "loss": {"kl_coef": 0.5}}, LearnerConfig)
+    ref = build_torch_backend(lc)
+    _, mbs = _batches()
+    with open_megatron_backend(lc) as meg:
+        for _ in range(2):  # the second step's policy has moved away from the reference
+            got, want = meg.train_step(mbs, ppo_loss, lc.loss), ref.train_step(mbs, ppo_loss, lc.loss)
+            assert got.metrics["loss/kl"] == pytest.approx(want.metrics["loss/kl"], rel=1e-4, abs=1e-9)
+    assert got.metrics["loss/kl"] > 0
+
+
 @pytest.mark.slow
 def test_two_tensor_parallel_ranks_score_and_export_like_one(model_dir: Path, tmp_path: Path) -> None:
     whole, mbs = _batches()

@@ -140,14 +140,14 @@ class MegatronEngine:
     """This rank's model stage (wrapped for DDP) and optimizer, loaded from the HF checkpoint ``lc.model``."""
 
     def __init__(self, rank: Rank, lc: LearnerConfig) -> None:
-        if lc.loss.kl_coef > 0:
-            raise ConfigError("config key learner.loss.kl_coef: > 0 needs a reference model; the megatron "
-                              "backend has none yet")
         self.rank, self.lc = rank, lc
         self.on_gpu = rank.device.type == "cuda"
         if not self.on_gpu and rank.pp > 1:
             raise ConfigError("config key learner.megatron.pipeline_parallel: > 1 needs CUDA (megatron-core's "
                               "pipeline schedules allocate on the GPU)")
+        if lc.loss.kl_coef > 0 and rank.pp > 1:
+            raise ConfigError("config key learner.loss.kl_coef: the megatron backend's KL reference model needs "
+                              "pipeline_parallel = 1")
         self.base = Path(lc.model)
         self.hf_config = AutoConfig.from_pretrained(self.base)
         self.shape = shape_from_hf(self.hf_config)
@@ -161,22 +161,32 @@ class MegatronEngine:
         from megatron.core import parallel_state as ps
 
         self.vocab = VocabSlice(start, min(per_rank, self.shape.vocab - start), ps.get_tensor_model_parallel_group())
-        self.model = self._build_model()
+        local = shard(hf_to_megatron(read_hf_tensors(self.base), self.shape), self.shape, tp=rank.tp,
+                      tp_rank=rank.tp_rank, pp=rank.pp, pp_rank=rank.pp_rank)
+        self.model = self._build_model(local)
+        self.ref = self._build_reference(local) if lc.loss.kl_coef > 0 else None
         self.optimizer = self._build_optimizer()
         self.lr_factor = lr_lambda(lc.optim)
         self.step = 0
 
     # ------------------------------------------------------------------ building
 
-    def _build_model(self) -> Any:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
+    def _build_gpt(self, local: dict[str, torch.Tensor]) -> Any:
         with _quiet():
             gpt = build_gpt(self.shape, self.opts, pre_process=self.rank.first_stage, post_process=self.rank.last_stage)
-        self._load_local(gpt, shard(hf_to_megatron(read_hf_tensors(self.base), self.shape), self.shape,
-                                    tp=self.rank.tp, tp_rank=self.rank.tp_rank, pp=self.rank.pp,
-                                    pp_rank=self.rank.pp_rank))
-        gpt.to(self.rank.device)
+        self._load_local(gpt, local)
+        return gpt.to(self.rank.device)
+
+    def _build_reference(self, local: dict[str, torch.Tensor]) -> Any:
+        """A frozen copy of the initial weights: the KL term's reference policy."""
+        ref = self._build_gpt(local)
+        ref.eval().requires_grad_(False)
+        return ref
+
+    def _build_model(self, local: dict[str, torch.Tensor]) -> Any:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        gpt = self._build_gpt(local)
         if not self.on_gpu:
             return gpt
         gpt.config.finalize_model_grads_func = _finalize_grads
@@ -310,10 +320,11 @@ class MegatronEngine:
               output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         mb = item.mb
         lp, ent = self._scores(item, output)
+        ref = self._reference_logprobs(item) if cfg.kl_coef > 0 else None
         proximal = (mb.proximal_logprobs if mb.proximal_logprobs is not None else lp.detach()) if cfg.proximal else None
         inputs = LossInputs(
             logprobs=lp, behaviour_logprobs=mb.behaviour_logprobs, advantages=mb.advantages, mask=mb.mask,
-            seq_index=mb.seq_index, num_seqs=len(mb.seq_lens), proximal_logprobs=proximal, entropy=ent,
+            seq_index=mb.seq_index, num_seqs=len(mb.seq_lens), proximal_logprobs=proximal, ref_logprobs=ref, entropy=ent,
             total_tokens=totals.tokens, total_seqs=totals.seqs)
         out = loss_fn(inputs, cfg)
         gap = (lp.detach() - mb.behaviour_logprobs).abs()[mb.mask > 0]
@@ -321,6 +332,14 @@ class MegatronEngine:
                  "diff_sum": float(gap.sum()) if gap.numel() else 0.0,
                  "diff_max": float(gap.max()) if gap.numel() else 0.0}
         return out.loss, torch.tensor(1), stats
+
+    @torch.no_grad()
+    def _reference_logprobs(self, item: _Item) -> torch.Tensor:
+        if self.ref is None:
+            raise ConfigError("config key learner.loss.kl_coef: > 0 needs a reference model; this learner was "
+                              "started with kl_coef = 0 and has none")
+        lp, _ = self._scores(item, self.ref(item.ids, None, None, packed_seq_params=item.packed))
+        return lp
 
     def _report(self, done: list[dict[str, Any]], grad_norm: float, lr: float, tokens: int) -> dict[str, Any] | None:
         if not self.rank.reports:
