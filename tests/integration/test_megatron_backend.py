@@ -1,8 +1,8 @@
 """The Megatron backend on CPU (gloo) against the torch backend: same weights, same packed batches.
 
 One rank: logprobs, two optimizer steps, checkpoint/resume and the HF export agree with the torch backend in
-float32. Two ranks (TP = 2): logprobs match one rank's and the gathered HF export is the
-input checkpoint bit for bit; a CPU training step with two ranks is refused on every rank with a clear error.
+float32. Two ranks (TP = 2, or DP = 2): logprobs match one rank's and the gathered HF export is
+the input checkpoint bit for bit; a CPU training step with two ranks is refused on every rank with a clear error.
 """
 
 from __future__ import annotations
@@ -96,10 +96,11 @@ def test_kl_to_the_reference_matches_torch_backend(model_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_tensor_parallel_ranks_score_and_export_like_one(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", [{"tensor_parallel": 2}, {"data_parallel": 2}], ids=["tp2", "dp2"])
+def test_two_ranks_score_and_export_like_one(model_dir: Path, tmp_path: Path, layout: dict[str, int]) -> None:
     whole, mbs = _batches()
     want = build_torch_backend(_config(model_dir)).logprobs(whole)
-    lc = _config(model_dir, tensor_parallel=2)  # (sequence parallel: megatron-core scatters on CUDA only)
+    lc = _config(model_dir, **layout)  # (sequence parallel: megatron-core scatters on CUDA only)
     with open_megatron_backend(lc) as meg:
         torch.testing.assert_close(meg.logprobs(whole), want, atol=2e-6, rtol=0)
         meg.export_hf(tmp_path)
