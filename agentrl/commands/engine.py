@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-radix-cache", action="store_const", const="false", help="engine.prefix_cache=false")
     p.add_argument("--enable-custom-logit-processor", action="store_const", const="true",
                    help="run client-sent logit processors (engine.enable_custom_logit_processor)")
+    p.add_argument("--weight-update", choices=["swap", "drain"],
+                   help="swap: load new weights between decode steps; drain: wait for running requests first, as "
+                        "SGLang does (engine.weight_update)")
     p.add_argument("--api-key", help="key for every endpoint but /health* (default: $AGENTRL_ENGINE_API_KEY)")
     p.add_argument("--admin-api-key", help="key for admin endpoints (default: $AGENTRL_ENGINE_ADMIN_KEY)")
 
@@ -31,7 +34,7 @@ _FLAGS = {
     "model": "engine.model", "host": "engine.host", "port": "engine.port", "dtype": "engine.dtype",
     "device": "engine.device", "max_running": "engine.max_running", "context_length": "engine.context_length",
     "max_total_tokens": "engine.max_total_tokens", "disable_radix_cache": "engine.prefix_cache",
-    "enable_custom_logit_processor": "engine.enable_custom_logit_processor",
+    "enable_custom_logit_processor": "engine.enable_custom_logit_processor", "weight_update": "engine.weight_update",
 }
 
 

@@ -39,6 +39,10 @@ class EngineConfig(Section):
     max_queued: Annotated[int, msgspec.Meta(ge=0)] = 100_000  # waiting requests beyond this get HTTP 429
     context_length: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = min(model max positions, 4096)
     prefix_cache: bool = True  # radix-tree prefix cache over the KV pool (SGLang's radix cache)
+    # swap: new weights are copied in between two decode steps (running requests continue under them, each token
+    # keeps its version); drain: as SGLang, a weight update waits until the running requests finish, admitting
+    # none meanwhile (abort_all_requests cuts the wait short: APRIL, controller.abort_on_update)
+    weight_update: Literal["swap", "drain"] = "swap"
     max_total_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # KV pool positions; 0 = (max_running + 16) * context
     max_prefill_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16384  # new prompt tokens admitted per prefill step
     cuda_graph: bool = True  # capture decode steps as CUDA graphs (CUDA only)

@@ -69,6 +69,7 @@ def build_server(cfg: EngineConfig, *, nats_url: str | None = None) -> EngineSer
         KVCache(pool, enabled=cfg.prefix_cache, version=cfg.weight_version),
         max_running=cfg.max_running,
         max_queued=cfg.max_queued,
+        drain_for_weights=cfg.weight_update == "drain",
         max_prefill_tokens=cfg.max_prefill_tokens,
         weight_version=cfg.weight_version,
         waiting_timeout_s=cfg.waiting_timeout_s or _env_seconds("SGLANG_REQ_WAITING_TIMEOUT"),

@@ -92,6 +92,7 @@ class Scheduler:
         cache: KVCache,
         *,
         max_running: int,
+        drain_for_weights: bool = False,
         max_queued: int,
         max_prefill_tokens: int = 16384,
         weight_version: int = 0,
@@ -104,6 +105,7 @@ class Scheduler:
         self.eos_ids = frozenset(eos_ids)
         self.cache = cache
         self.max_running = min(max_running, runner.num_rows)
+        self.drain_for_weights = drain_for_weights  # a weight update waits for the running requests (SGLang)
         self.max_queued = max_queued
         self.max_prefill_tokens = max_prefill_tokens  # new prompt tokens per prefill step (bounds its memory)
         self.weight_version = weight_version
@@ -271,6 +273,8 @@ class Scheduler:
             self._release_finished()
 
     async def _apply_weights(self) -> None:
+        if self.drain_for_weights and any(not r.finished for r in self.running):
+            return  # drain: the update waits until the running requests finish (nothing new is admitted meanwhile)
         while self._pending_weights:
             apply, version, fut = self._pending_weights.pop(0)
             try:
@@ -302,6 +306,8 @@ class Scheduler:
     def _admit(self) -> list[Request]:
         """Move waiting requests into the batch while rows, KV memory and the prefill budget allow (at least one)."""
         admitted: list[Request] = []
+        if self.drain_for_weights and self._pending_weights:
+            return admitted  # draining for a weight update
         budget = self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]

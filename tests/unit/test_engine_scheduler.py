@@ -138,6 +138,40 @@ async def test_weight_update_applies_between_steps_and_versions_tokens() -> None
     assert applied == [switch] and set(req.versions[:switch]) == {0} and set(req.versions[switch:]) == {4}
 
 
+async def test_drain_mode_waits_for_running_requests_and_admits_none_meanwhile() -> None:
+    """engine.weight_update=drain (SGLang's behaviour): the update waits for the batch to finish; a request that
+    arrives meanwhile starts only under the new weights; abort_all (APRIL) cuts the wait short."""
+    runner = FakeRunner(num_rows=2)
+    scheduler = scheduler_for(runner, drain_for_weights=True)
+    long, late = make(2, max_new=40), make(3, max_new=5)
+    long.stream = True
+    scheduler.start()
+    try:
+        scheduler.submit(long)
+        for _ in range(3):
+            await asyncio.wait_for(long.updates.get(), 5)
+        applied: list[int] = []
+        update = asyncio.create_task(scheduler.update_weights(lambda: applied.append(len(long.output_ids)), 4))
+        await asyncio.sleep(0.05)
+        scheduler.submit(late)
+        while not await asyncio.wait_for(long.updates.get(), 5):
+            pass
+        await asyncio.wait_for(update, 5)
+        while not await asyncio.wait_for(late.updates.get(), 5):
+            pass
+        # with abort_all the update does not wait: the running request ends at once, cut short
+        cut = make(2, max_new=400)
+        scheduler.submit(cut)
+        await asyncio.sleep(0.05)
+        scheduler.abort(None)
+        await asyncio.wait_for(scheduler.update_weights(lambda: None, 5), 5)
+    finally:
+        await scheduler.stop()
+    assert applied == [40] and set(long.versions) == {0}  # every token under the old weights, then the update
+    assert set(late.versions) == {4}  # admitted only after the update
+    assert len(cut.output_ids) < 400 and (cut.finish_reason or {}).get("type") == "abort"
+
+
 async def test_retract_sends_running_requests_back_and_they_resume_where_they_were() -> None:
     runner = FakeRunner(num_rows=1)
     scheduler = scheduler_for(runner, prefix_cache=True)
