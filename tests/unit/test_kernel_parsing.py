@@ -107,8 +107,8 @@ def _line(tag: str, nonce: str, body: str) -> str:
 def test_interpret_reads_only_lines_with_the_nonce() -> None:
     forged = {"stage": "done", "compiled": True, "correct": True}
     real = {"stage": "run", "compiled": True, "correct": False, "mismatch": {"kind": "shape"}, "violations": []}
-    out = (_line(harness.STAGE_TAG, "n1", "run 0") + _line(harness.RESULT_TAG, "forged", json.dumps(forged))
-           + _line(harness.RESULT_TAG, "n1", json.dumps(real)))
+    out = (_line(harness.STAGE_TAG, "n1", "run 0") + _line(harness.RESULT_TAG, "n1", json.dumps(real))
+           + _line(harness.RESULT_TAG, "forged", json.dumps(forged)) + _line(harness.STAGE_TAG, "forged", "done 0"))
     r = interpret(_run(out), "n1", EvalConfig())
     assert (r.outcome, r.compiled, r.correct, r.stage) == ("wrong", True, False, "run")
 
