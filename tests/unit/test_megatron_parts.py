@@ -94,7 +94,7 @@ class _FailingEngine:
 
 def test_driver_names_the_rank_and_error() -> None:
     backend = MegatronBackend(_FailingEngine())  # type: ignore[arg-type]
-    with pytest.raises(BackendError, match="rank 0 export_hf failed: OSError: disk full"):
+    with pytest.raises(BackendError, match=r"rank 0 export_hf failed: OSError: disk full \(at .*test_megatron_parts.py:\d+\)"):
         backend.export_hf("/nowhere")  # type: ignore[arg-type]
 
 

@@ -67,6 +67,15 @@ def _execute(engine: MegatronEngine, cmd: Command) -> tuple[Any, str | None]:
         return None, traceback.format_exc()
 
 
+def _summary(tb: str) -> str:
+    """The exception line of a traceback and where it was raised (``file:line``)."""
+    lines = tb.strip().splitlines()
+    frames = [ln.strip() for ln in lines if ln.strip().startswith('File "')]
+    where = frames[-1].split(",")[:2] if frames else []
+    place = ":".join(p.strip().removeprefix('File "').removesuffix('"').removeprefix("line ") for p in where)
+    return f"{lines[-1]} (at {place})" if place else lines[-1]
+
+
 def follow(engine: MegatronEngine) -> None:
     """A non-leader rank's loop: replay the leader's commands until ``stop``."""
     while True:
@@ -74,9 +83,7 @@ def follow(engine: MegatronEngine) -> None:
         if cmd.name == "stop":
             return
         _, error = _execute(engine, cmd)
-        if error is not None:
-            log.error("rank %d: %s failed:\n%s", engine.rank.rank, cmd.name, error)
-        engine.gather(error)
+        engine.gather(error)  # rank 0 logs it
 
 
 class MegatronBackend:
@@ -92,8 +99,10 @@ class MegatronBackend:
         result, error = _execute(self.engine, cmd)
         errors = self.engine.gather(error) or [error]
         failed = {r: e for r, e in enumerate(errors) if e is not None}
+        for r, e in failed.items():
+            log.error("rank %d: %s failed:\n%s", r, name, e)
         if failed:
-            raise BackendError("megatron backend: " + "; ".join(f"rank {r} {name} failed: {e.strip().splitlines()[-1]}"
+            raise BackendError("megatron backend: " + "; ".join(f"rank {r} {name} failed: {_summary(e)}"
                                                                  for r, e in failed.items()))
         return result
 
