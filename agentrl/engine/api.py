@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from agentrl.engine.request import RequestOptions
+from agentrl.errors import AgentRLError
 
 __all__ = [
     "AbortIn",
@@ -37,7 +38,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-class BadRequest(Exception):
+class BadRequest(AgentRLError):
     """An invalid request; ``field`` is the dotted name of the offending field when known."""
 
     def __init__(self, message: str, field: str | None = None) -> None:

@@ -15,13 +15,15 @@ import json
 from collections import OrderedDict
 from typing import Any
 
+from agentrl.errors import AgentRLError
+
 __all__ = ["ProcessorError", "RequestView", "load_processor"]
 
 _CACHE: OrderedDict[str, Any] = OrderedDict()
 _CACHE_SIZE = 64
 
 
-class ProcessorError(ValueError):
+class ProcessorError(AgentRLError, ValueError):
     """The string is not a serialized processor (or dill is not installed)."""
 
 

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import torch
 
+from agentrl.errors import AgentRLError
+
 __all__ = ["GRAMMAR_KINDS", "GrammarCompiler", "GrammarError", "RequestGrammar"]
 
 GrammarKind = Literal["regex", "json_schema", "ebnf"]
@@ -25,7 +27,7 @@ GRAMMAR_KINDS: tuple[GrammarKind, ...] = ("regex", "json_schema", "ebnf")
 _BITS = torch.arange(32, dtype=torch.int64)
 
 
-class GrammarError(ValueError):
+class GrammarError(AgentRLError, ValueError):
     """The grammar does not compile (the message says why), or xgrammar is not installed."""
 
 

@@ -38,13 +38,14 @@ from agentrl.engine.step_inputs import (
     sampling_batch,
     score_specs,
 )
+from agentrl.errors import AgentRLError
 
 __all__ = ["QueueFull", "Runner", "Scheduler", "SchedulerStats"]
 
 log = logging.getLogger(__name__)
 
 
-class QueueFull(Exception):
+class QueueFull(AgentRLError):
     """More requests are waiting than the engine accepts (answered with HTTP 429)."""
 
 

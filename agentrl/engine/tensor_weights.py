@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from agentrl.errors import AgentRLError
+
 __all__ = ["TensorPayloadError", "decode_named_tensors"]
 
 _DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
@@ -31,7 +33,7 @@ _ALLOWED: dict[str, set[str] | None] = {  # module -> allowed names (None: any n
 }
 
 
-class TensorPayloadError(ValueError):
+class TensorPayloadError(AgentRLError, ValueError):
     """The payload is not base64 of pickled ``(name, tensor)`` pairs made only of torch objects."""
 
 
