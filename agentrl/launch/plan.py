@@ -99,7 +99,7 @@ def _nats(cfg: RunConfig, ctx: LaunchContext) -> list[ActorSpec]:
     lc = cfg.launch
     return [ActorSpec("nats", ctx.nats_argv, max_restarts=lc.max_restarts, ready=ctx.nats_check, ready_timeout_s=60,
                       health=ctx.nats_check, health_interval_s=lc.health_interval_s,
-                      health_failures=lc.health_failures, death_signal=signal.SIGTERM)]
+                      health_failures=lc.health_failures, death_signal=signal.SIGTERM, stop_last=True)]
 
 
 def _engines(cfg: RunConfig, ctx: LaunchContext) -> list[ActorSpec]:

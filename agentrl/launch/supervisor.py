@@ -12,7 +12,8 @@ While the run goes:
 * an actor that exits 0 has finished its work and is not restarted; the run ends when every actor with
   ``finishes_run=True`` (learner, controller) has finished;
 * :meth:`Supervisor.stop` (Ctrl-C / SIGTERM, also during a step or while waiting for an actor to be ready)
-  sends SIGTERM to every process group, waits ``grace_s`` and then SIGKILLs what is left.
+  sends SIGTERM to every process group, waits ``grace_s`` and then SIGKILLs what is left; actors marked
+  ``stop_last`` (the bus) are stopped after all the others.
 
 Actors die with the supervisor: each is started with ``PR_SET_PDEATHSIG`` (SIGKILL, or ``death_signal``), so
 killing the supervisor, even with SIGKILL, leaves nothing running. File descriptors in ``keep_fds`` (the run
@@ -68,6 +69,7 @@ class ActorSpec:
     health_failures: int = 3  # consecutive failed probes before the actor is restarted
     hang_timeout_s: float | None = None  # restart when its heartbeat is older than this (None: no beats)
     death_signal: int = signal.SIGKILL  # what the actor gets when the supervisor dies
+    stop_last: bool = False  # on stop, wait for every other actor to exit first (e.g. the bus they all use)
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -121,7 +123,7 @@ class Supervisor:
         self.running: dict[str, _Running] = {}
         self.restarts: dict[str, int] = {}
         self.finished: set[str] = set()
-        self.ready: set[str] = set()  # actors whose readiness check passed (since their last start)
+        self.ready: set[str] = set()  # running actors whose readiness check passed
         self.current_step: str | None = None  # the step running now, for progress displays
         self._stopping = asyncio.Event()
 
@@ -251,6 +253,7 @@ class Supervisor:
                     continue
                 if r.monitor is not None:
                     r.monitor.cancel()
+                self.ready.discard(name)
                 if code == 0 and r.unhealthy is None:
                     log.info("%s finished", name)
                     self.finished.add(name)
@@ -280,21 +283,32 @@ class Supervisor:
         return f"actor {name} {what}{extra}; last log lines ({self.log_path(name)}):\n" + tail(self.log_path(name))
 
     async def stop(self) -> None:
-        """SIGTERM every actor's process group, wait ``grace_s``, SIGKILL the rest (idempotent)."""
+        """SIGTERM every actor's process group, wait ``grace_s``, SIGKILL the rest (idempotent).
+
+        Actors with ``stop_last`` are stopped only once the others have exited, so those can finish cleanly
+        (the learner exports its weights, acks go through) while the bus is still there.
+        """
         for r in self.running.values():
             if r.monitor is not None:
                 r.monitor.cancel()
-        procs = [r.proc for r in self.running.values() if r.proc.returncode is None]
-        for p in procs:
-            _signal_group(p.pid, signal.SIGTERM)
-            _signal_group(p.pid, signal.SIGCONT)  # a stopped process must run to handle its SIGTERM
-        if procs:
-            _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=self.grace_s)
-            for p in procs:
-                _signal_group(p.pid, signal.SIGKILL)
-            if pending:
-                await asyncio.wait(pending, timeout=5.0)
+        for last in (False, True):
+            await _terminate([r.proc for r in self.running.values() if r.spec.stop_last == last], self.grace_s)
         self.running.clear()
+
+
+async def _terminate(procs: list[asyncio.subprocess.Process], grace_s: float) -> None:
+    """SIGTERM the process groups, wait ``grace_s``, then SIGKILL them."""
+    procs = [p for p in procs if p.returncode is None]
+    if not procs:
+        return
+    for p in procs:
+        _signal_group(p.pid, signal.SIGTERM)
+        _signal_group(p.pid, signal.SIGCONT)  # a stopped process must run to handle its SIGTERM
+    _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=grace_s)
+    for p in procs:
+        _signal_group(p.pid, signal.SIGKILL)
+    if pending:
+        await asyncio.wait(pending, timeout=5.0)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

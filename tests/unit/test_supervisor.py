@@ -220,3 +220,19 @@ def test_run_directory_lock_is_held_while_any_actor_lives(tmp_path: Path) -> Non
         actor.wait()
     with run_lock(tmp_path):  # free once the last holder is gone
         pass
+
+
+async def test_actors_marked_stop_last_outlive_the_others_on_stop(tmp_path: Path) -> None:
+    order = tmp_path / "order"
+    on_term = ("import signal, sys, time\n"
+               "def bye(*_):\n    time.sleep({wait}); open({path!r}, 'a').write({name!r} + ' '); sys.exit(0)\n"
+               "signal.signal(signal.SIGTERM, bye)\ntime.sleep(600)")
+    sup = Supervisor([ActorSpec("bus", py(on_term.format(path=str(order), name="bus", wait=0.1)), stop_last=True),
+                      ActorSpec("learner", py(on_term.format(path=str(order), name="learner", wait=1.0)))],
+                     tmp_path / "l", grace_s=5)
+    task = asyncio.create_task(sup.run())
+    await until(lambda: len(sup.running) == 2)
+    await asyncio.sleep(0.5)
+    sup.request_stop()
+    assert await asyncio.wait_for(task, 20) is False
+    assert order.read_text().split() == ["learner", "bus"]
