@@ -12,11 +12,14 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import tomllib
 from importlib import metadata
+from pathlib import Path
 
 from agentrl import __version__
 from agentrl.commands import Command
 from agentrl.errors import AgentRLError
+from agentrl.plugins import load_object
 
 
 def discover() -> list[Command]:
@@ -31,11 +34,22 @@ def discover() -> list[Command]:
         command = getattr(module, "COMMAND", None)
         if isinstance(command, Command):
             found.append(command)
-    for entry in metadata.entry_points(group="agentrl.commands"):
-        command = entry.load()
+    for _, target in plugin_commands():
+        command = load_object(target, what="agentrl.commands entry point")
         if isinstance(command, Command):
             found.append(command)
     return sorted(found, key=lambda c: c.name)
+
+
+def plugin_commands() -> list[tuple[str, str]]:
+    """``(name, "module:attr")`` of the ``agentrl.commands`` entry points: from the installed distributions, or,
+    when agentrl runs from a source tree that was never installed (``PYTHONPATH=.``), from its pyproject.toml."""
+    found = [(e.name, e.value) for e in metadata.entry_points(group="agentrl.commands")]
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if found or not pyproject.is_file():
+        return found
+    table = tomllib.loads(pyproject.read_text()).get("project", {}).get("entry-points", {})
+    return list(table.get("agentrl.commands", {}).items())
 
 
 def build_parser() -> argparse.ArgumentParser:

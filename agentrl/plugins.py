@@ -17,17 +17,10 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from agentrl.config.loader import Section
+from agentrl.config.factory import FactorySpec
 from agentrl.errors import ConfigError
 
 __all__ = ["FactorySpec", "load_factory", "load_object"]
-
-
-class FactorySpec(Section):
-    """A callable named by dotted path plus the keyword arguments it is called with."""
-
-    factory: str
-    args: dict[str, Any] = {}
 
 
 def load_object(path: str, *, what: str = "object") -> Any:

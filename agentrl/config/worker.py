@@ -9,8 +9,8 @@ from typing import Annotated
 
 import msgspec
 
+from agentrl.config.factory import FactorySpec
 from agentrl.config.loader import Section
-from agentrl.plugins import FactorySpec
 
 __all__ = ["EnvdConfig", "WorkerConfig"]
 
