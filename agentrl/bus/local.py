@@ -2,7 +2,8 @@
 
 A run directory that has an embedded server records its URL in ``<run_dir>/nats/url``;
 actors of the same run started by hand without ``--nats`` find and share it,
-and the first one starts it (and stops it when it exits).
+and the first one starts it (and stops it when it exits), holding the run directory's lock
+meanwhile: it never starts a second server on the store of a run that ``agentrl run`` supervises.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from agentrl.bus.client import Bus
 from agentrl.bus.server import EmbeddedNats
 from agentrl.config.run import RunConfig
 from agentrl.launch.heartbeat import beating
+from agentrl.launch.lock import run_lock
 
 __all__ = ["open_bus", "running_server_url"]
 
@@ -48,7 +50,8 @@ async def open_bus(cfg: RunConfig, url: str | None = None) -> AsyncIterator[Bus]
             yield bus
         return
     server = EmbeddedNats(cfg.run_dir / "nats", max_payload_mb=cfg.nats.max_payload_mb)
-    async with server:
-        (cfg.run_dir / "nats" / "url").write_text(server.url)
-        async with beating(), await Bus.connect(server.url, cfg.name, cfg.nats) as bus:
-            yield bus
+    with run_lock(cfg.run_dir):  # never a second server on the store of a live run (RunDirInUse)
+        async with server:
+            (cfg.run_dir / "nats" / "url").write_text(server.url)
+            async with beating(), await Bus.connect(server.url, cfg.name, cfg.nats) as bus:
+                yield bus

@@ -236,3 +236,15 @@ async def test_actors_marked_stop_last_outlive_the_others_on_stop(tmp_path: Path
     sup.request_stop()
     assert await asyncio.wait_for(task, 20) is False
     assert order.read_text().split() == ["learner", "bus"]
+
+
+async def test_an_actor_started_by_hand_never_starts_a_second_server_on_a_locked_run(tmp_path: Path) -> None:
+    from agentrl.bus.local import open_bus
+    from agentrl.config import RunConfig, load_config
+
+    cfg = load_config(RunConfig, None, [f"dir={tmp_path}/{{name}}", "name=demo"])
+    # a live `agentrl run` (or its actors) holds the lock, and its server is down just now
+    with run_lock(cfg.run_dir), pytest.raises(RunDirInUse, match="is in use by processes"):
+        async with open_bus(cfg):
+            pass
+    assert not (cfg.run_dir / "nats" / "jetstream").exists()
