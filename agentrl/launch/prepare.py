@@ -25,7 +25,7 @@ from agentrl.config.run import NatsConfig, RunConfig
 from agentrl.launch.plan import LaunchContext, bus_users
 from agentrl.launch.supervisor import ReadyCheck
 
-__all__ = ["nats_ready", "prepare"]
+__all__ = ["authorization_for", "issue_credentials", "nats_ready", "prepare", "write_all"]
 
 
 def nats_ready(url: str, run: str, config: NatsConfig) -> ReadyCheck:
@@ -40,21 +40,31 @@ def nats_ready(url: str, run: str, config: NatsConfig) -> ReadyCheck:
     return check
 
 
-def _credentials(cfg: RunConfig, ca_file: Path | None) -> dict[str, Credentials]:
-    users = bus_users(cfg)
-    creds = {name: issue(name, role, cfg.name) for name, role in users.items()}
+def issue_credentials(cfg: RunConfig, ca_file: Path | None = None) -> dict[str, Credentials]:
+    """New credentials for every NATS user of the run (:func:`~agentrl.launch.plan.bus_users`)."""
+    creds = {name: issue(name, role, cfg.name) for name, role in bus_users(cfg).items()}
     if ca_file is not None:
         creds = {n: msgspec.structs.replace(c, ca_file=str(ca_file)) for n, c in creds.items()}
     return creds
 
 
-def _server_config(cfg: RunConfig, port: int, creds: dict[str, Credentials], tls: TlsFiles | None) -> Path:
+def write_all(creds: dict[str, Credentials], directory: Path) -> dict[str, Path]:
+    """Each user's credentials file in ``directory`` (``<user>.json``, owner-only)."""
+    return {name: write_credentials(c, directory / f"{name}.json").resolve() for name, c in creds.items()}
+
+
+def authorization_for(cfg: RunConfig, creds: dict[str, Credentials]) -> str:
+    """The server's ``authorization`` block: each user with its role's permissions ('' without users)."""
     subjects, roles = Subjects(cfg.name), bus_users(cfg)
     streams = [str(s.name) for s in _stream_configs(subjects, cfg.nats)]
     users = [(c, permissions(roles[name], subjects, streams, c.inbox_prefix)) for name, c in creds.items()]
+    return render_authorization(users) if users else ""
+
+
+def _server_config(cfg: RunConfig, port: int, creds: dict[str, Credentials], tls: TlsFiles | None) -> Path:
     store = cfg.run_dir / "nats"
     text = render_config(port, (store / "jetstream").resolve(), cfg.nats.max_payload_mb, "127.0.0.1",
-                         authorization=render_authorization(users) if users else "", tls=tls)
+                         authorization=authorization_for(cfg, creds), tls=tls)
     return write_config(store / "nats-server.conf", text)
 
 
@@ -66,8 +76,8 @@ def prepare(cfg: RunConfig, config_path: Path, engine_ports: list[int],
         return LaunchContext(config_path, cfg.nats.url, engine_ports, http_check, engine_admin_key=admin_key)
     run_dir, port = cfg.run_dir, free_port()
     tls, ca_file = make_certificates(run_dir / "secrets" / "tls", "127.0.0.1") if cfg.nats.tls else (None, None)
-    creds = _credentials(cfg, ca_file) if cfg.nats.auth else {}
-    files = {name: write_credentials(c, run_dir / "secrets" / f"{name}.json").resolve() for name, c in creds.items()}
+    creds = issue_credentials(cfg, ca_file) if cfg.nats.auth else {}
+    files = write_all(creds, run_dir / "secrets")
     conf = _server_config(cfg, port, creds, tls)
     url = f"{'tls' if tls else 'nats'}://127.0.0.1:{port}"
     (run_dir / "nats" / "url").write_text(url)

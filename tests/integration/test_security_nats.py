@@ -7,6 +7,8 @@ what that actor needs and nothing else of the table below.
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -275,3 +277,27 @@ async def test_tls_with_the_runs_own_ca(tmp_path: Path) -> None:
         with pytest.raises(BusConnectError):  # the server's certificate is not trusted without the run's CA
             await Bus.connect(server.url, RUN, NatsConfig(credentials=str(untrusted), connect_attempts=1,
                                                           connect_timeout_s=2))
+
+
+async def test_agentrl_nats_secure_makes_each_actor_its_credentials(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "agentrl.cli", "nats", "--secure", "--port", "0", "--store-dir", str(tmp_path / "nats"),
+           "--set", f"dir={tmp_path}/{{name}}", "--run", "demo", "--set", "launch.workers=2"]
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None
+        ready = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        url = ready.split(" at ", 1)[1].split()[0]
+        secrets = tmp_path / "demo" / "secrets"
+        assert {p.stem for p in secrets.iterdir()} >= {"launcher", "inspector", "worker-0", "worker-1", "controller",
+                                                       "learner"}
+        launcher = NatsConfig(credentials=str(secrets / "launcher.json"), connect_attempts=2)
+        async with await Bus.connect(url, "demo", launcher) as bus:  # creates the run's streams
+            assert await bus.get_version() == 0
+        worker = NatsConfig(credentials=str(secrets / "worker-1.json"), connect_attempts=2)
+        async with await Bus.connect(url, "demo", worker) as bus:
+            assert await _js_publish(bus, bus.subjects.traj) and not await _js_publish(bus, bus.subjects.task("new"))
+        with pytest.raises(BusConnectError, match="refused"):
+            await Bus.connect(url, "demo", NatsConfig(connect_attempts=1))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
