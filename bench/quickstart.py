@@ -1,4 +1,4 @@
-"""The quickstart, measured: async RL (eta=1, APRIL) against the same run synchronously (eta=0, no APRIL).
+"""The quickstart, measured: async RL (eta=1) against the same run synchronously (eta=0).
 
 For each seed: run ``agentrl run configs/quickstart.yaml`` from scratch (data, model, SFT, RL), then run
 the synchronous baseline from the same SFT checkpoint (the preparation steps are skipped because their
@@ -6,7 +6,11 @@ outputs are copied in). Prints the eval accuracy (held-out problems, greedy) at 
 end, the RL wall-clock of both, the time each first reached 90% of the sync run's final accuracy, and
 the ratios.
 
-    python bench/quickstart.py --seeds 0 1 2 [--out runs/bench-quickstart]
+    python -m bench.quickstart --seeds 0 1 2 [--out runs/bench-quickstart]
+
+``--set KEY=VALUE`` applies to both runs (e.g. ``training.max_steps=20``); ``--second KEY=VALUE ...`` replaces
+the synchronous settings of the second run (e.g. ``--second learner.backend=megatron``: the same async run on
+another learner backend, from the same SFT checkpoint).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 from agentrl.launch.plots import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-SYNC = ["controller.max_staleness=0", "learner.batch.max_staleness=0", "controller.april_alpha=null"]
+SYNC = ["training.max_staleness=0", "controller.april_alpha=null"]
 
 
 def run(out: Path, seed: int, extra: list[str]) -> tuple[float, str]:
@@ -54,9 +58,9 @@ def time_to(ev: list[tuple[float, int, float]], start: float, target: float) -> 
     return next((t - start for t, _, acc in ev if acc >= target), None)
 
 
-def one_seed(out: Path, seed: int) -> dict[str, float | None]:
+def one_seed(out: Path, seed: int, common: list[str], second: list[str]) -> dict[str, float | None]:
     async_dir, sync_dir = out / f"async-s{seed}", out / f"sync-s{seed}"
-    start, log = run(async_dir, seed, [])
+    start, log = run(async_dir, seed, common)
     end_async = time.time()
     rl_async = rl_started(log)
     prepared = sync_dir / "quickstart"
@@ -64,7 +68,7 @@ def one_seed(out: Path, seed: int) -> dict[str, float | None]:
     prepared.mkdir(parents=True)
     for part in ("data", "base", "sft"):
         shutil.copytree(async_dir / "quickstart" / part, prepared / part)
-    _, log_sync = run(sync_dir, seed, SYNC)
+    _, log_sync = run(sync_dir, seed, [*common, *second])
     end_sync = time.time()
     rl_sync = rl_started(log_sync)
     ev_a, ev_s = evals(async_dir / "quickstart"), evals(prepared)
@@ -84,11 +88,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-quickstart"))
+    ap.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--second", nargs="+", default=SYNC, metavar="KEY=VALUE",
+                    help="overrides of the second run (default: synchronous, eta=0)")
     a = ap.parse_args()
+    if a.second != SYNC:
+        print(f"second run: {' '.join(a.second)} (the 'sync' columns below)")
     print("seed  total(s)  SFT acc  async acc  sync acc  async RL(s)  sync RL(s)  sync/async  "
           "to 90% of sync final: async(s)  sync(s)  ratio", flush=True)
     for seed in a.seeds:
-        r = one_seed(a.out.resolve(), seed)
+        r = one_seed(a.out.resolve(), seed, a.common, a.second)
         ratio = r["sync_rl_s"] / r["async_rl_s"]  # type: ignore[operator]
         a_t, s_t = r["async_to_target_s"], r["sync_to_target_s"]
         t_ratio = s_t / a_t if a_t and s_t else None

@@ -7,7 +7,7 @@ the learner's mean wait for a batch, APRIL aborts, eval accuracy at the start an
 time of the synchronous variant divided by this one's.
 
     python bench/quickstart.py --seeds 0 --out runs/bench-quickstart   # makes runs/bench-quickstart/async-s0
-    python bench/quickstart_rl.py runs/bench-quickstart/async-s0/quickstart [--set worker.poll_timeout_s=1.0]
+    python -m bench.quickstart_rl runs/bench-quickstart/async-s0/quickstart [--set worker.poll_timeout_s=1.0]
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ import shutil
 import time
 from pathlib import Path
 
-from quickstart import SYNC, evals, rl_started, run
-
 from agentrl.launch.plots import read_metrics
+from bench.quickstart import SYNC, evals, rl_started, run
 
 VARIANTS = {
-    "async (config: eta=1, APRIL alpha=0.5)": [],
-    "async, APRIL off": ["controller.april_alpha=null"],
-    "sync (eta=0, APRIL off)": SYNC,
+    "async (config: eta=1)": [],
+    "async, over-provisioning alpha=0.5": ["controller.april_alpha=0.5"],
+    "sync (eta=0)": SYNC,
 }
 
 
@@ -37,12 +36,12 @@ def one(prepared_from: Path, out: Path, seed: int, overrides: list[str]) -> dict
     _, log = run(out, seed, overrides)
     end = time.time()
     learner = read_metrics([run_dir / "learner_metrics.jsonl"])
-    counters = [r for r in read_metrics([run_dir / "controller_metrics.jsonl"]) if "controller/aborted" in r]
+    counters = [r for r in read_metrics([run_dir / "controller_metrics.jsonl"]) if "controller/resumed" in r]
     ev = evals(run_dir)
     return {
         "rl_s": end - rl_started(log), "loop_s": learner[-1]["time"] - learner[0]["time"],
         "wait_s": sum(r["learner/time/wait"] for r in learner) / len(learner),
-        "aborted": counters[-1]["controller/aborted"], "acc0": ev[0][2], "acc1": ev[-1][2], "v1": ev[-1][1],
+        "resumed": counters[-1]["controller/resumed"], "acc0": ev[0][2], "acc1": ev[-1][2], "v1": ev[-1][1],
     }
 
 
@@ -56,11 +55,11 @@ def main() -> None:
     results = {}
     for i, (name, extra) in enumerate(VARIANTS.items()):
         results[name] = one(a.prepared.resolve(), a.out.resolve() / f"v{i}", a.seed, [*a.overrides, *extra])
-    sync_loop = results["sync (eta=0, APRIL off)"]["loop_s"]
+    sync_loop = results["sync (eta=0)"]["loop_s"]
     print(f"overrides for every variant: {a.overrides or 'none'}")
-    print(f"{'variant':40s}  RL(s)  loop(s)  wait/step(s)  aborted  eval start -> end  sync loop / loop")
+    print(f"{'variant':40s}  RL(s)  loop(s)  wait/step(s)  resumed  eval start -> end  sync loop / loop")
     for name, r in results.items():
-        print(f"{name:40s}  {r['rl_s']:5.1f}  {r['loop_s']:7.1f}  {r['wait_s']:12.2f}  {r['aborted']:7.0f}  "
+        print(f"{name:40s}  {r['rl_s']:5.1f}  {r['loop_s']:7.1f}  {r['wait_s']:12.2f}  {r['resumed']:7.0f}  "
               f"{r['acc0']:5.1%} -> {r['acc1']:5.1%} (v{r['v1']:.0f})  {sync_loop / r['loop_s']:16.2f}", flush=True)
 
 

@@ -399,4 +399,15 @@ class MegatronEngine:
         if self.on_gpu and self.lc.megatron.distributed_optimizer:
             self.optimizer.load_parameter_state(str(path / f"optim_params_{self._suffix()}.pt"))
         self.step = int(opt["step"])
+        _restore_adam_steps(self.optimizer, self.step)
         self.gather(None)
+
+
+def _restore_adam_steps(optimizer: Any, step: int) -> None:
+    """The distributed optimizer restores exp_avg / exp_avg_sq but not torch Adam's per-parameter ``step``
+    (its bias correction): give every parameter state that lacks one the learner's optimizer step count."""
+    inners = [getattr(o, "optimizer", o) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    for inner in inners:
+        for state in getattr(inner, "state", {}).values():
+            if isinstance(state, dict) and state and "step" not in state:
+                state["step"] = torch.tensor(float(step))
