@@ -192,3 +192,47 @@ async def test_export_then_import_gives_identical_trajectories(
                               "--to", "seq:12", "--status", "completed"])
     written, read = await export(args)
     assert read == 10 and written == sum(t.status == "completed" for t in published[2:12])
+
+
+async def test_viewer_api_filters_on_the_server_and_streams_matching_rows(
+    published: list[Trajectory], bus: Bus, nats_url: str, run_name: str
+) -> None:
+    import aiohttp
+
+    from agentrl.inspect.location import resolve_run
+    from agentrl.inspect.viewer import ViewerOptions, run_viewer
+
+    opts = ViewerOptions(port=0, max_rows=20)  # fewer rows than the stream holds: the index stays bounded
+    async with run_viewer(resolve_run(run_name, url=nats_url), opts) as url, aiohttp.ClientSession() as http:
+        async def get(path: str) -> tuple[int, object]:
+            async with http.get(url + path) as resp:
+                return resp.status, await (resp.json() if resp.content_type == "application/json" else resp.text())
+
+        for _ in range(100):  # the reader catches up
+            status, info = await get("/api/info")
+            if info["rows"] == 20:  # type: ignore[index]
+                break
+            await asyncio.sleep(0.1)
+        assert info["rows"] == 20 and info["head_seq"] == len(published)  # type: ignore[index]
+        status, page = await get("/api/rows?status=aborted&limit=2&offset=1")
+        aborted = [i for i, t in enumerate(published, 1) if t.status == "aborted" and i > len(published) - 20]
+        assert status == 200 and page["total"] == len(aborted)  # type: ignore[index]
+        assert [r["seq"] for r in page["rows"]] == aborted[::-1][1:3]  # type: ignore[index]
+        assert (await get("/api/rows?status=done"))[0] == 400
+        assert (await get("/api/rows?limit=100000"))[0] == 400
+        assert (await get(f"/api/traj/{len(published) + 50}"))[0] == 404
+        status, detail = await get("/api/traj/1")  # outside the index: read from the stream by sequence
+        assert status == 200 and detail["ids"]["id"] == published[0].id  # type: ignore[index]
+
+        async with http.get(url + "/api/events?resumed=1") as sse:
+            assert (await sse.content.readline()).startswith(b"event: hello")
+            more = make_trajectories(2, seed=5)
+            await publish(bus, more)
+            wanted = [t.id for t in more if t.attempt == 1]
+            got: list[str] = []
+            async with asyncio.timeout(20):
+                while len(got) < len(wanted):
+                    if (await sse.content.readline()).startswith(b"event: rows"):
+                        event = json.loads((await sse.content.readline())[len(b"data: "):])
+                        got += [r["id"] for r in event["rows"]][::-1]  # each event lists its rows newest first
+            assert got == wanted  # only the rows matching this page's filter, in stream order
