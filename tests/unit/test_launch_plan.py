@@ -125,3 +125,13 @@ def test_a_stopped_run_names_its_last_weights_never_a_final_model(tmp_path: Path
     assert f"last weights (the run was stopped, this is not the final model): {run_dir / 'last'}" in stopped
     assert not any(line.startswith("final model") for line in stopped)
     assert f"final model (Hugging Face checkpoint): {run_dir / 'final'}" in summary_lines(cfg, completed=True)
+
+
+def test_prepare_with_tls_makes_a_ca_the_clients_trust(tmp_path: Path) -> None:
+    cfg = load_config(RunConfig, None, [f"dir={tmp_path}/{{name}}", "name=demo", "nats.tls=true"])
+    ctx = prepare(cfg, tmp_path / "c.yaml", [], record_check)
+    assert ctx.nats_url.startswith("tls://127.0.0.1:")
+    ca = json.loads(ctx.credentials["learner"].read_text())["ca_file"]
+    assert Path(ca).read_text().startswith("-----BEGIN CERTIFICATE-----")
+    conf = Path(ctx.nats_argv[-1]).read_text() if ctx.nats_argv else ""
+    assert "tls {" in conf and "server.pem" in conf and "server.key" in conf
