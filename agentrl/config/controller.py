@@ -21,26 +21,42 @@ class DatasetConfig(Section):
     """
 
     path: str = ""
-    format: DatasetFormat = "auto"  # auto: .jsonl/.json -> jsonl, .parquet -> parquet, a directory -> hf
+    """a .jsonl/.json file, a .parquet file or a saved Hugging Face dataset directory"""
+    format: DatasetFormat = "auto"
+    """file format; auto: .jsonl/.json -> jsonl, .parquet -> parquet, a directory -> hf"""
     prompt_key: str = "prompt"
-    label_key: str | None = "label"  # copied to Task.label when present
-    env_key: str = "env"  # a row may name its environment; otherwise `env` below
-    env: str = ""  # default environment name for every task
+    """the row field holding the prompt (a string, a list of {role, content} messages, or token ids)"""
+    label_key: str | None = "label"
+    """the row field copied to Task.label (the reference answer) when present"""
+    env_key: str = "env"
+    """the row field naming its environment (rows without it use env)"""
+    env: str = ""
+    """default environment name for every task"""
     shuffle: bool = True
-    split: str | None = None  # for a saved DatasetDict: which split
+    """shuffle the rows (seeded by the run's seed) before issuing them"""
+    split: str | None = None
+    """which split of a saved DatasetDict"""
 
 
 class EvalConfig(Section):
     """Evaluation passes over a held-out set while training runs."""
 
     dataset: DatasetConfig | None = None
-    interval: Annotated[int, msgspec.Meta(ge=1)] = 10  # an eval pass at every policy version divisible by this
-    versions: list[Annotated[int, msgspec.Meta(ge=0)]] = []  # instead: exactly these policy versions
-    at_start: bool = True  # also evaluate the initial policy (version 0)
-    at_end: bool = True  # and the final one (version training.max_steps), when max_steps is set
+    """held-out prompts; None = no eval passes"""
+    interval: Annotated[int, msgspec.Meta(ge=1)] = 10
+    """an eval pass at every policy version divisible by this"""
+    versions: list[Annotated[int, msgspec.Meta(ge=0)]] = []
+    """evaluate exactly these policy versions instead of every interval-th"""
+    at_start: bool = True
+    """also evaluate the initial policy (version 0)"""
+    at_end: bool = True
+    """also evaluate the final policy (version training.max_steps), when max_steps is set"""
     group_size: Annotated[int, msgspec.Meta(ge=1)] = 1
+    """samples per eval prompt"""
     max_prompts: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # greedy by default
+    """evaluate at most this many prompts of the eval set (None = all)"""
+    temperature: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """sampling temperature of eval tasks (0 = greedy)"""
 
 
 class ControllerConfig(Section):
@@ -53,17 +69,26 @@ class ControllerConfig(Section):
     """
 
     dataset: DatasetConfig = msgspec.field(default_factory=DatasetConfig)
+    """the training prompts"""
     april_alpha: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    # abort engines' in-flight requests when they load new weights (SGLang's abort_all_requests); the episodes
-    # resume at once, token for token. For engines that drain before an update (SGLang, engine.weight_update:
-    # drain); the embedded engine's default swaps weights between decode steps and needs no abort.
+    """APRIL over-provisioning: keep up to ceil(B * (1 + alpha)) training tasks in flight; None = no cap"""
     abort_on_update: bool = False
-    # a complete group still untrained max_staleness + this many versions after completing is counted as dropped
-    # (a safety valve for a learner that drops without reporting it)
+    """abort engines' in-flight requests when they load new weights (SGLang's abort_all_requests); the
+    episodes resume at once, token for token. For engines that drain before an update (SGLang,
+    engine.weight_update: drain); the embedded engine's default swaps weights between decode steps and needs
+    no abort."""
     presume_dropped_after: Annotated[int, msgspec.Meta(ge=1)] | None = 3
-    epochs: Annotated[int, msgspec.Meta(ge=1)] | None = 1  # None = cycle forever
+    """a complete group still untrained max_staleness + this many versions after completing is counted as
+    dropped (a safety valve for a learner that drops without reporting it)"""
+    epochs: Annotated[int, msgspec.Meta(ge=1)] | None = 1
+    """passes over the training prompts; None = cycle forever"""
     max_new_tokens: Annotated[int, msgspec.Meta(ge=1)] = 256
+    """per-turn generation budget copied into every task's sampling params"""
     temperature: Annotated[float, msgspec.Meta(ge=0)] = 1.0
-    engines: list[str] = []  # engine base URLs told to load new weights on every WeightUpdate
+    """sampling temperature of training tasks"""
+    engines: list[str] = []
+    """engine base URLs told to load new weights on every WeightUpdate"""
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
+    """evaluation passes over a held-out set while training runs"""
     metrics_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    """seconds between two controller metrics records"""

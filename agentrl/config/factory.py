@@ -13,4 +13,6 @@ class FactorySpec(Section):
     """``{factory: "pkg.mod:Cls", args: {...}}``: called as ``Cls(**args)``."""
 
     factory: str
+    """dotted path of the callable, e.g. envs.calculator:CalculatorEnv"""
     args: dict[str, Any] = {}
+    """keyword arguments it is called with"""

@@ -20,8 +20,12 @@ class StepConfig(Section):
     """
 
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$")]
+    """the step's name (its log is logs/step-<name>.log)"""
     argv: list[str]
+    """the command; may use {run_dir}, {config}, {seed} and {python}; a leading agentrl runs this
+    installation's CLI"""
     skip_if_exists: str | None = None
+    """skip the step when this path exists (a restarted run does not redo it)"""
 
 
 EngineKind = Literal["embedded", "sglang", "command"]
@@ -39,20 +43,34 @@ class LaunchConfig(Section):
     ``health_interval_s``; ``health_failures`` failures in a row restart it.
     """
 
-    engines: Annotated[int, msgspec.Meta(ge=0)] = 1  # 0: use engine.client.urls (servers started elsewhere)
+    engines: Annotated[int, msgspec.Meta(ge=0)] = 1
+    """engines started; 0 = use engine.client.urls (servers started elsewhere)"""
     engine: EngineKind = "embedded"
+    """embedded: agentrl engine; sglang: a real SGLang server; command: engine_command"""
     engine_args: list[str] = msgspec.field(default_factory=list)
-    engine_command: list[str] = msgspec.field(default_factory=list)  # engine: command
+    """extra arguments appended to every engine's command line"""
+    engine_command: list[str] = msgspec.field(default_factory=list)
+    """with engine: command, the engine's argv (may use {python}, {model}, {host}, {port}, {run_dir}, {config})"""
     engine_health_path: str | None = None
+    """readiness and health probe path; None = /health (embedded, command) or /health_generate (sglang)"""
     workers: Annotated[int, msgspec.Meta(ge=1)] = 1
-    envd: Annotated[int, msgspec.Meta(ge=0)] = 1  # started only when envd.envs names environments
-    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 3  # per actor, then the run stops with a report
-    grace_s: Annotated[float, msgspec.Meta(gt=0)] = 15.0  # SIGTERM -> SIGKILL on stop
+    """agent worker processes"""
+    envd: Annotated[int, msgspec.Meta(ge=0)] = 1
+    """env worker processes, started only when envd.envs names environments"""
+    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 3
+    """restarts per actor, then the run stops with a report"""
+    grace_s: Annotated[float, msgspec.Meta(gt=0)] = 15.0
+    """seconds from SIGTERM to SIGKILL when the run stops"""
     engine_ready_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
-    health_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # engines and nats-server
-    health_failures: Annotated[int, msgspec.Meta(ge=1)] = 3  # failed probes in a row before a restart
-    hang_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 120.0  # bus actors without a heartbeat this long are restarted; 0 = never
+    """an engine not healthy this long after its start fails the run"""
+    health_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    """seconds between health probes of engines and nats-server"""
+    health_failures: Annotated[int, msgspec.Meta(ge=1)] = 3
+    """failed probes in a row before a restart"""
+    hang_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 120.0
+    """bus actors without a heartbeat this long are restarted; 0 = never"""
     steps: list[StepConfig] = msgspec.field(default_factory=list)
+    """commands run to completion before the actors start (model init, data generation, SFT warm-up)"""
 
     def __post_init__(self) -> None:
         if self.engine == "command" and self.engines and not self.engine_command:

@@ -22,84 +22,129 @@ Aggregation = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 class LossConfig(Section):
     """The policy loss: PPO-style clipping, off-policy correction, KL and entropy terms."""
 
-    fn: str = "trainer.losses.ppo_loss"  # dotted path of a LossFn (trainer.losses.sft_loss for warm-up)
-    clip_low: Annotated[float, msgspec.Meta(ge=0)] = 0.2  # ratio clipped below at 1 - clip_low
-    clip_high: Annotated[float, msgspec.Meta(ge=0)] = 0.2  # ... and above at 1 + clip_high (0.28 = DAPO clip-higher)
-    dual_clip: Annotated[float, msgspec.Meta(gt=1)] | None = None  # cap on -A·ratio for A < 0 (e.g. 3.0)
-    ratio_level: Literal["token", "sequence"] = "token"  # "sequence" = GSPO's length-normalised sequence ratio
-    # Decoupled PPO: ratio against proximal logprobs (the pre-update weights, recomputed by the learner) and a
-    # detached behaviour weight exp(proximal - behaviour). Off: ratio against the engine's behaviour logprobs.
+    fn: str = "trainer.losses.ppo_loss"
+    """dotted path of a LossFn (trainer.losses.sft_loss for warm-up)"""
+    clip_low: Annotated[float, msgspec.Meta(ge=0)] = 0.2
+    """ratio clipped below at 1 - clip_low"""
+    clip_high: Annotated[float, msgspec.Meta(ge=0)] = 0.2
+    """ratio clipped above at 1 + clip_high (0.28 = DAPO's clip-higher)"""
+    dual_clip: Annotated[float, msgspec.Meta(gt=1)] | None = None
+    """cap on -A·ratio for A < 0 (e.g. 3.0)"""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """importance ratio per token, or per sequence (GSPO's length-normalised sequence ratio)"""
     proximal: bool = True
-    # What to do with the behaviour weight: "none" keeps it, "truncate" = TIS min(w, is_cap),
-    # "mask" zeroes tokens with w > is_cap (AReaL's cap), "off" uses weight 1.
+    """Decoupled PPO: ratio against proximal logprobs (the pre-update weights, recomputed by the learner) and
+    a detached behaviour weight exp(proximal - behaviour). Off: ratio against the engine's behaviour logprobs."""
     behaviour_correction: Literal["none", "truncate", "mask", "off"] = "truncate"
+    """What to do with the behaviour weight: "none" keeps it, "truncate" = TIS min(w, is_cap), "mask" zeroes
+    tokens with w > is_cap (AReaL's cap), "off" uses weight 1."""
     is_cap: Annotated[float, msgspec.Meta(gt=0)] = 2.0
-    kl_coef: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # weight of KL(policy || frozen reference); 0 = no reference
+    """cap on the behaviour importance weight (truncate and mask corrections)"""
+    kl_coef: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """weight of KL(policy || frozen reference); 0 = no reference"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    entropy_coef: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # entropy bonus (subtracted from the loss)
+    """estimator of KL(policy || reference): k1, k2 or k3 (Schulman's)"""
+    entropy_coef: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """entropy bonus (subtracted from the loss)"""
     aggregation: Aggregation = "token-mean"
+    """how token losses are averaged: over all tokens, or per sequence then over sequences"""
 
 
 class OptimConfig(Section):
     """AdamW with linear warm-up then constant or cosine decay; global-norm gradient clipping."""
 
     lr: Annotated[float, msgspec.Meta(gt=0)] = 1e-6
+    """peak learning rate (reached after warmup_steps)"""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas"""
     eps: Annotated[float, msgspec.Meta(gt=0)] = 1e-8
+    """AdamW epsilon"""
     weight_decay: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """AdamW decoupled weight decay"""
     warmup_steps: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """optimizer steps of linear warm-up from 0 to lr"""
     schedule: Literal["constant", "cosine"] = "constant"
-    total_steps: Annotated[int, msgspec.Meta(ge=1)] = 1000  # horizon of the cosine schedule (agentrl sft: its own steps)
+    """learning rate after warm-up: constant, or cosine decay to min_lr_ratio * lr over total_steps"""
+    total_steps: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    """horizon of the cosine schedule (agentrl sft: its own steps)"""
     min_lr_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    """floor of the cosine schedule, as a fraction of lr"""
     grad_clip: Annotated[float, msgspec.Meta(gt=0)] | None = 1.0
+    """global gradient-norm clip; None = no clipping"""
 
 
 class BatchConfig(Section):
     """How trajectories become training batches."""
 
-    max_tokens_per_micro_batch: Annotated[int, msgspec.Meta(ge=1)] = 8192  # packing budget (one sequence may exceed it alone)
-    incomplete_group: Literal["wait", "drop", "partial"] = "wait"  # after group_timeout_s: drop or train what came
+    max_tokens_per_micro_batch: Annotated[int, msgspec.Meta(ge=1)] = 8192
+    """packing budget (one sequence may exceed it alone)"""
+    incomplete_group: Literal["wait", "drop", "partial"] = "wait"
+    """after group_timeout_s: drop or train what came"""
     group_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
-    fetch_batch: Annotated[int, msgspec.Meta(ge=1)] = 64  # messages pulled from the bus per fetch
-    # Trajectories stay unacked until their step commits; the learner marks them in progress every
-    # ack_wait_s / 3 seconds. After a crash, what it held is redelivered to the restarted learner after this long.
+    """seconds an incomplete group is waited for before incomplete_group applies"""
+    fetch_batch: Annotated[int, msgspec.Meta(ge=1)] = 64
+    """messages pulled from the bus per fetch"""
     ack_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    """Trajectories stay unacked until their step commits; the learner marks them in progress every ack_wait_s
+    / 3 seconds. After a crash, what it held is redelivered to the restarted learner after this long."""
 
 
 class LearnerConfig(Section):
     """The learner actor: model, algorithm, batching, optimizer, outputs."""
 
-    model: str = ""  # Hugging Face model directory (config.json + safetensors) to start from
-    backend: Literal["torch", "megatron"] = "torch"  # megatron: trainer/backend/megatron, sized by `megatron:`
+    model: str = ""
+    """Hugging Face model directory (config.json + safetensors) to start from"""
+    backend: Literal["torch", "megatron"] = "torch"
+    """torch (one process) or megatron (megatron-core, sized by learner.megatron)"""
     megatron: MegatronConfig = msgspec.field(default_factory=MegatronConfig)
-    device: str = "auto"  # "auto" = cuda if available else cpu
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto = bf16 on GPU, float32 on CPU
-    # sdpa_varlen: per-sequence causal SDPA on packed rows (trainer/backend/varlen.py); sdpa | eager build a
-    # block-diagonal mask from the position ids; flash_attention_2 uses its varlen kernels (needs flash-attn).
+    """parallel layout of the megatron backend"""
+    device: str = "auto"
+    """auto = cuda if available, else cpu"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto = bf16 on GPU, float32 on CPU"""
     attn_implementation: str = "sdpa_varlen"
+    """sdpa_varlen: per-sequence causal SDPA on packed rows (trainer/backend/varlen.py); sdpa | eager build a
+    block-diagonal mask from the position ids; flash_attention_2 uses its varlen kernels (needs flash-attn)."""
     gradient_checkpointing: bool = False
-    advantage: str = "trainer.advantages.grpo"  # dotted path of an AdvantageFn
-    # Optimizer steps per batch (PPO mini-batches). Above 1, proximal logprobs are scored with the weights
-    # from before the batch's first step, so later steps are corrected by the decoupled-PPO ratio and clipped.
+    """recompute activations in the backward pass (less memory, slower)"""
+    advantage: str = "trainer.advantages.grpo"
+    """dotted path of an AdvantageFn"""
     minibatches: Annotated[int, msgspec.Meta(ge=1)] = 1
+    """Optimizer steps per batch (PPO mini-batches). Above 1, proximal logprobs are scored with the weights
+    from before the batch's first step, so later steps are corrected by the decoupled-PPO ratio and clipped."""
     loss: LossConfig = msgspec.field(default_factory=LossConfig)
+    """the policy loss"""
     optim: OptimConfig = msgspec.field(default_factory=OptimConfig)
+    """the optimizer and its learning-rate schedule"""
     batch: BatchConfig = msgspec.field(default_factory=BatchConfig)
-    weights_dir: str = "{run_dir}/weights"  # v<version>/ in HF layout, one per published version
-    keep_weights: Annotated[int, msgspec.Meta(ge=1)] = 3  # published versions kept on disk
-    publish_to_object_store: bool = False  # also put the safetensors into the bus object store
+    """how trajectories become training batches"""
+    weights_dir: str = "{run_dir}/weights"
+    """v<version>/ in HF layout, one per published version"""
+    keep_weights: Annotated[int, msgspec.Meta(ge=1)] = 3
+    """published versions kept on disk"""
+    publish_to_object_store: bool = False
+    """also put the safetensors into the bus object store"""
     checkpoint_dir: str = "{run_dir}/checkpoints"
+    """learner checkpoints (model, optimizer, RNG, consumed trajectory ids)"""
     keep_checkpoints: Annotated[int, msgspec.Meta(ge=1)] = 2
-    # Checkpoint (and only then ack) every this many steps. Trajectories of steps after the last checkpoint
-    # stay unacked, so a crash retrains them from that checkpoint: still exactly once among committed steps.
+    """checkpoints kept on disk"""
     checkpoint_every: Annotated[int, msgspec.Meta(ge=1)] = 1
-    final_dir: str = "{run_dir}/final"  # HF checkpoint exported when the learner stops
+    """Checkpoint (and only then ack) every this many steps. Trajectories of steps after the last checkpoint
+    stay unacked, so a crash retrains them from that checkpoint: still exactly once among committed steps."""
+    final_dir: str = "{run_dir}/final"
+    """HF checkpoint exported when the learner stops"""
     metrics_file: str = "{run_dir}/learner_metrics.jsonl"
-    torch_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = torch default
-    sft_data: str = ""  # `agentrl sft`: JSONL, one {"messages": [...]} per line
+    """JSONL file of per-step learner metrics"""
+    torch_threads: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """CPU threads of torch; 0 = torch default"""
+    sft_data: str = ""
+    """`agentrl sft`: JSONL, one {"messages": [...]} per line"""
     sft_epochs: Annotated[int, msgspec.Meta(ge=1)] = 1
+    """agentrl sft: passes over sft_data"""
     sft_batch_size: Annotated[int, msgspec.Meta(ge=1)] = 8
-    sft_output: str = "{run_dir}/sft"  # `agentrl sft`: final HF checkpoint directory
+    """agentrl sft: conversations per optimizer step"""
+    sft_output: str = "{run_dir}/sft"
+    """`agentrl sft`: final HF checkpoint directory"""
 
     def path(self, template: str, run_dir: str) -> str:
         """Fill ``{run_dir}`` in one of the path fields."""

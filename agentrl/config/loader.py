@@ -33,7 +33,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. learner.lr=1e-5")
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. learner.optim.lr=1e-5")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

@@ -36,11 +36,19 @@ class TrainingConfig(Section):
     """
 
     batch_size: Annotated[int, msgspec.Meta(ge=1)] = 64
+    """B: trajectories per learner step, a multiple of group_size"""
     group_size: Annotated[int, msgspec.Meta(ge=1)] = 8
+    """samples per prompt (a GRPO group); whole groups are admitted and trained"""
     max_staleness: Annotated[int, msgspec.Meta(ge=0)] = 1
+    """eta: generation runs at most this many policy versions ahead of training; 0 = synchronous"""
     stale_policy: StalePolicy = "mask"
+    """a trained token staler than max_staleness is masked out of the loss (mask) or drops its trajectory
+    (drop)"""
     max_steps: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """learner steps in the run; None = until the prompts run out or the run is stopped"""
     group_filter: str | None = None
+    """dotted path of a (group) -> keep? callable applied by the learner only, e.g.
+    trainer.batching.drop_zero_variance"""
 
     def __post_init__(self) -> None:
         if self.batch_size % self.group_size:

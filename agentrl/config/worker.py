@@ -18,32 +18,50 @@ __all__ = ["EnvdConfig", "WorkerConfig"]
 class WorkerConfig(Section):
     """An agent worker: which agent runs, against which environments, how many episodes at once."""
 
-    agent: str = "agents.single_turn:run_episode"  # async (ctx, task) -> Trajectory | None
-    reward: str | None = None  # async (task, response) -> float, e.g. envs.math_verifier:math_reward
-    # in-process: env name -> factory: "pkg.mod:Cls" or {factory: "pkg.mod:Cls", args: {...}} (see agentrl.plugins)
+    agent: str = "agents.single_turn:run_episode"
+    """dotted path of the agent: async (ctx, task) -> Trajectory | None"""
+    reward: str | None = None
+    """dotted path of a reward function: async (task, response) -> float, e.g. envs.math_verifier:math_reward;
+    None = the environment's step rewards only"""
     envs: dict[str, str | FactorySpec] = msgspec.field(default_factory=dict)
-    remote_envs: list[str] = msgspec.field(default_factory=list)  # env names served by `agentrl envd`
-    tokenizer: str | None = None  # Hugging Face tokenizer dir; None = engine.model
-    concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 64  # episodes in flight on one event loop
-    episode_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1800.0  # then the episode ends "truncated"
-    max_context_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # per-episode token budget; 0 = the agent's own
-    env_call_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0  # one reset/step on an env worker
-    abort_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0  # an aborted episode not stopped by then is cancelled
-    # an infrastructure failure (no engine, env worker gone, timeouts) hands the task back this many times, with
-    # backoff (infra_backoff_s, doubling, capped at 30 s), before it is published as failed (never trained)
+    """environments run in the worker's process: env name -> factory, pkg.mod:Cls or {factory: pkg.mod:Cls,
+    args: {...}}"""
+    remote_envs: list[str] = msgspec.field(default_factory=list)
+    """env names served by `agentrl envd`"""
+    tokenizer: str | None = None
+    """Hugging Face tokenizer dir; None = engine.model"""
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 64
+    """episodes in flight on one event loop"""
+    episode_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1800.0
+    """an episode running longer ends as truncated"""
+    max_context_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """per-episode token budget; 0 = the agent's own"""
+    env_call_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    """timeout of one reset/step on an env worker"""
+    abort_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    """an aborted episode not stopped by then is cancelled"""
     infra_retries: Annotated[int, msgspec.Meta(ge=0)] = 3
+    """an infrastructure failure (no engine, env worker gone, timeouts) hands the task back this many times,
+    with backoff, before it is published as failed (never trained)"""
     infra_backoff_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
-    # longest single pull for new tasks; resume and eval tasks published meanwhile wait this long behind it
-    # (1 s made every APRIL abort cost its episode up to a second: the quickstart's RL loop took 38 s, not 27)
+    """first retry delay after an infrastructure failure; doubles, capped at 30 s"""
     poll_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 0.1
+    """longest single pull for new tasks; resume and eval tasks published meanwhile wait this long behind it
+    (1 s made every APRIL abort cost its episode up to a second: the quickstart's RL loop took 38 s, not 27)"""
     uvloop: bool = True
+    """run the worker's event loop on uvloop"""
 
 
 class EnvdConfig(Section):
     """An env worker: which environments it serves and its limits."""
 
-    envs: dict[str, str | FactorySpec] = msgspec.field(default_factory=dict)  # env name -> factory (as worker.envs)
-    max_sessions: Annotated[int, msgspec.Meta(ge=1)] = 1024  # open episodes; a reset beyond gets "busy"
-    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 256  # env calls running at once
-    call_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0  # cap on any one reset/step
-    session_idle_s: Annotated[float, msgspec.Meta(gt=0)] = 900.0  # sessions idle this long are closed
+    envs: dict[str, str | FactorySpec] = msgspec.field(default_factory=dict)
+    """environments served: env name -> factory (as worker.envs)"""
+    max_sessions: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    """open episodes at once; a reset beyond this is answered busy"""
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 256
+    """env calls running at once"""
+    call_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    """timeout of any one reset/step"""
+    session_idle_s: Annotated[float, msgspec.Meta(gt=0)] = 900.0
+    """sessions idle this long are closed"""
