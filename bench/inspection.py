@@ -15,18 +15,12 @@ Every number is measured in this run against a baseline measured in this run:
 3. **learner step time**: ``agentrl learner`` on a tiny model trains on the stream; mean wall time per step
    with the publisher alone, then with the publisher, the viewer (two browser pages) and ``tail --follow``.
 
-    python bench/inspect.py                       # about 3 minutes on 2 CPU cores
-    python bench/inspect.py --rate 2000 --seconds 20
+    python bench/inspection.py                       # about 3 minutes on 2 CPU cores
+    python bench/inspection.py --rate 2000 --seconds 20
 """
 
-# ruff: noqa: E402  (the standard library's `inspect` must not be shadowed before anything imports it)
+
 from __future__ import annotations
-
-import sys
-
-# This file is named like the standard library's `inspect`: take its folder off the import path first.
-sys.path[:] = [p for p in sys.path if __import__("os").path.abspath(p or ".") != __import__("os").path.dirname(
-    __import__("os").path.abspath(__file__))]
 
 import argparse
 import asyncio
@@ -39,6 +33,7 @@ import random
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
