@@ -17,6 +17,8 @@ process in the sandbox can read it from a command line). Three processes:
 A setup failure prints ``sandbox setup: ...`` on stderr and exits 120; nothing of the user's code runs.
 """
 
+from __future__ import annotations
+
 import ctypes
 import json
 import os
@@ -25,6 +27,9 @@ import resource
 import signal
 import stat
 import sys
+from typing import Any, NoReturn
+
+Spec = dict[str, Any]  # the JSON spec envs.sandbox writes on stdin
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = (
     0x00020000, 0x04000000, 0x08000000, 0x20000000, 0x40000000)
@@ -40,23 +45,23 @@ libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes
 libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
-def fail(what):
+def fail(what: str) -> NoReturn:
     err = ctypes.get_errno()
     os.write(2, f"sandbox setup: {what}: {os.strerror(err) if err else 'failed'}\n".encode())
     os._exit(SETUP_FAILED)
 
 
-def check(ok, what):
+def check(ok: bool, what: str) -> None:
     if not ok:
         fail(what)
 
 
-def mount(src, target, fstype, flags, data=None):
+def mount(src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     enc = [None if v is None else v.encode() for v in (src, target, fstype, data)]
     check(libc.mount(enc[0], enc[1], enc[2], flags, enc[3]) == 0, f"mount {target}")
 
 
-def die_with_parent(parent):
+def die_with_parent(parent: int) -> None:
     check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0, "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != parent:  # the parent died before the prctl took effect
         os._exit(SETUP_FAILED)
@@ -65,7 +70,7 @@ def die_with_parent(parent):
 # ------------------------------------------------------------------ new root (init, host mount view)
 
 
-def bind(host, root, *, writable=False):
+def bind(host: str, root: str, *, writable: bool = False) -> None:
     """Mirror ``host`` (dir, file or symlink) at the same path under ``root``, read-only unless told."""
     target = root + host
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -81,7 +86,7 @@ def bind(host, root, *, writable=False):
         mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
 
 
-def build_root(spec):
+def build_root(spec: Spec) -> None:
     root, uid = spec["newroot"], spec["uid"]
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=755")
     for path in spec["binds"]:
@@ -104,7 +109,7 @@ def build_root(spec):
     os.chown(scratch + "/main.py", uid, uid)
 
 
-def build_dev(root, devices, shm_mb):
+def build_dev(root: str, devices: list[str], shm_mb: int) -> None:
     dev = root + "/dev"
     os.makedirs(dev, exist_ok=True)
     mount("tmpfs", dev, "tmpfs", MS_NOSUID, "size=64k,mode=755")
@@ -122,7 +127,7 @@ def build_dev(root, devices, shm_mb):
 # ------------------------------------------------------------------ the child (becomes the interpreter)
 
 
-def pivot_into(root):
+def pivot_into(root: str) -> None:
     check(libc.unshare(CLONE_NEWNS) == 0, "unshare(mount)")
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     os.chdir(root)
@@ -136,7 +141,7 @@ def pivot_into(root):
     mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def child(spec):
+def child(spec: Spec) -> None:
     for procs in spec["cgroup_procs"]:
         with open(procs, "w") as f:
             f.write("0")
@@ -158,7 +163,7 @@ def child(spec):
 # ------------------------------------------------------------------ init: reap, report, exit
 
 
-def reap(pid):
+def reap(pid: int) -> tuple[int, float]:
     """Reap every child (pid 1 inherits orphans) until ``pid`` exits; its wait status and CPU seconds."""
     while True:
         got, status, usage = os.wait4(-1, 0)
@@ -166,7 +171,7 @@ def reap(pid):
             return status, usage.ru_utime + usage.ru_stime
 
 
-def collect(spec, scratch):
+def collect(spec: Spec, scratch: str) -> list[str]:
     """Copy the requested result files out (regular files only, no links followed, each capped)."""
     got = []
     dir_fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
@@ -189,7 +194,7 @@ def collect(spec, scratch):
     return got
 
 
-def report(spec, status, cpu_s):
+def report(spec: Spec, status: int, cpu_s: float) -> dict[str, Any]:
     scratch = spec["newroot"] + spec["scratch"]
     names, size = [], 0
     for name in sorted(os.listdir(scratch)):
@@ -202,7 +207,7 @@ def report(spec, status, cpu_s):
             "collected": collect(spec, scratch)}
 
 
-def init(spec, outer_alive):
+def init(spec: Spec, outer_alive: int) -> NoReturn:
     check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0, "prctl(PR_SET_PDEATHSIG)")
     os.set_blocking(outer_alive, False)
     try:
@@ -226,7 +231,7 @@ def init(spec, outer_alive):
     os._exit(0)
 
 
-def main():
+def main() -> NoReturn:
     spec = json.loads(sys.stdin.buffer.read())
     die_with_parent(spec["parent_pid"])
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
