@@ -7,8 +7,9 @@ waits), then :meth:`GroupBuffer.take` forms a :class:`Batch` of whole groups hol
 - **staleness** (η = ``training.max_staleness``, :func:`agentrl.staleness.bound_staleness`): a trained token
   staler than η is masked out of the loss or drops its trajectory (``training.stale_policy``); tokens from a
   future policy version always drop it;
-- **not training data**: eval and aborted trajectories are acked at once; ``failed`` episodes and empty
-  trajectories are dropped (reported, never packed) while their siblings train;
+- **not training data**: eval and aborted trajectories are acked at once; ``failed`` episodes, empty
+  trajectories, token ids outside the vocabulary and non-finite logprobs are dropped (reported, never packed)
+  while their siblings train;
 - **incomplete groups** older than ``group_timeout_s``: ``"wait"`` keeps waiting, ``"drop"`` discards them,
   ``"partial"`` trains on the members that came;
 - **dynamic sampling**: the learner alone applies ``training.group_filter`` (False = discard the group),
@@ -130,7 +131,9 @@ class GroupBuffer:
         group_filter: GroupFilter = keep_all,
         clock: Callable[[], float] = time.monotonic,
         committed_tasks: set[str] | None = None,
+        vocab_size: int | None = None,
     ) -> None:
+        self.vocab_size = vocab_size
         self.cfg = cfg
         self.training = training
         self.committed = committed
@@ -267,7 +270,7 @@ class GroupBuffer:
         decision = _Decision(gid, [], {}, [])
         for deliveries in group.members.values():
             traj = deliveries[0].msg
-            reason = _not_trainable(traj)
+            reason = _not_trainable(traj, self.vocab_size)
             if reason:
                 decision.dropped[traj.id] = reason
                 continue
@@ -284,10 +287,16 @@ class GroupBuffer:
         return decision
 
 
-def _not_trainable(traj: Trajectory) -> str:
-    """Why a trajectory is not training data at all ('' when it is)."""
+def _not_trainable(traj: Trajectory, vocab_size: int | None) -> str:
+    """Why a trajectory is not training data at all ('' when it is): a message the learner could not train on
+    must be refused here, or it would crash every step it is redelivered to."""
     if traj.status == "failed":
         return "failed episode (not a policy outcome)"
     if traj.num_tokens == 0:
         return "empty trajectory"
+    low, high = int(traj.tokens.min()), int(traj.tokens.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        return f"token ids {low}..{high} outside the model's vocabulary of {vocab_size}"
+    if not np.isfinite(traj.logprobs[traj.loss_mask > 0]).all():
+        return "behaviour logprobs that are not finite"
     return ""

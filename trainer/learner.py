@@ -132,7 +132,7 @@ class Learner:
         self.state = state = await self.restore()
         log.info("learner ready at step %d, policy version %d", state.step, state.version)
         buffer = GroupBuffer(self.cfg.batch, self.training, state.consumed, self.group_filter,
-                             committed_tasks=state.consumed_tasks)
+                             committed_tasks=state.consumed_tasks, vocab_size=self.backend.vocab_size)
         keepalive = asyncio.create_task(self._keep_alive(buffer))
         try:
             return await self._loop(state, buffer)

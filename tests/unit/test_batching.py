@@ -208,3 +208,17 @@ def test_group_filter_contract(path: str) -> None:
 
     fn = load_object(path, what="learner.batch.group_filter")
     assert isinstance(fn([traj("a", "g", 2, reward=0.0), traj("b", "g", 2, reward=1.0)]), bool)
+
+
+def test_a_trajectory_the_model_cannot_take_is_dropped_not_trained() -> None:
+    buf = GroupBuffer(BatchConfig(), TrainingConfig(batch_size=1, group_size=1), set(), vocab_size=4)
+    bad_ids = traj("big", "a", 1)  # tokens 0..4, vocabulary 0..3
+    nan = Trajectory(id="nan", task_id="nan", group_id="b", tokens=[0, 1, 2], loss_mask=[0, 1, 1],
+                     logprobs=[0, float("nan"), -1], versions=[-1, 0, 0], prompt_len=1)
+    ok = Trajectory(id="ok", task_id="ok", group_id="c", tokens=[0, 1, 2], loss_mask=[0, 1, 1],
+                    logprobs=[0, -1, -1], versions=[-1, 0, 0], prompt_len=1)
+    for t in (bad_ids, nan, ok):
+        buf.add(FakeDelivery(t))
+    batch = buf.take(0)
+    assert batch is not None and batch.trained_ids == ["ok"]
+    assert "outside the model's vocabulary of 4" in batch.dropped["big"] and "not finite" in batch.dropped["nan"]

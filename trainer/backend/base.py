@@ -31,6 +31,11 @@ class StepResult:
 class TrainBackend(Protocol):
     """A model plus its optimizer. Micro-batches are packed sequences; the backend moves them to its device."""
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model embeds: ``0 .. vocab_size - 1`` (a trajectory outside it is refused, not trained)."""
+        ...
+
     def logprobs(self, mb: MicroBatch) -> torch.Tensor:
         """Per-token logprobs ``[T]`` (float32, CPU) under the current weights, without gradient."""
         ...

@@ -85,6 +85,10 @@ class TorchBackend:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim))
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
     # ------------------------------------------------------------------ forward
 
     @contextlib.contextmanager

@@ -106,6 +106,10 @@ class MegatronBackend:
                                                                  for r, e in failed.items()))
         return result
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.shape.vocab)
+
     def logprobs(self, mb: MicroBatch) -> torch.Tensor:
         out: torch.Tensor = self._call("logprobs", mb)
         return out
