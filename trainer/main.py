@@ -8,12 +8,14 @@ import logging
 import signal
 from pathlib import Path
 
+import msgspec
 import torch
 
 from agentrl.bus.local import open_bus
 from agentrl.config.loader import dump_config
 from agentrl.config.run import RunConfig
 from agentrl.contract import join_contract
+from agentrl.tracking import Tracking, open_tracking
 from trainer.backend import open_backend
 from trainer.bus_adapter import BusLink, open_trajectory_consumer
 from trainer.checkpoint import Checkpointer, LearnerState
@@ -32,12 +34,21 @@ async def serve_learner(cfg: RunConfig, url: str | None) -> LearnerState:
 
     Without ``url`` it shares the run's embedded nats-server (or starts it), like every actor.
     """
-    lc = cfg.learner
-    run_dir = str(cfg.run_dir)
-    if lc.torch_threads:
-        torch.set_num_threads(lc.torch_threads)
+    if cfg.learner.torch_threads:
+        torch.set_num_threads(cfg.learner.torch_threads)
     torch.manual_seed(cfg.seed)
     await asyncio.to_thread(dump_config, cfg, cfg.run_dir / "learner_config.yaml")  # what this run used
+    tracking = await asyncio.to_thread(
+        open_tracking, cfg.tracking, run_name=cfg.name, source="learner", config=msgspec.to_builtins(cfg))
+    try:
+        return await _serve(cfg, url, tracking)
+    finally:
+        await asyncio.to_thread(tracking.close)
+
+
+async def _serve(cfg: RunConfig, url: str | None, tracking: Tracking) -> LearnerState:
+    lc = cfg.learner
+    run_dir = str(cfg.run_dir)
     with open_backend(lc, cfg.seed) as backend:  # megatron: starts (and at the end stops) its other ranks
         async with open_bus(cfg, url) as bus:
             await join_contract(bus, cfg.training, actor="learner")
@@ -48,7 +59,7 @@ async def serve_learner(cfg: RunConfig, url: str | None) -> LearnerState:
             learner = Learner(
                 lc, cfg.training, backend, await open_trajectory_consumer(bus, lc), BusLink(bus), weights,
                 Checkpointer(Path(lc.path(lc.checkpoint_dir, run_dir)), keep=lc.keep_checkpoints),
-                MetricsSink(Path(lc.path(lc.metrics_file, run_dir)), bus),
+                MetricsSink(Path(lc.path(lc.metrics_file, run_dir)), bus, tracking=tracking),
             )
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,4 +1,5 @@
-"""Learner metrics: one JSON line per step in the run directory, and an ``Event(type="metrics")`` on the bus.
+"""Learner metrics: one JSON line per step in the run directory, an ``Event(type="metrics")`` on the bus, and the
+run's tracking sinks (TensorBoard, W&B: :mod:`agentrl.tracking`), stepped by the learner step.
 
 Keys follow one scheme, ``learner/<group>/<name>`` (e.g. ``learner/loss/policy``); phase timings are
 collected with :class:`Phases` (``with phases("train"): ...``) instead of repeated timer code.
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agentrl.messages import Event
+from agentrl.tracking import Tracking
 
 __all__ = ["EventSink", "MetricsSink", "Phases"]
 
@@ -41,17 +43,22 @@ class Phases:
 
 
 class MetricsSink:
-    """Appends a JSON line per record to ``path`` and publishes it as an event (fire and forget)."""
+    """Appends a JSON line per record to ``path``, hands it to the tracking sinks and publishes it as an event
+    (fire and forget)."""
 
-    def __init__(self, path: Path, events: EventSink | None = None, source: str = "learner") -> None:
+    def __init__(
+        self, path: Path, events: EventSink | None = None, source: str = "learner", tracking: Tracking | None = None
+    ) -> None:
         self.path = Path(path)
         self.events = events
         self.source = source
+        self.tracking = tracking or Tracking()
 
     async def record(self, step: int, values: dict[str, Any]) -> None:
         line = {"step": step, "time": time.time(), **values}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
+        self.tracking.log(values, step)
         if self.events is not None:
             await self.events.publish_event(Event(type="metrics", source=self.source, data=line))

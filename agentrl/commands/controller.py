@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import signal
 
+import msgspec
+
 from agentrl.commands import Command, add_common_arguments, load_run_config, setup_logging
 from agentrl.config.run import RunConfig
 
@@ -29,6 +31,7 @@ async def serve(cfg: RunConfig, url: str | None, *, exit_when_done: bool) -> Non
     from agentrl.controller.controller import Controller, build_core
     from agentrl.controller.engine_load import EngineLoad
     from agentrl.controller.weights_sync import WeightsSync
+    from agentrl.tracking import open_tracking
 
     cc, tc = cfg.controller, cfg.training
     async with open_bus(cfg, url) as bus:
@@ -37,8 +40,10 @@ async def serve(cfg: RunConfig, url: str | None, *, exit_when_done: bool) -> Non
         clients = [EngineClient(url) for url in cc.engines]
         weights = WeightsSync(clients, abort_in_flight=cc.abort_on_update) if clients else None
         load = EngineLoad(clients) if clients else None
+        tracking = await asyncio.to_thread(open_tracking, cfg.tracking, run_name=cfg.name, source="controller",
+                                           config=msgspec.to_builtins(cfg))
         controller = Controller(bus, core, weights=weights, engine_load=load,
-                                metrics_path=cfg.run_dir / "controller_metrics.jsonl")
+                                metrics_path=cfg.run_dir / "controller_metrics.jsonl", tracking=tracking)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
@@ -48,6 +53,7 @@ async def serve(cfg: RunConfig, url: str | None, *, exit_when_done: bool) -> Non
         try:
             await controller.run(exit_when_done=exit_when_done)
         finally:
+            await asyncio.to_thread(tracking.close)
             if weights is not None:
                 await weights.close()
 

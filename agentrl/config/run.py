@@ -16,6 +16,7 @@ from agentrl.config.engine import EngineConfig
 from agentrl.config.launch import LaunchConfig
 from agentrl.config.learner import LearnerConfig
 from agentrl.config.loader import Section
+from agentrl.config.tracking import TrackingConfig
 from agentrl.config.training import TrainingConfig
 from agentrl.config.worker import EnvdConfig, WorkerConfig
 
@@ -76,6 +77,8 @@ class RunConfig(Section):
     """env workers: environments served over NATS"""
     launch: LaunchConfig = msgspec.field(default_factory=LaunchConfig)
     """agentrl run: which actors it starts and how"""
+    tracking: TrackingConfig = msgspec.field(default_factory=TrackingConfig)
+    """experiment tracking: TensorBoard and Weights & Biases sinks beside the JSONL metrics"""
 
     def __post_init__(self) -> None:
         _fill_run_dir(self, str(self.run_dir))

@@ -13,9 +13,9 @@ at any moment gets it redelivered rather than lost (and the core handles every i
 * the policy version in KV, polled (admission still advances if weights cannot reach the engines).
 
 Outputs: tasks on ``tasks.new`` / ``tasks.eval`` (msg id ``f"{task.id}-{attempt}"``), abort broadcasts,
-``metrics`` events plus a JSONL file (counters, staleness histogram, off-policy token fraction, eval
-results, and the engines' idle fraction when an :class:`EngineLoad` sampler is given). The core's
-state is saved to KV before any action is executed and again after, so a restarted controller
+``metrics`` events plus a JSONL file and the run's tracking sinks (counters, staleness histogram, off-policy
+token fraction, eval results, and the engines' idle fraction when an :class:`EngineLoad` sampler is given). The
+core's state is saved to KV before any action is executed and again after, so a restarted controller
 re-publishes exactly what may not have gone out. With engines configured, a reconcile loop reloads the
 latest weights into engines that report an older version (e.g. after an engine restart).
 """
@@ -41,6 +41,7 @@ from agentrl.controller.engine_load import EngineLoad
 from agentrl.controller.state import load_state, save_state
 from agentrl.controller.weights_sync import WeightsSync
 from agentrl.messages import BatchTaken, Event, TasksDropped, Trajectory, WeightUpdate
+from agentrl.tracking import Tracking
 
 ControlMessage = BatchTaken | TasksDropped | WeightUpdate
 
@@ -69,7 +70,7 @@ class Controller:
     def __init__(
         self, bus: Bus, core: ControllerCore, *, weights: WeightsSync | None = None,
         engine_load: EngineLoad | None = None, metrics_path: Path | None = None, version_poll_s: float = 1.0,
-        weights_grace_s: float = 10.0,
+        weights_grace_s: float = 10.0, tracking: Tracking | None = None,
     ) -> None:
         self.bus = bus
         self.core = core
@@ -77,6 +78,7 @@ class Controller:
         self.weights = weights
         self.engine_load = engine_load
         self.metrics_path = metrics_path
+        self.tracking = tracking or Tracking()  # TensorBoard / W&B, stepped by policy version
         self.version_poll_s = version_poll_s
         self.weights_grace_s = weights_grace_s
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
@@ -224,7 +226,7 @@ class Controller:
                 self.core.mark_published(t.id for t in action.tasks)
                 published = True
             elif isinstance(action, Report):
-                await self._emit(action.data)
+                await self._emit(action.data, step=action.eval_version)
                 self.core.mark_reported(action.eval_version)
                 published = True
         if published:
@@ -232,14 +234,15 @@ class Controller:
 
     async def _publish_metrics(self) -> None:
         load = self.engine_load.report() if self.engine_load is not None else {}
-        await self._emit({**flat_metrics(self.core.metrics()), **load})
+        await self._emit({**flat_metrics(self.core.metrics()), **load}, step=self.core.state.version)
 
-    async def _emit(self, data: dict[str, Any]) -> None:
+    async def _emit(self, data: dict[str, Any], *, step: int) -> None:
         line = {"time": time.time(), **data}
         if self.metrics_path is not None:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with self.metrics_path.open("a") as fh:
                 fh.write(json.dumps(line) + "\n")
+        self.tracking.log(data, step)
         await self.bus.publish_event(Event(type="metrics", source="controller", data=line))
 
 
