@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -11,7 +12,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from agentrl.config.run import RunConfig
 
-__all__ = ["Command", "add_common_arguments", "load_run_config", "setup_logging"]
+__all__ = ["Command", "add_common_arguments", "add_print_config_argument", "add_set_argument", "load_run_config",
+           "print_config", "setup_logging"]
 
 
 @dataclass(frozen=True)
@@ -27,15 +29,25 @@ class Command:
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments every actor takes: a config file, ``--set`` overrides, the NATS URL and the run name."""
     p.add_argument("--config", "-c", default=None, help="YAML config file (see configs/)")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set learner.lr=1e-5 (repeatable)",
-    )
+    add_set_argument(p)
     p.add_argument(
         "--nats", default=None, metavar="URL",
         help="NATS server URL (nats://host:4222); without it a local embedded server is started",
     )
     p.add_argument("--run", default=None, help="run name (namespace on the bus); overrides run.name")
+    add_print_config_argument(p)
+
+
+def add_set_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set learner.optim.lr=1e-5 (repeatable; every key: docs/reference)",
+    )
+
+
+def add_print_config_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (file, --set, flags) as YAML and exit without starting anything")
 
 
 def load_run_config(
@@ -58,7 +70,20 @@ def load_run_config(
     overrides += extra
     if getattr(args, "run", None):
         overrides.append(f"name={args.run}")
-    return load_config(RunConfig, getattr(args, "config", None), overrides)
+    cfg = load_config(RunConfig, getattr(args, "config", None), overrides)
+    if getattr(args, "print_config", False):
+        print_config(cfg)
+    return cfg
+
+
+def print_config(cfg: RunConfig) -> None:
+    """``--print-config``: the resolved config on stdout, then exit 0 (as ``--help`` does)."""
+    import msgspec
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False))
+    sys.stdout.flush()
+    raise SystemExit(0)
 
 
 def setup_logging() -> None:
