@@ -20,9 +20,11 @@ from agentrl.messages import Task, Trajectory
 __all__ = ["make_tool_agent", "run_episode"]
 
 
-def make_tool_agent(*, max_turns: int = 8, max_context: int = 4096, stop_on_length: bool = True) -> AgentFn:
-    """A tool agent with at most ``max_turns`` model turns and ``max_context`` tokens per episode
-    (the worker's ``max_context_tokens`` wins when set; ``task.metadata["max_turns"]`` overrides ``max_turns``).
+def make_tool_agent(*, max_turns: int = 8, max_context: int | None = None, stop_on_length: bool = True) -> AgentFn:
+    """A tool agent with at most ``max_turns`` model turns (``task.metadata["max_turns"]`` overrides it).
+
+    Its token budget per episode is the worker's (``worker.max_context_tokens``, by default the model's own
+    context length, asked from the engines); ``max_context`` lowers it further.
     With ``stop_on_length=False`` a response cut by ``max_new_tokens`` is still acted on (the chat template's
     end-of-turn text is appended, masked) instead of ending the episode as ``truncated``."""
 
@@ -31,7 +33,7 @@ def make_tool_agent(*, max_turns: int = 8, max_context: int = 4096, stop_on_leng
         if env is None:
             raise ConfigError(f"tool agent: task {task.id} names no environment (task.env)")
         limit = int(task.metadata.get("max_turns", max_turns))
-        ctx.max_context = ctx.max_context or max_context
+        ctx.max_context = min(filter(None, (ctx.max_context, max_context)), default=None)
         obs = await env.reset(task)
         ctx.start([*(task.prompt or []), *obs.messages], tools=obs.tools)
         while ctx.state.get("turns", 0) < limit:

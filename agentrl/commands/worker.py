@@ -11,6 +11,8 @@ import signal
 import socket
 from typing import Any
 
+import msgspec
+
 from agentrl.commands import Command, add_common_arguments, load_run_config, setup_logging
 from agentrl.config.run import RunConfig
 from agentrl.errors import ConfigError
@@ -43,6 +45,7 @@ async def serve(cfg: RunConfig, url: str | None) -> None:
     from agentrl.env.remote import RemoteEnvs
     from agentrl.plugins import load_factory, load_object
     from agentrl.worker import AgentWorker
+    from agentrl.worker.context_limit import episode_budget, model_context_length
 
     wc, ec = cfg.worker, cfg.engine
     agent = load_object(wc.agent, what="worker.agent")
@@ -51,9 +54,10 @@ async def serve(cfg: RunConfig, url: str | None) -> None:
     chat = ChatRenderer(_tokenizer(wc.tokenizer or ec.model))
     urls = ec.client.urls or [f"http://{ec.host}:{ec.port}"]
     worker_id = f"{socket.gethostname()}-{os.getpid()}"
-    async with open_bus(cfg, url) as bus, Router(
-        [EngineClient(u, ec.client) for u in urls], health_interval_s=ec.client.health_interval_s
-    ) as router:
+    clients = [EngineClient(u, ec.client) for u in urls]
+    async with open_bus(cfg, url) as bus, Router(clients, health_interval_s=ec.client.health_interval_s) as router:
+        limit = await model_context_length(clients, wc.tokenizer or ec.model)
+        wc = msgspec.structs.replace(wc, max_context_tokens=episode_budget(wc.max_context_tokens, limit))
         envs = ChainedEnvs(local, RemoteEnvs(bus.nc, bus.subjects, wc.remote_envs, call_timeout_s=wc.env_call_timeout_s))
         worker = AgentWorker(bus, agent=agent, generator=router, chat=chat, config=wc, envs=envs, reward=reward,
                              worker_id=worker_id)
@@ -61,7 +65,9 @@ async def serve(cfg: RunConfig, url: str | None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, worker.stop)
-        print(f"worker {worker_id} ready: agent {wc.agent}, {len(urls)} engine(s)", flush=True)
+        budget = f"{wc.max_context_tokens} tokens" if wc.max_context_tokens else "unlimited (model limit unknown)"
+        print(f"worker {worker_id} ready: agent {wc.agent}, {len(urls)} engine(s), episode context {budget}",
+              flush=True)
         stats = await worker.run()
         logging.getLogger(__name__).info("worker %s stopped: %s", worker_id, stats)
 

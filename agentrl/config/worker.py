@@ -35,7 +35,9 @@ class WorkerConfig(Section):
     episode_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1800.0
     """an episode running longer ends as truncated"""
     max_context_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
-    """per-episode token budget; 0 = the agent's own"""
+    """tokens one episode may reach (prompt, model and tool turns); 0 = the model's context length, asked from
+    the engines (else the model's max positions); a larger value is capped at it. A longer episode ends
+    truncated"""
     env_call_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
     """timeout of one reset/step on an env worker"""
     abort_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
