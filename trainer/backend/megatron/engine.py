@@ -396,18 +396,32 @@ class MegatronEngine:
         self._load_local(self.module, state)
         opt = torch.load(path / f"optim_{self._suffix()}.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(opt["optimizer"])
-        if self.on_gpu and self.lc.megatron.distributed_optimizer:
-            self.optimizer.load_parameter_state(str(path / f"optim_params_{self._suffix()}.pt"))
         self.step = int(opt["step"])
-        _restore_adam_steps(self.optimizer, self.step)
+        if self.on_gpu and self.lc.megatron.distributed_optimizer:
+            device = _drop_adam_steps(self.optimizer)  # the saved parameter state has no per-parameter step
+            self.optimizer.load_parameter_state(str(path / f"optim_params_{self._suffix()}.pt"))
+            _restore_adam_steps(self.optimizer, self.step, device)
         self.gather(None)
 
 
-def _restore_adam_steps(optimizer: Any, step: int) -> None:
-    """The distributed optimizer restores exp_avg / exp_avg_sq but not torch Adam's per-parameter ``step``
-    (its bias correction): give every parameter state that lacks one the learner's optimizer step count."""
+def _adam_states(optimizer: Any) -> list[dict[str, Any]]:
     inners = [getattr(o, "optimizer", o) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    for inner in inners:
-        for state in getattr(inner, "state", {}).values():
-            if isinstance(state, dict) and state and "step" not in state:
-                state["step"] = torch.tensor(float(step))
+    return [st for inner in inners for st in getattr(inner, "state", {}).values() if isinstance(st, dict) and st]
+
+
+def _drop_adam_steps(optimizer: Any) -> torch.device:
+    """Take torch Adam's per-parameter ``step`` out of the distributed optimizer's states, which its parameter
+    state file does not hold (loading it would look for one); returns the device the steps lived on."""
+    device = torch.device("cpu")
+    for state in _adam_states(optimizer):
+        step = state.pop("step", None)
+        if isinstance(step, torch.Tensor):
+            device = step.device
+    return device
+
+
+def _restore_adam_steps(optimizer: Any, step: int, device: torch.device) -> None:
+    """Give every parameter state the learner's optimizer step count (Adam's bias correction)."""
+    for state in _adam_states(optimizer):
+        if "step" not in state:
+            state["step"] = torch.tensor(float(step), device=device)
