@@ -3,7 +3,8 @@
 The supervisor names a file in ``$AGENTRL_HEARTBEAT``; the actor touches it every second from its event
 loop while :func:`beating` is entered (every actor's bus connection does, see :mod:`agentrl.bus.local`). A
 beat older than the actor's hang timeout means its loop is stuck or the process is stopped (SIGSTOP), and
-the supervisor restarts it. Before the first beat nothing is judged (the actor may still be loading).
+the supervisor restarts it. Before the first beat and after :func:`beating` is left (the file is removed)
+nothing is judged: the actor may be loading, or finishing its work off the bus before it exits.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ async def beating() -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        with contextlib.suppress(FileNotFoundError):  # done beating (e.g. exporting before exit): not judged
+            os.unlink(where)
 
 
 def beat_age(path: Path, now: float | None = None) -> float | None:

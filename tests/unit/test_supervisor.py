@@ -248,3 +248,21 @@ async def test_an_actor_started_by_hand_never_starts_a_second_server_on_a_locked
         async with open_bus(cfg):
             pass
     assert not (cfg.run_dir / "nats" / "jetstream").exists()
+
+
+def test_an_actor_done_beating_is_not_judged_while_it_finishes(tmp_path: Path) -> None:
+    from agentrl.launch.heartbeat import HEARTBEAT_ENV, beat_age, beating
+
+    beat = tmp_path / "beat"
+
+    async def actor() -> None:
+        os.environ[HEARTBEAT_ENV] = str(beat)
+        try:
+            async with beating():
+                await asyncio.sleep(0.2)
+                assert beat_age(beat) is not None
+        finally:
+            del os.environ[HEARTBEAT_ENV]
+
+    asyncio.run(actor())
+    assert beat_age(beat) is None  # e.g. the learner exporting its weights after closing the bus
