@@ -34,7 +34,7 @@ class CountingEnv(KernelEnv):
     evaluations: ClassVar[int] = 0
 
     def __init__(self) -> None:
-        super().__init__(device="cpu", sets=2, concurrency=2)
+        super().__init__(device="cpu", sets=2, concurrency=2, wall_s=240.0)  # generous: the machine may be loaded
 
     async def _evaluate(self, *args: Any, **kwargs: Any) -> Any:
         type(self).evaluations += 1
@@ -54,7 +54,7 @@ async def _episode(task: Task, gen: Any, tok: Any, **kw: Any) -> Any:
 
 
 async def test_template_solutions_are_rewarded_by_style_and_size() -> None:
-    env = KernelEnv(device="cpu", sets=2)
+    env = KernelEnv(device="cpu", sets=2, wall_s=240.0)
     await env.reset(_task(n=1024))  # a block multiple: both styles are right
     aligned_plain = await env.step(Action(text=PLAIN))
     await env.reset(_task(n=1000))  # ragged: only the masked style is
