@@ -10,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 import torch
+import transformers
 
 from agentrl.bus.local import open_bus
 from agentrl.config.loader import dump_config
@@ -34,6 +35,7 @@ async def serve_learner(cfg: RunConfig, url: str | None) -> LearnerState:
 
     Without ``url`` it shares the run's embedded nats-server (or starts it), like every actor.
     """
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bars would fill learner.log
     if cfg.learner.torch_threads:
         torch.set_num_threads(cfg.learner.torch_threads)
     torch.manual_seed(cfg.seed)

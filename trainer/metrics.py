@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,17 @@ from typing import Any, Protocol
 from agentrl.messages import Event
 from agentrl.tracking import Tracking
 
-__all__ = ["EventSink", "MetricsSink", "Phases"]
+__all__ = ["EventSink", "MetricsSink", "Phases", "step_line"]
+
+log = logging.getLogger(__name__)
+
+# (key, label, format) of the per-step line in the learner's log
+_LINE = (
+    ("learner/version", "v", "{:.0f}"), ("learner/reward/mean", "reward", "{:.3f}"),
+    ("learner/loss/total", "loss", "{:.4f}"), ("learner/grad_norm", "grad_norm", "{:.3f}"),
+    ("learner/policy/entropy", "entropy", "{:.3f}"), ("learner/batch/trajectories", "trajectories", "{:.0f}"),
+    ("learner/batch/trained_tokens", "trained_tokens", "{:.0f}"), ("learner/staleness/max", "staleness_max", "{:.0f}"),
+)
 
 
 class EventSink(Protocol):
@@ -42,6 +53,14 @@ class Phases:
         return {f"learner/time/{k}": v for k, v in self.seconds.items()}
 
 
+def step_line(step: int, values: dict[str, Any]) -> str:
+    """One line per learner step for its log: the few numbers a person watches, plus the step's seconds."""
+    parts = [f"step {step}"]
+    parts += [f"{label} {fmt.format(values[key])}" for key, label, fmt in _LINE if isinstance(values.get(key), int | float)]
+    seconds = sum(v for k, v in values.items() if k.startswith("learner/time/") and isinstance(v, int | float))
+    return ", ".join([*parts, f"{seconds:.1f}s"])
+
+
 class MetricsSink:
     """Appends a JSON line per record to ``path``, hands it to the tracking sinks and publishes it as an event
     (fire and forget)."""
@@ -60,5 +79,7 @@ class MetricsSink:
         with self.path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
         self.tracking.log(values, step)
+        if self.source == "learner":
+            log.info(step_line(step, values))
         if self.events is not None:
             await self.events.publish_event(Event(type="metrics", source=self.source, data=line))
