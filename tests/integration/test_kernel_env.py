@@ -62,7 +62,8 @@ async def test_template_solutions_are_rewarded_by_style_and_size() -> None:
     ragged_masked = await env.step(Action(text=MASKED))
     assert (aligned_plain.reward, aligned_plain.done, aligned_plain.info["correct"]) == (0.3, True, True)
     assert (ragged_plain.reward, ragged_plain.done, ragged_plain.info["outcome"]) == (0.1, False, "wrong")
-    assert "first wrong element at index (768,)" in ragged_plain.observation.messages[0].content
+    # the unwritten tail is whatever torch.empty left there: a value mismatch, or NaN/Inf, from index 768 = 3 * 256
+    assert "index (768,)" in ragged_plain.observation.messages[0].content
     assert (ragged_masked.reward, ragged_masked.info["episode_reward"], ragged_masked.info["turn"]) == (0.3, 0.3, 2)
     snap = await env.snapshot()
     fresh = KernelEnv(device="cpu")
@@ -76,7 +77,8 @@ async def test_feedback_turn_then_fix(tiny_tokenizer: Any) -> None:
     assert (t.status, t.reward, t.correct, t.metadata["turns"]) == ("completed", 0.3, True, 2)
     assert t.metadata["outcomes"] == ["wrong", "correct"] and t.turn_rewards == [0.1]
     feedback = next(turn for turn in t.turns if turn.kind == "env")
-    assert "Output mismatch" in feedback.text and t.loss_mask[feedback.start:feedback.end].sum() == 0
+    assert ("Output mismatch" in feedback.text or "NaN/Inf" in feedback.text) and "(768,)" in feedback.text
+    assert t.loss_mask[feedback.start:feedback.end].sum() == 0
     assert len(gen.calls) == 2  # stopped early once correct
 
 
