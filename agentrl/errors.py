@@ -22,7 +22,8 @@ original so the cause stays visible::
     │   ├── EnvTimeout         a reset/step call exceeded its deadline
     │   └── EnvCrashed         the environment raised or its worker died
     ├── SandboxError           the code sandbox could not run the code at all
-    └── BackendError           a training backend failed (e.g. one rank of a multi-rank learner)
+    ├── BackendError           a training backend failed (e.g. one rank of a multi-rank learner)
+    └── WeightSyncError        a torch.distributed weight group could not form, or a broadcast failed or timed out
 """
 
 from __future__ import annotations
@@ -106,3 +107,8 @@ class SandboxError(AgentRLError):
 
 class BackendError(AgentRLError):
     """A training backend failed; for a multi-rank backend the message names the rank and its error."""
+
+
+class WeightSyncError(AgentRLError):
+    """A weight-update process group (torch.distributed) could not be formed, or a broadcast over it failed or
+    timed out (a peer died, a rendezvous never completed); the message names the group and the cause."""
