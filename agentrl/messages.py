@@ -35,6 +35,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AbortRequest",
     "BatchTaken",
+    "BroadcastSpec",
     "ChatMessage",
     "EnvResume",
     "Event",
@@ -305,6 +306,19 @@ class Trajectory(Message, kw_only=True):
         return ages
 
 
+class BroadcastSpec(msgspec.Struct, kw_only=True):
+    """A weight update that also travels by torch.distributed broadcast (``learner.weight_sync: distributed``):
+    the group, its member engines (base URLs, ranks 1.. in this order), the tensors in broadcast order (SGLang's
+    names / dtypes / shapes) and the wall-clock time after which the learner no longer sends (load ``uri``)."""
+
+    group_name: str
+    engines: list[str]
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    deadline: float
+
+
 class WeightUpdate(Message, kw_only=True):
     """Announces new policy weights: where they are and how to check them."""
 
@@ -314,6 +328,7 @@ class WeightUpdate(Message, kw_only=True):
     sha256: str = ""
     nbytes: int = 0
     created_at: float = msgspec.field(default_factory=time.time)
+    broadcast: BroadcastSpec | None = None  # also sent by torch.distributed broadcast (see BroadcastSpec)
 
 
 class BatchTaken(Message, kw_only=True):
