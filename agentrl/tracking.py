@@ -146,4 +146,4 @@ def without_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _missing(key: str, package: str) -> str:
-    return f"{key} is on but the {package} package is not installed: pip install 'agentrl[tracking]'"
+    return f"{key} is on but the {package} package is not installed: pip install -e '.[tracking]'"

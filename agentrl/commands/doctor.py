@@ -90,7 +90,7 @@ def check_nats_server() -> Check:
 def check_triton() -> Check:
     if _version("triton") is None:
         return Check("triton", "warn", "not installed: the kernel-generation env cannot run kernels",
-                     "pip install triton (comes with CUDA builds of torch)")
+                     "pip install -e '.[kernel]' (CUDA builds of torch bring it)")
     try:
         import triton
     except Exception as exc:  # a broken install raises anything at import
@@ -133,19 +133,19 @@ CHECKS: list[Callable[[], Check]] = [
     check_python, check_torch, check_gpu, check_nats_server,
     _required("transformers", "transformers"), _required("nats-py", "nats-py"), _required("msgspec", "msgspec"),
     check_triton,
-    _package("megatron-core", "megatron-core", "learner.backend: megatron is unavailable", "pip install 'agentrl[megatron]'"),
+    _package("megatron-core", "megatron-core", "learner.backend: megatron is unavailable", "pip install -e '.[megatron]'"),
     _package("xgrammar", "xgrammar", "the embedded engine refuses regex/json_schema/ebnf constrained decoding",
-             "pip install 'agentrl[engine]'"),
-    _package("dill", "dill", "the engine cannot run custom logit processors", "pip install 'agentrl[engine]'"),
+             "pip install -e '.[engine]'"),
+    _package("dill", "dill", "the engine cannot run custom logit processors", "pip install -e '.[engine]'"),
     _package("sglang", "sglang", "only the embedded engine (launch.engine: sglang needs it, on GPU)",
              "pip install sglang (GPU machines; see SGLang's install guide)"),
     check_chromium,
-    _package("tensorboard", "tensorboard", "tracking.tensorboard cannot be turned on", "pip install 'agentrl[tracking]'"),
-    _package("wandb", "wandb", "tracking.wandb cannot be turned on", "pip install 'agentrl[tracking]'"),
-    _package("pyarrow", "pyarrow", "no Parquet export/import or Parquet datasets", "pip install 'agentrl[data]'"),
-    _package("datasets", "datasets", "no saved Hugging Face datasets as prompt sources", "pip install 'agentrl[data]'"),
-    _package("matplotlib", "matplotlib", "agentrl run writes no plots", "pip install 'agentrl[plots]'"),
-    _package("mkdocs", "mkdocs", "the docs site cannot be built", "pip install 'agentrl[docs]'"),
+    _package("tensorboard", "tensorboard", "tracking.tensorboard cannot be turned on", "pip install -e '.[tracking]'"),
+    _package("wandb", "wandb", "tracking.wandb cannot be turned on", "pip install -e '.[tracking]'"),
+    _package("pyarrow", "pyarrow", "no Parquet export/import or Parquet datasets", "pip install -e '.[data]'"),
+    _package("datasets", "datasets", "no saved Hugging Face datasets as prompt sources", "pip install -e '.[data]'"),
+    _package("matplotlib", "matplotlib", "agentrl run writes no plots", "pip install -e '.[plots]'"),
+    _package("mkdocs", "mkdocs", "the docs site cannot be built", "pip install -e '.[docs]'"),
 ]
 
 

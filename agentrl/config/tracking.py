@@ -16,7 +16,7 @@ class TrackingConfig(Section):
     ``tensorboard --logdir runs/NAME/tensorboard`` shows them. Weights & Biases: one W&B run per actor, grouped by
     the run name; offline by default (files under ``wandb_dir/wandb``, uploaded later with ``wandb sync``).
     Learner metrics are plotted against the learner step, controller metrics against the policy version.
-    Both need ``pip install 'agentrl[tracking]'``.
+    Both need ``pip install -e '.[tracking]'``.
     """
 
     tensorboard: bool = False

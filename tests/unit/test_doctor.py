@@ -43,8 +43,8 @@ def test_a_missing_optional_package_is_a_warning_with_the_install_command(
     monkeypatch.setattr(importlib.metadata, "version", version)
     code, out = run_doctor(capsys)
     assert code == 0
-    assert "warn    megatron-core" in out and "-> pip install 'agentrl[megatron]'" in out
-    assert "warn    xgrammar" in out and "-> pip install 'agentrl[engine]'" in out
+    assert "warn    megatron-core" in out and "-> pip install -e '.[megatron]'" in out
+    assert "warn    xgrammar" in out and "-> pip install -e '.[engine]'" in out
 
 
 def test_no_nats_server_is_missing_and_fails(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

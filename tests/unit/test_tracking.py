@@ -91,7 +91,7 @@ def test_a_missing_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    with pytest.raises(ConfigError, match=r"tracking.tensorboard .* pip install 'agentrl\[tracking\]'"):
+    with pytest.raises(ConfigError, match=r"tracking.tensorboard .* pip install -e '\.\[tracking\]'"):
         open_tracking(TrackingConfig(tensorboard=True, tensorboard_dir=str(tmp_path)), run_name="r", source="learner")
 
 
