@@ -84,6 +84,7 @@ def test_the_tutorial_trains_its_env_and_agent(tmp_path: Path) -> None:
     run_dir = folder / "runs" / "guess"
     steps = [json.loads(line) for line in (run_dir / "learner_metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    assert "Starting nats-server" in (run_dir / "logs" / "nats.log").read_text()  # the bus's log beside the others
     learner_log = (run_dir / "logs" / "learner.log").read_text()
     assert f"step {STEPS}, v {STEPS}, reward" in learner_log and "Writing model shards" not in learner_log
     assert {"learner/reward/mean", "learner/loss/total"} <= scalars(run_dir / "tensorboard" / "learner")

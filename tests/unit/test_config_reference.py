@@ -16,6 +16,12 @@ def test_every_key_of_the_run_config_has_help_text() -> None:
     assert not missing, f"config keys without an attribute docstring: {missing}"
 
 
+def test_the_run_directory_says_what_it_is_relative_to() -> None:
+    (top,) = [sec for sec in sections(RunConfig) if sec.path == "(top level)"]
+    (run_dir,) = [f for f in top.fields if f.key == "dir"]
+    assert "relative to the directory the command runs in" in run_dir.help
+
+
 def test_every_section_is_reached_once() -> None:
     paths = [sec.path for sec in sections(RunConfig)]
     for path in ("training", "learner.optim", "learner.loss", "controller.eval", "engine.client",
