@@ -23,7 +23,9 @@ from agentrl.client.protocol import (
     auth_headers,
     build_abort_request,
     build_generate_request,
+    build_init_weights_group_request,
     build_memory_request,
+    build_update_weights_from_distributed_request,
     build_update_weights_from_tensor_request,
     build_update_weights_request,
     error_for_status,
@@ -154,6 +156,38 @@ class EngineClient:
         out = await self.request("POST", "/update_weights_from_tensor", body)
         if not isinstance(out, dict) or not out.get("success", False):
             raise EngineError(f"engine {self.engine_id}: weight update failed: {out}")
+
+    async def init_weights_update_group(
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int, group_name: str,
+        backend: str, *, timeout: float,
+    ) -> None:
+        """Join the trainer's weight-update group (blocks until every rank joined). One try, no retry: a
+        rendezvous cannot be repeated alone. Raises :class:`EngineError` when the engine could not join."""
+        body = build_init_weights_group_request(master_address, master_port, rank_offset, world_size, group_name,
+                                                backend)
+        await self._weights_call("/init_weights_update_group", body, timeout)
+
+    async def update_weights_from_distributed(
+        self, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]], group_name: str,
+        version: int, *, abort_all_requests: bool = False, timeout: float,
+    ) -> None:
+        """Receive the tensors the trainer broadcasts over ``group_name`` and load them as ``version``. One try, no
+        retry (a second receive would wait for a second broadcast). Raises :class:`EngineError` on failure."""
+        body = build_update_weights_from_distributed_request(names, dtypes, shapes, group_name, version,
+                                                             abort_all_requests=abort_all_requests)
+        await self._weights_call("/update_weights_from_distributed", body, timeout)
+
+    async def destroy_weights_update_group(self, group_name: str, *, timeout: float = 10.0) -> None:
+        await self._weights_call("/destroy_weights_update_group", {"group_name": group_name}, timeout)
+
+    async def _weights_call(self, path: str, body: dict[str, Any], timeout: float) -> None:
+        out = await self._once("POST", path, body, timeout)
+        if not isinstance(out, dict) or not out.get("success", False):
+            raise EngineError(f"engine {self.engine_id} {path} failed: {out}")
+
+    async def get_server_info(self) -> dict[str, Any]:
+        out = await self.request("GET", "/get_server_info")
+        return out if isinstance(out, dict) else {}
 
     async def release_memory(self, tags: Sequence[str] | None = None) -> None:
         """Colocated mode: the engine frees its KV cache / weights / CUDA graphs (None: all) until :meth:`resume_memory`."""

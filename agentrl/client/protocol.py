@@ -28,7 +28,9 @@ __all__ = [
     "auth_headers",
     "build_abort_request",
     "build_generate_request",
+    "build_init_weights_group_request",
     "build_memory_request",
+    "build_update_weights_from_distributed_request",
     "build_update_weights_from_tensor_request",
     "build_update_weights_request",
     "error_for_status",
@@ -44,6 +46,7 @@ ADMIN_KEY_ENV = "AGENTRL_ENGINE_ADMIN_KEY"  # SGLang's --admin-api-key: the endp
 ADMIN_PATHS = frozenset({
     "/update_weights_from_disk", "/update_weights_from_tensor", "/pause_generation", "/continue_generation",
     "/abort_request", "/flush_cache", "/release_memory_occupation", "/resume_memory_occupation",
+    "/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group",
 })
 
 
@@ -102,6 +105,27 @@ def build_update_weights_from_tensor_request(named_tensors: Iterable[tuple[str, 
     buf = io.BytesIO()
     ForkingPickler(buf).dump(list(named_tensors))
     return {"serialized_named_tensors": [base64.b64encode(buf.getvalue()).decode()], "weight_version": str(version)}
+
+
+def build_init_weights_group_request(
+    master_address: str, master_port: int, rank_offset: int, world_size: int, group_name: str, backend: str,
+) -> dict[str, Any]:
+    """``POST /init_weights_update_group`` body (SGLang's field names): join as ranks ``rank_offset``.. of
+    ``world_size``; rank 0, the trainer, serves the rendezvous at ``master_address:master_port``."""
+    return {"master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+            "world_size": int(world_size), "group_name": group_name, "backend": backend}
+
+
+def build_update_weights_from_distributed_request(
+    names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]], group_name: str, version: int, *,
+    abort_all_requests: bool = False,
+) -> dict[str, Any]:
+    """``POST /update_weights_from_distributed`` body: receive these tensors, broadcast by rank 0 in this order."""
+    if not len(names) == len(dtypes) == len(shapes):
+        raise ValueError(f"{len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes: they must match")
+    return {"names": list(names), "dtypes": list(dtypes), "shapes": [[int(d) for d in s] for s in shapes],
+            "group_name": group_name, "weight_version": str(version), "abort_all_requests": abort_all_requests,
+            "flush_cache": True}
 
 
 def build_memory_request(tags: Sequence[str] | None = None) -> dict[str, Any]:

@@ -60,6 +60,9 @@ class EngineConfig(Section):
     """swap: new weights are copied in between two decode steps (running requests continue under them, each
     token keeps its version); drain: as SGLang, a weight update waits until the running requests finish,
     admitting none meanwhile (abort_all_requests cuts the wait short: APRIL, controller.abort_on_update)"""
+    weight_group_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    """bound on joining a weight-update group (/init_weights_update_group) and on receiving one update over it
+    (/update_weights_from_distributed); past it the call fails and the engine leaves the group"""
     max_total_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     """KV pool positions; 0 = (max_running + 16) * context"""
     max_prefill_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16384

@@ -39,7 +39,7 @@ from agentrl.errors import EngineError
 if TYPE_CHECKING:
     from agentrl.engine.server import EngineServer
 
-__all__ = ["add_admin_routes"]
+__all__ = ["add_admin_routes", "apply_weights", "weights_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,7 @@ class _Admin:
         return _weights_reply(True, f"Succeeded to update model weights. Weight version updated to {version}.")
 
     async def _apply(self, state: dict[str, Any], version: int, abort_all: bool, *, partial: bool) -> None:
-        if "weights" in self.server.memory.released:
-            raise EngineError("the weights are released: call /resume_memory_occupation first")
-        if abort_all:
-            self.scheduler.abort(None)
-        model = self.server.loaded.model
-        await self.scheduler.update_weights(lambda: copy_weights(model, state, partial=partial), version)
+        await apply_weights(self.server, state, version, abort_all, partial=partial)
 
     async def _read_weights(self, model_path: str) -> dict[str, Any]:
         """State dict from a model directory, or from the bus object store for ``nats-object://`` paths."""
@@ -147,6 +142,18 @@ class _Admin:
         return _ok(f"Resumed {sorted(tags)}.")
 
 
+async def apply_weights(server: EngineServer, state: dict[str, Any], version: int, abort_all: bool, *,
+                        partial: bool) -> None:
+    """Copy ``state`` into the served model between two decode steps, then report ``version``
+    (:class:`EngineError` when it does not fit the model or the weights are released)."""
+    if "weights" in server.memory.released:
+        raise EngineError("the weights are released: call /resume_memory_occupation first")
+    if abort_all:
+        server.scheduler.abort(None)
+    model = server.loaded.model
+    await server.scheduler.update_weights(lambda: copy_weights(model, state, partial=partial), version)
+
+
 def _ok(message: str) -> web.Response:
     from agentrl.engine.server import json_response
 
@@ -154,9 +161,14 @@ def _ok(message: str) -> web.Response:
 
 
 def _weights_reply(success: bool, message: str) -> web.Response:
+    return weights_reply({"success": success, "message": message, "num_paused_requests": 0})
+
+
+def weights_reply(body: dict[str, Any]) -> web.Response:
+    """A weight endpoint's answer: HTTP 200 when ``body["success"]``, else 400 (SGLang's status codes)."""
     from agentrl.engine.server import json_response
 
-    return json_response({"success": success, "message": message, "num_paused_requests": 0}, 200 if success else 400)
+    return json_response(body, 200 if body["success"] else 400)
 
 
 def add_admin_routes(app: web.Application, server: EngineServer) -> None:

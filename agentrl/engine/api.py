@@ -21,11 +21,14 @@ from agentrl.errors import AgentRLError
 __all__ = [
     "AbortIn",
     "BadRequest",
+    "DestroyWeightsGroupIn",
     "DetokenizeIn",
+    "InitWeightsGroupIn",
     "MemoryIn",
     "PauseIn",
     "SamplingIn",
     "TokenizeIn",
+    "UpdateWeightsDistributedIn",
     "UpdateWeightsIn",
     "UpdateWeightsTensorIn",
     "check_tokens",
@@ -108,6 +111,37 @@ class UpdateWeightsTensorIn(msgspec.Struct):
     flush_cache: bool = True
     abort_all_requests: bool = False
     weight_version: str | int | None = None
+
+
+class InitWeightsGroupIn(msgspec.Struct):
+    """SGLang's ``/init_weights_update_group``: join the trainer's group as rank ``rank_offset`` (one rank here)."""
+
+    master_address: str
+    master_port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    rank_offset: Annotated[int, msgspec.Meta(ge=0)]
+    world_size: Annotated[int, msgspec.Meta(ge=1)]
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+
+
+class UpdateWeightsDistributedIn(msgspec.Struct):
+    """SGLang's ``/update_weights_from_distributed``: receive each named tensor by broadcast from rank 0."""
+
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[Annotated[int, msgspec.Meta(ge=0)]]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | int | None = None
+    load_format: str | None = None
+    torch_empty_cache: bool = False
+
+
+class DestroyWeightsGroupIn(msgspec.Struct):
+    """SGLang's ``/destroy_weights_update_group``."""
+
+    group_name: str = "weight_update_group"
 
 
 class MemoryIn(msgspec.Struct):

@@ -2,7 +2,8 @@
 
 ``GET /health``, ``GET /health_generate`` (one greedy token, 503 when none comes within 20 s),
 ``GET /get_model_info`` (alias ``/model_info``), ``GET /get_weight_version``, ``GET /get_server_info`` (alias
-``/server_info``: server args, ``max_total_num_tokens``, ``page_size``, ``version``, ``internal_states``),
+``/server_info``: server args, ``max_total_num_tokens``, ``page_size``, ``tp_size``, ``version``,
+``internal_states``, and ``weights_update_groups``, the weight-update groups joined: an agentrl extra),
 ``GET /get_load``, ``POST /tokenize`` and ``/v1/tokenize`` (``prompt`` text or a list of texts, or chat
 ``messages`` with optional ``tools``), ``POST /detokenize`` and ``/v1/detokenize``.
 """
@@ -99,7 +100,9 @@ class _Info:
             "max_req_input_len": server.context_length - 1,
             "max_running_requests": s.max_running,
             "page_size": 1,
+            "tp_size": 1,
             "disable_radix_cache": not s.cache.enabled,
+            "weights_update_groups": sorted(server.dist_weights.groups),  # agentrl extra: joined groups
             "internal_states": [state],
         })
 

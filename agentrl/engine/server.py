@@ -28,6 +28,7 @@ from agentrl.config.engine import EngineConfig
 from agentrl.engine.api import BadRequest, check_tokens, to_options
 from agentrl.engine.auth import ADMIN_KEY_ENV, API_KEY_ENV, auth_middleware, resolve_key
 from agentrl.engine.custom_processor import ProcessorError, load_processor
+from agentrl.engine.dist_weights import DistributedWeights
 from agentrl.engine.generate_in import GenerateIn, Item, normalize
 from agentrl.engine.grammar import GrammarCompiler, GrammarError
 from agentrl.engine.logits import CustomCall
@@ -101,10 +102,14 @@ class EngineServer:
         self.api_key = resolve_key(cfg.api_key, API_KEY_ENV)
         self.admin_key = resolve_key(cfg.admin_api_key, ADMIN_KEY_ENV)
         self.active: dict[str, Request] = {}  # rid -> request in flight (duplicate rids are refused)
+        params = list(loaded.model.parameters())
+        self.dist_weights = DistributedWeights(  # groups of /init_weights_update_group
+            params[0].device, sum(p.numel() * p.element_size() for p in params), cfg.weight_group_timeout_s)
         self._chars_per_token = 2 * max((len(t) for t in loaded.tokenizer.get_vocab()), default=16)
 
     def app(self) -> web.Application:
         from agentrl.engine.admin_routes import add_admin_routes
+        from agentrl.engine.dist_routes import add_dist_routes
         from agentrl.engine.info_routes import add_info_routes
         from agentrl.engine.openai_api import add_openai_routes
 
@@ -113,6 +118,7 @@ class EngineServer:
         app.router.add_route("POST", "/generate", self.generate)
         app.router.add_route("PUT", "/generate", self.generate)
         add_admin_routes(app, self)
+        add_dist_routes(app, self)
         add_info_routes(app, self)
         add_openai_routes(app, self)
         app.on_startup.append(self._on_startup)
@@ -129,6 +135,7 @@ class EngineServer:
 
     async def _on_cleanup(self, _: web.Application) -> None:
         await self.scheduler.stop()
+        self.dist_weights.close()
 
     # --- building requests ----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
