@@ -29,6 +29,9 @@ __all__ = ["Consumer", "Delivery"]
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 
+_ACK_ATTEMPTS = 6  # 10 s each plus backoff: an ack outlives a nats-server restart
+_UNREACHABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError)
+
 
 class Delivery(Generic[M]):
     """One delivered message: the decoded ``msg`` plus the ack operations of its raw NATS message."""
@@ -43,8 +46,22 @@ class Delivery(Generic[M]):
         self.num_delivered = int(meta.num_delivered)
 
     async def ack(self) -> None:
-        """Acknowledge and wait for the server to confirm (so an ack is never lost in a crash)."""
-        await self._raw.ack_sync(timeout=10.0)
+        """Acknowledge and wait for the server to confirm (so an ack is never lost in a crash).
+
+        While the server does not answer (it may be restarting: its supervisor brings it back on the same
+        store) the ack is retried with backoff for about a minute before the error is raised.
+        """
+        delay = 0.5
+        for attempt in range(_ACK_ATTEMPTS):
+            try:
+                await self._raw.ack_sync(timeout=10.0)
+                return
+            except _UNREACHABLE:
+                if attempt == _ACK_ATTEMPTS - 1:
+                    raise
+                log.warning("ack of %s seq %d not confirmed; retrying in %.1fs", self._raw.subject, self.seq, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
 
     async def nak(self, delay: float | None = None) -> None:
         """Ask for redelivery, after ``delay`` seconds if given."""
