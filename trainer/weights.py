@@ -94,8 +94,14 @@ class DiskWeightSink:
             folder = self.root / f"v{version}"
             for f in sorted(p for p in folder.iterdir() if p.is_file()):
                 await self.blobs.put_blob(f"v{version}/{f.name}", f)
-            update.uri = f"nats-object://{self.bucket}/v{version}"
+        update.uri = self.uri_of(version)
         return update
+
+    def uri_of(self, version: int) -> str:
+        """Where :meth:`publish` puts ``version`` (known before it is written, for announcements made first)."""
+        if self.blobs is not None:
+            return f"nats-object://{self.bucket}/v{version}"
+        return (self.root / f"v{version}").resolve().as_uri()
 
     def _copy_tokenizer(self, dest: Path) -> None:
         if self.base_model is None:

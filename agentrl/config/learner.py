@@ -14,7 +14,7 @@ import msgspec
 from agentrl.config.loader import Section
 from agentrl.config.megatron import MegatronConfig
 
-__all__ = ["Aggregation", "BatchConfig", "LearnerConfig", "LossConfig", "OptimConfig"]
+__all__ = ["Aggregation", "BatchConfig", "LearnerConfig", "LossConfig", "OptimConfig", "WeightGroupConfig"]
 
 Aggregation = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 
@@ -89,6 +89,23 @@ class BatchConfig(Section):
     / 3 seconds. After a crash, what it held is redelivered to the restarted learner after this long."""
 
 
+class WeightGroupConfig(Section):
+    """The torch.distributed group the learner broadcasts new weights over (``learner.weight_sync:
+    distributed``): the learner is rank 0 and serves the rendezvous; every engine of ``controller.engines`` that
+    answers joins (SGLang's /init_weights_update_group), and the controller tells them when to receive."""
+
+    address: str = "127.0.0.1"
+    """address the engines reach the learner at (the rendezvous server, and the interface the group binds)"""
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    """rendezvous port on the learner; 0 = a free port picked at start"""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto: nccl when the learner trains on a GPU (engines on GPUs), else gloo"""
+    group_name: str = "agentrl-weights"
+    """prefix of the group names; each group formed adds -<learner id>-<n>"""
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    """bound on forming a group and on one broadcast; an engine that misses it loads that version from disk"""
+
+
 class LearnerConfig(Section):
     """The learner actor: model, algorithm, batching, optimizer, outputs."""
 
@@ -124,6 +141,13 @@ class LearnerConfig(Section):
     """published versions kept on disk"""
     publish_to_object_store: bool = False
     """also put the safetensors into the bus object store"""
+    weight_sync: Literal["disk", "distributed"] = "disk"
+    """How engines get new weights. disk: each version is written to weights_dir and the controller tells every
+    engine to load it. distributed: the learner also broadcasts each version over torch.distributed
+    (learner.weight_group) to the engines of controller.engines, which the controller tells to receive it;
+    engines outside the group (restarted, unreachable) and failed transfers still load from disk."""
+    weight_group: WeightGroupConfig = msgspec.field(default_factory=WeightGroupConfig)
+    """the torch.distributed group of weight_sync: distributed"""
     checkpoint_dir: str = "{run_dir}/checkpoints"
     """learner checkpoints (model, optimizer, RNG, consumed trajectory ids)"""
     keep_checkpoints: Annotated[int, msgspec.Meta(ge=1)] = 2
