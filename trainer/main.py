@@ -22,7 +22,8 @@ from trainer.bus_adapter import BusLink, open_trajectory_consumer
 from trainer.checkpoint import Checkpointer, LearnerState
 from trainer.learner import Learner
 from trainer.metrics import MetricsSink
-from trainer.weights import DiskWeightSink
+from trainer.weight_broadcast import broadcast_sink
+from trainer.weights import DiskWeightSink, WeightSink
 
 __all__ = ["run_learner", "serve_learner"]
 
@@ -54,10 +55,13 @@ async def _serve(cfg: RunConfig, url: str | None, tracking: Tracking) -> Learner
     with open_backend(lc, cfg.seed) as backend:  # megatron: starts (and at the end stops) its other ranks
         async with open_bus(cfg, url) as bus:
             await join_contract(bus, cfg.training, actor="learner")
-            weights = DiskWeightSink(
+            disk = DiskWeightSink(
                 Path(lc.path(lc.weights_dir, run_dir)), keep=lc.keep_weights, base_model=Path(lc.model),
                 blobs=bus if lc.publish_to_object_store else None, bucket=bus.subjects.weights_bucket,
             )
+            link = BusLink(bus)  # distributed: announces each version before broadcasting it (weight_broadcast.py)
+            weights: WeightSink = disk if lc.weight_sync == "disk" else broadcast_sink(
+                cfg, disk, backend, lambda u: link.publish_control("weights", u, f"weights-{u.version}"))
             learner = Learner(
                 lc, cfg.training, backend, await open_trajectory_consumer(bus, lc), BusLink(bus), weights,
                 Checkpointer(Path(lc.path(lc.checkpoint_dir, run_dir)), keep=lc.keep_checkpoints),
@@ -72,7 +76,7 @@ async def _serve(cfg: RunConfig, url: str | None, tracking: Tracking) -> Learner
         last_step = cfg.training.max_steps
         if last_step is None or state.step < last_step:  # stopped early: its weights are not the final model
             final = final.parent / "last"
-        await asyncio.to_thread(weights.export_final, backend.export_hf, final)
+        await asyncio.to_thread(disk.export_final, backend.export_hf, final)
     log.info("learner stopped at step %d, version %d; weights in %s", state.step, state.version, final)
     return state
 
