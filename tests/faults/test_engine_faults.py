@@ -28,7 +28,7 @@ from agentrl.launch.supervisor import Supervisor
 from agentrl.messages import SamplingParams
 from tests.fixtures.engine import start_engine
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 async def until(condition: Callable[[], bool], timeout: float = 120.0) -> None:

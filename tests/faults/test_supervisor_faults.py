@@ -18,19 +18,13 @@ from tests.faults.harness import (
     finish,
     learner_step,
     overrides,
-    prepare_quickstart,
     run_processes,
     start_run,
     wait_for,
     wait_until_gone,
 )
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return prepare_quickstart(tmp_path_factory.mktemp("supervisor-prepared"))
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_killed_supervisor_takes_its_actors_along_and_a_rerun_resumes(prepared: Path, tmp_path: Path) -> None:
