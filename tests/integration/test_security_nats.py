@@ -7,6 +7,7 @@ what that actor needs and nothing else of the table below.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import sys
 import time
@@ -262,6 +263,7 @@ async def test_an_actor_cannot_read_another_actors_replies(secured: Secured, adm
             await snoop.next_msg(timeout=DENIED_WAIT_S)
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 async def test_tls_with_the_runs_own_ca(tmp_path: Path) -> None:
     tls, ca = make_certificates(tmp_path / "tls", "127.0.0.1")
     subjects = Subjects(RUN)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import sys
 from pathlib import Path
+
+import pytest
 
 from agentrl.bus.auth import CREDENTIALS_ENV
 from agentrl.client.protocol import ADMIN_KEY_ENV
@@ -127,6 +130,7 @@ def test_a_stopped_run_names_its_last_weights_never_a_final_model(tmp_path: Path
     assert f"final model (Hugging Face checkpoint): {run_dir / 'final'}" in summary_lines(cfg, completed=True)
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_prepare_with_tls_makes_a_ca_the_clients_trust(tmp_path: Path) -> None:
     cfg = load_config(RunConfig, None, [f"dir={tmp_path}/{{name}}", "name=demo", "nats.tls=true"])
     ctx = prepare(cfg, tmp_path / "c.yaml", [], record_check)
