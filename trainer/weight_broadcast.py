@@ -20,10 +20,11 @@ The handshake, as slime runs it with SGLang, with the controller keeping its rol
    ``/update_weights_from_disk``, and its reconcile loop retries until the files exist); a restarted engine gets
    the latest version from disk, and rejoins when the learner forms the next group.
 
-Nothing waits forever: an engine that dies mid-broadcast fails the transfer on every rank (gloo closes its
-connections at once; NCCL within ``timeout_s``); the learner logs a :class:`~agentrl.errors.WeightSyncError`
-and forms a new group for the next version, and the controller loads the version from disk into the engines
-that survived.
+Nothing waits forever: an engine that dies mid-broadcast fails the transfer at the learner (gloo: at once, its
+connections close; NCCL: within ``timeout_s``). The learner logs a :class:`~agentrl.errors.WeightSyncError` and
+dissolves the group: the members still waiting for the rest of the transfer are told to leave it
+(``/destroy_weights_update_group``), which ends their wait at once; they answer 400 and the controller loads
+the version into them from disk. The next version forms a new group with the engines that answer.
 """
 
 from __future__ import annotations
@@ -193,6 +194,7 @@ class BroadcastWeightSink:
         except WeightSyncError as exc:
             log.error("weights v%d: %s; the engines load it from disk and the next version forms a new group",
                       version, exc)
+            await self.group.dissolve()  # the members still waiting on the transfer give up now, not at its deadline
             return update
         log.info("weights v%d broadcast to %d engines in %.3f s", version, len(spec.engines),
                  time.perf_counter() - start)

@@ -198,6 +198,10 @@ def _bad(exc: msgspec.ValidationError, prefix: str) -> BadRequest:
     if unknown:
         field = _join(path, unknown.group(1))
         return BadRequest(f"{field}: unknown field", field)
+    missing = re.match(r"Object missing required field `([^`]+)`", what)
+    if missing:
+        field = _join(path, missing.group(1))
+        return BadRequest(f"{field}: required field missing", field)
     return BadRequest(f"{path or 'request'}: {what}", path or None)
 
 

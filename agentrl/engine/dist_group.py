@@ -7,8 +7,8 @@ builds the same kind of group for ``/init_weights_update_group``, so a learner s
 
 Both sides issue the same collectives in the same order and nothing else: the rendezvous, then one broadcast
 from rank 0 per tensor of an update, in the order of its ``names``. Every wait is bounded by ``timeout_s``: a
-peer that dies makes gloo fail at once on every other rank (its connections close); a peer that stops
-answering fails the wait at the deadline. NCCL's watchdog is set to clean up without killing the process
+peer that dies fails at once the gloo transfers that involve it (its connections close), one that stops
+answering fails them at the deadline, and closing the group (another thread) ends a wait at once. NCCL's watchdog is set to clean up without killing the process
 (``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` unless already set), so an engine survives a learner that died
 mid-broadcast. A group that failed once is not used again (:attr:`WeightGroup.broken`): form a new one.
 
@@ -17,22 +17,25 @@ Errors are :class:`~agentrl.errors.WeightSyncError` naming the group, the rank a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import os
 import socket
+import threading
 import time
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from agentrl.errors import WeightSyncError
 
-__all__ = ["BACKENDS", "Backend", "WeightGroup", "dtype_name", "local_address_towards", "serve_store",
-           "torch_dtype"]
+__all__ = ["BACKENDS", "Backend", "WeightGroup", "dtype_name", "in_daemon_thread", "local_address_towards",
+           "serve_store", "torch_dtype"]
 
+T = TypeVar("T")
 Backend = Literal["gloo", "nccl"]
 BACKENDS: tuple[Backend, ...] = ("gloo", "nccl")
 
@@ -123,32 +126,79 @@ class WeightGroup:
         """Broadcast each tensor from rank 0, in order (rank 0 sends them, the others receive into them); every
         transfer is finished when this returns. Raises :class:`WeightSyncError` (and marks the group broken)
         when a peer fails or the whole takes longer than ``timeout_s`` (default: the group's)."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        problem = self._transfer(tensors, time.monotonic() + limit, limit)
+        if problem is not None:
+            self.broken = True
+            raise WeightSyncError(f"weight group {self.name!r} (rank {self.rank} of {self.world_size}): broadcast "
+                                  f"of {len(tensors)} tensors failed: {problem}")
+
+    def _transfer(self, tensors: Sequence[torch.Tensor], deadline: float, limit: float) -> str | None:
+        """None, or what went wrong. Returns rather than raises: a traceback would keep the backend alive, and
+        its destructor (which waits for unfinished transfers) must run on this thread, not wherever an exception
+        ends up being freed."""
         pg = self._pg
         if self.broken or pg is None:
-            raise WeightSyncError(f"weight group {self.name!r} failed or was closed: form a new group")
-        limit = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + limit
+            return "the group failed or was closed earlier: form a new group"
         options = dist.BroadcastOptions()
         options.rootRank = 0
         try:
-            works = [pg.broadcast([t], options) for t in tensors]
-            for work in works:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"not finished within {limit:g} s")
-                work.wait(datetime.timedelta(seconds=left))
+            for work in [pg.broadcast([t], options) for t in tensors]:
+                self._wait(work, deadline, limit)
         except (RuntimeError, TimeoutError) as exc:
-            self.broken = True
-            raise WeightSyncError(f"weight group {self.name!r} (rank {self.rank} of {self.world_size}): broadcast "
-                                  f"of {len(tensors)} tensors failed: {_first_line(exc)}") from exc
+            return _first_line(exc)
+        return None
+
+    def _wait(self, work: Any, deadline: float, limit: float) -> None:
+        """Until ``work`` is done (raising its error), the deadline passes, or the group is closed meanwhile (a
+        peer gave up: the wait ends at once rather than at the deadline)."""
+        pause = 0.0001
+        while not work.is_completed():
+            if self._pg is None:
+                raise RuntimeError("the group was left while the transfer was under way")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not finished within {limit:g} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
+        work.wait()
 
     def close(self) -> None:
-        """Release the backend (NCCL communicators are aborted when the group failed)."""
-        pg, self._pg = self._pg, None
+        """Release the backend; a transfer waiting in another thread ends at once (NCCL communicators are
+        aborted when the group failed)."""
+        box, self._pg = [self._pg], None
         failed, self.broken = self.broken, True
-        if pg is not None and self.backend == "nccl":
-            with contextlib.suppress(RuntimeError, AttributeError):
-                pg.abort() if failed else pg.shutdown()
+        if box[0] is not None:  # the backend's destructor waits for unfinished transfers: never on this thread
+            threading.Thread(target=_release, args=(box, self.backend == "nccl", failed),
+                             name="agentrl-weights-release", daemon=True).start()
+
+
+async def in_daemon_thread(fn: Callable[[], T], name: str) -> T:
+    """Run blocking ``fn`` in a daemon thread (a wait stuck on a dead peer never holds the process at exit)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, False, exc)
+        else:
+            loop.call_soon_threadsafe(settle, True, result)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await fut
+
+
+def _release(box: list[Any], nccl: bool, failed: bool) -> None:
+    """Drop the last reference to a backend (its destructor may wait for unfinished transfers to time out)."""
+    if nccl:
+        with contextlib.suppress(RuntimeError, AttributeError):
+            box[0].abort() if failed else box[0].shutdown()
+    box.clear()
 
 
 def _first_line(exc: BaseException) -> str:
