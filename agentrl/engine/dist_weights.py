@@ -17,43 +17,18 @@ import asyncio
 import contextlib
 import logging
 import math
-import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import torch
 
 from agentrl.engine.api import BadRequest, InitWeightsGroupIn, UpdateWeightsDistributedIn
-from agentrl.engine.dist_group import BACKENDS, WeightGroup, torch_dtype
+from agentrl.engine.dist_group import BACKENDS, WeightGroup, in_daemon_thread, torch_dtype
 from agentrl.errors import WeightSyncError
 
-__all__ = ["MAX_UPDATE_FACTOR", "DistributedWeights", "in_daemon_thread"]
+__all__ = ["MAX_UPDATE_FACTOR", "DistributedWeights"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 MAX_UPDATE_FACTOR = 2  # an update may carry at most this many times the model's bytes (float32 over bfloat16)
-
-
-async def in_daemon_thread(fn: Callable[[], T], name: str) -> T:
-    """Run blocking ``fn`` in a daemon thread (a wait stuck on a dead peer never holds the process at exit)."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if not fut.done():
-            fut.set_result(value) if ok else fut.set_exception(value)
-
-    def run() -> None:
-        try:
-            result = fn()
-        except BaseException as exc:  # handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, False, exc)
-        else:
-            loop.call_soon_threadsafe(settle, True, result)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return await fut
 
 
 class DistributedWeights:
