@@ -66,6 +66,7 @@ class ActorSpec:
     ready_timeout_s: float = 120.0
     health: ReadyCheck | None = None  # probed every health_interval_s once ready; False or raising = a failure
     health_interval_s: float = 5.0
+    health_timeout_s: float = 10.0  # a probe that takes longer has failed
     health_failures: int = 3  # consecutive failed probes before the actor is restarted
     hang_timeout_s: float | None = None  # restart when its heartbeat is older than this (None: no beats)
     death_signal: int = signal.SIGKILL  # what the actor gets when the supervisor dies
@@ -239,7 +240,7 @@ class Supervisor:
         if spec.health is None:
             return None
         try:
-            ok = await asyncio.wait_for(spec.health(), timeout=max(spec.health_interval_s, 1.0))
+            ok = await asyncio.wait_for(spec.health(), timeout=spec.health_timeout_s)
         except Exception as exc:  # a probe that raises (or hangs) is a failed probe
             return f"health check raised {type(exc).__name__}"
         return None if ok else "health check failed"
