@@ -19,7 +19,10 @@ from typing import Any
 import pytest
 import torch
 
-from agentrl.client.protocol import build_init_weights_group_request, build_update_weights_from_distributed_request
+from agentrl.client.protocol import (
+    build_init_weights_group_request,
+    build_update_weights_from_distributed_request,
+)
 from agentrl.engine.dist_group import WeightGroup, dtype_name, serve_store
 from tests.conformance.calls import generate, get, post
 from tests.fixtures.engine import free_port, start_engine
