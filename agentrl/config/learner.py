@@ -84,9 +84,10 @@ class BatchConfig(Section):
     """seconds an incomplete group is waited for before incomplete_group applies"""
     fetch_batch: Annotated[int, msgspec.Meta(ge=1)] = 64
     """messages pulled from the bus per fetch"""
-    ack_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    ack_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     """Trajectories stay unacked until their step commits; the learner marks them in progress every ack_wait_s
-    / 3 seconds. After a crash, what it held is redelivered to the restarted learner after this long."""
+    / 3 seconds. After a crash, what it held is redelivered to the restarted learner after this long (a restart
+    takes about as long: the model is loaded and the checkpoint restored meanwhile)."""
 
 
 class WeightGroupConfig(Section):

@@ -42,9 +42,10 @@ class WorkerConfig(Section):
     """timeout of one reset/step on an env worker"""
     abort_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     """an aborted episode not stopped by then is cancelled"""
-    infra_retries: Annotated[int, msgspec.Meta(ge=0)] = 3
+    infra_retries: Annotated[int, msgspec.Meta(ge=0)] = 6
     """an infrastructure failure (no engine, env worker gone, timeouts) hands the task back this many times,
-    with backoff, before it is published as failed (never trained)"""
+    with backoff, before it is published as failed (never trained); the default waits about a minute in all
+    (1 + 2 + 4 + 8 + 16 + 30 s), longer than an engine or env worker takes to be restarted"""
     infra_backoff_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     """first retry delay after an infrastructure failure; doubles, capped at 30 s"""
     poll_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 0.1
