@@ -88,10 +88,11 @@ def start_engine(model: Path, args: argparse.Namespace, log: Path) -> tuple[subp
 
 
 def step(model: Any, k: int) -> None:
-    """A stand-in for an optimizer step: every weight changes."""
+    """A stand-in for an optimizer step: every weight moves by its own random amount (no two versions alike)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(k)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(1e-3 * (1 if k % 2 else -1))
+            p.add_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32).to(p.dtype) * 2e-3)
 
 
 def continuation_logprobs(model: Any) -> torch.Tensor:
@@ -169,9 +170,13 @@ async def run(args: argparse.Namespace, model_dir: Path, url: str, work: Path) -
     formation = time.perf_counter() - t0
     print(f"group formed in {formation:.3f} s ({args.backend}, {formed.name if formed else 'FAILED'})", flush=True)
     print(f"broadcast path ({n} rounds + 1 warm-up):", flush=True)
-    bcast_rows = (await broadcast_rounds(model, sink, sync, loads, range(n + 2, 2 * n + 3)))[1:]
+    bcast_rows = (await broadcast_rounds(model, sink, sync, loads, range(n + 2, 2 * n + 2)))[1:]
+    before = continuation_logprobs(model)  # the last round's version must show: the check below can tell them apart
+    bcast_rows += await broadcast_rounds(model, sink, sync, loads, range(2 * n + 2, 2 * n + 3))
     engine_lp, served = await engine_logprobs(client)
-    diff = float((engine_lp - continuation_logprobs(model)).abs().max())
+    learner_lp = continuation_logprobs(model)
+    diff = float((engine_lp - learner_lp).abs().max())
+    moved = float((before - learner_lp).abs().max())
     await group.dissolve()
     await client.close()
     nbytes = sum(t.numel() * t.element_size() for _, t in hf_tensors(SimpleNamespace(model=model))())
@@ -180,7 +185,8 @@ async def run(args: argparse.Namespace, model_dir: Path, url: str, work: Path) -
     return {"shape": args.shape, "dtype": args.dtype, "backend": args.backend, "device": args.device,
             "engine_device": args.engine_device, "bytes": nbytes, "disk": disk_rows, "broadcast": bcast_rows,
             "formation_s": formation, "disk_median_s": disk_s, "broadcast_median_s": bcast_s,
-            "speedup": disk_s / bcast_s, "served_version": served, "max_logprob_diff": diff}
+            "speedup": disk_s / bcast_s, "served_version": served, "max_logprob_diff": diff,
+            "last_round_logprob_change": moved}
 
 
 def main() -> None:
@@ -213,7 +219,8 @@ def main() -> None:
     print(f"  broadcast ({args.backend}), median:       {out['broadcast_median_s']:.3f} s "
           f"(group formation once: {out['formation_s']:.3f} s)")
     print(f"  broadcast vs disk: {out['speedup']:.2f}x faster; engine serves v{out['served_version']}, "
-          f"max |logprob - learner's| = {out['max_logprob_diff']:.2e}")
+          f"max |logprob - learner's| = {out['max_logprob_diff']:.2e} (the last round moved them by "
+          f"{out['last_round_logprob_change']:.2e})")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 

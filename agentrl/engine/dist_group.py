@@ -142,11 +142,14 @@ class WeightGroup:
             return "the group failed or was closed earlier: form a new group"
         options = dist.BroadcastOptions()
         options.rootRank = 0
-        try:
-            for work in [pg.broadcast([t], options) for t in tensors]:
-                self._wait(work, deadline, limit)
-        except (RuntimeError, TimeoutError) as exc:
-            return _first_line(exc)
+        on_gpu = bool(tensors) and tensors[0].is_cuda
+        # this thread's current GPU must be the tensors' (a new thread starts on cuda:0) for NCCL to use it
+        with torch.cuda.device(tensors[0].device) if on_gpu else contextlib.nullcontext():
+            try:
+                for work in [pg.broadcast([t], options) for t in tensors]:
+                    self._wait(work, deadline, limit)
+            except (RuntimeError, TimeoutError) as exc:
+                return _first_line(exc)
         return None
 
     def _wait(self, work: Any, deadline: float, limit: float) -> None:
