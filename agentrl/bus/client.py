@@ -5,6 +5,12 @@ stream, consumer and bucket of the run, so a second process (or a second run
 with the same name) reuses them, and a conflicting existing config raises
 :class:`~agentrl.errors.BusConfigConflict` instead of being changed silently.
 
+A URL may list a cluster's servers, comma-separated (``nats://a:4222,nats://b:4222``): the client connects to
+any of them, learns the others from the server, and reconnects to another when its server goes away. The run's
+streams, KV bucket and object store get ``nats.replicas`` replicas; 0 (the default) picks 3 when the server
+reports a cluster of three or more servers, else 1, and then accepts whatever replication existing ones have.
+Creating them waits out a cluster that is still electing its JetStream leader (503 / no responders).
+
 nats-py sharp edges handled here:
 
 * ``publish_async_completed()`` can wait forever when the server answers with an
@@ -51,10 +57,10 @@ from agentrl.bus.auth import CREDENTIALS_ENV, inbox_prefix, load_credentials
 from agentrl.bus.consumer import Consumer
 from agentrl.bus.subjects import Subjects
 from agentrl.config.run import NatsConfig
-from agentrl.errors import BusConfigConflict, BusConnectError, BusError, VersionConflict
+from agentrl.errors import BusConfigConflict, BusConnectError, BusError, ConfigError, VersionConflict
 from agentrl.messages import Event, Message, encode
 
-__all__ = ["Bus", "credential_options"]
+__all__ = ["Bus", "credential_options", "server_urls"]
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +71,34 @@ _RETRYABLE_API_CODES = {408, 429, 500, 503}
 _PUBLISH_ATTEMPTS = 8
 _PUBLISH_TIMEOUT_S = 10.0
 _DUPLICATE_WINDOW_S = 600.0
+_ENSURE_DEADLINE_S = 60.0  # a fresh cluster elects its JetStream meta leader within seconds
+_AUTO_REPLICAS = 3
 
 
-def _stream_configs(s: Subjects, cfg: NatsConfig) -> list[StreamConfig]:
+def server_urls(url: str) -> list[str]:
+    """The servers of a comma-separated URL list (one URL gives one server); ConfigError on an empty entry."""
+    urls = [u.strip() for u in url.split(",")]
+    if not all(urls):
+        raise ConfigError(f"NATS URL {url!r}: an empty entry in the comma-separated server list")
+    return urls
+
+
+def auto_replicas(cluster_size: int) -> int:
+    """Replicas of the run's streams on a cluster of ``cluster_size`` servers: 3 from three servers, else 1."""
+    return _AUTO_REPLICAS if cluster_size >= _AUTO_REPLICAS else 1
+
+
+def _cluster_size(nc: NatsClient) -> int:
+    """Servers of the cluster, from the server's INFO (``connect_urls`` lists every member, itself included)."""
+    info: dict[str, Any] = getattr(nc, "_server_info", {}) or {}
+    return max(1, len(info.get("connect_urls") or []))
+
+
+def _stream_configs(s: Subjects, cfg: NatsConfig, replicas: int | None = None) -> list[StreamConfig]:
     max_age = cfg.stream_max_age_s or None
     common: dict[str, Any] = {
         "storage": StorageType.FILE,
-        "num_replicas": cfg.replicas,
+        "num_replicas": replicas or cfg.replicas or 1,
         "duplicate_window": _DUPLICATE_WINDOW_S,
         "discard": DiscardPolicy.OLD,
     }
@@ -106,6 +133,7 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream(timeout=_PUBLISH_TIMEOUT_S)
         self.subjects = Subjects(run)
         self.config = config
+        self.replicas = config.replicas or auto_replicas(_cluster_size(nc))  # what the run's streams get
         self._kv: KeyValue | None = None
         self._obs: ObjectStore | None = None
         self._consumers: set[Consumer[Any]] = set()
@@ -127,8 +155,23 @@ class Bus:
         return bus
 
     async def ensure(self) -> None:
-        """Create the run's streams, KV bucket and object store, or verify existing ones match."""
-        for wanted in _stream_configs(self.subjects, self.config):
+        """Create the run's streams, KV bucket and object store, or verify existing ones match.
+
+        Retried while JetStream is not available yet (a cluster electing its leader), up to a minute."""
+        deadline = asyncio.get_running_loop().time() + _ENSURE_DEADLINE_S
+        delay = 0.2
+        while True:
+            try:
+                return await self._ensure_all()
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise
+            log.info("JetStream is not available yet; retrying in %.1fs", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _ensure_all(self) -> None:
+        for wanted in _stream_configs(self.subjects, self.config, self.replicas):
             await self._ensure_stream(wanted)
         self._kv = await self._ensure_kv()
         self._obs = await self._ensure_object_store()
@@ -143,7 +186,8 @@ class Bus:
                 return
             except nats.js.errors.BadRequestError:
                 info = await self.js.stream_info(wanted.name)  # lost a creation race; verify the winner's config
-        problems = _conflicts(info.config, wanted, _VERIFIED_STREAM_FIELDS)
+        fields = [f for f in _VERIFIED_STREAM_FIELDS if self.config.replicas or f != "num_replicas"]
+        problems = _conflicts(info.config, wanted, fields)
         if problems:
             raise BusConfigConflict(f"stream {wanted.name} exists with a different config: " + "; ".join(problems))
 
@@ -153,11 +197,11 @@ class Bus:
             kv = await self.js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
             return await self.js.create_key_value(
-                KeyValueConfig(bucket=name, history=8, storage=StorageType.FILE, replicas=self.config.replicas)
+                KeyValueConfig(bucket=name, history=8, storage=StorageType.FILE, replicas=self.replicas)
             )
         status = await kv.status()
         replicas = status.stream_info.config.num_replicas
-        if replicas not in (None, self.config.replicas):
+        if self.config.replicas and replicas not in (None, self.config.replicas):
             raise BusConfigConflict(
                 f"KV bucket {name} exists with replicas={replicas}, this run wants {self.config.replicas}"
             )
@@ -169,7 +213,7 @@ class Bus:
             return await self.js.object_store(name)
         except nats.js.errors.BucketNotFoundError:
             return await self.js.create_object_store(
-                name, ObjectStoreConfig(bucket=name, storage=StorageType.FILE, replicas=self.config.replicas)
+                name, ObjectStoreConfig(bucket=name, storage=StorageType.FILE, replicas=self.replicas)
             )
 
     async def close(self) -> None:
@@ -358,7 +402,8 @@ class Bus:
 
 
 async def _connect(url: str, config: NatsConfig) -> NatsClient:
-    """Connect with ``connect_attempts`` bounded tries; once connected, reconnect forever (server restarts).
+    """Connect with ``connect_attempts`` bounded tries; once connected, reconnect forever (server restarts), to
+    any server of the list or of the cluster.
 
     Credentials come from the URL (``nats://user:password@host:port``), else the file named by
     ``nats.credentials``, else by ``$AGENTRL_NATS_CREDENTIALS`` (see :mod:`agentrl.bus.auth`). Refused
@@ -399,7 +444,7 @@ async def _connect_once(url: str, config: NatsConfig, options: dict[str, Any]) -
     nc = NatsClient()
     settings: dict[str, Any] = {"connect_timeout": config.connect_timeout_s, "reconnect_time_wait": 0.5, **options}
     connecting = asyncio.ensure_future(nc.connect(
-        url, allow_reconnect=True, max_reconnect_attempts=-1, pending_size=512 * 1024 * 1024, error_cb=on_error,
+        servers=server_urls(url), allow_reconnect=True, max_reconnect_attempts=-1, pending_size=512 * 1024 * 1024, error_cb=on_error,
         **settings,
     ))
     watcher = asyncio.ensure_future(refused.wait())
@@ -420,9 +465,14 @@ async def _connect_once(url: str, config: NatsConfig, options: dict[str, Any]) -
     raise TimeoutError(f"no connection to {url} within {config.connect_timeout_s}s")
 
 
+def _url_user(url: str) -> str | None:
+    """The user named in the first server URL that names one."""
+    return next((u for u in (urlparse(one).username for one in server_urls(url)) if u), None)
+
+
 def credential_options(url: str, credentials: str | None) -> dict[str, Any]:
     """``nats.connect`` options for the actor's credentials; a URL with its own user gets that user's inbox."""
-    user = urlparse(url).username
+    user = _url_user(url)
     if user:
         return {"inbox_prefix": inbox_prefix(user)}
     path = credentials or os.environ.get(CREDENTIALS_ENV)
@@ -436,8 +486,8 @@ def credential_options(url: str, credentials: str | None) -> dict[str, Any]:
 
 
 def _who(url: str, options: dict[str, Any]) -> str:
-    if urlparse(url).username:
-        return f"user {urlparse(url).username} from the URL"
+    if _url_user(url):
+        return f"user {_url_user(url)} from the URL"
     return f"user {options['user']}" if options else "no credentials"
 
 

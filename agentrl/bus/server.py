@@ -3,12 +3,20 @@
 Started with JetStream, its store under the run directory, bound to 127.0.0.1 on
 a free port, with ``max_payload`` and JetStream's ingest buffers raised (the
 defaults answer 429 "too many requests" under the burst of a training run).
+
+With a :class:`ClusterSpec` the server is one node of a JetStream cluster: a unique ``server_name``, a
+``cluster {}`` block listening for routes from the other nodes, and seed routes to them (optionally with a
+route user and password, so only the cluster's own nodes may join). Every node runs the same command with its
+own name; the run's streams are then replicated across nodes (``nats.replicas``, see
+:mod:`agentrl.bus.client`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,10 +27,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote, urlparse
 
-from agentrl.errors import ServerError
+from agentrl.errors import ConfigError, ServerError
 
-__all__ = ["EmbeddedNats", "TlsFiles", "find_nats_server", "free_port", "render_config", "write_config"]
+__all__ = ["ClusterSpec", "EmbeddedNats", "TlsFiles", "find_nats_server", "free_port", "render_cluster", "render_config",
+           "write_config"]
 
 _READY_TIMEOUT_S = 20.0
 
@@ -60,16 +70,79 @@ class TlsFiles:
     key: Path
 
 
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """How one nats-server joins a JetStream cluster.
+
+    ``routes`` are the seed nodes (``nats-route://host:port``, or bare ``host:port``); listing every node on
+    every node, this one included, is fine (a server ignores a route to itself). ``user``/``password``, when
+    set, are required from every node that connects a route, and sent on the routes this node opens.
+    """
+
+    name: str  # the cluster's name, the same on every node
+    server_name: str  # unique per node (JetStream's peers are named by it)
+    port: int  # the route port this node listens on
+    routes: tuple[str, ...] = ()
+    host: str | None = None  # the route listen address (None: the client address)
+    user: str | None = None
+    password: str | None = None
+
+    def __post_init__(self) -> None:
+        for what, value in (("cluster name", self.name), ("server name", self.server_name)):
+            if not _NAME.match(value):
+                raise ConfigError(f"NATS {what} {value!r}: use 1-64 letters, digits, '-' and '_'")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"NATS cluster port {self.port}: expected 1..65535")
+        if (self.user is None) != (self.password is None):
+            raise ConfigError("NATS cluster route authorization needs both a user and a password")
+        for route in self.routes:
+            _route_address(route)
+
+
+def _route_address(route: str) -> tuple[str, int]:
+    """``host, port`` of a route URL (``nats-route://host:port`` or ``host:port``); ConfigError naming it."""
+    parsed = urlparse(route if "://" in route else f"nats-route://{route}")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if parsed.scheme != "nats-route" or not parsed.hostname or port is None:
+        raise ConfigError(f"NATS cluster route {route!r}: expected nats-route://host:port (or host:port)")
+    return parsed.hostname, port
+
+
+def _route_url(route: str, spec: ClusterSpec) -> str:
+    host, port = _route_address(route)
+    host = f"[{host}]" if ":" in host else host
+    auth = f"{quote(spec.user, safe='')}:{quote(spec.password or '', safe='')}@" if spec.user else ""
+    return f"nats-route://{auth}{host}:{port}"
+
+
+def render_cluster(spec: ClusterSpec, client_host: str) -> str:
+    """The ``server_name`` line and ``cluster {}`` block of one cluster node (pure)."""
+    lines = [f"server_name: {spec.server_name}", "cluster {", f"  name: {spec.name}",
+             f"  listen: {spec.host or client_host}:{spec.port}"]
+    if spec.user:
+        lines += ["  authorization {", f"    user: {json.dumps(spec.user)}",
+                  f"    password: {json.dumps(spec.password)}", "  }"]
+    if spec.routes:
+        lines.append("  routes: [" + ", ".join(json.dumps(_route_url(r, spec)) for r in spec.routes) + "]")
+    return "\n".join([*lines, "}"]) + "\n"
+
+
 def render_config(
     port: int, store_dir: Path, max_payload_mb: int, host: str = "127.0.0.1",
     max_buffered_msgs: int = 1_000_000, max_buffered_size: str = "4GB", *, authorization: str = "",
-    tls: TlsFiles | None = None,
+    tls: TlsFiles | None = None, cluster: ClusterSpec | None = None,
 ) -> str:
     """The nats-server config file for an embedded run (pure; tested without a server).
 
     ``max_buffered_*`` bound JetStream's ingest queue; past them a publish is answered 429.
     ``authorization`` is an ``authorization {...}`` block (see :func:`agentrl.bus.auth.render_authorization`);
-    without one any local client may connect.
+    without one any local client may connect. ``cluster`` makes the server one node of a JetStream cluster.
     """
     lines = [
         f"listen: {host}:{port}",
@@ -84,7 +157,8 @@ def render_config(
     ]
     if tls is not None:
         lines += ["tls {", f'  cert_file: "{tls.cert}"', f'  key_file: "{tls.key}"', "}"]
-    return "\n".join(lines) + "\n" + authorization
+    clustered = render_cluster(cluster, host) if cluster is not None else ""
+    return "\n".join(lines) + "\n" + clustered + authorization
 
 
 def write_config(path: Path, text: str) -> Path:
@@ -111,13 +185,14 @@ class EmbeddedNats:
         max_buffered_size: str = "4GB",
         authorization: str = "",
         tls: TlsFiles | None = None,
+        cluster: ClusterSpec | None = None,
     ) -> None:
         self.store_dir = Path(store_dir).resolve()
         self.host = host
         self.port = port or free_port(host)
         self.max_payload_mb = max_payload_mb
         self._buffered = (max_buffered_msgs, max_buffered_size)
-        self._authorization, self._tls = authorization, tls
+        self._authorization, self._tls, self.cluster = authorization, tls, cluster
         self.log_path = Path(log_path) if log_path else self.store_dir / "nats-server.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -139,7 +214,7 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = write_config(self.store_dir / "nats-server.conf", render_config(
             self.port, self.store_dir / "jetstream", self.max_payload_mb, self.host, *self._buffered,
-            authorization=self._authorization, tls=self._tls))
+            authorization=self._authorization, tls=self._tls, cluster=self.cluster))
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen([str(binary), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
         log.close()

@@ -27,7 +27,8 @@ class NatsConfig(Section):
     """Where the bus is, and how the embedded server is set up when none is given."""
 
     url: str | None = None
-    """nats://host:4222; None starts the embedded nats-server"""
+    """nats://host:4222, or a cluster's servers comma-separated (nats://a:4222,nats://b:4222,...); None starts
+    the embedded nats-server"""
     connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     """timeout of one connection attempt"""
     connect_attempts: Annotated[int, msgspec.Meta(ge=1)] = 10
@@ -36,8 +37,9 @@ class NatsConfig(Section):
     """largest message the embedded server accepts"""
     stream_max_age_s: Annotated[float, msgspec.Meta(ge=0)] = 7 * 24 * 3600.0
     """trajectories older than this are removed from the streams; 0 = kept forever"""
-    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
-    """JetStream replicas of the run's streams (a cluster's size)"""
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0
+    """JetStream replicas of the run's streams, KV and object store; 0 = auto: 3 on a cluster of 3 or more
+    servers, else 1"""
     max_deliver: Annotated[int, msgspec.Meta(ge=1)] = 20
     """deliveries before a message is dead-lettered"""
     ack_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -24,7 +25,7 @@ from nats.aio.msg import Msg
 from agentrl.bus import Bus, free_port
 from agentrl.config import dump_config
 from agentrl.config.run import RunConfig
-from agentrl.errors import BusError, DecodeError
+from agentrl.errors import BusConnectError, BusError, DecodeError
 from agentrl.launch.lock import run_lock
 from agentrl.launch.plan import LaunchContext, engine_urls, plan_actors
 from agentrl.launch.plots import plot_run
@@ -34,7 +35,7 @@ from agentrl.launch.summary import summary_lines
 from agentrl.launch.supervisor import ReadyCheck, Supervisor
 from agentrl.messages import Event, decode
 
-__all__ = ["http_health", "resolve", "run_local"]
+__all__ = ["check_external_bus", "follow_progress", "http_health", "resolve", "run_local"]
 
 
 def resolve(cfg: RunConfig) -> tuple[RunConfig, list[int]]:
@@ -77,14 +78,32 @@ async def _feed(ctx: LaunchContext, cfg: RunConfig, progress: Progress) -> None:
             await asyncio.sleep(1.0)  # the server is not up yet (steps run first)
 
 
-async def _follow(ctx: LaunchContext, cfg: RunConfig, progress: Progress, sup: Supervisor, out: TextIO,
-                  every_s: float) -> None:
-    """Print the progress line every ``every_s`` seconds while metrics feed it."""
+async def check_external_bus(ctx: LaunchContext, timeout_s: float = 60.0) -> None:
+    """An external bus (``nats.url``) must answer, and the run's streams exist, before any actor starts: checked
+    as the launcher (the admin user when ``agentrl nats --secure`` made the run's users), which creates them."""
+    if ctx.nats_argv is not None or ctx.nats_check is None:
+        return
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await ctx.nats_check()
+            return
+        except BusError as exc:
+            if isinstance(exc, BusConnectError) and "refused" in str(exc):
+                raise
+            if asyncio.get_running_loop().time() > deadline:
+                raise BusConnectError(f"the run's bus {ctx.nats_url} did not answer in {timeout_s:.0f}s: {exc}") from exc
+        await asyncio.sleep(1.0)
+
+
+async def follow_progress(ctx: LaunchContext, cfg: RunConfig, progress: Progress, step: Callable[[], str | None],
+                          out: TextIO, every_s: float) -> None:
+    """Print the progress line every ``every_s`` seconds while metrics feed it (``step``: the step running)."""
     feeder = asyncio.create_task(_feed(ctx, cfg, progress))
     try:
         while True:
             await asyncio.sleep(every_s)
-            print(progress.line(preparing=sup.current_step), file=out, flush=True)
+            print(progress.line(preparing=step()), file=out, flush=True)
     finally:
         feeder.cancel()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
@@ -96,10 +115,11 @@ async def _supervise(cfg: RunConfig, ports: list[int], lock_fd: int, out: TextIO
     ctx = prepare(cfg, config_path, ports, http_health)
     sup = Supervisor(plan_actors(cfg, ctx), cfg.run_dir / "logs", grace_s=cfg.launch.grace_s, keep_fds=[lock_fd])
     progress = Progress(cfg.training.max_steps or 0)
+    await check_external_bus(ctx)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, sup.request_stop)
-    follower = asyncio.create_task(_follow(ctx, cfg, progress, sup, out, every_s))
+    follower = asyncio.create_task(follow_progress(ctx, cfg, progress, lambda: sup.current_step, out, every_s))
     try:
         secrets = f", credentials in {cfg.run_dir / 'secrets'}" if ctx.credentials else ""
         print(f"run {cfg.name}: logs in {cfg.run_dir / 'logs'}, bus {ctx.nats_url}{secrets}", file=out, flush=True)

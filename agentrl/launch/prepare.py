@@ -5,18 +5,32 @@ JetStream store stays there across runs), and, unless ``nats.auth`` is off, a fr
 role's permissions (:mod:`agentrl.bus.auth`), each actor's credentials file in ``<run_dir>/secrets`` (mode
 0600, new passwords at every launch), and TLS certificates when ``nats.tls`` is on. Engines the run starts
 get an admin key for their admin endpoints (``engine.admin_api_key`` if set, else a new random one).
+
+With an external server (``nats.url``, e.g. a cluster started by ``agentrl nats --cluster --secure``), the run
+uses the credentials that ``agentrl nats --secure`` wrote into ``<run_dir>/secrets`` when every actor's file is
+there (:func:`shared_credentials` makes them once for all the nodes of a cluster), else none.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
 
 from agentrl.bus import Bus
-from agentrl.bus.auth import Credentials, issue, permissions, render_authorization, write_credentials
+from agentrl.bus.auth import (
+    Credentials,
+    issue,
+    load_credentials,
+    permissions,
+    render_authorization,
+    write_credentials,
+)
 from agentrl.bus.client import _stream_configs
 from agentrl.bus.server import TlsFiles, find_nats_server, free_port, render_config, write_config
 from agentrl.bus.subjects import Subjects
@@ -25,7 +39,10 @@ from agentrl.config.run import NatsConfig, RunConfig
 from agentrl.launch.plan import LaunchContext, bus_users
 from agentrl.launch.supervisor import ReadyCheck
 
-__all__ = ["authorization_for", "issue_credentials", "nats_ready", "prepare", "write_all"]
+__all__ = ["authorization_for", "issue_credentials", "nats_ready", "prepare", "route_password", "shared_credentials",
+           "write_all"]
+
+_ROUTE_FILE = "cluster-route.json"
 
 
 def nats_ready(url: str, run: str, config: NatsConfig) -> ReadyCheck:
@@ -53,6 +70,46 @@ def write_all(creds: dict[str, Credentials], directory: Path) -> dict[str, Path]
     return {name: write_credentials(c, directory / f"{name}.json").resolve() for name, c in creds.items()}
 
 
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold ``<directory>/.lock`` (nodes of a cluster started at once on a shared directory take turns)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _existing(cfg: RunConfig, directory: Path) -> dict[str, Path] | None:
+    files = {name: directory / f"{name}.json" for name in bus_users(cfg)}
+    return {n: f.resolve() for n, f in files.items()} if all(f.is_file() for f in files.values()) else None
+
+
+def shared_credentials(cfg: RunConfig, directory: Path) -> dict[str, Credentials]:
+    """Every bus user's credentials from ``directory`` if all are there, else new ones written there.
+
+    Every node of a cluster must render the same users: the first node started makes them, the others (sharing
+    the directory, or given a copy of it) read them."""
+    with _locked(directory):
+        found = _existing(cfg, directory)
+        if found is not None:
+            return {name: load_credentials(path) for name, path in found.items()}
+        creds = issue_credentials(cfg)
+        write_all(creds, directory)
+        return creds
+
+
+def route_password(directory: Path) -> str:
+    """The password cluster nodes require on routes (``<directory>/cluster-route.json``, made once)."""
+    path = directory / _ROUTE_FILE
+    with _locked(directory):
+        if not path.is_file():
+            write_credentials(Credentials(user="route", password=secrets.token_urlsafe(24), inbox_prefix=""), path)
+        return load_credentials(path).password
+
+
 def authorization_for(cfg: RunConfig, creds: dict[str, Credentials]) -> str:
     """The server's ``authorization`` block: each user with its role's permissions ('' without users)."""
     subjects, roles = Subjects(cfg.name), bus_users(cfg)
@@ -68,12 +125,23 @@ def _server_config(cfg: RunConfig, port: int, creds: dict[str, Credentials], tls
     return write_config(store / "nats-server.conf", text)
 
 
+def _external(cfg: RunConfig, config_path: Path, engine_ports: list[int], http_check: Callable[[str], ReadyCheck],
+              admin_key: str | None) -> LaunchContext:
+    """An external bus: each actor's credentials from ``<run_dir>/secrets`` when ``agentrl nats --secure`` made
+    them; the bus is checked (and the run's streams made) as the launcher before anything starts."""
+    assert cfg.nats.url
+    files = (_existing(cfg, cfg.run_dir / "secrets") if cfg.nats.auth else None) or {}
+    admin = msgspec.structs.replace(cfg.nats, credentials=str(files["launcher"])) if files else cfg.nats
+    return LaunchContext(config_path, cfg.nats.url, engine_ports, http_check, nats_check=nats_ready(
+        cfg.nats.url, cfg.name, admin), credentials=files, engine_admin_key=admin_key)
+
+
 def prepare(cfg: RunConfig, config_path: Path, engine_ports: list[int],
             http_check: Callable[[str], ReadyCheck]) -> LaunchContext:
     """The bus (embedded server or ``nats.url``), the actors' credentials and the engines' admin key."""
     admin_key = (cfg.engine.admin_api_key or secrets.token_urlsafe(32)) if cfg.launch.engines else None
     if cfg.nats.url:
-        return LaunchContext(config_path, cfg.nats.url, engine_ports, http_check, engine_admin_key=admin_key)
+        return _external(cfg, config_path, engine_ports, http_check, admin_key)
     run_dir, port = cfg.run_dir, free_port()
     tls, ca_file = make_certificates(run_dir / "secrets" / "tls", "127.0.0.1") if cfg.nats.tls else (None, None)
     creds = issue_credentials(cfg, ca_file) if cfg.nats.auth else {}
