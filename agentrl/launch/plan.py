@@ -21,7 +21,8 @@ from agentrl.client.protocol import ADMIN_KEY_ENV
 from agentrl.config.run import RunConfig
 from agentrl.launch.supervisor import ActorSpec, ReadyCheck
 
-__all__ = ["LaunchContext", "agentrl_argv", "bus_users", "engine_argv", "engine_health_path", "engine_urls", "plan_actors"]
+__all__ = ["LaunchContext", "actor_names", "agentrl_argv", "bus_users", "engine_argv", "engine_health_path", "engine_urls",
+           "plan_actors"]
 
 
 def agentrl_argv(*args: str) -> list[str]:
@@ -41,13 +42,16 @@ class LaunchContext:
     nats_check: ReadyCheck | None = None
     credentials: Mapping[str, Path] = field(default_factory=dict)  # actor name -> its NATS credentials file
     engine_admin_key: str | None = None
+    engine_hosts: list[str] = field(default_factory=list)  # each engine's bind address (empty: engine.host for all)
 
 
-def engine_urls(cfg: RunConfig, ports: list[int]) -> list[str]:
-    """URLs of the engines a run uses: the ones it starts, or ``engine.client.urls`` when it starts none."""
+def engine_urls(cfg: RunConfig, ports: list[int], hosts: list[str] | None = None) -> list[str]:
+    """URLs of the engines a run uses: the ones it starts (on ``hosts``, default ``engine.host``), or
+    ``engine.client.urls`` when it starts none."""
     if cfg.launch.engines == 0:
         return list(cfg.engine.client.urls)
-    return [f"http://{cfg.engine.host}:{p}" for p in ports]
+    hosts = hosts or [cfg.engine.host] * len(ports)
+    return [f"http://{h}:{p}" for h, p in zip(hosts, ports, strict=True)]
 
 
 def engine_health_path(cfg: RunConfig) -> str:
@@ -61,16 +65,19 @@ def _fill(text: str, cfg: RunConfig, config_path: Path, **more: object) -> str:
                        **more)
 
 
-def engine_argv(cfg: RunConfig, config_path: Path, port: int, admin_key: str | None) -> list[str]:
-    """The command of one engine on ``port`` (see :class:`~agentrl.config.launch.LaunchConfig`)."""
+def engine_argv(cfg: RunConfig, config_path: Path, port: int, admin_key: str | None, host: str | None = None) -> list[str]:
+    """The command of one engine on ``port``, bound to ``host`` (default ``engine.host``; see
+    :class:`~agentrl.config.launch.LaunchConfig`)."""
     lc, ec = cfg.launch, cfg.engine
     if lc.engine == "embedded":
-        return agentrl_argv("engine", "--config", str(config_path), "--port", str(port), *lc.engine_args)
+        bind = ["--host", host] if host else []
+        return agentrl_argv("engine", "--config", str(config_path), *bind, "--port", str(port), *lc.engine_args)
+    host = host or ec.host
     if lc.engine == "sglang":
         key = ["--admin-api-key", admin_key] if admin_key else []
-        return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(ec.model), "--host", ec.host,
+        return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(ec.model), "--host", host,
                 "--port", str(port), *key, *lc.engine_args]
-    fill = {"model": str(ec.model), "host": ec.host, "port": port}
+    fill = {"model": str(ec.model), "host": host, "port": port}
     return [_fill(a, cfg, config_path, **fill) for a in lc.engine_command] + list(lc.engine_args)
 
 
@@ -104,12 +111,13 @@ def _nats(cfg: RunConfig, ctx: LaunchContext) -> list[ActorSpec]:
 
 def _engines(cfg: RunConfig, ctx: LaunchContext) -> list[ActorSpec]:
     lc, specs = cfg.launch, []
-    urls = engine_urls(cfg, ctx.engine_ports)
-    for i, (port, url) in enumerate(zip(ctx.engine_ports, urls, strict=False)):
+    hosts: list[str | None] = [*ctx.engine_hosts] or [None] * len(ctx.engine_ports)
+    urls = engine_urls(cfg, ctx.engine_ports, ctx.engine_hosts or None)
+    for i, (port, url, host) in enumerate(zip(ctx.engine_ports, urls, hosts, strict=False)):
         name = f"engine-{i}"
         check = ctx.http_check(url + engine_health_path(cfg))
         specs.append(ActorSpec(
-            name, engine_argv(cfg, ctx.config_path, port, ctx.engine_admin_key), max_restarts=lc.max_restarts,
+            name, engine_argv(cfg, ctx.config_path, port, ctx.engine_admin_key, host), max_restarts=lc.max_restarts,
             ready=check, ready_timeout_s=lc.engine_ready_timeout_s, health=check,
             health_interval_s=lc.health_interval_s, health_failures=lc.health_failures,
             env=_env(ctx, name, admin_key=True),
@@ -129,6 +137,11 @@ def bus_users(cfg: RunConfig) -> dict[str, Role]:
     return users | {"controller": "controller", "learner": "learner"}
 
 
+def actor_names(cfg: RunConfig) -> list[str]:
+    """The long-running actors of a run (not its steps nor its embedded bus), in start order."""
+    return [name for name in bus_users(cfg) if name not in ("launcher", "inspector")]
+
+
 def plan_actors(cfg: RunConfig, ctx: LaunchContext) -> list[ActorSpec]:
     """Every process of a local run, in start order."""
     common = ["--config", str(ctx.config_path), "--nats", ctx.nats_url, "--run", cfg.name]
@@ -145,5 +158,6 @@ def plan_actors(cfg: RunConfig, ctx: LaunchContext) -> list[ActorSpec]:
     specs += [bus_actor(f"worker-{i}", "worker", admin_key=True) for i in range(lc.workers)]
     specs.append(bus_actor("controller", "controller", admin_key=True, finishes=True))
     specs[-1].argv.append("--exit-when-done")
-    specs.append(bus_actor("learner", "learner", finishes=True))
+    # a learner that broadcasts weights forms the engines' weight group (/init_weights_update_group: admin)
+    specs.append(bus_actor("learner", "learner", admin_key=cfg.learner.weight_sync == "distributed", finishes=True))
     return specs
