@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 BATCH = 16
 LEARN_STEPS = 20
@@ -32,13 +34,30 @@ SHORT = [
 ]
 
 
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_runs() -> Iterator[None]:
+    """Whatever ends a test (a failure, pytest's timeout), its `agentrl run` and every actor go with it."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def start_run(tmp_path: Path, *extra: str, short: bool = True) -> subprocess.Popen[bytes]:
     overrides = [*(SHORT if short else []), f"dir={tmp_path}/{{name}}", *extra]
     args = [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "agentrl.cli", "run", str(REPO / "configs/quickstart.yaml"), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "agentrl.cli", "run", str(REPO / "configs/quickstart.yaml"), *args],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    _STARTED.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen[bytes], timeout: float) -> str:
