@@ -1,4 +1,5 @@
-"""Config of a local run started by ``agentrl run``: how many of each actor, which engines, steps run first."""
+"""Config of a run started by ``agentrl run``: how many of each actor, which engines, steps run first, and where
+the actors run (this machine, or a Ray cluster)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import msgspec
 
 from agentrl.config.loader import Section
 
-__all__ = ["EngineKind", "LaunchConfig", "StepConfig"]
+__all__ = ["EngineKind", "LaunchBackend", "LaunchConfig", "PlacementStrategy", "RayConfig", "RayResources", "StepConfig"]
 
 
 class StepConfig(Section):
@@ -29,6 +30,61 @@ class StepConfig(Section):
 
 
 EngineKind = Literal["embedded", "sglang", "command"]
+LaunchBackend = Literal["local", "ray"]
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+class RayResources(Section):
+    """What one actor of a kind reserves on a Ray cluster (its placement-group bundle)."""
+
+    num_cpus: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    """CPUs reserved"""
+    num_gpus: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    """GPUs reserved; None = auto: 1 for engines and the learner when the cluster has GPUs, else 0"""
+    resources: dict[str, Annotated[float, msgspec.Meta(ge=0)]] = msgspec.field(default_factory=dict)
+    """custom Ray resources (e.g. one a node was started with, to pin a kind to it)"""
+
+
+def _gpu_kind() -> RayResources:
+    return RayResources()
+
+
+def _cpu_kind() -> RayResources:
+    return RayResources(num_gpus=0.0)
+
+
+class RayConfig(Section):
+    """How ``agentrl run --launcher ray`` places actors on a Ray cluster.
+
+    Every actor (and every step) runs as a process hosted by a Ray actor on some node; the run reserves one
+    placement-group bundle per actor (``strategy`` PACK co-locates them, SPREAD spreads them over nodes; STRICT_
+    variants insist). Steps run in the learner's bundle before it starts (the SFT warm-up needs its GPU). The
+    embedded nats-server, when ``nats.url`` is unset, runs on the driver's node. Ray restarts a failed actor up to
+    ``launch.max_restarts`` times, on another node when its node died; engines (and the learner with
+    ``learner.weight_sync: distributed``) keep their address, so they restart only on their node. The run
+    directory must be on a filesystem every node mounts at the same path.
+    """
+
+    address: str | None = None
+    """the Ray cluster (host:port of its head, or auto); None = $RAY_ADDRESS, else a local Ray started for the run"""
+    strategy: PlacementStrategy = "PACK"
+    """placement-group strategy: PACK co-locates actors, SPREAD spreads them (STRICT_ variants insist)"""
+    namespace: str | None = None
+    """Ray namespace of the run's actors; None = agentrl-<run name>"""
+    placement_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    """the placement group (every actor's resources) must be reserved within this"""
+    poll_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    """seconds between status and log polls of each actor"""
+    engine: RayResources = msgspec.field(default_factory=_gpu_kind)
+    """resources of each engine"""
+    learner: RayResources = msgspec.field(default_factory=_gpu_kind)
+    """resources of the learner (and of the steps, which run in its bundle before it)"""
+    worker: RayResources = msgspec.field(default_factory=_cpu_kind)
+    """resources of each agent worker"""
+    envd: RayResources = msgspec.field(default_factory=_cpu_kind)
+    """resources of each env worker"""
+    controller: RayResources = msgspec.field(default_factory=_cpu_kind)
+    """resources of the controller"""
 
 
 class LaunchConfig(Section):
@@ -71,6 +127,10 @@ class LaunchConfig(Section):
     """bus actors without a heartbeat this long are restarted; 0 = never"""
     steps: list[StepConfig] = msgspec.field(default_factory=list)
     """commands run to completion before the actors start (model init, data generation, SFT warm-up)"""
+    backend: LaunchBackend = "local"
+    """local: every actor a child process of agentrl run; ray: Ray actors on a cluster (agentrl run --launcher)"""
+    ray: RayConfig = msgspec.field(default_factory=RayConfig)
+    """with backend ray: the cluster, placement and resources per actor kind"""
 
     def __post_init__(self) -> None:
         if self.engine == "command" and self.engines and not self.engine_command:

@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 import aiohttp
 import msgspec
@@ -35,17 +35,23 @@ from agentrl.launch.summary import summary_lines
 from agentrl.launch.supervisor import ReadyCheck, Supervisor
 from agentrl.messages import Event, decode
 
-__all__ = ["check_external_bus", "follow_progress", "http_health", "resolve", "run_local"]
+__all__ = ["Supervising", "check_external_bus", "follow_progress", "http_health", "report_run", "resolve",
+           "resolve_engines", "run_local", "watch_run"]
 
 
 def resolve(cfg: RunConfig) -> tuple[RunConfig, list[int]]:
     """Pick engine ports and fill in every URL the actors need."""
     ports = [free_port(cfg.engine.host) for _ in range(cfg.launch.engines)]
-    urls = engine_urls(cfg, ports)
+    return resolve_engines(cfg, ports), ports
+
+
+def resolve_engines(cfg: RunConfig, ports: list[int], hosts: list[str] | None = None) -> RunConfig:
+    """``cfg`` with the URLs of its engines (on ``ports``, at ``hosts``) where clients and the controller read them."""
+    urls = engine_urls(cfg, ports, hosts)
     client = msgspec.structs.replace(cfg.engine.client, urls=urls)
     engine = msgspec.structs.replace(cfg.engine, client=client)
     controller = msgspec.structs.replace(cfg.controller, engines=urls)
-    return msgspec.structs.replace(cfg, engine=engine, controller=controller), ports
+    return msgspec.structs.replace(cfg, engine=engine, controller=controller)
 
 
 def http_health(url: str) -> ReadyCheck:
@@ -110,10 +116,25 @@ async def follow_progress(ctx: LaunchContext, cfg: RunConfig, progress: Progress
             await asyncio.wait_for(feeder, 5.0)
 
 
+class Supervising(Protocol):
+    """What :func:`watch_run` needs of a supervisor (local processes, or Ray actors)."""
+
+    current_step: str | None
+
+    async def run(self) -> bool: ...
+
+    def request_stop(self) -> None: ...
+
+
 async def _supervise(cfg: RunConfig, ports: list[int], lock_fd: int, out: TextIO, every_s: float) -> bool:
     config_path = dump_config(cfg, cfg.run_dir / "config.yaml").resolve()
     ctx = prepare(cfg, config_path, ports, http_health)
     sup = Supervisor(plan_actors(cfg, ctx), cfg.run_dir / "logs", grace_s=cfg.launch.grace_s, keep_fds=[lock_fd])
+    return await watch_run(sup, ctx, cfg, out, every_s)
+
+
+async def watch_run(sup: Supervising, ctx: LaunchContext, cfg: RunConfig, out: TextIO, every_s: float) -> bool:
+    """Run ``sup`` with the progress display, Ctrl-C and SIGTERM stopping it; whether the run completed."""
     progress = Progress(cfg.training.max_steps or 0)
     await check_external_bus(ctx)
     loop = asyncio.get_running_loop()
@@ -145,10 +166,16 @@ async def run_local(
     run_dir = cfg.run_dir
     with run_lock(run_dir) as lock_fd:
         completed = await _supervise(cfg, ports, lock_fd, out, progress_every_s)
+    await report_run(cfg, completed, out)
+    return completed, run_dir
+
+
+async def report_run(cfg: RunConfig, completed: bool, out: TextIO) -> None:
+    """After the run: its plots, the summary, and whether it stopped before completing."""
+    run_dir = cfg.run_dir
     plots = await asyncio.to_thread(lambda: plot_run(run_dir, sorted(Path(run_dir).glob("*metrics*.jsonl"))))
     print(f"plots: {', '.join(str(p) for p in plots) or 'none (no metrics)'}", file=out)
     for line in summary_lines(cfg, completed=completed):
         print(line, file=out)
     if not completed:
         print(f"run {cfg.name} stopped before it completed", file=out)
-    return completed, run_dir

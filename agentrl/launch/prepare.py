@@ -118,9 +118,9 @@ def authorization_for(cfg: RunConfig, creds: dict[str, Credentials]) -> str:
     return render_authorization(users) if users else ""
 
 
-def _server_config(cfg: RunConfig, port: int, creds: dict[str, Credentials], tls: TlsFiles | None) -> Path:
+def _server_config(cfg: RunConfig, host: str, port: int, creds: dict[str, Credentials], tls: TlsFiles | None) -> Path:
     store = cfg.run_dir / "nats"
-    text = render_config(port, (store / "jetstream").resolve(), cfg.nats.max_payload_mb, "127.0.0.1",
+    text = render_config(port, (store / "jetstream").resolve(), cfg.nats.max_payload_mb, host,
                          authorization=authorization_for(cfg, creds), tls=tls)
     return write_config(store / "nats-server.conf", text)
 
@@ -137,17 +137,18 @@ def _external(cfg: RunConfig, config_path: Path, engine_ports: list[int], http_c
 
 
 def prepare(cfg: RunConfig, config_path: Path, engine_ports: list[int],
-            http_check: Callable[[str], ReadyCheck]) -> LaunchContext:
-    """The bus (embedded server or ``nats.url``), the actors' credentials and the engines' admin key."""
+            http_check: Callable[[str], ReadyCheck], host: str = "127.0.0.1") -> LaunchContext:
+    """The bus (embedded server on ``host``, or ``nats.url``), the actors' credentials and the engines' admin
+    key."""
     admin_key = (cfg.engine.admin_api_key or secrets.token_urlsafe(32)) if cfg.launch.engines else None
     if cfg.nats.url:
         return _external(cfg, config_path, engine_ports, http_check, admin_key)
-    run_dir, port = cfg.run_dir, free_port()
-    tls, ca_file = make_certificates(run_dir / "secrets" / "tls", "127.0.0.1") if cfg.nats.tls else (None, None)
+    run_dir, port = cfg.run_dir, free_port(host)
+    tls, ca_file = make_certificates(run_dir / "secrets" / "tls", host) if cfg.nats.tls else (None, None)
     creds = issue_credentials(cfg, ca_file) if cfg.nats.auth else {}
     files = write_all(creds, run_dir / "secrets")
-    conf = _server_config(cfg, port, creds, tls)
-    url = f"{'tls' if tls else 'nats'}://127.0.0.1:{port}"
+    conf = _server_config(cfg, host, port, creds, tls)
+    url = f"{'tls' if tls else 'nats'}://{host}:{port}"
     (run_dir / "nats" / "url").write_text(url)
     admin = msgspec.structs.replace(cfg.nats, credentials=str(files["launcher"]) if files else None)
     return LaunchContext(config_path, url, engine_ports, http_check, nats_argv=[str(find_nats_server()), "-c", str(conf)],

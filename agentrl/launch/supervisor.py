@@ -37,7 +37,7 @@ from pathlib import Path
 from agentrl.errors import AgentRLError
 from agentrl.launch.heartbeat import HEARTBEAT_ENV, beat_age
 
-__all__ = ["ActorSpec", "ReadyCheck", "RunFailed", "Supervisor", "tail"]
+__all__ = ["ActorSpec", "ReadyCheck", "RunFailed", "Supervisor", "die_with_parent", "tail"]
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _die_with_parent(sig: int, parent: int) -> Callable[[], None]:
+def die_with_parent(sig: int, parent: int) -> Callable[[], None]:
     """A ``preexec_fn``: the child gets ``sig`` when the supervisor dies (and exits if it already has)."""
     libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
@@ -166,7 +166,7 @@ class Supervisor:
             return await asyncio.create_subprocess_exec(
                 *spec.argv, stdout=logf, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True, env=env, pass_fds=self.keep_fds,
-                preexec_fn=_die_with_parent(spec.death_signal, os.getpid()),
+                preexec_fn=die_with_parent(spec.death_signal, os.getpid()),
             )
         finally:
             logf.close()
