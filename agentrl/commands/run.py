@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set training.max_steps=10 (repeatable)")
     p.add_argument("--nats", default=None, metavar="URL", help="use this NATS server instead of the embedded one")
     p.add_argument("--run", default=None, help="run name (overrides name)")
+    p.add_argument("--launcher", choices=["local", "ray"], default=None,
+                   help="where the actors run: local processes, or Ray actors on $RAY_ADDRESS / launch.ray.address "
+                        "(launch.backend; default local)")
     p.add_argument("--fresh", action="store_true",
                    help="start over: move an existing run directory aside (to <dir>.old-<time>) instead of resuming it")
     add_print_config_argument(p)
@@ -77,13 +80,18 @@ def run(args: argparse.Namespace) -> int:
     from agentrl.launch.local import run_local
 
     args.config = config_path(args)
-    cfg = load_run_config(args, {"nats": "nats.url"})
+    cfg = load_run_config(args, {"nats": "nats.url", "launcher": "launch.backend"})
     if args.fresh and cfg.run_dir.exists():
         print(f"run {cfg.name}: --fresh: the old run directory is now {move_aside(cfg.run_dir)}", file=sys.stderr)
     notice = rerun_notice(cfg)
     if notice:
         print(notice, file=sys.stderr, flush=True)
     setup_logging()
+    if cfg.launch.backend == "ray":
+        from agentrl.launch.ray_launch import run_ray
+
+        completed, _ = asyncio.run(run_ray(cfg))
+        return 0 if completed else 130
     completed, _ = asyncio.run(run_local(cfg))
     return 0 if completed else 130
 
