@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ import torch
 from agentrl.bus.subjects import ControlKind
 from agentrl.config.learner import LearnerConfig
 from agentrl.config.training import TrainingConfig
-from agentrl.messages import BatchTaken, Event, Message, TasksDropped
+from agentrl.messages import BatchTaken, Event, Message, TasksDropped, encode
 from agentrl.plugins import load_object
 from agentrl.staleness import staleness_histogram
 from trainer.advantages import AdvantageFn
@@ -149,7 +150,8 @@ class Learner:
             if batch is None:
                 break
             self._unacked += batch.consumed
-            await self.bus.publish_control("batch_taken", batch_taken(state, batch), f"batch-{state.step}")
+            taken = batch_taken(state, batch)
+            await self.bus.publish_control("batch_taken", taken, content_id(f"batch-{taken.step}", taken))
             with phases("train"):
                 result = await asyncio.to_thread(self.train, batch)
             with phases("publish"):
@@ -199,7 +201,7 @@ class Learner:
             dropped = buffer.pop_dropped_task_ids()
             if dropped:
                 msg = TasksDropped(task_ids=dropped, reason="not trainable (see the learner's batch metrics)")
-                await self.bus.publish_control("dropped", msg, f"dropped-{version}-{min(dropped)}-{len(dropped)}")
+                await self.bus.publish_control("dropped", msg, content_id(f"dropped-{version}", msg))
             if batch is not None:
                 return batch
             for d in await self.source.fetch(self.cfg.batch.fetch_batch, timeout=1.0):
@@ -230,6 +232,13 @@ def advance(state: LearnerState, batch: Batch) -> LearnerState:
     return LearnerState(step=state.step + 1, version=state.version + 1,
                         consumed=state.consumed | set(batch.consumed_ids), history=[*state.history, record],
                         consumed_tasks=state.consumed_tasks | set(batch.consumed_task_ids))
+
+
+def content_id(prefix: str, msg: Message) -> str:
+    """A control announcement's dedup id names its content, not just its step: a learner that restarts from
+    an earlier checkpoint redoes that step with whatever trajectories arrive first, and the controller must
+    hear of those too (only a byte-identical re-announcement is a duplicate)."""
+    return f"{prefix}-{hashlib.sha256(encode(msg)).hexdigest()[:16]}"
 
 
 def batch_taken(state: LearnerState, batch: Batch) -> BatchTaken:

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,14 @@ def start_learner(config: Path, url: str, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
 
 
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (log.read_text() if log.exists() else ""):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no {text!r} in the log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
 def wait_or_none(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
     try:
         return proc.wait(timeout)
@@ -101,7 +110,9 @@ async def test_abort_and_resume_end_to_end(bus: Bus, nats_url: str, run_name: st
     cfg = ControllerConfig(dataset=DatasetConfig(path=str(data)), april_alpha=1.0, max_new_tokens=160, epochs=None,
                            metrics_interval_s=1.0, abort_on_update=True)
     learner_log = tmp_path / "learner.log"
-    with start_engine(tiny_model_dir, "--max-running", "8") as url:
+    # one request decodes at a time: whatever is left of a step's surplus when its weights come is still in
+    # flight (on a fast machine four concurrent episodes can all finish within one learner step)
+    with start_engine(tiny_model_dir, "--max-running", "1") as url:
         router = Router([EngineClient(url)])
         gen = Recording(router)
         worker = AgentWorker(bus, agent=run_episode, generator=gen, chat=ChatRenderer(AutoTokenizer.from_pretrained(tiny_model_dir)),
@@ -116,9 +127,12 @@ async def test_abort_and_resume_end_to_end(bus: Bus, nats_url: str, run_name: st
             metrics.append(decode(msg.data, Event).data)
 
         await bus.nc.subscribe(bus.subjects.events("metrics"), cb=on_metrics)
+        learner = start_learner(config, nats_url, learner_log)
+        # rollouts start once the learner is up: the episodes it does not take for a step are still decoding
+        # when that step's weights come, not all finished while it loaded
+        await asyncio.to_thread(wait_for_line, learner_log, "learner ready", learner, 120)
         actors = [asyncio.create_task(controller.run(), name="controller"),
                   asyncio.create_task(worker.run(), name="worker")]
-        learner = start_learner(config, nats_url, learner_log)
         try:
             code = await asyncio.to_thread(wait_or_none, learner, 240)
             assert code == 0, (f"learner exit {code}; controller {core.metrics()}; worker {worker.stats}\n"

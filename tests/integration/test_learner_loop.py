@@ -136,7 +136,8 @@ async def test_loop_trains_publishes_checkpoints_then_acks(
     assert [d.step for d in taken] == [0, 1, 2] and [d.version for d in taken] == [0, 1, 2]
     assert sorted(t for d in taken for t in d.task_ids) == sorted(t.task_id for t in trajs[:12])
     assert [u.version for u in bus.updates] == [1, 2, 3]
-    assert [i for k, _, i in bus.controls] == ["batch-0", "weights-1", "batch-1", "weights-2", "batch-2", "weights-3"]
+    assert [i.rsplit("-", 1)[0] if k == "batch_taken" else i for k, _, i in bus.controls] == \
+        ["batch-0", "weights-1", "batch-1", "weights-2", "batch-2", "weights-3"]
     newest = tmp_path / "weights" / "v3"
     assert digest_dir(newest) == (bus.updates[-1].sha256, bus.updates[-1].nbytes)
     assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["v2", "v3"]

@@ -16,7 +16,7 @@ import pytest
 from agentrl.bus import Bus
 from agentrl.config.learner import BatchConfig, LearnerConfig
 from agentrl.config.training import TrainingConfig
-from agentrl.messages import Trajectory, WeightUpdate, decode
+from agentrl.messages import BatchTaken, Trajectory, WeightUpdate, decode
 from tests.fixtures.learner import synth_trajectories
 from trainer.backend.torch_backend import build_torch_backend
 from trainer.bus_adapter import BusLink, open_trajectory_consumer
@@ -146,9 +146,11 @@ async def test_crash_at_the_edges_of_the_commit_trains_each_trajectory_once(
     cfg = LearnerConfig(model=str(tiny_qwen2_dir), device="cpu", checkpoint_every=every,
                         batch=BatchConfig(ack_wait_s=1.0))
     async with await Bus.connect(nats_url, run=run_name) as bus:
-        await publish(bus, trajs)
+        await publish(bus, trajs[:6])
     with pytest.raises(Crash):
         await run_learner(nats_url, run_name, cfg, tmp_path, CrashingCheckpointer(tmp_path / "ckpt", 2, when))
+    async with await Bus.connect(nats_url, run=run_name) as bus:
+        await publish(bus, trajs[6:])  # arrives while the crashed learner's deliveries wait out their ack_wait
     state = await run_learner(nats_url, run_name, cfg, tmp_path, Checkpointer(tmp_path / "ckpt"))
     trained = [tid for rec in state.history for tid in rec.trained]
     assert sorted(trained) == sorted(t.id for t in trajs)
@@ -158,7 +160,23 @@ async def test_crash_at_the_edges_of_the_commit_trains_each_trajectory_once(
         lost = 0 if when == "after checkpoint" else every
         assert await bus.get_version() == state.version == 4 + lost
         info = await bus.js.consumer_info(bus.subjects.traj_stream, "learner")
+        announced = await announced_tasks(bus)
     assert info.num_ack_pending == 0 and info.num_pending == 0
+    # the controller's books: every task the final history trained was announced to it (a redone step takes
+    # other trajectories than the lost one, and its announcement must not be deduplicated away)
+    assert {t.task_id for t in trajs} <= announced
+
+
+async def announced_tasks(bus: Bus) -> set[str]:
+    """Task ids of every ``BatchTaken`` on the run's durable control stream."""
+    stream = bus.subjects.control_stream
+    last = (await bus.js.stream_info(stream)).state.last_seq
+    out: set[str] = set()
+    for seq in range(1, last + 1):
+        msg = await bus.js.get_msg(stream, seq)
+        if msg.subject == bus.subjects.control("batch_taken"):
+            out |= set(decode(msg.data or b"", BatchTaken).task_ids)
+    return out
 
 
 def test_sigterm_stops_the_learner_cleanly(nats_url: str, run_name: str, tiny_qwen2_dir: Path, tmp_path: Path) -> None:
