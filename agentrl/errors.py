@@ -22,6 +22,8 @@ original so the cause stays visible::
     │   ├── EnvTimeout         a reset/step call exceeded its deadline
     │   └── EnvCrashed         the environment raised or its worker died
     ├── SandboxError           the code sandbox could not run the code at all
+    ├── ProxyRequestError      an OpenAI call the recording proxy cannot record (bad body, history that does
+    │                          not extend the episode's recorded conversation)
     ├── BackendError           a training backend failed (e.g. one rank of a multi-rank learner)
     └── WeightSyncError        a torch.distributed weight group could not form, or a broadcast failed or timed out
 """
@@ -103,6 +105,15 @@ class EnvCrashed(EnvError):
 
 class SandboxError(AgentRLError):
     """The sandbox could not execute the code (not: the code failed)."""
+
+
+class ProxyRequestError(AgentRLError, ValueError):
+    """A request to the recording OpenAI proxy that it refuses; the message names the field and what was wrong."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
 
 
 class BackendError(AgentRLError):
