@@ -131,6 +131,7 @@ class _Admin:
         await s.run_on_model_thread(lambda: self.server.memory.release(tags))
         if "kv_cache" in tags:
             s.cache.reset()
+        log.info("memory released: %s (releases %d)", sorted(tags), self.server.memory.releases)
         return _ok(f"Released {sorted(tags)}.")
 
     async def resume_memory(self, request: web.Request) -> web.Response:
@@ -139,6 +140,9 @@ class _Admin:
         await s.run_on_model_thread(lambda: self.server.memory.resume(tags))
         s.released &= self.server.memory.released
         s.wake()
+        memory = self.server.memory
+        log.info("memory resumed: %s, still released %s (resumes %d)", sorted(tags), sorted(memory.released),
+                 memory.resumes)
         return _ok(f"Resumed {sorted(tags)}.")
 
 

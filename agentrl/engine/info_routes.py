@@ -83,6 +83,8 @@ class _Info:
             "num_waiting_reqs": len(s.waiting),
             "paused": s.paused,
             "released_memory": sorted(server.memory.released),
+            "memory_releases": server.memory.releases,  # agentrl extras: colocated turns seen
+            "memory_resumes": server.memory.resumes,
             "weight_version": str(s.weight_version),
             "cached_tokens_in_tree": s.cache.cached_tokens,
             "tokens_in_use": s.tokens_in_use,

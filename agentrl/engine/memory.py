@@ -41,11 +41,14 @@ class MemoryManager:
         self.model = runner.model
         self.graph_sizes = list(graph_sizes) if graph_sizes else None  # None: graphs were never captured
         self.released: set[str] = set()
+        self.releases = 0  # release calls that freed something
+        self.resumes = 0  # resumes after which nothing was released any more (a multi-stage resume counts once)
         self._cpu_copy: dict[str, torch.Tensor] = {}
         self._spill: Path | None = None
 
     def release(self, tags: Iterable[str]) -> None:
         tags = set(tags) - self.released
+        self.releases += bool(tags)
         if tags & {"kv_cache", "weights"} or "cuda_graph" in tags:
             self.runner.drop_cuda_graphs()
         if "kv_cache" in tags:
@@ -62,6 +65,7 @@ class MemoryManager:
         if "kv_cache" in tags:
             self.runner.allocate_kv()
         self.released -= tags
+        self.resumes += bool(tags) and not self.released
         if not self.released and self.graph_sizes and not self.runner.has_cuda_graphs:
             self.runner.capture_cuda_graphs(self.graph_sizes)
 

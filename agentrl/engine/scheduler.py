@@ -80,6 +80,7 @@ class SchedulerStats:
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     finished: int = 0
     timed_out: int = 0
+    retracted: int = 0  # running requests sent back to the queue by a retract pause (they continue later)
 
 
 class Scheduler:
@@ -351,6 +352,7 @@ class Scheduler:
                 continue
             self._free(req, failed=False)
             self.waiting.appendleft(req)
+            self.stats.retracted += 1
         self.running = [r for r in self.running if r.finished]
 
     def _free(self, req: Request, *, failed: bool) -> None:
