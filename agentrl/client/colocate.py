@@ -51,8 +51,8 @@ class Colocation:
 
     @contextlib.asynccontextmanager
     async def learner_turn(self, load: Loader | None = None) -> AsyncIterator[None]:
-        await self._each(lambda e: e.pause("retract"))
-        try:
+        try:  # an engine that fails to pause must not leave the others paused
+            await self._each(lambda e: e.pause("retract"))
             await self._each(lambda e: e.release_memory())
             yield
             await self._each(lambda e: e.resume_memory(["weights"]))
@@ -63,4 +63,8 @@ class Colocation:
             await self._each(lambda e: e.resume())
 
     async def _each(self, call: Callable[[MemoryEngine], Awaitable[None]]) -> None:
-        await asyncio.gather(*(call(e) for e in self.engines))
+        """Call every engine; the first failure is raised once all have answered (none is left mid-call)."""
+        results = await asyncio.gather(*(call(e) for e in self.engines), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
