@@ -30,7 +30,7 @@ from agentrl.errors import AgentRLError
 from agentrl.generation import GenerateOutput, Generator
 from agentrl.messages import ChatMessage, SamplingParams, Task, Trajectory, TrajectoryStatus, Turn
 
-__all__ = ["ContextExhausted", "EpisodeAborted", "EpisodeContext", "ModelTurn", "current_episode"]
+__all__ = ["ContextExhausted", "EpisodeAborted", "EpisodeContext", "ModelTurn", "OpenAIEndpoint", "current_episode"]
 
 _current: ContextVar[EpisodeContext] = ContextVar("agentrl_episode")
 
@@ -63,6 +63,14 @@ class ResumePoint:
     turns: int
     state: dict[str, Any]
     env_steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIEndpoint:
+    """Where an episode's OpenAI-compatible calls go: the worker's recording proxy (:mod:`agentrl.proxy`)."""
+
+    base_url: str  # ends in /v1: what an OpenAI client takes as base_url
+    api_key: str  # this episode's key; the proxy refuses a call without it
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +128,7 @@ class EpisodeContext:
         self._rid: str | None = None
         self._abort_requested = False
         self._safe: ResumePoint | None = None
+        self.openai: OpenAIEndpoint | None = None  # set by the worker's recording proxy while the agent runs
 
     # ------------------------------------------------------------ building the conversation
 
@@ -167,6 +176,25 @@ class EpisodeContext:
         """Tokens left in the context budget (``None`` = unlimited)."""
         return None if self.max_context is None else self.max_context - len(self.traj)
 
+    @property
+    def openai_base_url(self) -> str:
+        """Base URL of an OpenAI-compatible API (``/chat/completions``, ``/completions``) that generates for this
+        episode and records every call into its trajectory (:mod:`agentrl.proxy`)."""
+        return self._endpoint().base_url
+
+    @property
+    def openai_api_key(self) -> str:
+        """The API key that goes with :attr:`openai_base_url` (it is this episode's, not a secret of the run)."""
+        return self._endpoint().api_key
+
+    def _endpoint(self) -> OpenAIEndpoint:
+        if self.openai is None:
+            raise RuntimeError(
+                f"episode {self.trajectory_id}: no OpenAI endpoint; the worker runs one unless worker.openai_proxy "
+                "is false (agents run by hand get one from agentrl.proxy.OpenAIProxy.wrap)"
+            )
+        return self.openai
+
     # ------------------------------------------------------------ generation
 
     async def generate(self, sampling: SamplingParams | None = None, **overrides: Any) -> ModelTurn:
@@ -192,6 +220,7 @@ class EpisodeContext:
             self._rid = None
         turn = self._record(out, resumed, time.perf_counter() - t0, sp.temperature)
         if out.finish_reason == "abort":
+            self._safe = self._point()  # the cut turn is recorded: a resume continues it, token for token
             raise EpisodeAborted(self.trajectory_id)
         return turn
 
@@ -253,6 +282,12 @@ class EpisodeContext:
         abort = getattr(self.generator, "abort", None)
         if rid is not None and abort is not None:
             await abort(rid)
+
+    def mark_safe_point(self) -> None:
+        """Declare the trajectory and ``state`` consistent now: an episode cancelled later resumes from here
+        (unless ``generate`` is called after this, which sets its own). The recording proxy calls it at the start
+        of each request."""
+        self._safe = self._point()
 
     def partial_state(self, *, at_safe_point: bool) -> ResumePoint | None:
         """Where a resumed episode restarts: now, or the start of the last ``generate`` call."""

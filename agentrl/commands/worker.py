@@ -44,6 +44,7 @@ async def serve(cfg: RunConfig, url: str | None) -> None:
     from agentrl.env.local import ChainedEnvs, LocalEnvs
     from agentrl.env.remote import RemoteEnvs
     from agentrl.plugins import load_factory, load_object
+    from agentrl.proxy import OpenAIProxy
     from agentrl.worker import AgentWorker
     from agentrl.worker.context_limit import episode_budget, model_context_length
 
@@ -59,16 +60,20 @@ async def serve(cfg: RunConfig, url: str | None) -> None:
         limit = await model_context_length(clients, wc.tokenizer or ec.model)
         wc = msgspec.structs.replace(wc, max_context_tokens=episode_budget(wc.max_context_tokens, limit))
         envs = ChainedEnvs(local, RemoteEnvs(bus.nc, bus.subjects, wc.remote_envs, call_timeout_s=wc.env_call_timeout_s))
-        worker = AgentWorker(bus, agent=agent, generator=router, chat=chat, config=wc, envs=envs, reward=reward,
-                             worker_id=worker_id)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, worker.stop)
-        budget = f"{wc.max_context_tokens} tokens" if wc.max_context_tokens else "unlimited (model limit unknown)"
-        print(f"worker {worker_id} ready: agent {wc.agent}, {len(urls)} engine(s), episode context {budget}",
-              flush=True)
-        stats = await worker.run()
+        async with contextlib.AsyncExitStack() as stack:
+            if wc.openai_proxy:
+                proxy = await stack.enter_async_context(OpenAIProxy(model=wc.openai_model))
+                agent = proxy.wrap(agent)
+            worker = AgentWorker(bus, agent=agent, generator=router, chat=chat, config=wc, envs=envs, reward=reward,
+                                 worker_id=worker_id)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError):
+                    loop.add_signal_handler(sig, worker.stop)
+            budget = f"{wc.max_context_tokens} tokens" if wc.max_context_tokens else "unlimited (model limit unknown)"
+            print(f"worker {worker_id} ready: agent {wc.agent}, {len(urls)} engine(s), episode context {budget}",
+                  flush=True)
+            stats = await worker.run()
         logging.getLogger(__name__).info("worker %s stopped: %s", worker_id, stats)
 
 

@@ -53,6 +53,11 @@ class WorkerConfig(Section):
     (1 s made every APRIL abort cost its episode up to a second: the quickstart's RL loop took 38 s, not 27)"""
     uvloop: bool = True
     """run the worker's event loop on uvloop"""
+    openai_proxy: bool = True
+    """serve each episode an OpenAI-compatible endpoint on loopback (ctx.openai_base_url, ctx.openai_api_key) that
+    generates through the episode and records every call into its trajectory (agentrl.proxy)"""
+    openai_model: str = "policy"
+    """the model name the OpenAI proxy reports (any name is accepted in requests)"""
 
 
 class EnvdConfig(Section):
