@@ -136,13 +136,14 @@ class _Admin:
 
     async def resume_memory(self, request: web.Request) -> web.Response:
         tags = set(decode_body(await request.read(), MemoryIn).tags or MEMORY_TAGS)
-        s = self.scheduler
-        await s.run_on_model_thread(lambda: self.server.memory.resume(tags))
-        s.released &= self.server.memory.released
+        s, memory = self.scheduler, self.server.memory
+        resumed = tags & memory.released
+        await s.run_on_model_thread(lambda: memory.resume(tags))
+        s.released &= memory.released
         s.wake()
-        memory = self.server.memory
-        log.info("memory resumed: %s, still released %s (resumes %d)", sorted(tags), sorted(memory.released),
-                 memory.resumes)
+        if resumed:
+            log.info("memory resumed: %s, still released %s (resumes %d)", sorted(resumed), sorted(memory.released),
+                     memory.resumes)
         return _ok(f"Resumed {sorted(tags)}.")
 
 
