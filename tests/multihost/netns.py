@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -23,6 +22,8 @@ from pathlib import Path
 
 __all__ = ["NetnsHosts", "netns_unavailable", "sweep_leftovers"]
 
+_LISTEN = ("import socket, sys\ns = socket.socket(); s.bind((sys.argv[1], 0)); s.listen(16)\n"
+           "print(s.getsockname()[1], flush=True)\nwhile True: s.accept()[0].close()")
 _NS = re.compile(r"^arl[0-9a-f]{5}[a-z]$")  # the names NetnsHosts gives; bridges are arl<tag>br
 
 
@@ -102,6 +103,7 @@ class NetnsHosts:
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
+        self._firewall("-I")
         for i, (ns, ip) in enumerate(zip(self.names, self.ips, strict=True)):
             outer, inner = f"{self.bridge[:-2]}{i}o", f"{self.bridge[:-2]}{i}i"
             _ip("netns", "add", ns)
@@ -115,17 +117,36 @@ class NetnsHosts:
         self._check_reachable()
 
     def _check_reachable(self) -> None:
-        """Every host reaches every other one over TCP (a bridge whose traffic a firewall drops fails here)."""
-        with socket.socket() as server:
-            server.bind((self.gateway, 0))
-            server.listen(8)
-            port = server.getsockname()[1]
-            for ns in self.names:
-                code = f"import socket; socket.create_connection(('{self.gateway}', {port}), timeout=5).close()"
-                done = subprocess.run(["ip", "netns", "exec", ns, "python3", "-c", code], capture_output=True, text=True,
-                                      timeout=30, check=False)
-                if done.returncode != 0:
-                    raise RuntimeError(f"host {ns} cannot reach the bridge {self.gateway}: {done.stderr[-500:]}")
+        """Every host reaches the bridge and host 0 over TCP (a bridge whose traffic a firewall drops fails here)."""
+        for target, ip in ((None, self.gateway), (self.names[0], self.ips[0])):
+            listener = subprocess.Popen([*self._in(target), "python3", "-c", _LISTEN, ip], stdout=subprocess.PIPE,
+                                        text=True)
+            try:
+                port = int((listener.stdout.readline() if listener.stdout else "").strip())
+                for ns in self.names:
+                    if ns != target:
+                        self._connect(ns, ip, port)
+            finally:
+                listener.kill()
+                listener.wait()
+
+    def _connect(self, ns: str, ip: str, port: int) -> None:
+        code = f"import socket; socket.create_connection(('{ip}', {port}), timeout=5).close()"
+        done = subprocess.run([*self._in(ns), "python3", "-c", code], capture_output=True, text=True, timeout=30,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"host {ns} cannot reach {ip} over the bridge {self.bridge}: {done.stderr[-500:]}")
+
+    @staticmethod
+    def _in(ns: str | None) -> list[str]:
+        return [] if ns is None else ["ip", "netns", "exec", ns]
+
+    def _firewall(self, op: str) -> None:
+        """Insert (``-I``) or delete (``-D``) a rule letting the bridge forward between its hosts: a machine running
+        a container engine drops forwarded traffic by default (FORWARD policy DROP, bridged frames filtered)."""
+        if shutil.which("iptables") is not None:
+            subprocess.run(["iptables", "-w", "10", op, "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"],
+                           capture_output=True, timeout=30, check=False)
 
     def spawn(self, host: int, argv: Sequence[str], log: Path, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> subprocess.Popen[bytes]:
@@ -175,3 +196,4 @@ class NetnsHosts:
         for ns in self.names:
             _ip("netns", "del", ns, check=False)
         _ip("link", "del", self.bridge, check=False)
+        self._firewall("-D")
