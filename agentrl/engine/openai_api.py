@@ -4,15 +4,24 @@ Requests become engine requests (same scheduler, same sampling contract as ``/ge
 through the model's chat template (``tools`` included). Responses follow the OpenAI schema; logprobs are
 the sampled tokens' logprobs and ``top_logprobs`` the most likely tokens of the same distribution. agentrl extras, ignored by OpenAI clients, let a recorder keep exact tokens: each choice has
 ``token_ids`` and ``token_versions`` and the response has ``prompt_token_ids`` and ``weight_version``.
-Assistant text holding ``<tool_call>{json}</tool_call>`` blocks is returned as ``message.tool_calls``.
+Assistant text holding ``<tool_call>{json}</tool_call>`` blocks is returned as ``message.tool_calls`` (parsed as the
+tool agent parses them, :func:`agentrl.proxy.replies.assistant_message`).
+
+A client sends such a turn back in the standard form (assistant ``tool_calls``, then ``tool`` messages), which
+the chat template would re-render in its own layout — not what the model wrote, nor what it was trained on (the
+quickstart's model writes ``<tool_call>{...}</tool_call>`` inline; its template puts the call on lines of its
+own, and the model answered garbage). So the engine remembers the text of each turn it answered with tool calls,
+by call id (:class:`TurnMemory`), and renders a returned turn that matches what it answered as that text. A turn
+the engine does not remember (another replica answered it, the engine restarted, the client wrote it) is
+rendered by the template. The worker's recording proxy (:mod:`agentrl.proxy`) needs no memory: it keeps the
+tokens themselves.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import time
 import uuid
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
@@ -21,13 +30,14 @@ from aiohttp import web
 from agentrl.engine.api import BadRequest, SamplingIn, decode_body
 from agentrl.engine.generate_in import Item
 from agentrl.engine.request import Request
+from agentrl.errors import ProxyRequestError
+from agentrl.proxy.conversation import normalize_message, same_message
+from agentrl.proxy.replies import assistant_message
 
 if TYPE_CHECKING:
     from agentrl.engine.server import EngineServer
 
-__all__ = ["ChatIn", "CompletionIn", "add_openai_routes", "parse_tool_calls"]
-
-_TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+__all__ = ["ChatIn", "CompletionIn", "TurnMemory", "add_openai_routes", "parse_tool_calls"]
 
 
 class _OpenAIIn(msgspec.Struct):
@@ -65,21 +75,41 @@ class ChatIn(_OpenAIIn):
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     """Split ``<tool_call>{"name", "arguments"}</tool_call>`` blocks out of text; malformed blocks stay text."""
-    calls = []
-    for m in _TOOL_CALL.finditer(text):
+    message = assistant_message(text)
+    return message["content"] or "", message.get("tool_calls", [])
+
+
+class TurnMemory:
+    """The model's own text of the last ``size`` assistant turns answered with tool calls, by call id."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._turns: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
+
+    def remember(self, text: str, message: dict[str, Any]) -> None:
+        for call in message.get("tool_calls", []):
+            self._turns[call["id"]] = (text, normalize_message(message, 0))
+            self._turns.move_to_end(call["id"])
+        while len(self._turns) > self.size:
+            self._turns.popitem(last=False)
+
+    def restore(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``messages`` with each assistant turn the engine answered (same content and calls) as its own text."""
+        return [self._restore(m, i) for i, m in enumerate(messages)]
+
+    def _restore(self, message: dict[str, Any], index: int) -> dict[str, Any]:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if not isinstance(calls, list) or not calls or message.get("role") != "assistant":
+            return message
+        call_id = calls[0].get("id") if isinstance(calls[0], dict) else None
+        found = self._turns.get(call_id) if isinstance(call_id, str) else None
+        if found is None:
+            return message
         try:
-            obj = json.loads(m.group(1))
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            continue
-        calls.append({
-            "id": f"call_{uuid.uuid4().hex[:12]}",
-            "type": "function",
-            "function": {"name": obj["name"], "arguments": json.dumps(obj.get("arguments", {}))},
-        })
-    content = _TOOL_CALL.sub("", text).strip() if calls else text
-    return content, calls
+            same = same_message(normalize_message(message, index), found[1])
+        except ProxyRequestError:
+            return message  # the template reports what is wrong with it
+        return {"role": "assistant", "content": found[0]} if same else message
 
 
 def _item(body: _OpenAIIn, max_tokens: int | None, logprobs: bool, top: int, prompt: str | list[int], field: str) -> Item:
@@ -114,6 +144,7 @@ class _Routes:
     def __init__(self, server: EngineServer) -> None:
         self.server = server
         self.model_name = server.loaded.path.name
+        self.turns = TurnMemory()
 
     def _envelope(self, kind: str, req: Request) -> dict[str, Any]:
         return {
@@ -185,7 +216,7 @@ class _Routes:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         try:
             ids = list(self.server.loaded.tokenizer.apply_chat_template(
-                body.messages, tools=body.tools, add_generation_prompt=True, tokenize=True, return_dict=False,
+                self.turns.restore(body.messages), tools=body.tools, add_generation_prompt=True, tokenize=True, return_dict=False,
             ))
         except Exception as exc:
             raise BadRequest(f"messages: the chat template cannot render them: {exc}", "messages") from exc
@@ -194,11 +225,12 @@ class _Routes:
         if body.stream:
             return await self._stream(request, req, "chat.completion.chunk")
         await self._complete(req)
-        content, calls = parse_tool_calls(req.text(self.server.loaded.tokenizer))
-        message: dict[str, Any] = {"role": "assistant", "content": content}
+        text = req.text(self.server.loaded.tokenizer)
+        message = assistant_message(text)
         finish = _finish(req)
-        if calls:
-            message["tool_calls"] = calls
+        if message.get("tool_calls"):
+            self.turns.remember(text, message)
+            message["content"] = message["content"] or ""
             finish = "tool_calls" if finish == "stop" else finish
         choice: dict[str, Any] = {
             "index": 0, "message": message, "finish_reason": finish, "logprobs": None,

@@ -92,3 +92,20 @@ def test_a_prefix_replays_a_recorded_reply_only_in_a_resumed_episode() -> None:
 def test_bad_messages_are_refused_naming_the_field(messages: list[Any], why: str) -> None:
     with pytest.raises(ProxyRequestError, match=why.replace("[", r"\[").replace("]", r"\]")):
         normalize_messages(messages)
+
+
+def test_engine_renders_a_returned_tool_call_turn_as_the_model_wrote_it() -> None:
+    from agentrl.engine.openai_api import TurnMemory
+
+    memory = TurnMemory(size=2)
+    reply = _reply()
+    memory.remember(CALL_TEXT, reply)
+    echoed = {**reply, "content": ""}  # clients often send "" (or drop content) with tool calls
+    tool = _tool(reply)
+    assert memory.restore([USER, echoed, tool]) == [USER, {"role": "assistant", "content": CALL_TEXT}, tool]
+    edited = json.loads(json.dumps(reply))
+    edited["tool_calls"][0]["function"]["arguments"] = '{"expression": "12*4"}'
+    assert memory.restore([edited])[0] is edited  # not what the engine answered: the template renders it
+    for _ in range(2):
+        memory.remember(CALL_TEXT, _reply())
+    assert memory.restore([echoed])[0] is echoed  # forgotten (least recently answered first)
