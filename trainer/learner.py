@@ -33,6 +33,7 @@ from trainer.advantages import AdvantageFn
 from trainer.backend.base import StepResult, TrainBackend
 from trainer.batching import Batch, GroupBuffer, GroupFilter, Received, TrainItem, keep_all
 from trainer.checkpoint import Checkpointer, LearnerState, StepRecord
+from trainer.colocate import DedicatedDevice, DeviceTurns
 from trainer.losses import LossFn
 from trainer.metrics import MetricsSink, Phases
 from trainer.packing import MicroBatch, Sample, pack, plan_micro_batches
@@ -113,9 +114,11 @@ class Learner:
     def __init__(
         self, cfg: LearnerConfig, training: TrainingConfig, backend: TrainBackend, source: TrajectorySource,
         bus: LearnerBus, weights: WeightSink, checkpoints: Checkpointer, metrics: MetricsSink,
+        device: DeviceTurns | None = None,
     ) -> None:
         self.cfg, self.training, self.backend, self.source, self.bus = cfg, training, backend, source, bus
         self.weights, self.checkpoints, self.metrics = weights, checkpoints, metrics
+        self.device: DeviceTurns = device or DedicatedDevice()  # colocated: the engines lend it for each step
         self.advantage: AdvantageFn = load_object(cfg.advantage, what="learner.advantage")
         self.loss_fn: LossFn = load_object(cfg.loss.fn, what="learner.loss.fn")
         group_filter = training.group_filter
@@ -131,6 +134,7 @@ class Learner:
     async def run(self) -> LearnerState:
         """The loop of docs/architecture.md §7; returns the final state."""
         self.state = state = await self.restore()
+        await self.device.start()
         log.info("learner ready at step %d, policy version %d", state.step, state.version)
         buffer = GroupBuffer(self.cfg.batch, self.training, state.consumed, self.group_filter,
                              committed_tasks=state.consumed_tasks, vocab_size=self.backend.vocab_size)
@@ -152,8 +156,9 @@ class Learner:
             self._unacked += batch.consumed
             taken = batch_taken(state, batch)
             await self.bus.publish_control("batch_taken", taken, content_id(f"batch-{taken.step}", taken))
-            with phases("train"):
-                result = await asyncio.to_thread(self.train, batch)
+            async with self.device.turn(state.version, phases):
+                with phases("train"):
+                    result = await asyncio.to_thread(self.train, batch)
             with phases("publish"):
                 update = await self.weights.publish(state.version + 1, self.backend.export_hf)
                 await self.bus.publish_control("weights", update, f"weights-{update.version}")

@@ -20,6 +20,7 @@ from agentrl.tracking import Tracking, open_tracking
 from trainer.backend import open_backend
 from trainer.bus_adapter import BusLink, open_trajectory_consumer
 from trainer.checkpoint import Checkpointer, LearnerState
+from trainer.colocate import device_turns
 from trainer.learner import Learner
 from trainer.metrics import MetricsSink
 from trainer.weight_broadcast import broadcast_sink
@@ -62,16 +63,20 @@ async def _serve(cfg: RunConfig, url: str | None, tracking: Tracking) -> Learner
             link = BusLink(bus)  # distributed: announces each version before broadcasting it (weight_broadcast.py)
             weights: WeightSink = disk if lc.weight_sync == "disk" else broadcast_sink(
                 cfg, disk, backend, lambda u: link.publish_control("weights", u, f"weights-{u.version}"))
+            device = device_turns(cfg, backend)  # learner.colocate: the engines lend the device for each step
             learner = Learner(
                 lc, cfg.training, backend, await open_trajectory_consumer(bus, lc), BusLink(bus), weights,
                 Checkpointer(Path(lc.path(lc.checkpoint_dir, run_dir)), keep=lc.keep_checkpoints),
-                MetricsSink(Path(lc.path(lc.metrics_file, run_dir)), bus, tracking=tracking),
+                MetricsSink(Path(lc.path(lc.metrics_file, run_dir)), bus, tracking=tracking), device,
             )
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError):
                     loop.add_signal_handler(sig, learner.stop)
-            state = await learner.run()
+            try:
+                state = await learner.run()
+            finally:
+                await device.close()
         final = Path(lc.path(lc.final_dir, run_dir))
         last_step = cfg.training.max_steps
         if last_step is None or state.step < last_step:  # stopped early: its weights are not the final model

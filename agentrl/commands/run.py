@@ -78,9 +78,11 @@ def move_aside(run_dir: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from agentrl.launch.local import run_local
+    from agentrl.launch.plan import check_colocate
 
     args.config = config_path(args)
     cfg = load_run_config(args, {"nats": "nats.url", "launcher": "launch.backend"})
+    check_colocate(cfg)
     if args.fresh and cfg.run_dir.exists():
         print(f"run {cfg.name}: --fresh: the old run directory is now {move_aside(cfg.run_dir)}", file=sys.stderr)
     notice = rerun_notice(cfg)

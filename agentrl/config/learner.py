@@ -149,6 +149,14 @@ class LearnerConfig(Section):
     engines outside the group (restarted, unreachable) and failed transfers still load from disk."""
     weight_group: WeightGroupConfig = msgspec.field(default_factory=WeightGroupConfig)
     """the torch.distributed group of weight_sync: distributed"""
+    colocate: bool = False
+    """Colocated mode (slime's --colocate): the learner shares one device with the run's engines. Around each
+    training step the engines retract their running requests and release their KV pool, weights and CUDA graphs
+    (/release_memory_occupation), the learner moves its model and optimizer states onto the device, trains,
+    moves them back to host memory and empties the CUDA cache, and the engines take their memory back and
+    continue; new weights reach them as usual (published, loaded by the controller). Generation stops during
+    each step. Needs engines this run starts on the learner's device (the embedded engine, or SGLang with
+    --enable-memory-saver), the local launcher and the torch backend; agentrl run refuses anything else."""
     checkpoint_dir: str = "{run_dir}/checkpoints"
     """learner checkpoints (model, optimizer, RNG, consumed trajectory ids)"""
     keep_checkpoints: Annotated[int, msgspec.Meta(ge=1)] = 2

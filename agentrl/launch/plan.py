@@ -19,10 +19,11 @@ from pathlib import Path
 from agentrl.bus.auth import CREDENTIALS_ENV, Role
 from agentrl.client.protocol import ADMIN_KEY_ENV
 from agentrl.config.run import RunConfig
+from agentrl.errors import ConfigError
 from agentrl.launch.supervisor import ActorSpec, ReadyCheck
 
-__all__ = ["LaunchContext", "actor_names", "agentrl_argv", "bus_users", "engine_argv", "engine_health_path", "engine_urls",
-           "plan_actors"]
+__all__ = ["LaunchContext", "actor_names", "agentrl_argv", "bus_users", "check_colocate", "engine_argv",
+           "engine_health_path", "engine_urls", "plan_actors"]
 
 
 def agentrl_argv(*args: str) -> list[str]:
@@ -55,9 +56,76 @@ def engine_urls(cfg: RunConfig, ports: list[int], hosts: list[str] | None = None
 
 
 def engine_health_path(cfg: RunConfig) -> str:
-    """The path an engine is probed on: configured, else SGLang's ``/health_generate`` or ``/health``."""
+    """The path an engine is probed on: configured, else SGLang's ``/health_generate`` or ``/health`` (also for
+    SGLang when colocated: a released engine generates nothing until the learner's step ends)."""
     lc = cfg.launch
-    return lc.engine_health_path or ("/health_generate" if lc.engine == "sglang" else "/health")
+    generates = lc.engine == "sglang" and not cfg.learner.colocate
+    return lc.engine_health_path or ("/health_generate" if generates else "/health")
+
+
+def check_colocate(cfg: RunConfig) -> None:
+    """``learner.colocate`` shares one device between the learner and the engines this run starts: a
+    :class:`~agentrl.errors.ConfigError` saying why when the config cannot do that."""
+    problem = _colocate_problem(cfg) if cfg.learner.colocate else None
+    if problem:
+        raise ConfigError(f"learner.colocate: {problem}")
+
+
+def _colocate_problem(cfg: RunConfig) -> str | None:
+    lc, learner = cfg.launch, cfg.learner
+    if lc.backend != "local":
+        return "the ray launcher gives the engines and the learner devices of their own; use launch.backend: local"
+    if lc.engines == 0:
+        return ("needs engines this run starts (launch.engines >= 1): engines at engine.client.urls need not share "
+                "the learner's device")
+    if lc.engine == "command":
+        return "launch.engine: command cannot be asked to release its memory; use embedded, or sglang"
+    if lc.engine == "sglang" and "--enable-memory-saver" not in lc.engine_args:
+        return "SGLang releases its memory only with --enable-memory-saver: add it to launch.engine_args"
+    if learner.backend != "torch":
+        return f"the {learner.backend} backend cannot move its states off the device; use learner.backend: torch"
+    engines = _engine_device(cfg)
+    if _resolve_device(engines) != _resolve_device(learner.device):
+        return (f"the engines run on {engines} and the learner on learner.device={learner.device}: colocated mode "
+                "shares one device")
+    if learner.weight_sync == "distributed" and _resolve_group_backend(cfg) == "nccl":
+        return ("learner.weight_sync: distributed over NCCL cannot hold the learner and an engine of one GPU in one "
+                "group; set learner.weight_group.backend: gloo, or weight_sync: disk")
+    return None
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    """The value of ``name`` in an argv (``--name value`` or ``--name=value``), the last one given."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith(name + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def _engine_device(cfg: RunConfig) -> str:
+    lc = cfg.launch
+    if lc.engine == "sglang":
+        return f"cuda:{_flag(lc.engine_args, '--base-gpu-id') or 0}"
+    return _flag(lc.engine_args, "--device") or cfg.engine.device
+
+
+def _resolve_device(name: str) -> str:
+    """``auto`` as the engine and the learner resolve it on this machine; ``cuda`` is ``cuda:0``."""
+    if name == "auto":
+        import torch
+
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda:0" if name == "cuda" else name
+
+
+def _resolve_group_backend(cfg: RunConfig) -> str:
+    backend = cfg.learner.weight_group.backend
+    if backend != "auto":
+        return backend
+    return "nccl" if _resolve_device(cfg.learner.device).startswith("cuda") else "gloo"
 
 
 def _fill(text: str, cfg: RunConfig, config_path: Path, **more: object) -> str:
@@ -158,6 +226,8 @@ def plan_actors(cfg: RunConfig, ctx: LaunchContext) -> list[ActorSpec]:
     specs += [bus_actor(f"worker-{i}", "worker", admin_key=True) for i in range(lc.workers)]
     specs.append(bus_actor("controller", "controller", admin_key=True, finishes=True))
     specs[-1].argv.append("--exit-when-done")
-    # a learner that broadcasts weights forms the engines' weight group (/init_weights_update_group: admin)
-    specs.append(bus_actor("learner", "learner", admin_key=cfg.learner.weight_sync == "distributed", finishes=True))
+    # a learner that broadcasts weights forms the engines' weight group (/init_weights_update_group: admin); a
+    # colocated one pauses them and releases their memory (admin too)
+    engine_admin = cfg.learner.weight_sync == "distributed" or cfg.learner.colocate
+    specs.append(bus_actor("learner", "learner", admin_key=engine_admin, finishes=True))
     return specs

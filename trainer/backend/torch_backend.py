@@ -65,16 +65,19 @@ class TorchBackend:
         gradient_checkpointing: bool = False,
         ref_model: PreTrainedModel | None = None,
         track_entropy: bool = True,
+        offloaded: bool = False,
     ) -> None:
         self.device = torch.device(device)
+        # where the states are now: the device, or host memory between colocated steps (see offload)
+        self.location = torch.device("cpu") if offloaded else self.device
         self.model = model
-        self.model.to(self.device)  # type: ignore[arg-type]  # transformers' wrapped .to() is mistyped
+        self.model.to(self.location)  # type: ignore[arg-type]  # transformers' wrapped .to() is mistyped
         self.model.config.use_cache = False
         if gradient_checkpointing:
             _enable_checkpointing(self.model)
         self.ref_model = ref_model
         if ref_model is not None:
-            ref_model.to(self.device)  # type: ignore[arg-type]
+            ref_model.to(self.location)  # type: ignore[arg-type]
             ref_model.eval().requires_grad_(False)
         self.bf16 = bf16
         self.track_entropy = track_entropy  # the entropy metric costs a pass over [tokens, vocab]
@@ -111,6 +114,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def logprobs(self, mb: MicroBatch) -> torch.Tensor:
+        self.onload()
         self.model.eval()
         lp, _ = self._forward(self.model, mb.to(self.device))
         return lp.float().cpu()
@@ -126,6 +130,7 @@ class TorchBackend:
         """
         if not micro_batches:
             raise ValueError("train_step: no micro-batches")
+        self.onload()
         self.model.train()
         total_tokens = max(sum(float(mb.mask.sum()) for mb in micro_batches), 1.0)
         total_seqs = max(float(sum(_trained_seqs(mb) for mb in micro_batches)), 1.0)
@@ -175,6 +180,32 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    # ------------------------------------------------------------------ colocation
+
+    def offload(self) -> None:
+        """Move the model, the reference model and the optimizer states to host memory and hand the freed
+        memory back to the device (``learner.colocate``: the engines take it between steps). No-op on CPU."""
+        self._move(torch.device("cpu"))
+
+    def onload(self) -> None:
+        """Bring back onto the device what :meth:`offload` moved (training and scoring do it themselves)."""
+        self._move(self.device)
+
+    def _move(self, where: torch.device) -> None:
+        if where == self.location:
+            return
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                model.to(where)  # type: ignore[arg-type]  # parameters keep their identity: the optimizer's keys
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:  # scalar step counters stay where they are
+                    state[key] = value.to(where)
+        self.location = where
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------ state
 
     def save_state(self, path: Path) -> None:
@@ -183,14 +214,14 @@ class TorchBackend:
                    path / "optim.pt")
 
     def load_state(self, path: Path) -> None:
-        state = load_file(str(path / "model.safetensors"), device=str(self.device))
+        state = load_file(str(path / "model.safetensors"), device=str(self.location))
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
         if unexpected or set(missing) - tied:
             raise ValueError(f"checkpoint {path}: missing keys {missing}, unexpected keys {unexpected}")
         if missing:
             self.model.tie_weights()
-        opt = torch.load(path / "optim.pt", map_location=self.device, weights_only=False)
+        opt = torch.load(path / "optim.pt", map_location=self.location, weights_only=False)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
 
@@ -245,6 +276,7 @@ def build_torch_backend(cfg: LearnerConfig) -> TorchBackend:
             raise ConfigError(f"config key learner.model: cannot load {cfg.model!r}: {exc}") from exc
 
     ref = load() if cfg.loss.kl_coef > 0 else None
-    return TorchBackend(
-        load(), cfg.optim, device=device, bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, ref_model=ref
+    return TorchBackend(  # colocated: the states wait in host memory until the first step (the engines hold the device)
+        load(), cfg.optim, device=device, bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, ref_model=ref,
+        offloaded=cfg.colocate,
     )
