@@ -4,8 +4,9 @@ combination, the plan's admin key and health path, and the backend's offload on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,67 @@ def test_offloading_between_steps_frees_the_device_and_changes_no_step(tiny_qwen
         models.append({k: v.detach().cpu() for k, v in backend.model.state_dict().items()})
     for name, value in models[0].items():
         torch.testing.assert_close(models[1][name], value, rtol=1e-6, atol=1e-7)
+
+
+class RecordingTurns:
+    """A DeviceTurns that records when the learner starts it, asks for turns and trains."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.inside = False
+
+    async def start(self) -> None:
+        self.log.append("start")
+
+    @contextlib.asynccontextmanager
+    async def turn(self, version: int, phases: Phases) -> AsyncIterator[None]:
+        self.log.append(f"turn v{version}")
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+    async def close(self) -> None:
+        self.log.append("close")
+
+
+async def test_the_learner_trains_every_step_inside_a_turn_and_publishes_after_it(
+        tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    from tests.fixtures.learner import synth_trajectories
+    from tests.integration.test_learner_loop import (
+        TRAINING,
+        FakeBus,
+        FakeDelivery,
+        FakeSource,
+        learner_config,
+    )
+    from trainer.backend.torch_backend import build_torch_backend
+    from trainer.checkpoint import Checkpointer
+    from trainer.learner import Learner
+    from trainer.metrics import MetricsSink
+    from trainer.weights import DiskWeightSink
+
+    turns, bus = RecordingTurns(), FakeBus()
+    cfg = learner_config(tiny_qwen2_dir)
+    source = FakeSource([FakeDelivery(t, lambda _: None) for t in synth_trajectories(num_groups=6, group_size=2)])
+    learner = Learner(cfg, TRAINING, build_torch_backend(cfg), source, bus, DiskWeightSink(tmp_path / "w", keep=2),
+                      Checkpointer(tmp_path / "ckpt"), MetricsSink(tmp_path / "metrics.jsonl"), turns)
+    train = learner.train
+
+    def train_inside(batch):  # type: ignore[no-untyped-def]
+        assert turns.inside, "trained outside the device turn"
+        turns.log.append("train")
+        return train(batch)
+
+    publish = learner.weights.publish
+
+    async def publish_after(version, export):  # type: ignore[no-untyped-def]
+        assert not turns.inside, "published inside the device turn"
+        return await publish(version, export)
+
+    learner.train = train_inside  # type: ignore[method-assign]
+    learner.weights.publish = publish_after  # type: ignore[method-assign]
+    state = await learner.run()
+    assert state.step == 3
+    assert turns.log == ["start", "turn v0", "train", "turn v1", "train", "turn v2", "train"]
