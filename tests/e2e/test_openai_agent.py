@@ -13,6 +13,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 STEPS = 3
 
 
-def _export(run_dir: Path, out: Path) -> list[dict[str, object]]:
+def _export(run_dir: Path, out: Path) -> list[dict[str, Any]]:
     subprocess.run([sys.executable, "-m", "agentrl.cli", "export", str(run_dir), "-o", str(out)], check=True,
                    capture_output=True, timeout=120)
     return rows(out)
@@ -53,9 +54,9 @@ def test_openai_client_agent_trains_on_exactly_the_engine_tokens(tmp_path: Path)
     model = AutoModelForCausalLM.from_pretrained(run_dir / "sft", torch_dtype=torch.float32).eval()
     checked = 0
     for t in trajectories:
-        tokens, mask = list(t["tokens"]), np.array(t["loss_mask"])  # type: ignore[call-overload]
-        versions, logprobs = np.array(t["versions"]), np.array(t["logprobs"])  # type: ignore[call-overload]
-        model_turns = [u for u in t["turns"] if u["kind"] == "model"]  # type: ignore[union-attr, index]
+        tokens, mask = list(t["tokens"]), np.array(t["loss_mask"])
+        versions, logprobs = np.array(t["versions"]), np.array(t["logprobs"])
+        model_turns = [u for u in t["turns"] if u["kind"] == "model"]
         assert mask.sum() == sum(u["end"] - u["start"] for u in model_turns) > 0  # only replies are trained
         v0 = (mask == 1) & (versions == 0)
         if v0.any():
