@@ -147,3 +147,47 @@ async def test_text_completions_extend_one_token_sequence(proxy: OpenAIProxy, ti
     segs = [(x.start, x.end) for x in t.turns if x.kind == "model"]
     assert [t.tokens[s:e].tolist() for s, e in segs] == [o.output_ids.tolist() for o in gen.outputs]
     assert gen.calls[1][: len(gen.calls[0])].tolist() == gen.calls[0].tolist()
+
+
+async def test_openai_agent_contract(proxy: OpenAIProxy, tiny_tokenizer: Any) -> None:
+    import inspect
+
+    from agentrl.plugins import load_object
+
+    agent = load_object("agents.openai_agent:run_episode", what="agent")
+    assert inspect.iscoroutinefunction(agent) and list(inspect.signature(agent).parameters) == ["ctx", "task"]
+    gen = ScriptedGenerator(tiny_tokenizer, ["\\boxed{84}"])
+    t = (await _run(proxy.wrap(agent), _task(), gen, tiny_tokenizer)).trajectory
+    assert (t.status, t.reward, t.id) == ("completed", 1.0, "t1-0")
+    assert t.tokens[t.loss_mask == 1].tolist() == gen.outputs[0].output_ids.tolist()
+    with pytest.raises(RuntimeError, match="no OpenAI endpoint"):  # run without the worker's proxy
+        EpisodeContext(_task(), generator=gen, chat=ChatRenderer(tiny_tokenizer)).openai_base_url  # noqa: B018
+
+
+async def test_streamed_chat_gets_the_same_reply(proxy: OpenAIProxy, tiny_tokenizer: Any) -> None:
+    got: dict[str, Any] = {}
+
+    async def streaming(ctx: EpisodeContext, task: Task) -> Trajectory | None:
+        client = openai.AsyncOpenAI(base_url=ctx.openai_base_url, api_key=ctx.openai_api_key, max_retries=0)
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "What is 12*(3+4)?"}], stream=True)
+        chunks = [chunk async for chunk in stream]
+        got["content"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        got["calls"] = [tc.function.name for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []
+                        if tc.function]
+        got["finish"] = chunks[-1].choices[0].finish_reason
+        return ctx.finish()
+
+    await _run(proxy.wrap(streaming), _task(env=""), ScriptedGenerator(tiny_tokenizer, [REPLIES[1]]), tiny_tokenizer)
+    assert got == {"content": "Let me check.", "calls": ["calculator"], "finish": "tool_calls"}
+
+
+async def test_an_engine_failure_is_retried_as_infrastructure(proxy: OpenAIProxy, tiny_tokenizer: Any) -> None:
+    from agentrl.errors import NoHealthyEngine
+
+    class Down(ScriptedGenerator):
+        async def generate(self, *a: Any, **kw: Any) -> Any:
+            raise NoHealthyEngine("every engine is down")
+
+    out = await _run(proxy.wrap(openai_agent.run_episode), _task(), Down(tiny_tokenizer, []), tiny_tokenizer)
+    assert out.trajectory.status == "failed" and out.infra is not None and "NoHealthyEngine" in out.infra
