@@ -15,10 +15,22 @@ through the host). Within ``--budget-gb`` of device memory:
 Both engines are warmed up (one small round of requests) before anything is timed, and the client keeps every
 rollout in flight at once (no connection cap).
 
+``--learner agentrl`` runs the learner path of ``agentrl run --set learner.colocate=true`` instead of the
+in-process bf16 model above: the trainer's :class:`~trainer.backend.TorchBackend` (float32 master weights, bf16
+autocast, AdamW, the PPO loss on packed micro-batches), colocated turns by
+:class:`~trainer.colocate.ColocatedDevice` (retract + release, onload, step, offload + empty cache, resume), and new
+weights by disk as the controller loads them (``export_hf``, then ``/update_weights_from_disk``), in both modes.
+
+The learner process is held to its share of the budget (``torch.cuda.set_per_process_memory_fraction``): side by
+side its measured peak (reserved memory), colocated the whole budget; the engine's KV pool is sized to what is left.
+
 Printed: seconds per iteration and per phase, KV positions each mode could afford, peak device memory used
 (whole device, both processes), and the ratio colocated / side by side.
 
     python -m bench.colocate --shape qwen2.5-0.5b --rollouts 512 --prompt-len 256 --new-tokens 256 --iterations 2
+    python -m bench.colocate --learner agentrl --shape qwen2.5-0.5b --rollouts 512 --iterations 2
+    python -m bench.colocate --device cpu --shape small --rollouts 8 --prompt-len 16 --new-tokens 8 \
+        --budget-gb 0.05 --overhead-gb 0.01 --learner agentrl    # a smoke run of the code paths: no memory numbers
 """
 
 from __future__ import annotations
@@ -37,13 +49,22 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agentrl.client.engine import EngineClient
 from agentrl.client.protocol import build_memory_request, build_update_weights_from_tensor_request
+from agentrl.config.learner import BatchConfig, LearnerConfig, OptimConfig
 from agentrl.engine.tiny import init_model
 from bench.engine import SHAPES, free_port
+from trainer.backend.torch_backend import TorchBackend, build_torch_backend
+from trainer.colocate import ColocatedDevice
+from trainer.losses import ppo_loss
+from trainer.metrics import Phases
+from trainer.packing import Sample, pack, plan_micro_batches
 
 GIB = 2**30
 
@@ -51,27 +72,30 @@ GIB = 2**30
 class Learner:
     """The model in bf16 with AdamW, trained on rollout tokens; can offload its states to the host."""
 
-    def __init__(self, model_dir: Path, micro_batch: int) -> None:
+    def __init__(self, model_dir: Path, micro_batch: int, device: str = "cuda") -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().train()
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).train()  # type: ignore[arg-type]
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5, foreach=True)
         self.micro_batch = micro_batch
 
-    def step(self, seqs: list[list[int]]) -> float:
+    def step(self, seqs: list[list[int]], prompt_len: int) -> float:
+        """One AdamW step of the LM loss over every token of ``seqs`` (``prompt_len`` is not used)."""
         start = time.perf_counter()
         for i in range(0, len(seqs), self.micro_batch):
-            ids = torch.tensor(seqs[i : i + self.micro_batch], device="cuda")
+            ids = torch.tensor(seqs[i : i + self.micro_batch], device=self.device)
             loss = self.model(input_ids=ids, labels=ids).loss * len(ids) / len(seqs)
             loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - start
 
     def drop_cache(self) -> None:
         """Return the step's cached activation memory to the device (the engine needs it next)."""
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def move(self, device: str) -> None:
         self.model.to(device)
@@ -79,11 +103,64 @@ class Learner:
             for k, v in state.items():
                 if isinstance(v, torch.Tensor):
                     state[k] = v.to(device)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        sync()
+        self.drop_cache()
+
+    def offload(self) -> None:
+        self.move("cpu")
 
     def named(self) -> list[tuple[str, torch.Tensor]]:
         return [(n, p.detach()) for n, p in self.model.named_parameters()]
+
+    async def update(self, engine: Engine, s: aiohttp.ClientSession, version: int) -> None:
+        """New weights by CUDA IPC handles (``/update_weights_from_tensor``)."""
+        await engine.post(s, "/update_weights_from_tensor", build_update_weights_from_tensor_request(self.named(), 1))
+
+
+class AgentrlLearner:
+    """The learner path of ``agentrl run``: trainer's TorchBackend, the PPO loss on packed micro-batches (random
+    advantages: the step's cost, not its direction, is measured), weights published to disk and loaded from there."""
+
+    def __init__(self, model_dir: Path, tokens_per_micro_batch: int, device: str, out: Path, *, colocated: bool) -> None:
+        self.cfg = LearnerConfig(model=str(model_dir), device=device, dtype="bfloat16" if device != "cpu" else "float32",
+                                 colocate=colocated, optim=OptimConfig(lr=1e-5),
+                                 batch=BatchConfig(max_tokens_per_micro_batch=tokens_per_micro_batch))
+        self.backend: TorchBackend = build_torch_backend(self.cfg)
+        transformers.utils.logging.disable_progress_bar()  # export_hf's shard bars, once per version
+        self.out = out
+        self.rng = np.random.default_rng(0)
+
+    def step(self, seqs: list[list[int]], prompt_len: int) -> float:
+        start = time.perf_counter()
+        samples = [self._sample(seq, prompt_len) for seq in seqs]
+        plan = plan_micro_batches([len(x) for x in samples], self.cfg.batch.max_tokens_per_micro_batch)
+        self.backend.train_step([pack(samples, bin_) for bin_ in plan], ppo_loss, self.cfg.loss)
+        sync()
+        return time.perf_counter() - start
+
+    def _sample(self, seq: list[int], prompt_len: int) -> Sample:
+        mask = np.zeros(len(seq), dtype=np.float32)
+        mask[prompt_len:] = 1.0
+        return Sample(tokens=np.asarray(seq, dtype=np.int64), mask=mask, behaviour_logprobs=np.zeros(len(seq), np.float32),
+                      advantage=float(self.rng.choice([-1.0, 1.0])))
+
+    def offload(self) -> None:
+        self.backend.offload()
+
+    def publish(self, version: int) -> Path:
+        dest = self.out / f"v{version}"
+        self.backend.export_hf(dest)
+        return dest
+
+    async def update(self, engine: Engine, s: aiohttp.ClientSession, version: int) -> None:
+        """As the learner and the controller of a run do it: write the version, then the engine loads it."""
+        path = await asyncio.to_thread(self.publish, version)
+        await engine.post(s, "/update_weights_from_disk", {"model_path": str(path), "weight_version": str(version)})
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class Engine:
@@ -93,7 +170,7 @@ class Engine:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "agentrl.cli", "engine", "--model", str(model), "--port", str(port),
-               "--device", "cuda", "--max-running", str(args.rollouts), "--context-length",
+               "--device", args.device, "--max-running", str(args.rollouts), "--context-length",
                str(args.prompt_len + args.new_tokens + 8), "--set", f"engine.max_total_tokens={kv_tokens}",
                "--set", "engine.prefix_cache=false"]
         with log.open("wb") as out:
@@ -135,7 +212,7 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while torch.cuda.is_available() and not self._stop.is_set():
             free, total = torch.cuda.mem_get_info()
             self.peak = max(self.peak, total - free)
             time.sleep(0.02)
@@ -158,26 +235,33 @@ async def warm_up(engine: Engine, batch: list[list[int]]) -> None:
         await engine.rollouts(s, batch[:64], 8)
 
 
-async def side_by_side(engine: Engine, learner: Learner, batches: list[list[list[int]]], new: int) -> dict[str, float]:
+Trainer = Learner | AgentrlLearner
+
+
+async def side_by_side(engine: Engine, learner: Trainer, batches: list[list[list[int]]],
+                       args: argparse.Namespace) -> dict[str, float]:
     phases: dict[str, float] = {}
     await warm_up(engine, batches[0])
     async with session() as s:
         start = time.perf_counter()
-        done = await engine.rollouts(s, batches[0], new)
-        for batch in batches[1:]:  # train on batch i while generating batch i+1
-            train = asyncio.create_task(asyncio.to_thread(learner.step, done))
+        done = await engine.rollouts(s, batches[0], args.new_tokens)
+        for version, batch in enumerate(batches[1:], 1):  # train on batch i while generating batch i+1
+            train = asyncio.create_task(asyncio.to_thread(learner.step, done, args.prompt_len))
             t0 = time.perf_counter()
-            done = await engine.rollouts(s, batch, new)
+            done = await engine.rollouts(s, batch, args.new_tokens)
             phases["generate"] = phases.get("generate", 0.0) + time.perf_counter() - t0
             phases["train"] = phases.get("train", 0.0) + await train
             t0 = time.perf_counter()
-            await engine.post(s, "/update_weights_from_tensor", build_update_weights_from_tensor_request(learner.named(), 1))
+            await learner.update(engine, s, version)
             phases["update weights"] = phases.get("update weights", 0.0) + time.perf_counter() - t0
         phases["iteration"] = (time.perf_counter() - start) / len(batches)
     return phases
 
 
-async def colocated(engine: Engine, learner: Learner, batches: list[list[list[int]]], new: int) -> dict[str, float]:
+async def colocated(engine: Engine, learner: Trainer, batches: list[list[list[int]]],
+                    args: argparse.Namespace) -> dict[str, float]:
+    if isinstance(learner, AgentrlLearner):
+        return await colocated_turns(engine, learner, batches, args)
     phases: dict[str, float] = {}
 
     async def phase(name: str, coro: Any) -> Any:
@@ -190,18 +274,38 @@ async def colocated(engine: Engine, learner: Learner, batches: list[list[list[in
     async with session() as s:
         start = time.perf_counter()
         for batch in batches:
-            done = await phase("generate", engine.rollouts(s, batch, new))
+            done = await phase("generate", engine.rollouts(s, batch, args.new_tokens))
             await phase("release", engine.post(s, "/release_memory_occupation", build_memory_request()))
-            await phase("learner onload", asyncio.to_thread(learner.move, "cuda"))
-            await phase("train", asyncio.to_thread(learner.step, done))
+            await phase("learner onload", asyncio.to_thread(learner.move, args.device))
+            await phase("train", asyncio.to_thread(learner.step, done, args.prompt_len))
             await phase("train", asyncio.to_thread(learner.drop_cache))
             await phase("resume", engine.post(s, "/resume_memory_occupation", build_memory_request(["weights"])))
-            await phase("update weights", engine.post(s, "/update_weights_from_tensor",
-                                                      build_update_weights_from_tensor_request(learner.named(), 1)))
+            await phase("update weights", learner.update(engine, s, 1))
             await phase("learner offload", asyncio.to_thread(learner.move, "cpu"))
             await phase("resume", engine.post(s, "/resume_memory_occupation", build_memory_request(["kv_cache", "cuda_graph"])))
         phases["iteration"] = (time.perf_counter() - start) / len(batches)
     return phases
+
+
+async def colocated_turns(engine: Engine, learner: AgentrlLearner, batches: list[list[list[int]]],
+                          args: argparse.Namespace) -> dict[str, float]:
+    """The loop of a colocated ``agentrl run``: the learner's turn (trainer.colocate), then the version by disk."""
+    phases = Phases()
+    await warm_up(engine, batches[0])
+    async with session() as s, EngineClient(engine.url) as client:
+        device = ColocatedDevice([client], learner.backend, load_wait_s=0.0)
+        start = time.perf_counter()
+        for version, batch in enumerate(batches, 1):
+            with phases("generate"):
+                done = await engine.rollouts(s, batch, args.new_tokens)
+            async with device.turn(version - 1, phases):
+                with phases("train"):
+                    await asyncio.to_thread(learner.step, done, args.prompt_len)
+            with phases("update weights"):
+                await learner.update(engine, s, version)
+        seconds = dict(phases.seconds)
+        seconds["iteration"] = (time.perf_counter() - start) / len(batches)
+    return seconds
 
 
 def kv_bytes_per_token(model_dir: Path) -> int:
@@ -212,7 +316,7 @@ def kv_bytes_per_token(model_dir: Path) -> int:
     return int(c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 2)  # bf16 keys + values
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path)
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
@@ -222,10 +326,37 @@ def main() -> None:
     p.add_argument("--rollouts", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--micro-batch", type=int, default=16, help="sequences per micro-batch (--learner bench)")
+    p.add_argument("--tokens-per-micro-batch", type=int, default=8192, help="packing budget (--learner agentrl)")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--overhead-gb", type=float, default=3.0, help="engine weights, CUDA graphs and context")
+    p.add_argument("--learner", choices=["bench", "agentrl"], default="bench",
+                   help="bench: an in-process bf16 model, weights by CUDA IPC; agentrl: the learner path of agentrl "
+                        "run (TorchBackend, trainer.colocate, weights by disk)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a smoke run, no memory numbers")
     args = p.parse_args()
+    if args.device == "cpu" and args.learner == "bench":
+        p.error("--device cpu needs --learner agentrl (CPU tensors cannot be sent by CUDA IPC handle)")
+    return args
+
+
+def learner_footprint(learner: Trainer, batch: list[list[int]], args: argparse.Namespace) -> int:
+    """Device memory the learner's step reserves (a warm-up step on ``batch``); 0 on CPU."""
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    learner.step([b + b[: args.new_tokens] for b in batch], args.prompt_len)
+    return torch.cuda.max_memory_reserved() if args.device == "cuda" else 0
+
+
+def hold_learner_to(share: float, args: argparse.Namespace) -> None:
+    """Cap this process's CUDA allocator (the learner's memory) at ``share`` bytes."""
+    if args.device == "cuda":
+        total = torch.cuda.mem_get_info()[1]
+        torch.cuda.set_per_process_memory_fraction(min(1.0, share / total))
+
+
+def main() -> None:
+    args = parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="agentrl-bench-colocate-"))
     model = args.model or init_model(tmp / "model", SHAPES[args.shape])
     rng = random.Random(0)
@@ -233,14 +364,14 @@ def main() -> None:
     batches = [[[rng.randrange(10, vocab) for _ in range(args.prompt_len)] for _ in range(args.rollouts)]
                for _ in range(args.iterations + 1)]
 
-    learner = Learner(model, args.micro_batch)
-    torch.cuda.reset_peak_memory_stats()
-    learner.step([b + b[: args.new_tokens] for b in batches[0]])  # warm-up: the learner's peak memory
-    learner_peak = torch.cuda.max_memory_allocated()
+    learner: Trainer = Learner(model, args.micro_batch) if args.learner == "bench" else AgentrlLearner(
+        model, args.tokens_per_micro_batch, args.device, tmp / "weights", colocated=False)
+    learner_peak = learner_footprint(learner, batches[0], args)
     per_token = kv_bytes_per_token(model)
     need = args.rollouts * (args.prompt_len + args.new_tokens)
     budget = args.budget_gb * GIB or learner_peak + args.overhead_gb * GIB + need * per_token / 2
-    kv = {"side by side": int((budget - learner_peak - args.overhead_gb * GIB) / per_token),
+    share = {"side by side": 1.05 * learner_peak, "colocated": budget}  # what the learner process may hold
+    kv = {"side by side": int((budget - share["side by side"] - args.overhead_gb * GIB) / per_token),
           "colocated": int((budget - args.overhead_gb * GIB) / per_token)}
     results: dict[str, tuple[dict[str, float], int]] = {}
     for mode in ("side by side", "colocated"):
@@ -248,17 +379,23 @@ def main() -> None:
             print(f"{mode}: the budget leaves no room for a KV pool ({kv[mode]} positions)")
             continue
         if mode == "colocated":
-            learner.move("cpu")
+            learner.offload()
+        hold_learner_to(share[mode], args)
         engine = Engine(model, kv[mode], args, tmp / f"engine-{mode.replace(' ', '-')}.log")
         try:
             with PeakMemory() as peak:
                 run = side_by_side if mode == "side by side" else colocated
-                phases = asyncio.run(run(engine, learner, batches[1:], args.new_tokens))
+                phases = asyncio.run(run(engine, learner, batches[1:], args))
             results[mode] = (phases, peak.peak)
         finally:
             engine.stop()
-    print(f"model={model} shape={args.shape} budget={budget / GIB:.1f} GiB rollouts={args.rollouts} "
-          f"prompt={args.prompt_len} new={args.new_tokens} micro_batch={args.micro_batch} iterations={args.iterations} "
+    report(args, model, budget, learner_peak, need, kv, results)
+
+
+def report(args: argparse.Namespace, model: Path, budget: float, learner_peak: int, need: int, kv: dict[str, int],
+           results: dict[str, tuple[dict[str, float], int]]) -> None:
+    print(f"model={model} shape={args.shape} learner={args.learner} device={args.device} budget={budget / GIB:.1f} GiB "
+          f"rollouts={args.rollouts} prompt={args.prompt_len} new={args.new_tokens} iterations={args.iterations} "
           f"learner peak={learner_peak / GIB:.1f} GiB, rollouts need {need:,} KV positions")
     for mode, (phases, peak) in results.items():
         detail = ", ".join(f"{k} {v / args.iterations:.2f}s" for k, v in phases.items() if k != "iteration")
