@@ -127,7 +127,7 @@ class EpisodeRecorder:
                 "engine failure); resend the same messages to get it before adding new ones",
                 param="messages", code="history_mismatch")
         elif new or str(len(rec["messages"]) - 1) in rec["replies"]:
-            kind = "tool" if new and all(m["role"] == "tool" for m in new) else "user"
+            kind = "tool" if new and all(m["role"] == "tool" for m in new) else "env"
             ctx.add_messages(new, kind=kind)
         rec["messages"].extend(new)
 
@@ -199,7 +199,7 @@ class EpisodeRecorder:
             ctx.start(prompt_ids=ids)
         elif ids:
             start, end = ctx.traj.append_masked(ids)
-            ctx.traj.turns.append(Turn(kind="user", start=start, end=end, text=ctx.chat.decode(ids)))
+            ctx.traj.turns.append(Turn(kind="env", start=start, end=end, text=ctx.chat.decode(ids)))
         if not rec["pending"]:
             rec["prompt_end"] = len(ctx.traj)
 

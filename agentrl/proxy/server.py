@@ -49,7 +49,7 @@ def _error(status: int, message: str, *, kind: str = "invalid_request_error", pa
 class OpenAIProxy:
     """Serves every running episode of one worker; use as ``async with OpenAIProxy() as proxy``."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, model: str = "agentrl-policy") -> None:
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, model: str = "policy") -> None:
         self.host = host
         self.port = port
         self.model = model

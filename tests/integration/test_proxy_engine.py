@@ -87,7 +87,7 @@ async def test_trajectory_holds_exactly_the_engine_tokens_of_every_call(
         worker.stop()
         await asyncio.wait_for(running, 30)
     assert (t.id, t.status, t.reward) == ("px-0", "completed", 1.0)
-    assert [turn.kind for turn in t.turns] == ["prompt", "model", "user", "model", "user", "model"]
+    assert [turn.kind for turn in t.turns] == ["prompt", "model", "env", "model", "env", "model"]
     model_turns = [turn for turn in t.turns if turn.kind == "model"]
     for turn, (inputs, out), reply in zip(model_turns, gen.calls, replies, strict=True):
         assert t.tokens[: turn.start].tolist() == inputs  # what the engine consumed is the trajectory's prefix

@@ -143,7 +143,7 @@ async def test_text_completions_extend_one_token_sequence(proxy: OpenAIProxy, ti
     out = await _run(proxy.wrap(completing), _task(env=""), gen, tiny_tokenizer)
     t = out.trajectory
     assert t.status == "completed", t.turns[-1].text
-    assert [x.kind for x in t.turns] == ["prompt", "model", "user", "model"]
+    assert [x.kind for x in t.turns] == ["prompt", "model", "env", "model"]
     segs = [(x.start, x.end) for x in t.turns if x.kind == "model"]
     assert [t.tokens[s:e].tolist() for s, e in segs] == [o.output_ids.tolist() for o in gen.outputs]
     assert gen.calls[1][: len(gen.calls[0])].tolist() == gen.calls[0].tolist()
