@@ -2,8 +2,10 @@
 
 With ``--secure`` it requires authentication: it makes one user per actor of the run described by
 ``--config`` (the same users ``agentrl run`` makes, with the same per-role permissions), writes each
-actor's credentials file into ``--credentials-dir`` (default ``<run_dir>/secrets``), and prints how to
-point actors started by hand at them (``--set nats.credentials=FILE`` or ``$AGENTRL_NATS_CREDENTIALS``).
+actor's credentials file into ``--credentials-dir`` (default ``<run_dir>/secrets``), creates the run's streams,
+KV bucket and object store as the run's launcher (the actors' own users may only verify them), and prints how to
+point actors started by hand at them (``--set nats.credentials=FILE`` or ``$AGENTRL_NATS_CREDENTIALS``). A
+cluster's nodes leave that to the run's launcher (``agentrl run --nats``), which needs the whole cluster up.
 
 With ``--cluster NAME`` the server is one node of a JetStream cluster: start one per host, each with its own
 ``--server-name`` and the same ``--routes`` (every node's ``host:cluster-port``). Nodes that share the
@@ -77,6 +79,20 @@ def _cluster(args: argparse.Namespace, port: int) -> ClusterSpec | None:
                        routes, host=args.cluster_host, user="route" if password else None, password=password)
 
 
+def _make_run_bus(args: argparse.Namespace, url: str, secrets: Path) -> None:
+    """Create (or verify) the run's streams, KV bucket and object store as its launcher (admin user)."""
+    import asyncio
+
+    import msgspec
+
+    from agentrl.commands import load_run_config
+    from agentrl.launch.prepare import nats_ready
+
+    cfg = load_run_config(args)
+    admin = msgspec.structs.replace(cfg.nats, credentials=str(secrets / "launcher.json"))
+    asyncio.run(nats_ready(url, cfg.name, admin)())
+
+
 def run(args: argparse.Namespace) -> int:
     from agentrl.bus.server import EmbeddedNats, free_port
 
@@ -88,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with server:
+        if secrets is not None and server.cluster is None:
+            _make_run_bus(args, server.url, secrets)
         print(f"nats-server ready at {server.url} (store {server.store_dir}); Ctrl-C stops it", flush=True)
         if server.cluster is not None:
             print(f"node {server.cluster.server_name} of cluster {server.cluster.name} (routes on port "
