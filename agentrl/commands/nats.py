@@ -89,8 +89,12 @@ def _make_run_bus(args: argparse.Namespace, url: str, secrets: Path) -> None:
     from agentrl.launch.prepare import nats_ready
 
     cfg = load_run_config(args)
-    admin = msgspec.structs.replace(cfg.nats, credentials=str(secrets / "launcher.json"))
-    asyncio.run(nats_ready(url, cfg.name, admin)())
+    check = nats_ready(url, cfg.name, msgspec.structs.replace(cfg.nats, credentials=str(secrets / "launcher.json")))
+
+    async def make() -> bool:
+        return await check()
+
+    asyncio.run(make())
 
 
 def run(args: argparse.Namespace) -> int:
