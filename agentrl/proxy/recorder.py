@@ -108,6 +108,7 @@ class EpisodeRecorder:
             rec["replies"][str(len(rec["messages"]))] = choice
             rec["messages"].extend(normalize_messages([message]))
             rec["pending"] = False
+            self.ctx.mark_safe_point()  # a cancel from now on keeps the reply (the resumed agent gets it replayed)
             return self._chat_body(choice)
 
     def _append_messages(self, rec: dict[str, Any], new: list[dict[str, Any]], tools: list[Any] | None) -> None:
@@ -156,6 +157,7 @@ class EpisodeRecorder:
                                       "token_logprobs": [e["logprob"] for e in entries]}
             rec["replies"][str(turn.start)] = choice
             rec["pending"] = False
+            self.ctx.mark_safe_point()
             return self._completion_body(choice)
 
     def _prefix_matches(self, prompt: str | list[int], end: int) -> bool:

@@ -191,3 +191,32 @@ async def test_an_engine_failure_is_retried_as_infrastructure(proxy: OpenAIProxy
 
     out = await _run(proxy.wrap(openai_agent.run_episode), _task(), Down(tiny_tokenizer, []), tiny_tokenizer)
     assert out.trajectory.status == "failed" and out.infra is not None and "NoHealthyEngine" in out.infra
+
+
+async def test_an_episode_cancelled_between_calls_keeps_the_reply_it_got(proxy: OpenAIProxy,
+                                                                         tiny_tokenizer: Any) -> None:
+    import asyncio
+
+    answered = asyncio.Event()
+    contexts: list[EpisodeContext] = []
+
+    async def thinking(ctx: EpisodeContext, task: Task) -> Trajectory | None:
+        client = openai.AsyncOpenAI(base_url=ctx.openai_base_url, api_key=ctx.openai_api_key, max_retries=0)
+        reply = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi?"}])
+        answered.set()
+        if not ctx.resumed:
+            await asyncio.sleep(30)  # e.g. a slow tool of the framework's own; the worker cancels it
+        return ctx.finish(reward=1.0, metadata={"reply": reply.choices[0].message.content})
+
+    gen = ScriptedGenerator(tiny_tokenizer, ["Hello there."])
+    running = asyncio.create_task(_run(proxy.wrap(thinking), _task(env=""), gen, tiny_tokenizer,
+                                       on_start=contexts.append))
+    await asyncio.wait_for(answered.wait(), 10)
+    contexts[0].request_abort()  # as the worker does after abort_grace_s
+    running.cancel()
+    out = await running
+    assert out.trajectory.status == "aborted" and out.resume is not None and out.resume.partial is not None
+    assert out.resume.partial.tokens[-len(gen.outputs[0].output_ids):].tolist() == gen.outputs[0].output_ids.tolist()
+    done = await _run(proxy.wrap(thinking), out.resume, gen, tiny_tokenizer)
+    assert done.trajectory.status == "completed" and done.trajectory.metadata["reply"] == "Hello there."
+    assert len(gen.calls) == 1  # the resumed agent's call was answered from the recording
