@@ -3,7 +3,8 @@
 The loop depends on narrow Protocols — a :class:`TrajectorySource`, a :class:`LearnerBus` (policy version,
 events, weight announcements), a :class:`~trainer.weights.WeightSink` and a
 :class:`~trainer.backend.TrainBackend` — so tests drive it with small fakes; :mod:`trainer.bus_adapter`
-binds them to the real bus.
+binds them to the real bus. Each step trains inside a :class:`~trainer.colocate.DeviceTurns` turn: a no-op when the
+learner has its device to itself, the engines' release and resume around it with ``learner.colocate``.
 
 Exactly-once training: the ids a step consumed are written into the checkpoint *before* their deliveries
 are acked (every ``checkpoint_every`` steps). After a crash, unacked trajectories are redelivered; those
