@@ -290,7 +290,8 @@ class EpisodeContext:
         self._safe = self._point()
 
     def partial_state(self, *, at_safe_point: bool) -> ResumePoint | None:
-        """Where a resumed episode restarts: now, or the start of the last ``generate`` call."""
+        """Where a resumed episode restarts: now, or the last safe point (the start of the last ``generate`` call,
+        the end of a turn an abort cut, or a point marked with :meth:`mark_safe_point`)."""
         return self._safe if at_safe_point else self._point()
 
     def _point(self) -> ResumePoint:
