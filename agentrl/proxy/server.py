@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from agentrl.agent.chat import TemplateError
 from agentrl.agent.context import ContextExhausted, EpisodeAborted, EpisodeContext, OpenAIEndpoint
 from agentrl.agent.runner import AgentFn
 from agentrl.errors import EngineError, EngineRequestError, ProxyRequestError
@@ -37,6 +39,8 @@ from agentrl.proxy.recorder import ChatBody, CompletionBody, EpisodeRecorder
 from agentrl.proxy.replies import error_body
 
 __all__ = ["OpenAIProxy"]
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[EpisodeRecorder, web.Request], Awaitable[web.StreamResponse]]
 
@@ -153,6 +157,11 @@ async def _answer(handler: Handler, recorder: EpisodeRecorder, request: web.Requ
         return _error(503, f"{type(exc).__name__}: {exc}", kind="server_error", code="engine_unavailable")
     except EpisodeAborted:
         return _error(503, "the episode is being aborted; it resumes later", kind="server_error", code="aborted")
+    except TemplateError as exc:
+        return _error(400, f"the chat template cannot render these messages incrementally: {exc}", code="template")
+    except Exception as exc:  # a template that raised, or a bug: the agent gets an answer, the log the traceback
+        log.exception("recording proxy: %s failed", request.path)
+        return _error(500, f"{type(exc).__name__}: {exc}", kind="server_error", code="internal")
 
 
 def _decode(raw: bytes, typ: type[Any]) -> Any:
