@@ -21,7 +21,10 @@ within ``training.max_staleness``. On GPU the load runs while the learner's stat
 never hold their peaks at once.
 
 A learner that dies inside a turn leaves its engines paused without their memory: :meth:`ColocatedDevice.start`
-gives it back when the restarted learner starts, before it waits for trajectories (which need the engines).
+gives it back when the restarted learner starts, before it waits for trajectories (which need the engines). An
+engine that restarts between steps is waited for (the controller loads the latest version into it); one that fails
+a call inside a turn fails the step, after every other engine got its memory back: the learner exits, and its
+restart redoes the step from the last checkpoint.
 """
 
 from __future__ import annotations
