@@ -5,8 +5,9 @@
    records it), a fresh task and a resumed one (APRIL: the partial rollout travels in the task).
 2. Projects, for ``--engines`` engines each generating ``--engine-tok-s`` tokens/s, the trajectories/s and
    bytes/s of every stream for two workloads (short single-turn RL, long agentic episodes), and divides them by
-   what one stream with one consumer carries: measured in this run through a real nats-server with
-   ``--measure`` (bench/bus.py's publish->consume path), else the bus section of bench/RESULTS.md.
+   what one stream with one consumer carries. With ``--measure`` that is measured in this run (bench/bus.py's
+   publish->consume path) on one nats-server (R1) and on a three-server JetStream cluster on this machine (R3,
+   what a cluster run uses), and the R3 numbers are used; else the R1 numbers of bench/RESULTS.md's bus section.
 3. Weight fan-out through the object store for a ``--model-gb`` model, against the measured blob read rate.
 
     python bench/bus_projection.py [--engines 1000] [--engine-tok-s 2500] [--model-gb 16] [--measure]
@@ -18,15 +19,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import math
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from agentrl.bus import Bus, EmbeddedNats, free_port
+from agentrl.bus.server import ClusterSpec
+from agentrl.config import NatsConfig
 from agentrl.messages import ChatMessage, PartialRollout, Task, Trajectory, Turn, encode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +50,7 @@ class Workload:
     tokens: int  # per trajectory (prompt + response + tool/env tokens)
     generated: float  # fraction of them the engine decodes (the rest is prefilled: prompt, tool output)
     turns: int
-    capacity_key: int  # which measured size its messages behave like
+    capacity_key: int  # the measured size its trajectories are closest to
 
 
 WORKLOADS = (
@@ -109,38 +115,72 @@ def size_rows() -> list[tuple[str, int, int]]:
     return rows
 
 
-async def measure(total_mb: int) -> tuple[dict[int, tuple[float, float]], float]:
-    """One stream, one consumer, through a real nats-server (bench/bus.py's path): MB/s and msgs/s per size, and
-    the object store's blob read MB/s."""
-    from agentrl.bus import Bus, EmbeddedNats
-
+async def _stream_capacity(bus: Bus, total_mb: int) -> dict[int, tuple[float, float]]:
     rng, found = np.random.default_rng(1), {}
+    for n in (1024, 32768):
+        one = len(encode(bus_bench.make(0, n, rng)))
+        trajs = [bus_bench.make(i, n, rng) for i in range(max(32, total_mb * 1_000_000 // one))]
+        found[n] = await bus_bench.bus_mb_s(bus, trajs, len(trajs) * one)
+    return found
+
+
+@contextlib.contextmanager
+def _cluster(root: Path) -> Iterator[str]:
+    """Three nats-servers on loopback forming one JetStream cluster; their URLs, comma-separated."""
+    routes = tuple(f"127.0.0.1:{free_port()}" for _ in range(3))
+    nodes = [EmbeddedNats(root / f"n{i}", cluster=ClusterSpec("bench", f"n{i}", int(r.split(":")[1]), routes))
+             for i, r in enumerate(routes)]
+    try:
+        for node in nodes:
+            node.start()
+        yield ",".join(node.url for node in nodes)
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+async def _replicated(url: str, total_mb: int) -> dict[int, tuple[float, float]]:
+    for _ in range(100):  # until the routes are up and the client sees three servers
+        async with await Bus.connect(url, "probe", ensure=False) as probe:
+            if probe.replicas == 3:
+                break
+        await asyncio.sleep(0.2)
+    async with await Bus.connect(url, "projection-r3", NatsConfig(replicas=3)) as bus:
+        return await _stream_capacity(bus, total_mb)
+
+
+async def measure(total_mb: int) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]], float]:
+    """One stream, one consumer, through real nats-servers (bench/bus.py's path): MB/s and msgs/s per size on one
+    server (R1) and on a three-server cluster (R3); and the object store's blob read MB/s on one server."""
     with tempfile.TemporaryDirectory() as tmp:
-        async with EmbeddedNats(tmp) as server, await Bus.connect(server.url, "projection") as bus:
-            for n in (1024, 32768):
-                one = len(encode(bus_bench.make(0, n, rng)))
-                trajs = [bus_bench.make(i, n, rng) for i in range(max(32, total_mb * 1_000_000 // one))]
-                found[n] = await bus_bench.bus_mb_s(bus, trajs, len(trajs) * one)
+        async with EmbeddedNats(Path(tmp) / "single") as server, await Bus.connect(server.url, "projection") as bus:
+            single = await _stream_capacity(bus, total_mb)
             _, get, _ = await bus_bench.blobs(bus, 32)
-    return found, get
+        with _cluster(Path(tmp) / "cluster") as url:
+            replicated = await _replicated(url, total_mb)
+    return single, replicated, get
+
+
+def _stream(name: str, mb_s: float, msg_s: float, capacity: tuple[float, float]) -> None:
+    cap_mb, cap_msgs = capacity
+    load = max(mb_s / cap_mb, msg_s / cap_msgs)
+    print(f"    {name:12} {mb_s:8,.1f} MB/s {msg_s:8,.0f} msg/s  = {load:4.1f}x one stream+consumer "
+          f"({cap_mb:,.0f} MB/s, {cap_msgs:,.0f} msg/s); shards for 50% load: {math.ceil(2 * load)}")
 
 
 def project(args: argparse.Namespace, capacity: dict[int, tuple[float, float]]) -> None:
+    """Each workload's streams at ``args.engines`` engines, against one stream's capacity (tasks: per-message
+    cost, taken at the 1k-token size's message rate)."""
     print(f"\n{args.engines} engines x {args.engine_tok_s:,} generated tokens/s each "
           f"(APRIL resumes: {args.resumed:.0%} of tasks)")
     for w in WORKLOADS:
         traj_s = args.engines * args.engine_tok_s / (w.tokens * w.generated)
         traj, fresh, resumed = (b / 1e6 for b in sizes(w))
-        cap_mb, cap_msgs = capacity[w.capacity_key]
-        load = max(traj_s * traj / cap_mb, traj_s / cap_msgs)
-        print(f"  {w.name}: {traj_s:,.0f} trajectories/s")
-        print(f"    traj stream  {traj_s * traj:8,.1f} MB/s  {traj_s:8,.0f} msg/s   one stream+consumer carries "
-              f"{cap_mb:,.0f} MB/s, {cap_msgs:,.0f} msg/s -> {load:4.1f}x its capacity; shards for 50% load: "
-              f"{math.ceil(2 * load)}")
-        tasks_mb_s = traj_s * ((1 - args.resumed) * fresh + args.resumed * resumed)
-        print(f"    tasks stream {tasks_mb_s:8,.1f} MB/s  {traj_s * (1 + args.resumed):8,.0f} msg/s")
-        print(f"    learner      {traj_s * w.tokens / 1e6:8,.2f} M tokens/s to train on, {traj_s * traj:,.1f} MB/s "
-              "to decode")
+        print(f"  {w.name}: {traj_s:,.0f} trajectories/s, the learner trains on {traj_s * w.tokens / 1e6:,.2f} M "
+              "tokens/s")
+        _stream("traj", traj_s * traj, traj_s, capacity[w.capacity_key])
+        tasks_s = traj_s * (1 + args.resumed)
+        _stream("tasks", traj_s * ((1 - args.resumed) * fresh + args.resumed * resumed), tasks_s, capacity[1024])
 
 
 def weights(args: argparse.Namespace, blob_get_mb_s: float) -> None:
@@ -151,6 +191,11 @@ def weights(args: argparse.Namespace, blob_get_mb_s: float) -> None:
           f"stream leader ({fan_out_tb * 1e6 / blob_get_mb_s / 3600:,.1f} h at that rate)")
 
 
+def _print_capacity(what: str, capacity: dict[int, tuple[float, float]]) -> None:
+    print(f"one stream, one consumer, {what}: " + ", ".join(
+        f"{n // 1024}k tokens {mb:,.0f} MB/s {msgs:,.0f} msg/s" for n, (mb, msgs) in capacity.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engines", type=int, default=1000)
@@ -158,16 +203,20 @@ def main() -> None:
     ap.add_argument("--model-gb", type=float, default=16.0, help="weights per version, GB (8B params in bf16)")
     ap.add_argument("--resumed", type=float, default=0.1, help="fraction of tasks that are APRIL resumes")
     ap.add_argument("--measure", action="store_true", help="measure one stream's capacity in this run")
-    ap.add_argument("--measure-mb", type=int, default=48, help="payload per measured size (default 48 MB)")
+    ap.add_argument("--measure-mb", type=int, default=96, help="payload per measured size (default 96 MB)")
     args = ap.parse_args()
     print(f"{'message':62} {'tokens':>7} {'bytes':>10} {'bytes/token':>12}")
     for name, tokens, nbytes in size_rows():
         print(f"{name:62} {tokens:7,d} {nbytes:10,d} {nbytes / tokens:12.1f}")
-    capacity, blob = (asyncio.run(measure(args.measure_mb)) if args.measure
-                      else (RESULTS_CAPACITY, RESULTS_BLOB_GET_MB_S))
-    source = "measured in this run" if args.measure else "bench/RESULTS.md (bus section)"
-    print(f"\none stream, one consumer ({source}): " + ", ".join(
-        f"{n // 1024}k tokens {mb:,.0f} MB/s {msgs:,.0f} msg/s" for n, (mb, msgs) in capacity.items()))
+    if args.measure:
+        single, replicated, blob = asyncio.run(measure(args.measure_mb))
+        _print_capacity("one server (R1), measured in this run", single)
+        _print_capacity("three-server cluster (R3) on this machine, measured in this run", replicated)
+        print("R3 / R1: " + ", ".join(f"{n // 1024}k tokens {replicated[n][0] / single[n][0]:.2f}x" for n in single))
+        capacity = replicated
+    else:
+        capacity, blob = RESULTS_CAPACITY, RESULTS_BLOB_GET_MB_S
+        _print_capacity("one server (R1), bench/RESULTS.md's bus section", capacity)
     project(args, capacity)
     weights(args, blob)
 
