@@ -8,11 +8,13 @@
    what one stream with one consumer carries. With ``--measure`` that is measured in this run (bench/bus.py's
    publish->consume path) on one nats-server (R1) and on a three-server JetStream cluster on this machine (R3,
    what a cluster run uses), and the R3 numbers are used; else the R1 numbers of bench/RESULTS.md's bus section.
-3. Weight fan-out through the object store for a ``--model-gb`` model, against the measured blob read rate.
+3. The controller's state (one KV value, saved twice per handled batch) with every engine's requests in flight
+   (``--concurrency`` each), measured with the real ``ControllerState`` encoding, against the same capacity.
+4. Weight fan-out through the object store for a ``--model-gb`` model, against the measured blob read rate.
 
     python bench/bus_projection.py [--engines 1000] [--engine-tok-s 2500] [--model-gb 16] [--measure]
 
-The engine rate and model size are assumptions (flags); everything else is measured or arithmetic.
+The engine rate, concurrency and model size are assumptions (flags); everything else is measured or arithmetic.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from agentrl.bus import Bus, EmbeddedNats, free_port
 from agentrl.bus.server import ClusterSpec
 from agentrl.config import NatsConfig
+from agentrl.controller.state import ControllerState, TaskRecord
 from agentrl.messages import ChatMessage, PartialRollout, Task, Trajectory, Turn, encode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,6 +45,8 @@ import bus as bus_bench  # bench/bus.py: the measured publish->consume path
 # bench/RESULTS.md, "Bus" (2-core CPU, loopback, one stream, one consumer): the low end of two runs
 RESULTS_CAPACITY = {1024: (26.0, 1943.0), 32768: (188.0, 442.0)}  # tokens -> (MB/s, msgs/s)
 RESULTS_BLOB_GET_MB_S = 231.0
+CONTROLLER_FETCH = 256  # trajectories the controller handles per cycle (one state save before acting, one after)
+MAX_PAYLOAD_MB = 8  # nats.max_payload_mb's default: the largest message, a KV value included
 CHARS_PER_TOKEN = 3.8
 
 
@@ -161,11 +167,38 @@ async def measure(total_mb: int) -> tuple[dict[int, tuple[float, float]], dict[i
     return single, replicated, get
 
 
-def _stream(name: str, mb_s: float, msg_s: float, capacity: tuple[float, float]) -> None:
+def controller_state_bytes(running: int) -> int:
+    """The controller's saved state (one KV value) with ``running`` admitted, unfinished tasks."""
+    records = {}
+    for i in range(running):
+        group = f"{i // 8:08x}"
+        records[f"{group}-{i % 8}"] = TaskRecord(task_id=f"{group}-{i % 8}", group_id=group, row=i, index_in_group=i % 8,
+                                                  group_size=8, admitted_version=41, published=True)
+    return len(msgspec.msgpack.encode(ControllerState(running=records)))
+
+
+def controller(args: argparse.Namespace, capacity: dict[int, tuple[float, float]]) -> None:
+    """The controller's state, saved whole to one KV key twice per handled batch, at ``engines x concurrency``
+    tasks in flight (what keeps every engine's batch full). Its cycle is serial (save, act, save, ack, fetch)."""
+    running = args.engines * args.concurrency
+    state_mb = controller_state_bytes(running) / 1e6
+    cap_mb = capacity[32768][0]
+    ceiling = CONTROLLER_FETCH / (2 * state_mb / cap_mb)
+    print(f"\ncontroller: {running:,} tasks in flight ({args.engines} engines x {args.concurrency}) -> state "
+          f"{state_mb:,.2f} MB per save ({state_mb / running * 1e6:.0f} B/task; max payload {MAX_PAYLOAD_MB} MB); "
+          f"two saves per {CONTROLLER_FETCH} trajectories at {cap_mb:,.0f} MB/s cap it at {ceiling:,.0f} trajectories/s")
+    for w in WORKLOADS:
+        traj_s = args.engines * args.engine_tok_s / (w.tokens * w.generated)
+        saves = 2 * traj_s / CONTROLLER_FETCH
+        _stream(f"state ({w.name.split(' (')[0]})", saves * state_mb, saves, capacity[32768], shards=False)
+
+
+def _stream(name: str, mb_s: float, msg_s: float, capacity: tuple[float, float], *, shards: bool = True) -> None:
     cap_mb, cap_msgs = capacity
     load = max(mb_s / cap_mb, msg_s / cap_msgs)
-    print(f"    {name:12} {mb_s:8,.1f} MB/s {msg_s:8,.0f} msg/s  = {load:4.1f}x one stream+consumer "
-          f"({cap_mb:,.0f} MB/s, {cap_msgs:,.0f} msg/s); shards for 50% load: {math.ceil(2 * load)}")
+    split = f"; shards for 50% load: {math.ceil(2 * load)}" if shards else ""
+    print(f"    {name:18} {mb_s:8,.1f} MB/s {msg_s:8,.0f} msg/s  = {load:4.1f}x one stream+consumer "
+          f"({cap_mb:,.0f} MB/s, {cap_msgs:,.0f} msg/s){split}")
 
 
 def project(args: argparse.Namespace, capacity: dict[int, tuple[float, float]]) -> None:
@@ -201,6 +234,7 @@ def main() -> None:
     ap.add_argument("--engines", type=int, default=1000)
     ap.add_argument("--engine-tok-s", type=int, default=2500, help="generated tokens/s per engine (assumption)")
     ap.add_argument("--model-gb", type=float, default=16.0, help="weights per version, GB (8B params in bf16)")
+    ap.add_argument("--concurrency", type=int, default=64, help="requests in flight per engine (assumption)")
     ap.add_argument("--resumed", type=float, default=0.1, help="fraction of tasks that are APRIL resumes")
     ap.add_argument("--measure", action="store_true", help="measure one stream's capacity in this run")
     ap.add_argument("--measure-mb", type=int, default=96, help="payload per measured size (default 96 MB)")
@@ -218,6 +252,7 @@ def main() -> None:
         capacity, blob = RESULTS_CAPACITY, RESULTS_BLOB_GET_MB_S
         _print_capacity("one server (R1), bench/RESULTS.md's bus section", capacity)
     project(args, capacity)
+    controller(args, capacity)
     weights(args, blob)
 
 
