@@ -10,11 +10,13 @@ filesystem would be. :func:`sweep_leftovers` removes what a session killed befor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -24,6 +26,7 @@ __all__ = ["NetnsHosts", "netns_unavailable", "sweep_leftovers"]
 
 _LISTEN = ("import socket, sys\ns = socket.socket(); s.bind((sys.argv[1], 0)); s.listen(16)\n"
            "print(s.getsockname()[1], flush=True)\nwhile True: s.accept()[0].close()")
+_OWNERS = Path(tempfile.gettempdir()) / "agentrl-netns"
 _NS = re.compile(r"^arl[0-9a-f]{5}[a-z]$")  # the names NetnsHosts gives; bridges are arl<tag>br
 
 
@@ -45,20 +48,42 @@ def netns_unavailable() -> str | None:
     return None
 
 
+def _owner_alive(tag: str) -> bool:
+    """Whether the process that made the hosts tagged ``tag`` still runs (its pid is in the owner file)."""
+    try:
+        os.kill(int((_OWNERS / tag).read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def sweep_leftovers() -> list[str]:
-    """Remove the namespaces (with no process left) and bridges of sessions that died before their teardown."""
+    """Remove what sessions killed before their teardown left: their hosts' processes, namespaces and bridges
+    (those whose owning process is gone)."""
     removed = []
     for ns in (line.split()[0] for line in _ip("netns", "list", check=False).stdout.splitlines() if line.strip()):
-        if _NS.match(ns) and not _ip("netns", "pids", ns, check=False).stdout.split():
+        if _NS.match(ns) and not _owner_alive(ns[3:8]):
+            for pid in (int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             _ip("netns", "del", ns, check=False)
             removed.append(ns)
-    namespaces = _ip("netns", "list", check=False).stdout
     for line in _ip("-o", "link", "show", "type", "bridge", check=False).stdout.splitlines():
         bridge = line.split(":")[1].strip()
-        if re.match(r"^arl[0-9a-f]{5}br$", bridge) and bridge[:-2] not in namespaces:
+        if re.match(r"^arl[0-9a-f]{5}br$", bridge) and not _owner_alive(bridge[3:8]):
             _ip("link", "del", bridge, check=False)
+            _firewall(bridge, "-D")
+            (_OWNERS / bridge[3:8]).unlink(missing_ok=True)
             removed.append(bridge)
     return removed
+
+
+def _firewall(bridge: str, op: str) -> None:
+    """Insert (``-I``) or delete (``-D``) a rule letting ``bridge`` forward between its hosts: a machine running
+    a container engine drops forwarded traffic by default (FORWARD policy DROP, bridged frames filtered)."""
+    if shutil.which("iptables") is not None:
+        subprocess.run(["iptables", "-w", "10", op, "FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"],
+                       capture_output=True, timeout=30, check=False)
 
 
 def free_net() -> int:
@@ -82,6 +107,7 @@ class NetnsHosts:
 
     def __init__(self, count: int = 3, net: int | None = None) -> None:
         tag, net = uuid.uuid4().hex[:5], free_net() if net is None else net
+        self.owner = _OWNERS / tag  # holds this process's pid while the hosts exist (see sweep_leftovers)
         self.names = [f"arl{tag}{chr(97 + i)}" for i in range(count)]  # a, b, c...
         self.bridge = f"arl{tag}br"
         self.ips = [f"10.{net}.0.{i + 1}" for i in range(count)]
@@ -100,10 +126,12 @@ class NetnsHosts:
         self.down()
 
     def _up(self) -> None:
+        self.owner.parent.mkdir(exist_ok=True)
+        self.owner.write_text(str(os.getpid()))
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
-        self._firewall("-I")
+        _firewall(self.bridge, "-I")
         for i, (ns, ip) in enumerate(zip(self.names, self.ips, strict=True)):
             outer, inner = f"{self.bridge[:-2]}{i}o", f"{self.bridge[:-2]}{i}i"
             _ip("netns", "add", ns)
@@ -140,13 +168,6 @@ class NetnsHosts:
     @staticmethod
     def _in(ns: str | None) -> list[str]:
         return [] if ns is None else ["ip", "netns", "exec", ns]
-
-    def _firewall(self, op: str) -> None:
-        """Insert (``-I``) or delete (``-D``) a rule letting the bridge forward between its hosts: a machine running
-        a container engine drops forwarded traffic by default (FORWARD policy DROP, bridged frames filtered)."""
-        if shutil.which("iptables") is not None:
-            subprocess.run(["iptables", "-w", "10", op, "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"],
-                           capture_output=True, timeout=30, check=False)
 
     def spawn(self, host: int, argv: Sequence[str], log: Path, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> subprocess.Popen[bytes]:
@@ -196,4 +217,5 @@ class NetnsHosts:
         for ns in self.names:
             _ip("netns", "del", ns, check=False)
         _ip("link", "del", self.bridge, check=False)
-        self._firewall("-D")
+        _firewall(self.bridge, "-D")
+        self.owner.unlink(missing_ok=True)
