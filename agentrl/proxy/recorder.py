@@ -5,8 +5,8 @@ the recorded conversation (:mod:`agentrl.proxy.conversation`) are rendered alone
 appended as masked tokens (``ctx.start`` / ``ctx.add_messages``), and ``ctx.generate`` produces the reply, so
 the trajectory holds exactly the tokens the engine consumed and produced — with their logprobs and per-token
 versions — and aborts, routing and the context budget work as for any agent. What the proxy needs to resume
-(the conversation as messages, the replies it gave) lives in ``ctx.state["openai_proxy"]``, saved with a
-partial rollout.
+(the conversation as messages, the replies it gave, as JSON text) lives in ``ctx.state["openai_proxy"]``, saved
+with a partial rollout.
 
 Sampling is the task's (the run's policy, which the learner's logprobs assume): of a request's parameters only
 ``max_tokens`` / ``max_completion_tokens`` (which can only lower the task's ``max_new_tokens``) and ``stop``
@@ -93,9 +93,10 @@ class EpisodeRecorder:
             rec = self._recording("chat")
             messages = normalize_messages(body.messages)
             tools = normalize_tools(body.tools)
-            p = plan(rec["messages"], {int(k) for k in rec["replies"]}, messages, resumed=self.ctx.resumed)
+            recorded = [_load(m) for m in rec["messages"]]
+            p = plan(recorded, {int(k) for k in rec["replies"]}, messages, resumed=self.ctx.resumed)
             if p.replay is not None:
-                return self._chat_body(rec["replies"][str(p.replay)])
+                return self._chat_body(_load(rec["replies"][str(p.replay)]))
             self._append_messages(rec, p.new, tools)
             rec["pending"] = True
             limit = body.max_completion_tokens or body.max_tokens
@@ -105,8 +106,8 @@ class EpisodeRecorder:
                       **self._extras(turn, logprobs=body.logprobs)}
             if choice["logprobs"] is not None:
                 choice["logprobs"] = {"content": choice["logprobs"]}
-            rec["replies"][str(len(rec["messages"]))] = choice
-            rec["messages"].extend(normalize_messages([message]))
+            rec["replies"][str(len(rec["messages"]))] = _dump(choice)
+            rec["messages"].extend(_dump(m) for m in normalize_messages([message]))
             rec["pending"] = False
             self.ctx.mark_safe_point()  # a cancel from now on keeps the reply (the resumed agent gets it replayed)
             return self._chat_body(choice)
@@ -118,8 +119,8 @@ class EpisodeRecorder:
                 raise ProxyRequestError("the trajectory already holds tokens the proxy did not record (the agent "
                                         "called ctx.start or ctx.generate itself): use one or the other per episode")
             ctx.start(new, tools=tools)
-            rec["tools"] = tools
-        elif tools != rec["tools"]:
+            rec["tools"] = _dump(tools)
+        elif tools != _load(rec["tools"]):
             raise ProxyRequestError("tools: differ from the first request's, which are rendered into the prompt "
                                     "once; send the same tools with every request of an episode", param="tools")
         elif new and rec["pending"]:
@@ -130,7 +131,7 @@ class EpisodeRecorder:
         elif new or str(len(rec["messages"]) - 1) in rec["replies"]:
             kind = "tool" if new and all(m["role"] == "tool" for m in new) else "env"
             ctx.add_messages(new, kind=kind)
-        rec["messages"].extend(new)
+        rec["messages"].extend(_dump(m) for m in new)
 
     def _chat_body(self, choice: dict[str, Any]) -> dict[str, Any]:
         choice = dict(choice)
@@ -155,7 +156,7 @@ class EpisodeRecorder:
                 entries = choice["logprobs"]
                 choice["logprobs"] = {"tokens": [e["token"] for e in entries],
                                       "token_logprobs": [e["logprob"] for e in entries]}
-            rec["replies"][str(turn.start)] = choice
+            rec["replies"][str(turn.start)] = _dump(choice)
             rec["pending"] = False
             self.ctx.mark_safe_point()
             return self._completion_body(choice)
@@ -171,7 +172,7 @@ class EpisodeRecorder:
             return None
         for start, choice in rec["replies"].items():
             if self._prefix_matches(prompt, int(start)):
-                return choice
+                return _load(choice)
         return None
 
     def _new_prompt_ids(self, rec: dict[str, Any], prompt: str | list[int]) -> list[int]:
@@ -215,7 +216,7 @@ class EpisodeRecorder:
 
     def _recording(self, mode: str) -> dict[str, Any]:
         rec: dict[str, Any] = self.ctx.state.setdefault(
-            STATE_KEY, {"mode": mode, "messages": [], "replies": {}, "tools": None, "pending": False, "prompt_end": 0})
+            STATE_KEY, {"mode": mode, "messages": [], "replies": {}, "tools": "null", "pending": False, "prompt_end": 0})
         if rec["mode"] != mode:
             raise ProxyRequestError(f"this episode records {rec['mode']} calls; it cannot mix in {mode} calls")
         return rec
@@ -249,6 +250,16 @@ class EpisodeRecorder:
         entries = logprobs_content([self.ctx.chat.decode([t]) for t in ids], lps) if logprobs else None
         return {"logprobs": entries, "token_ids": ids, "token_versions": traj.versions[turn.start:turn.end].tolist(),
                 "prompt_tokens": turn.start}
+
+
+def _dump(value: Any) -> str:
+    """Recorded messages and replies are kept as JSON text: the state is deep-copied at every safe point, and a
+    string copies in O(1) where a nested reply would cost O(its size) each time."""
+    return msgspec.json.encode(value).decode()
+
+
+def _load(text: str) -> Any:
+    return msgspec.json.decode(text)
 
 
 def _prompt_mismatch(end: int) -> ProxyRequestError:
