@@ -10,7 +10,8 @@ with a partial rollout.
 
 Sampling is the task's (the run's policy, which the learner's logprobs assume): of a request's parameters only
 ``max_tokens`` / ``max_completion_tokens`` (which can only lower the task's ``max_new_tokens``) and ``stop``
-apply; ``temperature``, ``top_p`` and the like are ignored.
+apply; ``temperature``, ``top_p``, ``seed``, ``tool_choice``, ``response_format`` and the like are accepted and
+ignored (the model is trained on what it does unconstrained), and ``n`` above 1 is refused.
 
 Endings:
 
