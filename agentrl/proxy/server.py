@@ -12,6 +12,9 @@ route (under the base URL)             answers
 ``GET /models``                        the one model, named ``worker.openai_model``
 =====================================  ===============================================================
 
+The app runs on the worker's event loop, like the agents: an agent must call it with an async client (or run
+blocking framework code in a thread), or the loop that should answer it is blocked.
+
 Errors use OpenAI's envelope: 401 without the episode's key (``Authorization: Bearer``), 404 for an episode
 that ended, 400 ``invalid_request_error`` for what the proxy refuses (``code`` ``history_mismatch``,
 ``context_length_exceeded``), 503 when the engines failed or the episode is being aborted.
