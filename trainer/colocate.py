@@ -3,8 +3,8 @@ device, one training step at a time (slime's ``--colocate``).
 
 Each step runs inside :meth:`ColocatedDevice.turn`:
 
-1. wait (at most ``load_wait_s``) until every engine serves the last published version, so that a release never
-   races the controller loading that version;
+1. wait (at most ``learner.colocate_load_wait_s``) until every engine serves the last published version, so that
+   a release does not race the controller loading that version;
 2. the engines pause in ``retract`` mode (running requests go back to their queues, keeping what they produced)
    and release their KV pool, weights and CUDA graphs (:class:`~agentrl.client.colocate.Colocation`);
 3. the backend moves its model and optimizer states onto the device (``onload``) and the step trains;
@@ -45,7 +45,6 @@ __all__ = ["ColocatedDevice", "ColocatedEngine", "DedicatedDevice", "DeviceTurns
 
 log = logging.getLogger(__name__)
 
-LOAD_WAIT_S = 120.0  # longest wait for the controller to load the last version before a turn goes on without it
 
 
 @runtime_checkable
@@ -94,7 +93,7 @@ class DedicatedDevice:
 class ColocatedDevice:
     """Takes the device from ``engines`` for each step and gives it back (see the module docstring)."""
 
-    def __init__(self, engines: Sequence[ColocatedEngine], backend: Offloadable, *, load_wait_s: float = LOAD_WAIT_S,
+    def __init__(self, engines: Sequence[ColocatedEngine], backend: Offloadable, *, load_wait_s: float = 60.0,
                  poll_s: float = 0.2, close: Callable[[], Awaitable[None]] | None = None) -> None:
         self.engines = list(engines)
         self.backend = backend
@@ -176,4 +175,4 @@ def device_turns(cfg: RunConfig, backend: object) -> DeviceTurns:
     async def close() -> None:
         await asyncio.gather(*(e.close() for e in engines))
 
-    return ColocatedDevice(engines, backend, close=close)
+    return ColocatedDevice(engines, backend, load_wait_s=cfg.learner.colocate_load_wait_s, close=close)

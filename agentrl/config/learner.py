@@ -157,6 +157,10 @@ class LearnerConfig(Section):
     continue; new weights reach them as usual (published, loaded by the controller). Generation stops during
     each step. Needs engines this run starts on the learner's device (the embedded engine, or SGLang with
     --enable-memory-saver), the local launcher and the torch backend; agentrl run refuses anything else."""
+    colocate_load_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    """learner.colocate: before releasing the engines for a step, wait at most this long for them to serve the
+    last published version (a load the release interrupts fails, and the controller's reconcile loop loads it
+    again after the step); the wait ends as soon as they do"""
     checkpoint_dir: str = "{run_dir}/checkpoints"
     """learner checkpoints (model, optimizer, RNG, consumed trajectory ids)"""
     keep_checkpoints: Annotated[int, msgspec.Meta(ge=1)] = 2
