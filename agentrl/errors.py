@@ -103,6 +103,10 @@ class EnvCrashed(EnvError):
     """The environment raised, or the worker serving it died."""
 
 
+class ResumeDiverged(EnvError):
+    """A resumed agent that re-runs its episode from the start stepped other actions than it had recorded."""
+
+
 class SandboxError(AgentRLError):
     """The sandbox could not execute the code (not: the code failed)."""
 

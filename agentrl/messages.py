@@ -198,6 +198,7 @@ class EnvResume(msgspec.Struct, kw_only=True, omit_defaults=True):
     server: str = ""
     state: dict[str, Any] = {}
     actions: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []  # what each recorded action's step returned (replayed, never re-stepped)
 
 
 class PartialRollout(msgspec.Struct, kw_only=True):

@@ -13,6 +13,12 @@ it continues against the environment exactly as the aborted part left it:
 
 In every case the resumed agent's ``reset`` returns the recorded observation *without* resetting anything, so
 an agent written like the shipped tool agent (``reset`` at the top of ``run_episode``) needs no resume code.
+
+An agent that cannot keep its place in ``ctx.state`` re-runs the whole episode instead (an agent written with an
+OpenAI client, behind the recording proxy, which answers its earlier calls with the recorded replies): after
+:meth:`EpisodeEnv.replay_recorded_steps` its first steps are answered from the record — the environment is not
+stepped twice — and must repeat the recorded actions in order (:class:`~agentrl.errors.ResumeDiverged`
+otherwise); steps past the record go to the environment.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any, Protocol
 import msgspec
 
 from agentrl.env.base import Action, Environment, Observation, Snapshottable, StepResult, replay_safe
-from agentrl.errors import EnvCrashed
+from agentrl.errors import EnvCrashed, ResumeDiverged
 from agentrl.messages import EnvResume, Task
 
 __all__ = ["AttachableEnvs", "EpisodeEnv", "carry", "reopen"]
@@ -41,11 +47,14 @@ class EpisodeEnv:
         self.inner = inner
         self.observation: Observation | None = None  # what the first reset returned
         self.actions: list[Action] = []  # every action stepped since that reset
+        self.results: list[StepResult] = []  # what each of those steps returned
         self.steps_started = 0  # steps begun (a step cut by a cancel is started but not recorded)
         self._replay_reset = False
+        self._replay_step: int | None = None  # next recorded step to answer from the record (None: live)
         if resumed is not None:
             self.observation = msgspec.convert(resumed.observation, Observation)
             self.actions = [msgspec.convert(a, Action) for a in resumed.actions]
+            self.results = [msgspec.convert(r, StepResult) for r in resumed.results]
             self._replay_reset = True
 
     async def reset(self, task: Task) -> Observation:
@@ -54,14 +63,37 @@ class EpisodeEnv:
             self._replay_reset = False
             return self.observation
         self.observation = await self.inner.reset(task)
-        self.actions = []
+        self.actions, self.results = [], []
         return self.observation
 
     async def step(self, action: Action) -> StepResult:
+        if self._replay_step is not None:
+            return self._replayed(action)
         self.steps_started += 1
         result = await self.inner.step(action)
         self.actions.append(action)
+        self.results.append(result)
         return result
+
+    def replay_recorded_steps(self) -> None:
+        """The agent re-runs its episode from the start: answer its recorded steps from the record."""
+        if len(self.results) != len(self.actions):
+            raise ResumeDiverged("the environment's recorded steps have no recorded results (carried by an older "
+                                 "worker): this episode cannot be re-run from its start")
+        self._replay_step = 0 if self.actions else None
+
+    def stop_replay(self) -> None:
+        """Steps go to the environment again (recorded steps the agent did not repeat are behind it)."""
+        self._replay_step = None
+
+    def _replayed(self, action: Action) -> StepResult:
+        i = self._replay_step
+        assert i is not None
+        if action != self.actions[i]:
+            raise ResumeDiverged(f"resumed episode: step {i} is {action!r}, but the aborted part stepped "
+                                 f"{self.actions[i]!r} there (a resumed agent must repeat its recorded actions)")
+        self._replay_step = i + 1 if i + 1 < len(self.actions) else None
+        return self.results[i]
 
     async def close(self) -> None:
         await self.inner.close()
@@ -81,7 +113,7 @@ async def carry(env: EpisodeEnv) -> EnvResume | None:
     """
     if env.observation is None:
         raise ValueError("carry: the environment was never reset; resume it with a fresh reset instead")
-    common: dict[str, Any] = {"observation": msgspec.to_builtins(env.observation)}
+    common = _recorded(env)
     inner = env.inner
     if isinstance(inner, Snapshottable):
         return EnvResume(mode="snapshot", state=await inner.snapshot(), **common)
@@ -89,8 +121,14 @@ async def carry(env: EpisodeEnv) -> EnvResume | None:
     if isinstance(session, str) and isinstance(server, str) and server:
         return EnvResume(mode="session", session=session, server=server, **common)
     if replay_safe(inner):
-        return EnvResume(mode="replay", actions=[msgspec.to_builtins(a) for a in env.actions], **common)
+        return EnvResume(mode="replay", **common)
     return None
+
+
+def _recorded(env: EpisodeEnv) -> dict[str, Any]:
+    """What every carried environment takes along: the first observation, the actions and their results."""
+    return {"observation": msgspec.to_builtins(env.observation), "actions": msgspec.to_builtins(env.actions),
+            "results": msgspec.to_builtins(env.results)}
 
 
 async def reopen(resume: EnvResume, task: Task, fresh: Environment | None, envs: object) -> EpisodeEnv:

@@ -18,7 +18,9 @@ Endings:
 * an abort (APRIL, an engine loading weights, a stopping worker) cancels the agent's task: the episode is
   ``aborted`` with its cut reply recorded, and its agent runs again from the start; the proxy answers each
   request it already answered with the recorded reply (no generation) and continues the cut reply token for
-  token. The agent's code must take the same path given the same replies (tools it calls run again);
+  token. The agent's code must take the same path given the same replies; the environment steps it repeats
+  meanwhile are answered from the episode's record, not stepped again
+  (:meth:`~agentrl.env.episode.EpisodeEnv.replay_recorded_steps`), until the first reply generated anew;
 * the context budget used up answers ``context_length_exceeded`` (400) and an engine failure 503: if the
   agent lets that error end the episode, the episode ends as a native agent's would (``truncated``; retried as
   an infrastructure failure), not as an agent error (:meth:`EpisodeRecorder.wrap_failure`).
@@ -32,6 +34,7 @@ from typing import Annotated, Any
 import msgspec
 
 from agentrl.agent.context import ContextExhausted, EpisodeAborted, EpisodeContext, ModelTurn
+from agentrl.env.episode import EpisodeEnv
 from agentrl.errors import EngineError, ProxyRequestError
 from agentrl.messages import Turn
 from agentrl.proxy.conversation import normalize_messages, normalize_tools, plan
@@ -81,6 +84,8 @@ class EpisodeRecorder:
         self.model = model
         self.lock = asyncio.Lock()
         self.error: BaseException | None = None  # what ended the last request, if the runtime must know
+        if ctx.resumed and isinstance(ctx.env, EpisodeEnv):
+            ctx.env.replay_recorded_steps()  # the agent runs again from its start
 
     def wrap_failure(self, exc: Exception) -> BaseException:
         """What the agent's failure ``exc`` really was: the runtime error behind the proxy's last refusal."""
@@ -230,6 +235,8 @@ class EpisodeRecorder:
             overrides["max_new_tokens"] = max_tokens
         if stop:
             overrides["stop"] = [*(ctx.sampling.stop or []), *([stop] if isinstance(stop, str) else stop)]
+        if isinstance(ctx.env, EpisodeEnv):
+            ctx.env.stop_replay()  # past the recorded replies: the agent's steps are live again
         try:
             turn = await ctx.generate(**overrides)
         except EpisodeAborted:

@@ -220,3 +220,35 @@ async def test_an_episode_cancelled_between_calls_keeps_the_reply_it_got(proxy: 
     done = await _run(proxy.wrap(thinking), out.resume, gen, tiny_tokenizer)
     assert done.trajectory.status == "completed" and done.trajectory.metadata["reply"] == "Hello there."
     assert len(gen.calls) == 1  # the resumed agent's call was answered from the recording
+
+
+class CountingCalculator(CalculatorEnv):
+    """The calculator, counting the steps it really takes (a stand-in for any environment with state)."""
+
+    stepped: list[str] = []
+
+    async def step(self, action: Any) -> Any:
+        CountingCalculator.stepped.append(action.text)
+        return await super().step(action)
+
+
+async def test_a_resumed_agent_repeating_its_steps_gets_the_recorded_results(proxy: OpenAIProxy,
+                                                                            tiny_tokenizer: Any) -> None:
+    """The resumed openai agent runs again from its start: the step it already took is answered from the record,
+    so the environment is stepped once per action over the whole episode (not once more per resume)."""
+    envs = LocalEnvs({"calculator": CountingCalculator})
+    agent = proxy.wrap(openai_agent.run_episode)
+    CountingCalculator.stepped = []
+    whole = await run_episode(agent, _task(), generator=ScriptedGenerator(tiny_tokenizer, REPLIES),
+                              chat=ChatRenderer(tiny_tokenizer), envs=envs)
+    assert whole.trajectory.reward == 1.0
+    uninterrupted, CountingCalculator.stepped = CountingCalculator.stepped, []
+    first = AbortingGenerator(tiny_tokenizer, REPLIES[:2], abort_at=1, keep=4, version=1)
+    out = await run_episode(agent, _task(), generator=first, chat=ChatRenderer(tiny_tokenizer), envs=envs)
+    assert out.resume is not None and len(CountingCalculator.stepped) == 1
+    rest = tiny_tokenizer.decode(tiny_tokenizer.encode(REPLIES[1], add_special_tokens=False)[4:])
+    second = ScriptedGenerator(tiny_tokenizer, [rest, REPLIES[2]], version=2)
+    done = await run_episode(agent, out.resume, generator=second, chat=ChatRenderer(tiny_tokenizer), envs=envs,
+                             env=out.env)
+    assert (done.trajectory.status, done.trajectory.reward) == ("completed", 1.0)
+    assert CountingCalculator.stepped == uninterrupted  # each action stepped once, none repeated
