@@ -107,11 +107,17 @@ class ControllerCore:
     @property
     def done(self) -> bool:
         """No more will be issued (prompts exhausted or ``max_steps`` batches accepted) and every issued task
-        finished; with ``max_steps``, also the learner has accounted for every one of them (trained or dropped),
-        so the books are final. (When the prompts run out first, what is left may never fill a batch.)"""
+        finished; with ``max_steps``, also the learner took its last step and its weights are loaded, so the
+        books are final: every announcement precedes the last step's on the durable control stream. (A learner
+        restarted from an earlier checkpoint redoes steps with other trajectories, so neither "every accepted task
+        announced" nor "none pending" tells when it is done. When the prompts run out first, what is left may
+        never fill a batch.)"""
         st = self.state
-        settled = not st.pending_versions or (st.exhausted and not self._enough())
+        settled = (st.exhausted and not self._enough()) or self._learner_finished()
         return (st.exhausted or self._enough()) and not st.running and settled and not self._final_eval_due()
+
+    def _learner_finished(self) -> bool:
+        return self.state.final_version is not None and self.state.version >= self.state.final_version
 
     def _enough(self) -> bool:
         t = self.training
@@ -196,6 +202,9 @@ class ControllerCore:
         for tid in msg.task_ids:
             self._account_trained(tid, msg.version)
         self._forget_dropped(msg.dropped_task_ids)
+        last = self.training.max_steps
+        if last is not None and msg.step >= last - 1:  # the learner's last step (again, if it was redone)
+            self.state.final_version = max(self.state.final_version or 0, msg.version + 1)
         return self.admit()
 
     def on_dropped(self, task_ids: Iterable[str]) -> list[Action]:

@@ -86,6 +86,8 @@ class ControllerState(msgspec.Struct, kw_only=True):
     staleness_hist: dict[int, int] = {}  # staleness (versions) -> trained tokens
     eval_passes: dict[int, EvalPass] = {}
     eval_done_through: int = -1  # highest version an eval pass was issued for
+    # with max_steps: the policy version the learner's last step publishes (set by that step's batch_taken)
+    final_version: int | None = None
 
 
 class KVStore(Protocol):

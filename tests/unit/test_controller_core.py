@@ -168,7 +168,31 @@ def test_final_policy_is_evaluated_before_the_controller_is_done() -> None:
         off.on_trajectory(traj(t))
     assert not off.done  # finished, but the learner has not accounted for them yet: the books are not final
     off.on_batch_taken(taken([t.id for t in issued]))
+    assert not off.done  # the last step is taken; its weights are not in the engines yet
+    off.on_version(1)
     assert off.done
+
+
+def test_done_follows_the_learners_last_step_through_a_redone_step() -> None:
+    """A learner restarted from an earlier checkpoint redoes a step with other trajectories: the controller is
+    done when the learner's last step is taken and loaded, not when every accepted task was announced once
+    (too early: the redone step re-trains announced ones) nor when none is pending (never: the lost step
+    announced tasks the final history trains later, and tasks may be left over)."""
+    c = core(max_staleness=4, max_steps=2)
+    first = tasks(c.start())
+    assert len(first) == 8  # eta large enough to admit both steps' tasks at once
+    for t in first:
+        c.on_trajectory(traj(t))
+    a, b = [t.id for t in first[:4]], [t.id for t in first[4:]]
+    c.on_batch_taken(taken(a, version=0, step=0))  # step 0, its checkpoint lost with the learner
+    c.on_version(1)
+    c.on_batch_taken(taken(b, version=1, step=0))  # the restarted learner redoes step 0 with others
+    assert not c.done  # every task was announced, but the learner has a step to go
+    c.on_version(2)
+    c.on_batch_taken(taken(a, version=2, step=1))  # its last step, from the redelivered ones
+    assert not c.done
+    c.on_version(3)
+    assert c.done and c.state.counters.trained == 8
 
 
 def test_config_requires_whole_groups_per_batch() -> None:
