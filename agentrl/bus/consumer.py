@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -91,10 +92,18 @@ class Consumer(Generic[M]):
         self._closed = False
 
     async def fetch(self, batch: int = 64, timeout: float = 1.0) -> list[Delivery[M]]:
-        """Up to ``batch`` deliveries, waiting at most ``timeout`` seconds; ``[]`` if none arrived."""
+        """Up to ``batch`` deliveries, waiting at most ``timeout`` seconds; ``[]`` if none arrived.
+
+        Also ``[]`` (after waiting ``timeout``) while the consumer cannot be reached: its leader's node died and
+        the cluster is electing another (503), or the client is reconnecting. What such a pull had been handed
+        is redelivered after ``ack_wait``."""
         try:
             raws = await self._sub.fetch(batch, timeout=timeout)
         except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either on an empty pull
+            return []
+        except (nats.js.errors.ServiceUnavailableError, *_UNREACHABLE) as exc:
+            log.warning("pull from %s failed (%s); retrying", self.stream, type(exc).__name__)
+            await asyncio.sleep(timeout)
             return []
         out = []
         for raw in raws:
