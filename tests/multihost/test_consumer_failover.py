@@ -1,0 +1,74 @@
+"""A durable pull consumer outlives the death of the cluster node that leads it.
+
+Found by the multi-host test: when the node leading a consumer dies, its pulls answer 503 (no responders) until
+the cluster elects another leader, and an actor whose fetch loop took that error for a crash stopped reading
+(the controller kept running without ever seeing the learner's next batches). Three real nats-servers on
+loopback; no root or Ray needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agentrl.bus import Bus, EmbeddedNats, free_port
+from agentrl.bus.server import ClusterSpec
+from agentrl.config import NatsConfig
+from agentrl.messages import Trajectory
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[list[EmbeddedNats]]:
+    routes = tuple(f"127.0.0.1:{free_port()}" for _ in range(3))
+    made = [EmbeddedNats(tmp_path / f"n{i}", cluster=ClusterSpec("c", f"n{i}", int(r.split(":")[1]), routes))
+            for i, r in enumerate(routes)]
+    try:
+        for node in made:
+            node.start()
+        yield made
+    finally:
+        for node in made:
+            node.stop()
+
+
+def traj(i: int) -> Trajectory:
+    return Trajectory(id=f"tr{i}", task_id=f"t{i}", group_id="g", tokens=np.array([1, 2, 3], np.int32),
+                      loss_mask=np.array([0, 1, 1], np.uint8), logprobs=np.zeros(3, np.float32),
+                      versions=np.zeros(3, np.int32), prompt_len=1)
+
+
+async def formed(url: str) -> None:
+    for _ in range(100):
+        async with await Bus.connect(url, "probe", ensure=False) as bus:
+            if bus.replicas == 3:
+                return
+        await asyncio.sleep(0.2)
+    raise AssertionError("the three nodes never formed a cluster")
+
+
+async def test_fetch_rides_out_the_death_of_the_consumers_leader(nodes: list[EmbeddedNats]) -> None:
+    url = ",".join(n.url for n in nodes)
+    await formed(url)
+    async with await Bus.connect(url, "failover", NatsConfig(ack_wait_s=3.0)) as bus:
+        consumer = await bus.consumer(bus.subjects.traj, "controller-like", Trajectory, ack_wait=3.0)
+        ids = [f"tr{i}" for i in range(6)]
+        await bus.publish_many(bus.subjects.traj, [traj(i) for i in range(6)], msg_ids=ids)
+        leader = (await bus.js.consumer_info(bus.subjects.traj_stream, "controller-like")).cluster.leader
+        victim = next(n for n in nodes if n.cluster is not None and n.cluster.server_name == leader)
+        os.kill(victim.pid or 0, signal.SIGKILL)
+        got: set[str] = set()
+        deadline = time.monotonic() + 60
+        while got != set(ids) and time.monotonic() < deadline:
+            for delivery in await consumer.fetch(8, 1.0):  # must not raise while a new leader is elected
+                got.add(delivery.msg.id)
+                await delivery.ack()
+        assert got == set(ids), f"after its leader {leader} died the consumer delivered only {sorted(got)}"
