@@ -86,7 +86,7 @@ class InfoSampler:
 def test_colocated_run_releases_and_resumes_the_engine_once_per_step(prepared: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "quickstart"
     # eta 2 admits six groups for a batch of two: the backlog made before the learner is up trains steps 1-3, then
-    # the learner takes its batch as soon as two groups are done, with the others mid-generation (retracted)
+    # the learner takes its batch as soon as two groups are done, usually with the others mid-generation
     proc = start_run(tmp_path, *overrides(prepared, steps=STEPS), "learner.colocate=true",
                      "training.max_staleness=2", "controller.max_new_tokens=32")
     try:
@@ -108,7 +108,9 @@ def test_colocated_run_releases_and_resumes_the_engine_once_per_step(prepared: P
     seen = sampler.samples
     assert seen, "the engine's /get_server_info was never sampled"
     assert all(0 <= s["memory_releases"] - s["memory_resumes"] <= 1 for s in seen)
-    assert max(s["retracted"] for s in seen) > 0, "no running request was ever retracted"
+    # whether a request is mid-generation at a release depends on timing here (on two busy test workers the
+    # engine can be done with every admitted task before the learner's turn); retracted requests going on is
+    # shown deterministically by test_colocate_engine.py (four running requests retracted, all finished)
 
     metrics = [json.loads(x) for x in (run_dir / "learner_metrics.jsonl").read_text().splitlines()]
     for line in metrics:
