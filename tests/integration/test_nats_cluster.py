@@ -12,13 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agentrl.bus import Bus, EmbeddedNats, free_port
-from agentrl.bus.server import ClusterSpec
 from agentrl.config import NatsConfig
 from agentrl.errors import BusConnectError
 from agentrl.messages import Trajectory
@@ -32,17 +30,8 @@ def traj(i: int) -> Trajectory:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[list[EmbeddedNats]]:
-    routes = tuple(f"127.0.0.1:{free_port()}" for _ in range(3))
-    nodes = [EmbeddedNats(tmp_path / f"n{i}", cluster=ClusterSpec("c", f"n{i}", int(r.split(":")[1]), routes))
-             for i, r in enumerate(routes)]
-    try:
-        for node in nodes:
-            node.start()
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
+def cluster(nats_cluster: list[EmbeddedNats]) -> list[EmbeddedNats]:
+    return nats_cluster
 
 
 def urls(nodes: list[EmbeddedNats]) -> str:

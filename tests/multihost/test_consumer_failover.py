@@ -12,14 +12,11 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from agentrl.bus import Bus, EmbeddedNats, free_port
-from agentrl.bus.server import ClusterSpec
+from agentrl.bus import Bus, EmbeddedNats
 from agentrl.config import NatsConfig
 from agentrl.messages import Trajectory
 
@@ -27,17 +24,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[list[EmbeddedNats]]:
-    routes = tuple(f"127.0.0.1:{free_port()}" for _ in range(3))
-    made = [EmbeddedNats(tmp_path / f"n{i}", cluster=ClusterSpec("c", f"n{i}", int(r.split(":")[1]), routes))
-            for i, r in enumerate(routes)]
-    try:
-        for node in made:
-            node.start()
-        yield made
-    finally:
-        for node in made:
-            node.stop()
+def nodes(nats_cluster: list[EmbeddedNats]) -> list[EmbeddedNats]:
+    return nats_cluster
 
 
 def traj(i: int) -> Trajectory:
