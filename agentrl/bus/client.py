@@ -29,7 +29,7 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -54,7 +54,7 @@ from nats.js.object_store import ObjectStore
 
 from agentrl.bus import blobs
 from agentrl.bus.auth import CREDENTIALS_ENV, inbox_prefix, load_credentials
-from agentrl.bus.consumer import Consumer
+from agentrl.bus.consumer import UNREACHABLE, Consumer
 from agentrl.bus.subjects import Subjects
 from agentrl.config.run import NatsConfig
 from agentrl.errors import BusConfigConflict, BusConnectError, BusError, ConfigError, VersionConflict
@@ -70,6 +70,8 @@ VERSION_KEY = "policy_version"
 _RETRYABLE_API_CODES = {408, 429, 500, 503}
 _PUBLISH_ATTEMPTS = 8
 _PUBLISH_TIMEOUT_S = 10.0
+_KV_RETRY_S = 60.0  # a KV call rides out a nats-server restart or a KV leader election for this long
+T = TypeVar("T")
 _DUPLICATE_WINDOW_S = 600.0
 _ENSURE_DEADLINE_S = 60.0  # a fresh cluster elects its JetStream meta leader within seconds
 _AUTO_REPLICAS = 3
@@ -339,26 +341,50 @@ class Bus:
             raise BusError("bus not ensured: call Bus.connect(..., ensure=True) or await bus.ensure()")
         return self._kv
 
+    async def _riding_out(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, retried with backoff while NATS cannot answer (reconnecting, no responders, a timeout,
+        503 during a leader election) for up to ``_KV_RETRY_S``; then :class:`BusError`. Only for calls that
+        are safe to repeat."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + _KV_RETRY_S, 0.1
+        while True:
+            try:
+                return await call()
+            except (*UNREACHABLE, nats.js.errors.APIError) as exc:
+                if isinstance(exc, nats.js.errors.APIError) and exc.code not in _RETRYABLE_API_CODES:
+                    raise
+                if loop.time() + delay > deadline:
+                    raise BusError(f"{what} failed for {_KV_RETRY_S:.0f}s: {exc!r}") from exc
+                log.warning("%s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
     async def kv_get(self, key: str) -> bytes | None:
-        try:
-            entry = await self.kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        return entry.value
+        value, _ = await self.kv_get_entry(key)
+        return value
 
     async def kv_put(self, key: str, value: bytes, *, expected_revision: int | None = None) -> int:
-        """Write ``key``; with ``expected_revision`` (0 = must not exist) it is a compare-and-set."""
+        """Write ``key``; with ``expected_revision`` (0 = must not exist) it is a compare-and-set.
+
+        A plain write rides out a server restart (it is idempotent); a compare-and-set is tried once (a retry
+        could find its own first write and report a conflict): see :meth:`cas_version`."""
         try:
             if expected_revision is None:
-                return int(await self.kv.put(key, value))
+                return await self._riding_out(f"KV put {key}", lambda: self._put(key, value))
             if expected_revision == 0:
                 return int(await self.kv.create(key, value))
             return int(await self.kv.update(key, value, last=expected_revision))
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise VersionConflict(f"KV key {key}: revision is no longer {expected_revision}") from exc
 
+    async def _put(self, key: str, value: bytes) -> int:
+        return int(await self.kv.put(key, value))
+
     async def kv_get_entry(self, key: str) -> tuple[bytes | None, int]:
-        """``(value, revision)``; ``(None, 0)`` when the key does not exist."""
+        """``(value, revision)``; ``(None, 0)`` when the key does not exist. Rides out a server restart."""
+        return await self._riding_out(f"KV get {key}", lambda: self._get_entry(key))
+
+    async def _get_entry(self, key: str) -> tuple[bytes | None, int]:
         try:
             entry = await self.kv.get(key)
         except nats.js.errors.KeyNotFoundError:
@@ -371,12 +397,24 @@ class Bus:
         return int(value) if value else 0
 
     async def cas_version(self, expected: int, new: int) -> None:
-        """Set the policy version to ``new`` only if it is still ``expected``; else :class:`VersionConflict`."""
-        value, revision = await self.kv_get_entry(VERSION_KEY)
-        current = int(value) if value else 0
-        if current != expected:
-            raise VersionConflict(f"policy version is {current}, not {expected}: a newer writer got there first")
-        await self.kv_put(VERSION_KEY, str(new).encode(), expected_revision=revision)
+        """Set the policy version to ``new`` only if it is still ``expected``; else :class:`VersionConflict`.
+
+        Rides out a server restart: an attempt whose answer was lost is retried from the read, and finding
+        ``new`` there after such an attempt means the lost write landed."""
+        tried = False
+
+        async def attempt() -> None:
+            nonlocal tried
+            value, revision = await self._get_entry(VERSION_KEY)
+            current = int(value) if value else 0
+            if tried and current == new:
+                return
+            if current != expected:
+                raise VersionConflict(f"policy version is {current}, not {expected}: a newer writer got there first")
+            tried = True
+            await self.kv_put(VERSION_KEY, str(new).encode(), expected_revision=revision)
+
+        await self._riding_out("policy version update", attempt)
 
     # ------------------------------------------------------------ blobs (weights)
 

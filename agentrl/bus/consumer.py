@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 
 _ACK_ATTEMPTS = 6  # 10 s each plus backoff: an ack outlives a nats-server restart
-_UNREACHABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError)
+UNREACHABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError)
 
 
 class Delivery(Generic[M]):
@@ -57,7 +57,7 @@ class Delivery(Generic[M]):
             try:
                 await self._raw.ack_sync(timeout=10.0)
                 return
-            except _UNREACHABLE:
+            except UNREACHABLE:
                 if attempt == _ACK_ATTEMPTS - 1:
                     raise
                 log.warning("ack of %s seq %d not confirmed; retrying in %.1fs", self._raw.subject, self.seq, delay)
@@ -101,7 +101,7 @@ class Consumer(Generic[M]):
             raws = await self._sub.fetch(batch, timeout=timeout)
         except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either on an empty pull
             return []
-        except (nats.js.errors.ServiceUnavailableError, *_UNREACHABLE) as exc:
+        except (nats.js.errors.ServiceUnavailableError, *UNREACHABLE) as exc:
             log.warning("pull from %s failed (%s); retrying", self.stream, type(exc).__name__)
             await asyncio.sleep(timeout)
             return []

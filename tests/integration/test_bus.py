@@ -158,6 +158,25 @@ async def test_state_survives_a_server_restart(tmp_path: object) -> None:
             assert d.msg.id == "tr1"
 
 
+async def test_kv_calls_ride_out_a_server_restart(tmp_path: object) -> None:
+    """The controller's state write and the learner's version update, made while nats-server is down, finish
+    once it is back (they used to time out, and the actor was restarted)."""
+    store = tmp_path / "nats"  # type: ignore[operator]
+    server = EmbeddedNats(store).start()
+    async with await Bus.connect(server.url, "ride") as bus:
+        await bus.cas_version(0, 1)
+        server.stop()
+        calls = asyncio.gather(bus.kv_put("state", b"s2"), bus.cas_version(1, 2), bus.kv_get("missing"))
+        await asyncio.sleep(3.0)  # longer than a KV request's own timeout
+        with EmbeddedNats(store, port=server.port):
+            _, _, missing = await asyncio.wait_for(calls, 60)
+            assert missing is None
+            assert await bus.kv_get("state") == b"s2"
+            assert await bus.get_version() == 2
+            with pytest.raises(VersionConflict):
+                await bus.cas_version(1, 2)  # a real conflict is still one
+
+
 async def test_raw_client_sees_msgpack(bus: Bus) -> None:
     nc = await nats.connect(bus.nc.connected_url.geturl())  # type: ignore[union-attr]
     sub = await nc.subscribe(bus.subjects.events("log"))
