@@ -39,12 +39,10 @@ import argparse
 import asyncio
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +57,7 @@ from agentrl.client.engine import EngineClient
 from agentrl.client.protocol import build_memory_request, build_update_weights_from_tensor_request
 from agentrl.config.learner import BatchConfig, LearnerConfig, OptimConfig
 from agentrl.engine.tiny import init_model
-from bench.engine import SHAPES, free_port
+from bench.engine import SHAPES, launch_engine
 from trainer.backend.torch_backend import TorchBackend, build_torch_backend
 from trainer.colocate import ColocatedDevice
 from trainer.losses import ppo_loss
@@ -167,24 +165,11 @@ class Engine:
     """An ``agentrl engine`` process on the GPU and the calls the loop makes to it."""
 
     def __init__(self, model: Path, kv_tokens: int, args: argparse.Namespace, log: Path) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "agentrl.cli", "engine", "--model", str(model), "--port", str(port),
-               "--device", args.device, "--max-running", str(args.rollouts), "--context-length",
-               str(args.prompt_len + args.new_tokens + 8), "--set", f"engine.max_total_tokens={kv_tokens}",
-               "--set", "engine.prefix_cache=false"]
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"engine exited:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("engine did not become healthy")
+        self.proc, self.url = launch_engine(model, [
+            "--device", args.device, "--max-running", str(args.rollouts), "--context-length",
+            str(args.prompt_len + args.new_tokens + 8), "--set", f"engine.max_total_tokens={kv_tokens}",
+            "--set", "engine.prefix_cache=false",
+        ], log, timeout=600)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

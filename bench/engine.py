@@ -18,7 +18,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agentrl.bus import free_port
 from agentrl.engine.tiny import TinyModelSpec, init_model
 
 SHAPES = {
@@ -43,26 +43,15 @@ SHAPES = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_engine(model: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def launch_engine(model: Path, extra: list[str], log: Path, *, timeout: float = 900) -> tuple[subprocess.Popen[bytes], str]:
+    """An ``agentrl engine`` process serving ``model`` on a free port with the flags ``extra``, its output in
+    ``log``; returns once ``/health`` answers (the benches' one way to start an engine)."""
     port = free_port()
-    cmd = [
-        sys.executable, "-m", "agentrl.cli", "engine", "--model", str(model), "--port", str(port),
-        "--device", args.device, "--dtype", args.dtype, "--max-running", str(max(args.concurrency)),
-        "--context-length", str(max(args.prompt_len + args.new_tokens + 8, 128)),
-        "--set", f"engine.prefix_cache={'true' if args.check else 'false'}",
-    ]
-    if args.no_cuda_graph:
-        cmd += ["--set", "engine.cuda_graph=false"]
+    cmd = [sys.executable, "-m", "agentrl.cli", "engine", "--model", str(model), "--port", str(port), *extra]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"engine exited:\n{log.read_text()[-3000:]}")
@@ -71,7 +60,19 @@ def start_engine(model: Path, args: argparse.Namespace, log: Path) -> tuple[subp
                 return proc, url
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError("engine did not become healthy")
+    proc.kill()
+    raise RuntimeError(f"engine did not become healthy in {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+
+
+def start_engine(model: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    extra = [
+        "--device", args.device, "--dtype", args.dtype, "--max-running", str(max(args.concurrency)),
+        "--context-length", str(max(args.prompt_len + args.new_tokens + 8, 128)),
+        "--set", f"engine.prefix_cache={'true' if args.check else 'false'}",
+    ]
+    if args.no_cuda_graph:
+        extra += ["--set", "engine.cuda_graph=false"]
+    return launch_engine(model, extra, log)
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -31,30 +30,15 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agentrl.engine.tiny import init_model
-from bench.engine import SHAPES, free_port
+from bench.engine import SHAPES, launch_engine
 
 
 def start(model: Path, args: argparse.Namespace, cache: bool, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
     context = args.system + args.task + args.turns * (args.new + args.tool) + 64
-    cmd = [
-        sys.executable, "-m", "agentrl.cli", "engine", "--model", str(model), "--port", str(port),
+    return launch_engine(model, [
         "--device", args.device, "--dtype", args.dtype, "--max-running", str(args.conversations),
         "--context-length", str(context), "--set", f"engine.prefix_cache={'true' if cache else 'false'}",
-    ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"engine exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("engine did not become healthy")
+    ], log)
 
 
 def ids(rng: random.Random, n: int, vocab: int) -> list[int]:

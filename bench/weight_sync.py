@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -45,6 +44,7 @@ from agentrl.config.engine import EngineClientConfig
 from agentrl.controller.weights_sync import WeightsSync
 from agentrl.engine.tiny import TinyModelSpec, init_model
 from agentrl.messages import WeightUpdate
+from bench.engine import launch_engine
 from trainer.weight_broadcast import BroadcastWeightSink, EngineGroup, hf_tensors
 from trainer.weights import DiskWeightSink
 
@@ -59,32 +59,11 @@ PROMPT = [17, 42, 99, 7, 250, 31]
 CONTINUATION = [12, 300, 45, 46, 201, 9, 77, 3]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_engine(model: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "agentrl.cli", "engine", "--model", str(model), "--port", str(port),
-           "--device", args.engine_device, "--dtype", args.dtype, "--max-running", "4", "--context-length", "256",
-           "--set", "engine.cuda_graph_batch_sizes=[1, 2, 4]", "--set", "engine.weight_group_timeout_s=120"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"engine exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("engine did not become healthy")
+    return launch_engine(model, [
+        "--device", args.engine_device, "--dtype", args.dtype, "--max-running", "4", "--context-length", "256",
+        "--set", "engine.cuda_graph_batch_sizes=[1, 2, 4]", "--set", "engine.weight_group_timeout_s=120",
+    ], log, timeout=600)
 
 
 def step(model: Any, k: int) -> None:

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from agentrl.bus import Bus, EmbeddedNats
@@ -235,10 +236,16 @@ async def test_viewer_shows_a_real_resumed_episode_and_its_aborted_attempt(
         async with EngineClient(engine_url) as client:
             generating = asyncio.Event()
 
-            class Started:  # the engine client, telling when the first generation began
+            class Started:  # the engine client, telling when the engine is running the first generation
                 async def generate(self, *args: Any, **kwargs: Any) -> Any:
-                    generating.set()
-                    return await client.generate(*args, **kwargs)
+                    call = asyncio.create_task(client.generate(*args, **kwargs))
+                    async with aiohttp.ClientSession() as http:
+                        while not generating.is_set() and not call.done():  # then the abort finds it mid-way
+                            async with http.get(engine_url + "/get_server_info") as r:
+                                if (await r.json())["internal_states"][0]["num_running_reqs"]:
+                                    generating.set()
+                            await asyncio.sleep(0.005)
+                    return await call
 
                 async def abort(self, rid: str) -> None:
                     await client.abort(rid)
@@ -250,8 +257,7 @@ async def test_viewer_shows_a_real_resumed_episode_and_its_aborted_attempt(
                         env_args={"steps": 1}, sampling=SamplingParams(max_new_tokens=300, ignore_eos=True))
             await bus.publish(bus.subjects.task("new"), task, msg_id=task.id)
             running = asyncio.create_task(worker.run())
-            await asyncio.wait_for(generating.wait(), 60)
-            await asyncio.sleep(0.3)  # mid-generation of the first turn
+            await asyncio.wait_for(generating.wait(), 60)  # 300 tokens to go: the abort lands mid-generation
             await bus.broadcast("abort", AbortRequest(task_ids=["ab"]))
             async with asyncio.timeout(120):
                 for _ in iter(int, 1):  # until the aborted attempt and the resumed trajectory are stored

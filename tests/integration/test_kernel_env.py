@@ -4,6 +4,7 @@ and an APRIL abort mid-episode resumed without evaluating a scored turn again.""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,6 +42,14 @@ class CountingEnv(KernelEnv):
         return await super()._evaluate(*args, **kwargs)
 
 
+def first_bad_index(feedback: str) -> int:
+    """The element index the feedback points at (in the garbage tail its first entry may happen to match, or be
+    finite while a later one is NaN)."""
+    found = re.search(r"index \((\d+),\)", feedback)
+    assert found, feedback
+    return int(found.group(1))
+
+
 def _task(n: int = 1000, tid: str = "k1") -> Task:
     problem = parse_problem("sigmoid_mul", templates.problem_source(EXPR, n))
     return Task(id=tid, group_id="g", prompt=[ChatMessage(role="user", content=prompt_text(problem.source,
@@ -63,7 +72,7 @@ async def test_template_solutions_are_rewarded_by_style_and_size() -> None:
     assert (aligned_plain.reward, aligned_plain.done, aligned_plain.info["correct"]) == (0.3, True, True)
     assert (ragged_plain.reward, ragged_plain.done, ragged_plain.info["outcome"]) == (0.1, False, "wrong")
     # the unwritten tail is whatever torch.empty left there: a value mismatch, or NaN/Inf, from index 768 = 3 * 256
-    assert "index (768,)" in ragged_plain.observation.messages[0].content
+    assert 768 <= first_bad_index(ragged_plain.observation.messages[0].content) < 1000
     assert (ragged_masked.reward, ragged_masked.info["episode_reward"], ragged_masked.info["turn"]) == (0.3, 0.3, 2)
     snap = await env.snapshot()
     fresh = KernelEnv(device="cpu")
@@ -77,7 +86,8 @@ async def test_feedback_turn_then_fix(tiny_tokenizer: Any) -> None:
     assert (t.status, t.reward, t.correct, t.metadata["turns"]) == ("completed", 0.3, True, 2)
     assert t.metadata["outcomes"] == ["wrong", "correct"] and t.turn_rewards == [0.1]
     feedback = next(turn for turn in t.turns if turn.kind == "env")
-    assert ("Output mismatch" in feedback.text or "NaN/Inf" in feedback.text) and "(768,)" in feedback.text
+    assert "Output mismatch" in feedback.text or "NaN/Inf" in feedback.text
+    assert 768 <= first_bad_index(feedback.text) < 1000  # in the tail the plain kernel leaves unwritten
     assert t.loss_mask[feedback.start:feedback.end].sum() == 0
     assert len(gen.calls) == 2  # stopped early once correct
 
