@@ -358,6 +358,8 @@ async def learner_run(root: Path, model: Path, name: str, args: argparse.Namespa
         argv = [PY, "-m", "agentrl.cli", "learner", "--nats", server.url, "--run", name, "--model", str(model)]
         for s in sets:
             argv += ["--set", s]
+        if args.pin:  # the learner alone on CPU 0; this process and all else it starts stay on the others
+            argv = ["taskset", "-c", "0", *argv]
         with process(*argv) as learner:
             async with contextlib.AsyncExitStack() as stack:
                 if load == "viewer":
@@ -478,5 +480,11 @@ if __name__ == "__main__":
     p.add_argument("--learner-seconds", type=float, default=30, help="seconds of streaming per learner run")
     p.add_argument("--batch", type=int, default=64, help="trajectories per learner step (default 64)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the three learner runs (default 2)")
+    p.add_argument("--pin", action="store_true",
+                   help="part 3: the learner alone on CPU 0, everything else (viewer, browser, publisher, "
+                        "nats-server) on the other CPUs, as on a host where the learner has its own cores")
     p.add_argument("--only", choices=("tail", "learner"), default="", help="run only parts 1-2, or only part 3")
-    asyncio.run(main(p.parse_args()))
+    parsed = p.parse_args()
+    if parsed.pin:
+        os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))  # inherited by everything started below
+    asyncio.run(main(parsed))
