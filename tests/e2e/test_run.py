@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.harness import finish
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -58,16 +60,6 @@ def start_run(tmp_path: Path, *extra: str, short: bool = True) -> subprocess.Pop
                             start_new_session=True)
     _STARTED.append(proc)
     return proc
-
-
-def finish(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"run did not finish in {timeout}s:\n{out.decode()[-4000:]}")
-    return out.decode()
 
 
 def rows(path: Path) -> list[dict[str, object]]:

@@ -78,7 +78,10 @@ def finish(proc: subprocess.Popen[bytes], timeout: float) -> str:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # an actor outliving the supervisor still holds the pipe
+            out = b"(no output: the run's pipe stayed open after the supervisor was killed)"
         raise AssertionError(f"run did not finish in {timeout}s:\n{out.decode()[-5000:]}") from None
     return out.decode()
 

@@ -20,6 +20,7 @@ from agentrl.bus import Bus, EmbeddedNats, free_port
 from agentrl.config import NatsConfig
 from agentrl.errors import BusConnectError
 from agentrl.messages import Trajectory
+from tests.fixtures.nats import cluster_formed, cluster_url
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -34,24 +35,10 @@ def cluster(nats_cluster: list[EmbeddedNats]) -> list[EmbeddedNats]:
     return nats_cluster
 
 
-def urls(nodes: list[EmbeddedNats]) -> str:
-    return ",".join(n.url for n in nodes)
-
-
-async def seen_cluster(url: str) -> None:
-    """Wait until the cluster's routes are up (a client is told of all three servers)."""
-    for _ in range(100):
-        async with await Bus.connect(url, "probe", ensure=False) as bus:
-            if bus.replicas == 3:
-                return
-        await asyncio.sleep(0.2)
-    raise AssertionError("the three nodes never formed a cluster")
-
-
 async def test_streams_are_replicated_and_a_node_death_loses_nothing(cluster: list[EmbeddedNats]) -> None:
-    await seen_cluster(urls(cluster))
+    await cluster_formed(cluster)
     cfg = NatsConfig(ack_wait_s=5.0)
-    async with await Bus.connect(urls(cluster), "r3", cfg) as bus:
+    async with await Bus.connect(cluster_url(cluster), "r3", cfg) as bus:
         s = bus.subjects
         for stream in (s.tasks_stream, s.traj_stream, s.control_stream, f"KV_{s.kv_bucket}", f"OBJ_{s.weights_bucket}"):
             assert (await bus.js.stream_info(stream)).config.num_replicas == 3, stream

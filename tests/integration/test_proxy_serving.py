@@ -14,12 +14,11 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from agentrl.engine.tiny import TinyModelSpec, init_model
 from envs.quickstart import demonstration
-from tests.fixtures.engine import start_engine
+from tests.fixtures.engine import overfit, start_engine
 
 pytestmark = pytest.mark.slow
 
@@ -31,19 +30,7 @@ def memorise(model_dir: Path) -> str:
     """Train the tiny model on the conversation as SFT renders it; return that text."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     text = str(tok.apply_chat_template(CONVERSATION, tokenize=False))
-    batch = torch.tensor([tok.encode(text, add_special_tokens=False)])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    optim = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        loss = model(input_ids=batch, labels=batch).loss
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-        if loss.item() < 0.01:
-            break
-    assert loss.item() < 0.05, f"the tiny model did not memorise the conversation (loss {loss.item():.3f})"
-    model.save_pretrained(model_dir)
+    overfit(model_dir, tok.encode(text, add_special_tokens=False))
     return text
 
 

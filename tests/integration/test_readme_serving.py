@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from agentrl.engine.tiny import TinyModelSpec, init_model
-from tests.fixtures.engine import start_engine
+from tests.fixtures.engine import overfit, start_engine
 
 REPO = Path(__file__).resolve().parents[2]
 ANSWER = "The answer to 45*67+12 is 3027."
@@ -54,19 +54,7 @@ def tools_of(snippet: str) -> list[dict[str, object]]:
 def memorise(model_dir: Path, tools: list[dict[str, object]]) -> None:
     """Train the tiny model on the one conversation until greedy decoding reproduces it."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tok.apply_chat_template(conversation(tools), tools=tools, tokenize=True, return_dict=False)
-    batch = torch.tensor([list(ids)])
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    optim = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        loss = model(input_ids=batch, labels=batch).loss
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-        if loss.item() < 0.01:
-            break
-    assert loss.item() < 0.05, f"the tiny model did not memorise the conversation (loss {loss.item():.3f})"
-    model.save_pretrained(model_dir)
+    overfit(model_dir, list(tok.apply_chat_template(conversation(tools), tools=tools, tokenize=True, return_dict=False)))
 
 
 @pytest.mark.slow

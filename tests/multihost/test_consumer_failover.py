@@ -8,7 +8,6 @@ loopback; no root or Ray needed.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -19,6 +18,7 @@ import pytest
 from agentrl.bus import Bus, EmbeddedNats
 from agentrl.config import NatsConfig
 from agentrl.messages import Trajectory
+from tests.fixtures.nats import cluster_formed
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,18 +34,8 @@ def traj(i: int) -> Trajectory:
                       versions=np.zeros(3, np.int32), prompt_len=1)
 
 
-async def formed(url: str) -> None:
-    for _ in range(100):
-        async with await Bus.connect(url, "probe", ensure=False) as bus:
-            if bus.replicas == 3:
-                return
-        await asyncio.sleep(0.2)
-    raise AssertionError("the three nodes never formed a cluster")
-
-
 async def test_fetch_rides_out_the_death_of_the_consumers_leader(nodes: list[EmbeddedNats]) -> None:
-    url = ",".join(n.url for n in nodes)
-    await formed(url)
+    url = await cluster_formed(nodes)
     async with await Bus.connect(url, "failover", NatsConfig(ack_wait_s=3.0)) as bus:
         consumer = await bus.consumer(bus.subjects.traj, "controller-like", Trajectory, ack_wait=3.0)
         ids = [f"tr{i}" for i in range(6)]
