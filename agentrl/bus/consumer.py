@@ -37,7 +37,7 @@ UNREACHABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.err
 class Delivery(Generic[M]):
     """One delivered message: the decoded ``msg`` plus the ack operations of its raw NATS message."""
 
-    __slots__ = ("_raw", "msg", "num_delivered", "seq")
+    __slots__ = ("_raw", "_reconnects", "msg", "num_delivered", "seq")
 
     def __init__(self, raw: Msg, msg: M) -> None:
         self._raw = raw
@@ -45,15 +45,23 @@ class Delivery(Generic[M]):
         meta = raw.metadata
         self.seq = int(meta.sequence.stream)
         self.num_delivered = int(meta.num_delivered)
+        self._reconnects = _reconnects(raw)
 
     async def ack(self) -> None:
         """Acknowledge and wait for the server to confirm (so an ack is never lost in a crash).
 
         While the server does not answer (it may be restarting: its supervisor brings it back on the same
-        store) the ack is retried with backoff for about a minute before the error is raised.
+        store) the ack is retried with backoff for about a minute before the error is raised. Once the client
+        has reconnected since this delivery, the ack goes out unconfirmed: a server restarted after a kill may
+        have lost the delivery from its consumer state and never answers an ack of it (it redelivers the
+        message instead, which every consumer here recognises as done: an at-least-once redelivery).
         """
         delay = 0.5
         for attempt in range(_ACK_ATTEMPTS):
+            client = self._raw._client
+            if _reconnects(self._raw) != self._reconnects and client.is_connected:
+                await self._raw.ack()
+                return
             try:
                 await self._raw.ack_sync(timeout=10.0)
                 return
@@ -75,6 +83,10 @@ class Delivery(Generic[M]):
     async def in_progress(self) -> None:
         """Reset the ack timer: still working on it."""
         await self._raw.in_progress()
+
+
+def _reconnects(raw: Msg) -> int:
+    return int(raw._client.stats["reconnects"])
 
 
 class Consumer(Generic[M]):

@@ -177,6 +177,32 @@ async def test_kv_calls_ride_out_a_server_restart(tmp_path: object) -> None:
                 await bus.cas_version(1, 2)  # a real conflict is still one
 
 
+async def test_an_ack_the_restarted_server_cannot_confirm_does_not_stall(tmp_path: object) -> None:
+    """A server restarted after a kill may have lost a delivery from its consumer's state and never answers an
+    ack of it. Here the consumer is recreated while the learner's client is away (the same loss, for certain):
+    the ack goes out unconfirmed at once instead of waiting a minute and failing (the learner used to crash on
+    this), and the message is redelivered, which consumers recognise as done."""
+    store = tmp_path / "nats"  # type: ignore[operator]
+    server = EmbeddedNats(store).start()
+    async with await Bus.connect(server.url, "lost") as bus:
+        await bus.publish(bus.subjects.traj, traj(1), msg_id="l1")
+        (d,) = await (await bus.consumer(bus.subjects.traj, "learner", Trajectory)).fetch(1, 2.0)
+        server.stop()
+        with EmbeddedNats(store, port=server.port) as again:
+            async with await Bus.connect(again.url, "lost") as other:
+                stream = other.subjects.traj_stream
+                config = (await other.js.consumer_info(stream, "learner")).config
+                await other.js.delete_consumer(stream, "learner")
+                await other.js.add_consumer(stream, config)
+            for _ in range(100):
+                if bus.nc.is_connected and bus.nc.stats["reconnects"]:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.wait_for(d.ack(), 5)
+            (again_d,) = await (await bus.consumer(bus.subjects.traj, "learner", Trajectory)).fetch(1, 5.0)
+            assert again_d.msg.id == "tr1"
+
+
 async def test_raw_client_sees_msgpack(bus: Bus) -> None:
     nc = await nats.connect(bus.nc.connected_url.geturl())  # type: ignore[union-attr]
     sub = await nc.subscribe(bus.subjects.events("log"))
