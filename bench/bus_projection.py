@@ -21,26 +21,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import math
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import numpy as np
 
-from agentrl.bus import Bus, EmbeddedNats, free_port
-from agentrl.bus.server import ClusterSpec
+from agentrl.bus import Bus, EmbeddedNats
+from agentrl.bus.server import loopback_cluster
 from agentrl.config import NatsConfig
 from agentrl.controller.state import ControllerState, TaskRecord
 from agentrl.messages import ChatMessage, PartialRollout, Task, Trajectory, Turn, encode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bus as bus_bench  # bench/bus.py: the measured publish->consume path
+
+from tests.fixtures.nats import cluster_formed
 
 # bench/RESULTS.md, "Bus" (2-core CPU, loopback, one stream, one consumer): the low end of two runs
 RESULTS_CAPACITY = {1024: (26.0, 1943.0), 32768: (188.0, 442.0)}  # tokens -> (MB/s, msgs/s)
@@ -130,27 +130,8 @@ async def _stream_capacity(bus: Bus, total_mb: int) -> dict[int, tuple[float, fl
     return found
 
 
-@contextlib.contextmanager
-def _cluster(root: Path) -> Iterator[str]:
-    """Three nats-servers on loopback forming one JetStream cluster; their URLs, comma-separated."""
-    routes = tuple(f"127.0.0.1:{free_port()}" for _ in range(3))
-    nodes = [EmbeddedNats(root / f"n{i}", cluster=ClusterSpec("bench", f"n{i}", int(r.split(":")[1]), routes))
-             for i, r in enumerate(routes)]
-    try:
-        for node in nodes:
-            node.start()
-        yield ",".join(node.url for node in nodes)
-    finally:
-        for node in nodes:
-            node.stop()
-
-
-async def _replicated(url: str, total_mb: int) -> dict[int, tuple[float, float]]:
-    for _ in range(100):  # until the routes are up and the client sees three servers
-        async with await Bus.connect(url, "probe", ensure=False) as probe:
-            if probe.replicas == 3:
-                break
-        await asyncio.sleep(0.2)
+async def _replicated(nodes: list[EmbeddedNats], total_mb: int) -> dict[int, tuple[float, float]]:
+    url = await cluster_formed(nodes)
     async with await Bus.connect(url, "projection-r3", NatsConfig(replicas=3)) as bus:
         return await _stream_capacity(bus, total_mb)
 
@@ -162,8 +143,8 @@ async def measure(total_mb: int) -> tuple[dict[int, tuple[float, float]], dict[i
         async with EmbeddedNats(Path(tmp) / "single") as server, await Bus.connect(server.url, "projection") as bus:
             single = await _stream_capacity(bus, total_mb)
             _, get, _ = await bus_bench.blobs(bus, 32)
-        with _cluster(Path(tmp) / "cluster") as url:
-            replicated = await _replicated(url, total_mb)
+        with loopback_cluster(Path(tmp) / "cluster", name="bench") as nodes:
+            replicated = await _replicated(nodes, total_mb)
     return single, replicated, get
 
 

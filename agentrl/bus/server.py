@@ -24,6 +24,8 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -31,8 +33,8 @@ from urllib.parse import quote, urlparse
 
 from agentrl.errors import ConfigError, ServerError
 
-__all__ = ["ClusterSpec", "EmbeddedNats", "TlsFiles", "find_nats_server", "free_port", "render_cluster", "render_config",
-           "write_config"]
+__all__ = ["ClusterSpec", "EmbeddedNats", "TlsFiles", "find_nats_server", "free_port", "loopback_cluster",
+           "render_cluster", "render_config", "write_config"]
 
 _READY_TIMEOUT_S = 20.0
 
@@ -272,3 +274,19 @@ class EmbeddedNats:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await asyncio.to_thread(self.stop)
+
+
+@contextmanager
+def loopback_cluster(root: str | Path, size: int = 3, name: str = "local") -> Iterator[list[EmbeddedNats]]:
+    """``size`` nats-servers on 127.0.0.1 forming one JetStream cluster, their stores under ``root``; all
+    stopped on exit. Clients connect to ``",".join(node.url for node in nodes)``."""
+    routes = tuple(f"127.0.0.1:{free_port()}" for _ in range(size))
+    nodes = [EmbeddedNats(Path(root) / f"n{i}", cluster=ClusterSpec(name, f"n{i}", int(r.split(":")[1]), routes))
+             for i, r in enumerate(routes)]
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()

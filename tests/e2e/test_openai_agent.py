@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.e2e.test_run import _kill_leftover_runs, actor_pids, finish, rows, start_run  # noqa: F401
+from tests.e2e.test_run import _kill_leftover_runs, actor_pids, rows, start_run  # noqa: F401
+from tests.faults.harness import finish
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
