@@ -63,9 +63,9 @@ def write_model(shape: str, out: Path, device: str) -> None:
     del model
 
 
-def learner_config(model: Path, args: argparse.Namespace) -> LearnerConfig:
-    return msgspec.convert({"model": str(model), "device": args.device, "backend": "megatron",
-                            "dtype": "auto", "optim": {"lr": 1e-6}}, LearnerConfig)
+def learner_config(model: Path, args: argparse.Namespace, fused: bool = True) -> LearnerConfig:
+    return msgspec.convert({"model": str(model), "device": args.device, "backend": "megatron", "dtype": "auto",
+                            "optim": {"lr": 1e-6}, "megatron": {"fused_logprobs": fused}}, LearnerConfig)
 
 
 def masked_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -133,17 +133,34 @@ def run_shape(shape: str, rank: Rank, args: argparse.Namespace, tmp: Path) -> No
     free()
     real = sum(len(s) for s in samples)
     times = {}
-    for name in ("torch", "megatron"):  # one backend on the GPU at a time (a 1.5B pair does not fit beside
-        backend = build_torch_backend(lc) if name == "torch" else MegatronBackend(MegatronEngine(rank, lc))
-        if torch.cuda.is_available():  # the other's activations)
+    names = ("torch", "megatron") + (("megatron-unfused",) if args.unfused else ())
+    for name in names:  # one backend on the GPU at a time (a 1.5B pair does not fit beside the other's activations)
+        backend = build_torch_backend(lc) if name == "torch" else \
+            MegatronBackend(MegatronEngine(rank, learner_config(path, args, fused=name == "megatron")))
+        if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         times[name] = timed(backend, mbs, args.steps, args.warmup)
+        if args.profile:
+            profile(backend, mbs, f"{shape}/{name}", args.profile)
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         emit({"shape": shape, "row": "throughput", "backend": name, "micro_batches": len(mbs), "real_tokens": real,
               "seconds_per_step": times[name], "tokens_per_s": real / times[name], "peak_mem_gb": peak})
         del backend
         free()
-    emit({"shape": shape, "row": "ratio", "megatron_over_torch": times["torch"] / times["megatron"]})
+    emit({"shape": shape, "row": "ratio", **{f"{n}_over_torch": times["torch"] / times[n] for n in names[1:]}})
+
+
+def profile(backend: TrainBackend, mbs: list[MicroBatch], label: str, rows: int) -> None:
+    """One more train step under torch.profiler: the ``rows`` ops with the most device (or CPU) time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        backend.train_step(mbs, ppo_loss, LossConfig())
+        sync()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"== profile {label}", flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
 
 
 def free() -> None:
@@ -161,6 +178,10 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--unfused", action="store_true",
+                   help="also time the megatron backend with learner.megatron.fused_logprobs = false")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after timing, profile one more step of each backend and print its top ROWS ops")
     args = p.parse_args()
     lc = LearnerConfig()
     rank = init_parallel(lc.megatron, 0, 1, use_cuda=args.device == "cuda", port=free_port())

@@ -160,7 +160,8 @@ class MegatronEngine:
         start = rank.tp_rank * per_rank
         from megatron.core import parallel_state as ps
 
-        self.vocab = VocabSlice(start, min(per_rank, self.shape.vocab - start), ps.get_tensor_model_parallel_group())
+        self.vocab = VocabSlice(start, min(per_rank, self.shape.vocab - start), ps.get_tensor_model_parallel_group(),
+                                fused=mc.fused_logprobs and self.on_gpu)
         local = shard(hf_to_megatron(read_hf_tensors(self.base), self.shape), self.shape, tp=rank.tp,
                       tp_rank=rank.tp_rank, pp=rank.pp, pp_rank=rank.pp_rank)
         self.model = self._build_model(local)
@@ -327,10 +328,10 @@ class MegatronEngine:
             seq_index=mb.seq_index, num_seqs=len(mb.seq_lens), proximal_logprobs=proximal, ref_logprobs=ref, entropy=ent,
             total_tokens=totals.tokens, total_seqs=totals.seqs)
         out = loss_fn(inputs, cfg)
-        gap = (lp.detach() - mb.behaviour_logprobs).abs()[mb.mask > 0]
-        stats = {"metrics": {k: float(v) for k, v in out.metrics.items()},
-                 "diff_sum": float(gap.sum()) if gap.numel() else 0.0,
-                 "diff_max": float(gap.max()) if gap.numel() else 0.0}
+        # kept on the device until the step ends: a host read here would stall the next micro-batch's launch
+        gap = (lp.detach() - mb.behaviour_logprobs).abs() * (mb.mask > 0)
+        stats = {"metrics": {k: v.detach() for k, v in out.metrics.items()}, "diff_sum": gap.sum(),
+                 "diff_max": gap.max() if gap.numel() else gap.new_zeros(())}
         return out.loss, torch.tensor(1), stats
 
     @torch.no_grad()
@@ -344,12 +345,13 @@ class MegatronEngine:
     def _report(self, done: list[dict[str, Any]], grad_norm: float, lr: float, tokens: int) -> dict[str, Any] | None:
         if not self.rank.reports:
             return None
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Any] = {}
         for d in done:
             for k, v in d["metrics"].items():
                 metrics[k] = metrics.get(k, 0.0) + v
-        return {"metrics": metrics, "diff_sum": sum(d["diff_sum"] for d in done),
-                "diff_max": max((d["diff_max"] for d in done), default=0.0), "tokens": tokens,
+        return {"metrics": {k: float(v) for k, v in metrics.items()},
+                "diff_sum": float(sum(d["diff_sum"] for d in done)),
+                "diff_max": max((float(d["diff_max"]) for d in done), default=0.0), "tokens": tokens,
                 "grad_norm": grad_norm, "lr": lr}
 
     # ------------------------------------------------------------------ state
