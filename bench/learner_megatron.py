@@ -65,7 +65,7 @@ def write_model(shape: str, out: Path, device: str) -> None:
 
 def learner_config(model: Path, args: argparse.Namespace, fused: bool = True) -> LearnerConfig:
     return msgspec.convert({"model": str(model), "device": args.device, "backend": "megatron", "dtype": "auto",
-                            "optim": {"lr": 1e-6}, "megatron": {"fused_logprobs": fused}}, LearnerConfig)
+                            "optim": {"lr": 1e-6}, "megatron": {"fused_kernels": fused}}, LearnerConfig)
 
 
 def masked_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -179,7 +179,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--unfused", action="store_true",
-                   help="also time the megatron backend with learner.megatron.fused_logprobs = false")
+                   help="also time the megatron backend with learner.megatron.fused_kernels = false")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile one more step of each backend and print its top ROWS ops")
     args = p.parse_args()

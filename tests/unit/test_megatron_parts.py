@@ -10,7 +10,7 @@ import torch
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from agentrl.errors import BackendError
-from trainer.backend.megatron.attention import _sdpa_per_sequence, apply_rope
+from trainer.backend.megatron.attention import _sdpa_per_sequence, apply_rope, fused_rope_qk, rope_qk
 from trainer.backend.megatron.driver import MegatronBackend
 from trainer.backend.megatron.engine import StepTotals, idle_micro_batch, merge_step_reports
 from trainer.backend.megatron.schedule import assign_micro_batches
@@ -56,6 +56,21 @@ def test_rope_matches_hugging_face() -> None:
                                         sin[:, 0][None])
     torch.testing.assert_close(apply_rope(q, cos, sin), ref_q[0].transpose(0, 1))
     torch.testing.assert_close(apply_rope(k, cos, sin), ref_k[0].transpose(0, 1))
+
+
+def test_compiled_rope_matches_eager_in_values_and_gradients() -> None:
+    """The GPU default (``learner.megatron.fused_kernels``) compiles RoPE; shapes vary per micro-batch."""
+    torch.manual_seed(1)
+    for tokens in (7, 12):
+        q, k = torch.randn(tokens, 4, 16, requires_grad=True), torch.randn(tokens, 2, 16, requires_grad=True)
+        cos, sin = rope_tables(torch.arange(tokens), 16, 1e6)
+        w_q, w_k = torch.randn(tokens, 4, 16), torch.randn(tokens, 2, 16)
+        grads = []
+        for fn in (rope_qk, fused_rope_qk()):
+            out_q, out_k = fn(q, k, cos, sin)
+            grads.append((out_q, out_k, *torch.autograd.grad((out_q * w_q).sum() + (out_k * w_k).sum(), (q, k))))
+        for eager, compiled in zip(*grads, strict=True):
+            torch.testing.assert_close(compiled, eager)
 
 
 def test_per_sequence_attention_does_not_cross_sequences() -> None:

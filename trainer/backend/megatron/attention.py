@@ -15,6 +15,8 @@ of this TP rank's heads; the output is ``[T, heads, head_dim]``.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from inspect import signature
 from typing import Any
 
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from trainer.backend.megatron._mcore import MCORE_ERROR
 from trainer.backend.megatron.thd import PackedBatch
 
-__all__ = ["VarlenAttention", "apply_rope", "resolve_kernel", "varlen_available"]
+__all__ = ["VarlenAttention", "apply_rope", "fused_rope_qk", "resolve_kernel", "rope_qk", "varlen_available"]
 
 if MCORE_ERROR is None:
     from megatron.core.transformer.module import MegatronModule
@@ -62,6 +64,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + _rotate_half(x) * sin.to(x.dtype)
 
 
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_rope` of the query and the key."""
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+@functools.cache
+def fused_rope_qk() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`rope_qk` compiled into one kernel per direction (instead of ~10 elementwise ones per tensor)."""
+    return torch.compile(rope_qk, dynamic=True, fullgraph=True)
+
+
 def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: tuple[int, ...],
                        scale: float) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
@@ -96,11 +110,12 @@ class VarlenAttention(MegatronModule):
     """Megatron core-attention module (built through a ``ModuleSpec``) for packed THD batches."""
 
     def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str,
-                 kernel: str = "sdpa", **_: Any) -> None:
+                 kernel: str = "sdpa", fused_rope: bool = False, **_: Any) -> None:
         super().__init__(config=config)
         if kernel not in ("varlen", "sdpa"):
             raise ValueError(f"VarlenAttention: kernel must be varlen or sdpa, got {kernel!r}")
         self.kernel = kernel
+        self.rope = fused_rope_qk() if fused_rope else rope_qk
         self.scale = 1.0 / config.kv_channels ** 0.5
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
@@ -109,8 +124,7 @@ class VarlenAttention(MegatronModule):
         packed = packed_seq_params
         if not isinstance(packed, PackedBatch) or packed.rope_cos is None or packed.rope_sin is None:
             raise ValueError("VarlenAttention needs a PackedBatch with RoPE tables (see trainer.backend.megatron.thd)")
-        query = apply_rope(query, packed.rope_cos, packed.rope_sin)
-        key = apply_rope(key, packed.rope_cos, packed.rope_sin)
+        query, key = self.rope(query, key, packed.rope_cos, packed.rope_sin)
         if self.kernel == "varlen":
             return _varlen(query, key, value, packed, self.scale)
         return _sdpa_per_sequence(query, key, value, packed.seq_lens, self.scale)

@@ -155,13 +155,14 @@ class MegatronEngine:
         mc = lc.megatron
         self.opts = ModelOptions(tp=rank.tp, pp=rank.pp, sequence_parallel=mc.sequence_parallel, bf16=self.bf16,
                                  kernel=resolve_kernel(mc.attention, rank.device), recompute=lc.gradient_checkpointing,
+                                 fused_rope=mc.fused_kernels and self.on_gpu,
                                  cpu=rank.device.type == "cpu")
         per_rank = padded_vocab(self.shape, rank.tp) // rank.tp
         start = rank.tp_rank * per_rank
         from megatron.core import parallel_state as ps
 
         self.vocab = VocabSlice(start, min(per_rank, self.shape.vocab - start), ps.get_tensor_model_parallel_group(),
-                                fused=mc.fused_logprobs and self.on_gpu)
+                                fused=mc.fused_kernels and self.on_gpu)
         local = shard(hf_to_megatron(read_hf_tensors(self.base), self.shape), self.shape, tp=rank.tp,
                       tp_rank=rank.tp_rank, pp=rank.pp, pp_rank=rank.pp_rank)
         self.model = self._build_model(local)

@@ -43,6 +43,7 @@ class ModelOptions:
     sequence_parallel: bool = False
     bf16: bool = False
     kernel: str = "sdpa"  # VarlenAttention kernel: varlen | sdpa
+    fused_rope: bool = False  # VarlenAttention applies RoPE through torch.compile (GPU)
     recompute: bool = False  # full activation recomputation of every layer
     cpu: bool = True  # parameters created on the CPU (no CUDA)
 
@@ -70,7 +71,7 @@ def transformer_config(shape: ModelShape, opts: ModelOptions) -> Any:
     )
 
 
-def layer_spec(kernel: str) -> Any:
+def layer_spec(kernel: str, fused_rope: bool = False) -> Any:
     """megatron-core's local GPT layer spec with RMSNorm and :class:`VarlenAttention` as core attention."""
     require()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -79,7 +80,7 @@ def layer_spec(kernel: str) -> Any:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     attention = spec.submodules.self_attention.submodules
-    attention.core_attention = ModuleSpec(module=VarlenAttention, params={"kernel": kernel})
+    attention.core_attention = ModuleSpec(module=VarlenAttention, params={"kernel": kernel, "fused_rope": fused_rope})
     return spec
 
 
@@ -89,7 +90,7 @@ def build_gpt(shape: ModelShape, opts: ModelOptions, *, pre_process: bool, post_
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     shape.check_parallel(opts.tp, opts.pp)
-    block = TransformerBlockSubmodules(layer_specs=[layer_spec(opts.kernel)] * (shape.layers // opts.pp),
+    block = TransformerBlockSubmodules(layer_specs=[layer_spec(opts.kernel, opts.fused_rope)] * (shape.layers // opts.pp),
                                        layer_norm=RMSNorm)
     return GPTModel(
         transformer_config(shape, opts), block, vocab_size=padded_vocab(shape, opts.tp),
