@@ -11,7 +11,8 @@ both backends load it, and the script prints JSON rows:
   (``policy/ratio_mean``), approximate KL and logprob gap of the step;
 - ``throughput``: ``--steps`` timed optimizer steps (after ``--warmup``) of each backend over the
   ``bench/learner.py`` workload (ragged RL batch, first-fit-decreasing packing under ``--budget`` tokens):
-  real tokens per second and the ratio Megatron / torch.
+  real tokens per second and each one's ratio to the torch backend (``--unfused``: both backends also with
+  ``learner.fused_kernels: false``).
 
     python bench/learner_megatron.py                                     # CPU, small shape, fp32
     python bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b qwen2.5-1.5b --seqs 128 \\
@@ -65,7 +66,7 @@ def write_model(shape: str, out: Path, device: str) -> None:
 
 def learner_config(model: Path, args: argparse.Namespace, fused: bool = True) -> LearnerConfig:
     return msgspec.convert({"model": str(model), "device": args.device, "backend": "megatron", "dtype": "auto",
-                            "optim": {"lr": 1e-6}, "megatron": {"fused_kernels": fused}}, LearnerConfig)
+                            "optim": {"lr": 1e-6}, "fused_kernels": fused}, LearnerConfig)
 
 
 def masked_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -133,10 +134,10 @@ def run_shape(shape: str, rank: Rank, args: argparse.Namespace, tmp: Path) -> No
     free()
     real = sum(len(s) for s in samples)
     times = {}
-    names = ("torch", "megatron") + (("megatron-unfused",) if args.unfused else ())
+    names = ("torch", "megatron") + (("torch-unfused", "megatron-unfused") if args.unfused else ())
     for name in names:  # one backend on the GPU at a time (a 1.5B pair does not fit beside the other's activations)
-        backend = build_torch_backend(lc) if name == "torch" else \
-            MegatronBackend(MegatronEngine(rank, learner_config(path, args, fused=name == "megatron")))
+        cfg = learner_config(path, args, fused=not name.endswith("-unfused"))
+        backend = build_torch_backend(cfg) if name.startswith("torch") else MegatronBackend(MegatronEngine(rank, cfg))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         times[name] = timed(backend, mbs, args.steps, args.warmup)
@@ -179,7 +180,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--unfused", action="store_true",
-                   help="also time the megatron backend with learner.megatron.fused_kernels = false")
+                   help="also time both backends with learner.fused_kernels = false")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile one more step of each backend and print its top ROWS ops")
     args = p.parse_args()

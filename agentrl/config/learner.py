@@ -120,6 +120,9 @@ class LearnerConfig(Section):
     """auto = cuda if available, else cpu"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto = bf16 on GPU, float32 on CPU"""
+    fused_kernels: bool = True
+    """on GPU: per-token logprobs and entropy (and the megatron backend's RoPE) through compiled fused kernels, in
+    row chunks, never a float32 [tokens, vocab] tensor (torch.compile); false = plain PyTorch ops"""
     attn_implementation: str = "sdpa_varlen"
     """sdpa_varlen: per-sequence causal SDPA on packed rows (trainer/backend/varlen.py); sdpa | eager build a
     block-diagonal mask from the position ids; flash_attention_2 uses its varlen kernels (needs flash-attn)."""

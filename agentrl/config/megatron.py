@@ -31,8 +31,6 @@ class MegatronConfig(Section):
     """fp32 master weights and Adam state sharded over DP ranks"""
     attention: Literal["auto", "varlen", "sdpa"] = "auto"
     """auto = flash varlen kernels over the packed sequences on GPU, one causal SDPA per sequence on CPU"""
-    fused_kernels: bool = True
-    """on GPU: compile RoPE and the logprob/entropy math over the vocabulary into fused kernels (torch.compile)"""
     master_addr: str = "127.0.0.1"
     """address the ranks of one learner talk over"""
     master_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0

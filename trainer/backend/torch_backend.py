@@ -27,6 +27,7 @@ from trainer.backend.base import StepResult
 from trainer.backend.varlen import VARLEN
 from trainer.losses import LossFn, LossInputs
 from trainer.packing import MicroBatch, token_logprobs
+from trainer.vocab_logprobs import VocabSlice, packed_logprobs
 
 __all__ = ["TorchBackend", "build_torch_backend", "lr_lambda", "resolve_device"]
 
@@ -66,6 +67,7 @@ class TorchBackend:
         ref_model: PreTrainedModel | None = None,
         track_entropy: bool = True,
         offloaded: bool = False,
+        fused_logprobs: bool = False,
     ) -> None:
         self.device = torch.device(device)
         # where the states are now: the device, or host memory between colocated steps (see offload)
@@ -81,6 +83,7 @@ class TorchBackend:
             ref_model.eval().requires_grad_(False)
         self.bf16 = bf16
         self.track_entropy = track_entropy  # the entropy metric costs a pass over [tokens, vocab]
+        self.fused_logprobs = fused_logprobs  # trainer.vocab_logprobs's compiled chunks (GPU)
         self.optim_cfg = optim
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -109,7 +112,12 @@ class TorchBackend:
         with self._autocast():
             out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, **extra)
         starts = mb.position_ids[0] == 0
-        return token_logprobs(out.logits[0], mb.input_ids[0], starts, with_entropy=with_entropy,
+        logits = out.logits[0]
+        if self.fused_logprobs:  # the same values; the entropy has a gradient only if a loss uses it
+            lp, ent = packed_logprobs(logits, mb.input_ids[0], starts, VocabSlice(0, logits.shape[-1], fused=True),
+                                      mb.temperature)
+            return lp, (ent if entropy_grad else ent.detach()) if with_entropy else None
+        return token_logprobs(logits, mb.input_ids[0], starts, with_entropy=with_entropy,
                               entropy_grad=entropy_grad, temperature=mb.temperature)
 
     @torch.no_grad()
@@ -278,5 +286,5 @@ def build_torch_backend(cfg: LearnerConfig) -> TorchBackend:
     ref = load() if cfg.loss.kl_coef > 0 else None
     return TorchBackend(  # colocated: the states wait in host memory until the first step (the engines hold the device)
         load(), cfg.optim, device=device, bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, ref_model=ref,
-        offloaded=cfg.colocate,
+        offloaded=cfg.colocate, fused_logprobs=cfg.fused_kernels and device.type == "cuda",
     )

@@ -11,7 +11,7 @@ Three layouts:
   ones (attention output, fc2) along dim 1, norms are replicated. Because QKV is grouped per KV head, a
   contiguous dim-0 chunk is whole query groups; fc1 is split so each rank holds ``[gate_r; up_r]``. The
   vocabulary is padded with zero rows to a multiple of the TP size (those logits are excluded from the
-  softmax by :mod:`trainer.backend.megatron.logprobs`).
+  softmax by :mod:`trainer.vocab_logprobs`).
 
 Every conversion only slices, concatenates and reshapes, so HF → shards → HF is bit-identical.
 """

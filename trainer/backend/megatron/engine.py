@@ -40,7 +40,6 @@ from trainer.backend.megatron.convert import (
     padded_vocab,
     shard,
 )
-from trainer.backend.megatron.logprobs import VocabSlice, packed_logprobs
 from trainer.backend.megatron.model import ModelOptions, build_gpt
 from trainer.backend.megatron.parallel import Rank
 from trainer.backend.megatron.schedule import assign_micro_batches
@@ -50,6 +49,7 @@ from trainer.backend.megatron.weights_io import read_hf_tensors, write_hf
 from trainer.backend.torch_backend import lr_lambda
 from trainer.losses import LossFn, LossInputs
 from trainer.packing import MicroBatch, Sample, pack
+from trainer.vocab_logprobs import VocabSlice, packed_logprobs
 
 __all__ = ["LocalOptimizer", "MegatronEngine", "StepTotals", "idle_micro_batch", "merge_step_reports"]
 
@@ -155,14 +155,14 @@ class MegatronEngine:
         mc = lc.megatron
         self.opts = ModelOptions(tp=rank.tp, pp=rank.pp, sequence_parallel=mc.sequence_parallel, bf16=self.bf16,
                                  kernel=resolve_kernel(mc.attention, rank.device), recompute=lc.gradient_checkpointing,
-                                 fused_rope=mc.fused_kernels and self.on_gpu,
+                                 fused_rope=lc.fused_kernels and self.on_gpu,
                                  cpu=rank.device.type == "cpu")
         per_rank = padded_vocab(self.shape, rank.tp) // rank.tp
         start = rank.tp_rank * per_rank
         from megatron.core import parallel_state as ps
 
         self.vocab = VocabSlice(start, min(per_rank, self.shape.vocab - start), ps.get_tensor_model_parallel_group(),
-                                fused=mc.fused_kernels and self.on_gpu)
+                                fused=lc.fused_kernels and self.on_gpu)
         local = shard(hf_to_megatron(read_hf_tensors(self.base), self.shape), self.shape, tp=rank.tp,
                       tp_rank=rank.tp_rank, pp=rank.pp, pp_rank=rank.pp_rank)
         self.model = self._build_model(local)

@@ -1,13 +1,13 @@
-"""Vocab-parallel logprobs/entropy against the plain full-vocabulary reference (values and gradients)."""
+"""Vocab-parallel (and fused) logprobs/entropy against the plain full-vocabulary reference (values and gradients)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from trainer.backend.megatron import logprobs
-from trainer.backend.megatron.logprobs import VocabSlice, packed_logprobs, vocab_parallel_logprobs
+from trainer import vocab_logprobs as logprobs
 from trainer.packing import token_logprobs
+from trainer.vocab_logprobs import VocabSlice, packed_logprobs, vocab_parallel_logprobs
 
 
 def _reference(logits: torch.Tensor, targets: torch.Tensor, temp: torch.Tensor | None):
