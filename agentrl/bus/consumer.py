@@ -103,6 +103,12 @@ class Consumer(Generic[M]):
         self.dead_lettered = 0
         self._closed = False
 
+    async def outstanding(self) -> int:
+        """Messages nobody has acked yet: still to be delivered, or delivered and unacked — also to a client that
+        died holding them, which get redelivered only after ``ack_wait``, behind later ones."""
+        info = await self._sub.consumer_info()
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
     async def fetch(self, batch: int = 64, timeout: float = 1.0) -> list[Delivery[M]]:
         """Up to ``batch`` deliveries, waiting at most ``timeout`` seconds; ``[]`` if none arrived.
 

@@ -102,7 +102,7 @@ class Controller:
         feeders = [asyncio.create_task(f) for f in loops]
         try:
             await self._handle([("version", await self.bus.get_version())], initial=True)
-            while not self._stop.is_set() and not (exit_when_done and self.core.done):
+            while not self._stop.is_set() and not (exit_when_done and await self._books_closed(control)):
                 items = await self._next_items()
                 if items:
                     await self._handle(items)
@@ -119,6 +119,17 @@ class Controller:
                 with contextlib.suppress(nats.errors.Error):
                     await c.unsubscribe()
             # no final save: every handled batch of events was saved before its actions and acks
+
+    async def _books_closed(self, control: Consumer[Any]) -> bool:
+        """``core.done``, and no control message still owed. A controller restarted after a kill gets what its
+        predecessor was handed but never acked only after ``ack_wait``, behind later messages: the learner's last
+        ``batch_taken`` can arrive before an earlier one, which must still be counted."""
+        if not self.core.done:
+            return False
+        try:
+            return await control.outstanding() == 0
+        except (nats.errors.Error, TimeoutError):  # unreachable for now: not provably closed
+            return False
 
     # ------------------------------------------------------------ inputs
 

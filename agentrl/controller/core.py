@@ -110,8 +110,9 @@ class ControllerCore:
         finished; with ``max_steps``, also the learner took its last step and its weights are loaded, so the
         books are final: every announcement precedes the last step's on the durable control stream. (A learner
         restarted from an earlier checkpoint redoes steps with other trajectories, so neither "every accepted task
-        announced" nor "none pending" tells when it is done. When the prompts run out first, what is left may
-        never fill a batch.)"""
+        announced" nor "none pending" tells when it is done. The controller also waits until the control stream owes
+        it nothing: a restarted controller gets its predecessor's unacked messages last.) When the prompts run out first, what is left may
+        never fill a batch."""
         st = self.state
         settled = (st.exhausted and not self._enough()) or self._learner_finished()
         return (st.exhausted or self._enough()) and not st.running and settled and not self._final_eval_due()

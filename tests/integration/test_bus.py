@@ -64,6 +64,30 @@ async def test_unacked_messages_are_redelivered_to_another_consumer(nats_url: st
         assert all(d.num_delivered == 2 for d in again)
 
 
+async def test_outstanding_counts_what_a_dead_client_held_until_it_is_redelivered_and_acked(
+        nats_url: str, run_name: str) -> None:
+    """What the controller waits on before it closes its books: a message handed to a client that died is owed
+    (not fetchable until ``ack_wait``) and counts until someone acks it."""
+    cfg = NatsConfig(ack_wait_s=1.0)
+    first = await Bus.connect(nats_url, run_name, cfg)
+    for i in range(2):
+        await first.publish(first.subjects.task("new"), task(i), msg_id=f"o{i}")
+    got = await (await first.consumer(first.subjects.task("new"), "owed", Task)).fetch(2, 2.0)
+    await got[0].ack()
+    await first.nc.close()  # dies holding one
+    async with await Bus.connect(nats_url, run_name, cfg) as second:
+        consumer = await second.consumer(second.subjects.task("new"), "owed", Task)
+        assert await consumer.outstanding() == 1
+        again = []
+        for _ in range(10):
+            again += await consumer.fetch(2, 1.0)
+            if again:
+                break
+        assert [d.msg.id for d in again] == [got[1].msg.id] and await consumer.outstanding() == 1
+        await again[0].ack()
+        assert await consumer.outstanding() == 0
+
+
 async def test_duplicate_publishes_are_stored_once(bus: Bus) -> None:
     seqs = [await bus.publish(bus.subjects.traj, traj(7), msg_id="tr7") for _ in range(3)]
     seqs += await bus.publish_many(bus.subjects.traj, [traj(7)] * 5, msg_ids=["tr7"] * 5)
