@@ -142,3 +142,55 @@ async def test_controller_killed_between_batch_taken_and_its_receipt_never_over_
     assert len(admitted) == len({t.id for t in admitted}) == prompts * n
     for k, task in enumerate(admitted, start=1):  # accepted + running (no drops here) at each admission
         assert k <= (task.admitted_version + eta + 1) * batch, (k, task.admitted_version)
+
+
+async def test_a_batch_taken_handed_to_the_dead_controller_is_still_counted(
+    bus: Bus, nats_url: str, run_name: str, tmp_path: Path, start_rollout: Any
+) -> None:
+    """The controller dies holding a batch_taken it was handed but never acked (played here by a client that
+    pulls it and goes silent). NATS gives it to the restarted controller only after ack_wait, after the learner's
+    last batch_taken: the controller must not close its books before it is counted (it used to exit one step
+    short, as the fault matrix's nats-server/controller case once showed)."""
+    prompts, n, batch, eta = 12, 2, 4, 1
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [11 + i, 12, 13, 14]}) + "\n" for i in range(prompts)))
+    config = tmp_path / "run.yaml"
+    steps = prompts * n // batch
+    config.write_text(yaml.safe_dump({
+        "name": run_name, "dir": str(tmp_path / "run"),
+        "training": {"group_size": n, "batch_size": batch, "max_staleness": eta, "max_steps": steps},
+        "controller": {"dataset": {"path": str(data)}, "epochs": 1, "metrics_interval_s": 0.5},
+    }))
+    log = tmp_path / "controller.log"
+    procs = [controller_proc(config, nats_url, log)]
+    stream = bus.subjects.control_stream
+    async with start_rollout(bus, batch=batch, eta=eta, steps=steps, slots=4, median=25.0, train_s=0.1) as r:
+        publish = r.learner._control
+
+        async def die_holding_it(kind: Any, msg: Any, msg_id: str) -> None:
+            if kind == "batch_taken" and msg.step == steps - 3:
+                procs[-1].send_signal(signal.SIGKILL)
+                procs[-1].wait(timeout=10)
+                await publish(kind, msg, msg_id)
+                held = await bus.js.pull_subscribe_bind(durable="controller-control", stream=stream)
+                (handed,) = await held.fetch(1, timeout=5)  # delivered, never acked: what the dead one held
+                assert handed.metadata.sequence.stream == (await bus.js.stream_info(stream)).state.last_seq
+                procs.append(controller_proc(config, nats_url, log))
+                return
+            await publish(kind, msg, msg_id)
+
+        r.learner._control = die_holding_it
+        try:
+            stats = await asyncio.wait_for(r.learner.run(), timeout=180)
+            assert await asyncio.to_thread(procs[-1].wait, 120) == 0, log.read_text()
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        from agentrl.controller.state import load_state
+
+        state = await load_state(bus)
+    assert len(procs) == 2 and state is not None
+    assert state.counters.trained == len(stats.trained) == steps * batch, state.counters
+    assert not state.pending_versions
