@@ -66,7 +66,10 @@ async def test_fork_bomb_hits_the_process_limit() -> None:
 
 
 async def test_memory_hog_is_stopped() -> None:
-    r = await run_python("x = []\nwhile True:\n    x.append(b'x' * 10**7)", limits=LIMITS)
+    # a CPU limit far above what filling 256 MB takes: under reclaim pressure on a loaded machine the hog burned
+    # its 1 s of CPU before the memory limit stopped it (status "cpu", seen once in a full run)
+    limits = SandboxLimits(wall_s=20, cpu_s=10, memory_mb=256, max_processes=16)
+    r = await run_python("x = []\nwhile True:\n    x.append(b'x' * 10**7)", limits=limits)
     assert r.status == "memory"
     assert r.exit_code == -9 if r.accounting == "cgroup" else "MemoryError" in r.stderr
 
