@@ -16,14 +16,7 @@ set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/h200}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
+. bench/gpu_env.sh
 
 part() {  # part NAME LIMIT_S COMMAND...: run, keep the log, print its result lines
   local name=$1 limit=$2

@@ -8,14 +8,7 @@
 #   OUT=/tmp/out MODEL=.kgmodel bash bench/kernelgen_gpu.sh
 set -u
 cd "$(dirname "$0")/.."
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
+. bench/gpu_env.sh
 OUT=${OUT:-/tmp/kernelgen-gpu}
 MODEL=${MODEL:-.kgmodel}
 mkdir -p "$OUT"

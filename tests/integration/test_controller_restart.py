@@ -77,6 +77,22 @@ async def test_killed_controller_resumes_without_reissuing_or_losing(
     assert "resuming from saved state" in log.read_text()
 
 
+async def learn_then_controller_exits(learner: Any, procs: list[subprocess.Popen[bytes]], log: Path,
+                                      wait_s: float) -> Any:
+    """Run the learner to its last step, then the last controller must exit cleanly within ``wait_s``; every
+    controller process is gone afterwards."""
+    try:
+        stats = await asyncio.wait_for(learner.run(), timeout=180)
+        code = await asyncio.to_thread(procs[-1].wait, wait_s)
+        assert code == 0, await asyncio.to_thread(log.read_text)
+        return stats
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 async def tap_admissions(bus: Bus, into: dict[str, Any]) -> Any:
     """Record every training task the controller publishes, first sighting only, in order (a core-NATS tap:
     it sees publishes without consuming from the work queue)."""
@@ -123,14 +139,7 @@ async def test_controller_killed_between_batch_taken_and_its_receipt_never_over_
             await publish(kind, msg, msg_id)
 
         r.learner._control = kill_first
-        try:
-            stats = await asyncio.wait_for(r.learner.run(), timeout=180)
-            assert await asyncio.to_thread(procs[-1].wait, 60) == 0, log.read_text()
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+        stats = await learn_then_controller_exits(r.learner, procs, log, 60)
         from agentrl.controller.state import load_state
 
         state = await load_state(bus)
@@ -180,14 +189,7 @@ async def test_a_batch_taken_handed_to_the_dead_controller_is_still_counted(
             await publish(kind, msg, msg_id)
 
         r.learner._control = die_holding_it
-        try:
-            stats = await asyncio.wait_for(r.learner.run(), timeout=180)
-            assert await asyncio.to_thread(procs[-1].wait, 120) == 0, log.read_text()
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+        stats = await learn_then_controller_exits(r.learner, procs, log, 120)
         from agentrl.controller.state import load_state
 
         state = await load_state(bus)
