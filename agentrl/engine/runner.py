@@ -9,7 +9,10 @@ recomputed here against a pool of keys/values shaped ``[layers, 2, pool_tokens +
 - pool index ``pool_tokens`` (the last) and position ``context`` are scratch: padded rows and positions write
   there and nothing valid reads them;
 - a decode step runs over rows ``0..n-1``, so it has static shapes when ``n`` is one of a few bucket sizes
-  (what CUDA graphs need; a captured step reads the whole table, indices included).
+  (what CUDA graphs need; a captured step reads the whole table, indices included);
+- on CUDA a decode step's attention is :func:`~agentrl.engine.decode_attention.paged_decode_attention`, which
+  reads only each row's own keys (its length comes from its position, on the device); prefill, and every step
+  on CPU, gather the keys up to ``kv_len`` and run masked SDPA (:func:`gathered_sdpa`).
 
 Supported: llama-family decoders (Qwen2, Qwen3, Llama, Mistral without sliding window).
 """
@@ -17,7 +20,8 @@ Supported: llama-family decoders (Qwen2, Qwen3, Llama, Mistral without sliding w
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 from agentrl.errors import EngineError
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "ModelRunner", "Prefill", "PromptScores", "ScoreSpec"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "ModelRunner", "Prefill", "PromptScores", "ScoreSpec", "gathered_sdpa"]
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 
@@ -33,6 +37,35 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def gathered_sdpa(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, read: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of ``q [B, H, Q, D]`` over the keys at pool indices ``read [B, kv_len]`` where ``mask`` allows."""
+    keys, values = k_pool[read].transpose(1, 2), v_pool[read].transpose(1, 2)  # [B, kv_heads, kv_len, D]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def _decode_kernel(device: torch.device, wanted: bool | None) -> Callable[..., torch.Tensor] | None:
+    """The decode-attention kernel if it is to be used (default: on CUDA), else None."""
+    if not (device.type == "cuda" if wanted is None else wanted):
+        return None
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "0":
+        raise EngineError("decode_kernel on a CPU device needs TRITON_INTERPRET=1 (Triton's interpreter)")
+    from agentrl.engine.decode_attention import paged_decode_attention  # imports triton: only when used
+
+    return paged_decode_attention
+
+
+class _Keys(NamedTuple):
+    """Where a forward pass writes its new keys/values, and which keys each query reads (one of two ways)."""
+
+    where: torch.Tensor  # [B, Q] pool index of each new token
+    read: torch.Tensor | None = None  # SDPA: [B, kv_len] pool index of each key position
+    mask: torch.Tensor | None = None  # SDPA: [B, 1, Q, kv_len] key allowed
+    table: torch.Tensor | None = None  # decode kernel: [B, context + 1] the rows' tables
+    lens: torch.Tensor | None = None  # decode kernel: [B] int32 keys of each row (0: idle row)
 
 
 class ScoreSpec(NamedTuple):
@@ -62,7 +95,11 @@ class Prefill(NamedTuple):
 class ModelRunner:
     """Prefill and decode for many sequences at once; returns float32 next-token logits."""
 
-    def __init__(self, model: Any, num_rows: int, context_length: int, pool_tokens: int) -> None:
+    def __init__(
+        self, model: Any, num_rows: int, context_length: int, pool_tokens: int, *, decode_kernel: bool | None = None
+    ) -> None:
+        """``decode_kernel``: decode attention by the Triton kernel (default: on CUDA); True on CPU only under
+        ``TRITON_INTERPRET=1`` (the interpreter, for tests)."""
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise EngineError(
@@ -82,6 +119,8 @@ class ModelRunner:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self._kernel = _decode_kernel(self.device, decode_kernel)
+        self.decode_kernel = self._kernel is not None
         self.kv: torch.Tensor | None = None
         self.allocate_kv()
         self.table = torch.full((num_rows, context_length + 1), pool_tokens, dtype=torch.long, device=self.device)
@@ -201,29 +240,27 @@ class ModelRunner:
         hidden = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(hidden, pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        keys = torch.arange(kv_len, device=self.device)
-        mask = (keys.view(1, 1, -1) <= pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, Q, kv_len]
-        table = self.table[rows]
-        where = table.gather(1, pos)  # [B, Q] pool index each new token is written to
-        read = table[:, :kv_len]  # [B, kv_len] pool index of each key position
+        keys = self._keys(pos, rows, kv_len)
         for i, layer in enumerate(self.decoder.layers):
             residual = hidden
             attn_in = layer.input_layernorm(hidden)
-            hidden = residual + self._attention(self.kv[i], layer.self_attn, attn_in, cos, sin, where, read, mask)
+            hidden = residual + self._attention(self.kv[i], layer.self_attn, attn_in, cos, sin, keys)
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden
 
+    def _keys(self, pos: torch.Tensor, rows: torch.Tensor, kv_len: int) -> _Keys:
+        table = self.table[rows]
+        where = table.gather(1, pos)
+        if self._kernel is not None and pos.shape[1] == 1:  # one new token per row: only its own keys are read
+            lens = torch.where(pos[:, 0] == self.scratch, 0, pos[:, 0] + 1).to(torch.int32)
+            return _Keys(where, table=table, lens=lens)
+        keys = torch.arange(kv_len, device=self.device)
+        mask = (keys.view(1, 1, -1) <= pos.unsqueeze(-1)).unsqueeze(1)
+        return _Keys(where, read=table[:, :kv_len], mask=mask)
+
     def _attention(
-        self,
-        kv: torch.Tensor,
-        attn: Any,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        where: torch.Tensor,
-        read: torch.Tensor,
-        mask: torch.Tensor,
+        self, kv: torch.Tensor, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: _Keys
     ) -> torch.Tensor:
         b, q_len, _ = x.shape
         q = attn.q_proj(x).view(b, q_len, -1, self.head_dim)
@@ -234,10 +271,13 @@ class ModelRunner:
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        kv[0][where] = k.transpose(1, 2)
-        kv[1][where] = v
-        keys, values = kv[0][read].transpose(1, 2), kv[1][read].transpose(1, 2)  # [B, heads, kv_len, dim]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+        kv[0][keys.where] = k.transpose(1, 2)
+        kv[1][keys.where] = v
+        if self._kernel is not None and keys.lens is not None:
+            out = self._kernel(q[:, :, 0], kv[0], kv[1], keys.table, keys.lens, attn.scaling).unsqueeze(2)
+        else:
+            assert keys.read is not None and keys.mask is not None
+            out = gathered_sdpa(q, kv[0], kv[1], keys.read, keys.mask, attn.scaling)
         return attn.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))
 
 
