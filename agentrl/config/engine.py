@@ -73,6 +73,9 @@ class EngineConfig(Section):
         default_factory=lambda: [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256]
     )
     """decode batch sizes captured as CUDA graphs (CUDA only)"""
+    decode_attention: Literal["triton", "sdpa"] = "triton"
+    """decode-step attention on CUDA: triton reads only each row's keys (agentrl/engine/decode_attention.py); sdpa
+    gathers the whole context and masks it (the CPU path)"""
     torch_threads: Annotated[int, msgspec.Meta(ge=0)] = 0
     """CPU threads of torch; 0 = torch default"""
     weight_version: Annotated[int, msgspec.Meta(ge=0)] = 0
