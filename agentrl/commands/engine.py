@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-length", type=int, help="max prompt + output tokens (engine.context_length)")
     p.add_argument("--max-total-tokens", type=int, help="KV pool positions (engine.max_total_tokens)")
     p.add_argument("--disable-radix-cache", action="store_const", const="false", help="engine.prefix_cache=false")
+    p.add_argument("--disable-overlap-schedule", action="store_const", const="false",
+                   help="engine.overlap_schedule=false")
     p.add_argument("--enable-custom-logit-processor", action="store_const", const="true",
                    help="run client-sent logit processors (engine.enable_custom_logit_processor)")
     p.add_argument("--weight-update", choices=["swap", "drain"],
@@ -34,6 +36,7 @@ _FLAGS = {
     "model": "engine.model", "host": "engine.host", "port": "engine.port", "dtype": "engine.dtype",
     "device": "engine.device", "max_running": "engine.max_running", "context_length": "engine.context_length",
     "max_total_tokens": "engine.max_total_tokens", "disable_radix_cache": "engine.prefix_cache",
+    "disable_overlap_schedule": "engine.overlap_schedule",
     "enable_custom_logit_processor": "engine.enable_custom_logit_processor", "weight_update": "engine.weight_update",
 }
 

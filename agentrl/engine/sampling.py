@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Sampled", "SamplingBatch", "hash_uniform", "sample"]
+__all__ = ["DeviceSampled", "HostCopy", "Sampled", "SamplingBatch", "hash_uniform", "sample", "sample_on_device"]
 
 _MASK53 = (1 << 53) - 1
 
@@ -108,12 +108,24 @@ def _truncate(logp: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     return logp.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
 
 
-def sample(logits: torch.Tensor, params: SamplingBatch) -> Sampled:
-    """Sample one token per row of float32 ``logits [B, V]``."""
+class DeviceSampled(NamedTuple):
+    """:class:`Sampled` still on the logits' device (nothing has waited for the device yet)."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    top_values: torch.Tensor | None
+    top_ids: torch.Tensor | None
+    ids_logprobs: torch.Tensor | None  # [B, longest token_ids list], rows padded
+
+
+def sample_on_device(logits: torch.Tensor, params: SamplingBatch) -> DeviceSampled:
+    """Sample one token per row of float32 ``logits [B, V]`` without waiting for the device."""
     device = logits.device
     p = SamplingBatch(
-        params.temperature.to(device), params.top_p.to(device), params.top_k.to(device),
-        params.min_p.to(device), params.seed.to(device), params.step.to(device), params.ban, params.truncate,
+        params.temperature.to(device, non_blocking=True), params.top_p.to(device, non_blocking=True),
+        params.top_k.to(device, non_blocking=True), params.min_p.to(device, non_blocking=True),
+        params.seed.to(device, non_blocking=True), params.step.to(device, non_blocking=True),
+        params.ban, params.truncate,
     )
     if any(p.ban):
         logits = logits.clone()  # the model's output may be an inference tensor: never write into it
@@ -131,9 +143,61 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> Sampled:
     chosen = logp.gather(-1, tokens.view(-1, 1)).view(-1)
     k = max(params.top_logprobs, default=0)
     top = logp.topk(k, dim=-1) if k else None
-    ids = [None if want is None else logp[row, want].tolist() for row, want in enumerate(params.token_ids)]
-    return Sampled(
-        tokens.cpu(), chosen.cpu(),
-        top.values.cpu() if top is not None else None, top.indices.cpu() if top is not None else None,
-        ids if any(x is not None for x in ids) else None,
+    return DeviceSampled(
+        tokens, chosen, top.values if top is not None else None, top.indices if top is not None else None,
+        _ids_logprobs(logp, params.token_ids),
     )
+
+
+def _ids_logprobs(logp: torch.Tensor, token_ids: list[list[int] | None]) -> torch.Tensor | None:
+    width = max((len(ids) for ids in token_ids if ids is not None), default=0)
+    if not any(ids is not None for ids in token_ids):
+        return None
+    index = torch.zeros((len(token_ids), max(width, 1)), dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        if ids:
+            index[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return logp.gather(-1, index.to(logp.device, non_blocking=True))
+
+
+class HostCopy:
+    """A :class:`DeviceSampled` being copied to the host; :meth:`result` waits for it.
+
+    On CUDA the copies go to pinned memory behind the step's kernels and an event marks their end, so the
+    thread that launched the step returns at once; elsewhere the values are already there.
+    """
+
+    def __init__(self, out: DeviceSampled, token_ids: list[list[int] | None]) -> None:
+        self.token_ids = token_ids
+        self.event: torch.cuda.Event | None = None
+        if out.tokens.is_cuda:
+            out = DeviceSampled(
+                _to_pinned(out.tokens), _to_pinned(out.logprobs), *(None if t is None else _to_pinned(t) for t in out[2:])
+            )
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.out = out
+
+    def wait(self) -> None:
+        """Block until the copies are done (releases the GIL while it waits)."""
+        if self.event is not None:
+            self.event.synchronize()
+
+    def result(self) -> Sampled:
+        self.wait()
+        o = self.out
+        ids = None
+        if o.ids_logprobs is not None:
+            rows = o.ids_logprobs.tolist()
+            ids = [None if want is None else rows[b][: len(want)] for b, want in enumerate(self.token_ids)]
+        return Sampled(o.tokens.cpu(), o.logprobs.cpu(), o.top_values, o.top_ids, ids)
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+def sample(logits: torch.Tensor, params: SamplingBatch) -> Sampled:
+    """Sample one token per row of float32 ``logits [B, V]`` (waits for the device; results on the host)."""
+    return HostCopy(sample_on_device(logits, params), params.token_ids).result()

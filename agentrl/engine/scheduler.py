@@ -30,8 +30,9 @@ from agentrl.engine.kv_cache import KVCache
 from agentrl.engine.logits import apply_logits
 from agentrl.engine.request import Request, Tokenizer
 from agentrl.engine.runner import Prefill, ScoreSpec
-from agentrl.engine.sampling import Sampled, sample
+from agentrl.engine.sampling import HostCopy, Sampled, sample, sample_on_device
 from agentrl.engine.step_inputs import (
+    pipelinable,
     record_prompt_scores,
     record_sampled,
     row_logits,
@@ -67,12 +68,22 @@ class Runner(Protocol):
 
 
 @dataclass
+class _InFlight:
+    """A decode step launched on the model thread whose tokens are not committed yet (overlap scheduling)."""
+
+    reqs: list[Request]
+    tokens: torch.Tensor  # the sampled tokens on the device, one per request of ``reqs``
+    copy: HostCopy
+
+
+@dataclass
 class SchedulerStats:
     """Counters for ``/get_server_info``."""
 
     steps: int = 0  # forward passes (prefill or decode)
     decode_steps: int = 0
     decode_time_s: float = 0.0  # wall time of decode steps on the model thread (forward + sampling)
+    overlapped_steps: int = 0  # decode steps launched before the previous step's tokens were committed
     prefill_time_s: float = 0.0
     generated_tokens: int = 0
     prompt_tokens: int = 0  # prompt tokens of admitted requests (what prefill would cost without the cache)
@@ -101,6 +112,7 @@ class Scheduler:
         waiting_timeout_s: float | None = None,
         running_timeout_s: float | None = None,
         timeout_status: int = 503,
+        overlap: bool = True,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -114,6 +126,7 @@ class Scheduler:
         self.waiting_timeout_s = waiting_timeout_s
         self.running_timeout_s = running_timeout_s
         self.timeout_status = timeout_status
+        self.overlap = overlap  # launch decode step N+1 before committing step N's tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.free_rows = list(range(runner.num_rows))
@@ -126,6 +139,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._pending_weights: list[tuple[Callable[[], None], int, asyncio.Future[None]]] = []
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="agentrl-engine-model")
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="agentrl-engine-wait")  # waits for device copies
+        self._inflight: _InFlight | None = None
         self._task: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -146,6 +161,7 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=True)
+        self._waiter.shutdown(wait=True)
 
     # --- requests --------------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -230,6 +246,7 @@ class Scheduler:
                 await self._iteration()
             except Exception as exc:  # a failed step fails its requests, never the server
                 log.exception("engine step failed")
+                self._inflight = None
                 for req in self.running:
                     req.finish({"type": "abort", "message": f"engine step failed: {exc}"})
                 self._release_finished(failed=True)
@@ -247,13 +264,15 @@ class Scheduler:
         return 0.05 if self.waiting and self.waiting_timeout_s is not None else None
 
     def _has_work(self) -> bool:
-        if self._pending_weights or self._retract_pending or self._settle_waiters or any(
+        if self._inflight is not None or self._pending_weights or self._retract_pending or self._settle_waiters or any(
             r.abort_requested and not r.finished for r in self.running
         ):
             return True  # weight updates, retractions and aborts are served while paused too
         return not self.paused and not self.released and bool(self.waiting or self.running)
 
     async def _iteration(self) -> None:
+        if self._inflight is not None and self._must_drain():
+            await self._drain()
         if self._retract_pending:
             self._retract_pending = False
             self._retract_all()
@@ -273,6 +292,8 @@ class Scheduler:
         if self.running:
             await self._decode()
             self._release_finished()
+        elif self._inflight is not None:
+            await self._drain()
 
     async def _apply_weights(self) -> None:
         if self.drain_for_weights and any(not r.finished for r in self.running):
@@ -308,8 +329,8 @@ class Scheduler:
     def _admit(self) -> list[Request]:
         """Move waiting requests into the batch while rows, KV memory and the prefill budget allow (at least one)."""
         admitted: list[Request] = []
-        if self.drain_for_weights and self._pending_weights:
-            return admitted  # draining for a weight update
+        if self._inflight is not None or (self.drain_for_weights and self._pending_weights):
+            return admitted  # a step in flight assumes the batch it was launched with; or draining for weights
         budget = self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
@@ -406,27 +427,115 @@ class Scheduler:
         self._commit(reqs, sampled, prefill=True)
 
     async def _decode(self) -> None:
+        if self._inflight is not None or (self.overlap and all(pipelinable(r) for r in self.running)):
+            await self._decode_overlapped()
+            return
         reqs = self.running
-        order = [r.row for r in reqs if r.row is not None]
-        n_rows = max(order) + 1
-        token_list, position_list = [0] * n_rows, [self.runner.scratch] * n_rows
+        order, n_rows = self._rows(reqs)
+        token_list = [0] * n_rows
         for r, row in zip(reqs, order, strict=True):
             token_list[row] = r.output_ids[-1]
-            position_list[row] = len(r.input_ids) + len(r.output_ids) - 1
-        kv_len = max(position_list[row] for row in order) + 1
-        tokens, positions = torch.tensor(token_list), torch.tensor(position_list)
+        positions, kv_len = self._positions(reqs, order, n_rows, lag=0)
+        tokens = torch.tensor(token_list)
         params, processing = sampling_batch(reqs), row_logits(reqs, self.eos_ids)
         device = self.runner.device
-        dense = order == list(range(n_rows))  # rows already in request order: no gather needed
 
         def step() -> Sampled:
             self._flush_rows()
             logits = self.runner.decode(tokens.to(device), positions.to(device), kv_len)
-            logits = logits if dense else logits[torch.tensor(order, device=device)]
-            return sample(apply_logits(logits, processing), params)
+            return sample(apply_logits(self._in_order(logits, order, n_rows), processing), params)
 
         out = await self._timed(step, decode=True)
         self._commit(list(reqs), out, prefill=False)
+
+    async def _decode_overlapped(self) -> None:
+        """Launch a decode step, then commit the previous one while the device (or model thread) runs it.
+
+        The new step's input tokens are the previous step's sampled tokens, still on the device; a request the
+        commit finishes has one wasted token computed in the new step, which is dropped when that step commits.
+        """
+        prev, reqs = self._inflight, list(self.running)
+        order, n_rows = self._rows(reqs)
+        positions, kv_len = self._positions(reqs, order, n_rows, lag=int(prev is not None))
+        params = sampling_batch(reqs, lag=int(prev is not None))
+        processing = row_logits(reqs, self.eos_ids, lag=int(prev is not None))
+        feed = self._feed(reqs, order, n_rows, prev)
+        device = self.runner.device
+
+        def step() -> _InFlight:
+            self._flush_rows()
+            logits = self.runner.decode(feed(), _to_device(positions, device), kv_len)
+            out = sample_on_device(apply_logits(self._in_order(logits, order, n_rows), processing), params)
+            return _InFlight(reqs, out.tokens, HostCopy(out, params.token_ids))
+
+        launched = asyncio.ensure_future(self._timed(step, decode=True))
+        try:
+            if prev is not None:
+                self.stats.overlapped_steps += 1
+                self._commit(prev.reqs, await self._fetch(prev), prefill=False)
+                self._release_finished()  # the step in flight writes nothing they keep; rows are reused after it
+        finally:
+            self._inflight = await launched
+
+    def _feed(self, reqs: list[Request], order: list[int], n_rows: int, prev: _InFlight | None) -> Callable[[], torch.Tensor]:
+        """Model thread: the step's input tokens per row, from the requests or from the step in flight."""
+        device = self.runner.device
+        if prev is None:
+            tokens = torch.zeros(n_rows, dtype=torch.long)
+            tokens[order] = torch.tensor([r.output_ids[-1] for r in reqs])
+            return lambda: _to_device(tokens, device)
+        index = {id(r): b for b, r in enumerate(prev.reqs)}  # no request is admitted while a step is in flight
+        src, rows = torch.tensor([index[id(r)] for r in reqs]), torch.tensor(order)
+
+        def gather() -> torch.Tensor:
+            tokens = torch.zeros(n_rows, dtype=torch.long, device=device)
+            tokens[_to_device(rows, device)] = prev.tokens[_to_device(src, device)]
+            return tokens
+
+        return gather
+
+    def _rows(self, reqs: list[Request]) -> tuple[list[int], int]:
+        order = [r.row for r in reqs if r.row is not None]
+        return order, max(order) + 1
+
+    def _positions(self, reqs: list[Request], order: list[int], n_rows: int, *, lag: int) -> tuple[torch.Tensor, int]:
+        """Each row's position (``lag`` tokens beyond what the request holds); idle rows use the scratch one."""
+        position_list = [self.runner.scratch] * n_rows
+        for r, row in zip(reqs, order, strict=True):
+            position_list[row] = len(r.input_ids) + len(r.output_ids) - 1 + lag
+        return torch.tensor(position_list), max(position_list[row] for row in order) + 1
+
+    def _in_order(self, logits: torch.Tensor, order: list[int], n_rows: int) -> torch.Tensor:
+        """Model thread: the logits rows in request order."""
+        if order == list(range(n_rows)):
+            return logits
+        return logits[_to_device(torch.tensor(order), logits.device)]
+
+    async def _fetch(self, step: _InFlight) -> Sampled:
+        if step.copy.event is None:
+            return step.copy.result()
+        return await asyncio.get_running_loop().run_in_executor(self._waiter, step.copy.result)
+
+    async def _drain(self) -> None:
+        """Commit the decode step in flight."""
+        step, self._inflight = self._inflight, None
+        if step is not None:
+            self._commit(step.reqs, await self._fetch(step), prefill=False)
+            self._release_finished()
+
+    def _must_drain(self) -> bool:
+        """Whether this iteration changes what the step in flight assumed (weights, rows, pausing, admission)."""
+        return bool(
+            self._retract_pending or self._pending_weights or self._settle_waiters or self.paused or self.released
+            or self._admissible()
+        )
+
+    def _admissible(self) -> bool:
+        """Whether the head of the queue could be admitted now (memory counted without prefix reuse)."""
+        if not self.waiting or len(self.running) >= self.max_running:
+            return False
+        head = self.waiting[0]
+        return self.cache.available() >= len(head.input_ids) + head.options.max_new_tokens
 
     async def _timed(self, step: Callable[[], Any], *, decode: bool) -> Any:
         start = time.perf_counter()
@@ -458,3 +567,10 @@ class Scheduler:
                 req.finish(reason)
             elif req.stream:
                 req.updates.put_nowait(False)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without waiting for the device (pinned staging on CUDA)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -15,31 +15,45 @@ from agentrl.engine.request import Request
 from agentrl.engine.runner import PromptScores, ScoreSpec
 from agentrl.engine.sampling import Sampled, SamplingBatch
 
-__all__ = ["record_prompt_scores", "record_sampled", "row_logits", "sampling_batch", "score_specs"]
+__all__ = [
+    "pipelinable", "record_prompt_scores", "record_sampled", "row_logits", "sampling_batch", "score_specs",
+]
 
 
-def sampling_batch(reqs: Sequence[Request]) -> SamplingBatch:
+def sampling_batch(reqs: Sequence[Request], lag: int = 0) -> SamplingBatch:
+    """``lag``: tokens sampled for every request but not yet appended (a step still in flight)."""
     return SamplingBatch.build(
         [r.options.temperature for r in reqs],
         [r.options.top_p for r in reqs],
         [r.options.top_k for r in reqs],
         [r.options.min_p for r in reqs],
         [r.options.seed for r in reqs],
-        [len(r.output_ids) for r in reqs],
+        [len(r.output_ids) + lag for r in reqs],
         [[] for _ in reqs],  # the min_new_tokens ban is applied with the other logits changes (row_logits)
         [r.logprobs_spec.top_k if r.return_logprob else 0 for r in reqs],
         [r.logprobs_spec.token_ids if r.return_logprob else None for r in reqs],
     )
 
 
-def row_logits(reqs: Sequence[Request], eos_ids: frozenset[int]) -> list[RowLogits]:
-    return [_row(r, eos_ids) for r in reqs]
+def row_logits(reqs: Sequence[Request], eos_ids: frozenset[int], lag: int = 0) -> list[RowLogits]:
+    return [_row(r, eos_ids, lag) for r in reqs]
 
 
-def _row(r: Request, eos_ids: frozenset[int]) -> RowLogits:
+def pipelinable(r: Request) -> bool:
+    """Whether the request's next logits can be processed before its last sampled token is known.
+
+    True unless it uses penalties, a custom processor or a grammar (they read the tokens generated so far);
+    the ``min_new_tokens`` ban and ``logit_bias`` depend only on the token count and the request.
+    """
+    opts = r.options
+    penalties = opts.repetition_penalty != 1.0 or opts.frequency_penalty or opts.presence_penalty
+    return r.grammar is None and r.custom is None and not penalties
+
+
+def _row(r: Request, eos_ids: frozenset[int], lag: int) -> RowLogits:
     opts = r.options
     ban: list[int] = []
-    if len(r.output_ids) < opts.min_new_tokens:
+    if len(r.output_ids) + lag < opts.min_new_tokens:
         ban = sorted(set(opts.stop_token_ids) | (set() if opts.ignore_eos else eos_ids))
     custom = None
     if r.custom is not None:
