@@ -3,9 +3,14 @@
 Packed micro-batches are forwarded as one row with per-sequence position ids and no attention mask. With
 ``attn_implementation="sdpa_varlen"`` (the default, :mod:`trainer.backend.varlen`) each sequence gets its own
 causal SDPA; with ``sdpa``/``eager`` transformers builds a block-diagonal mask from the position ids, and
-``flash_attention_2`` uses its varlen kernels. Either way attention stays within each sequence. Parameters stay float32; with
-``dtype=bfloat16`` (the default on GPU) the forward runs under bf16 autocast and logprobs are computed in
-float32. The optimizer is AdamW with linear warm-up then constant or cosine decay.
+``flash_attention_2`` uses its varlen kernels. Either way attention stays within each sequence.
+
+Precision (``learner.dtype`` and ``learner.precision``): float32 throughout; or bf16 compute, either with float32
+parameters under bf16 autocast (``autocast``: every use of a weight casts it to bf16 again, forward and
+backward), or with bf16 parameters and float32 master weights in the optimizer (``bf16_master``, the default
+in bf16 on a GPU; :mod:`trainer.backend.master`: gradients summed over micro-batches in float32, clipped and
+stepped in float32, rounded back into the bf16 parameters). Logprobs are computed in float32 either way. The
+optimizer is AdamW with linear warm-up then constant or cosine decay.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from agentrl.config.learner import LearnerConfig, LossConfig, OptimConfig
 from agentrl.errors import ConfigError
 from trainer.backend.base import StepResult
+from trainer.backend.master import MasterWeights
 from trainer.backend.varlen import VARLEN
 from trainer.losses import LossFn, LossInputs
 from trainer.packing import MicroBatch, token_logprobs
 from trainer.vocab_logprobs import VocabSlice, packed_logprobs
 
-__all__ = ["TorchBackend", "build_torch_backend", "lr_lambda", "resolve_device"]
+__all__ = ["TorchBackend", "build_torch_backend", "lr_lambda", "resolve_device", "resolve_precision"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,7 +60,13 @@ def lr_lambda(cfg: OptimConfig) -> Any:
 
 
 class TorchBackend:
-    """Train ``model`` in place; ``ref_model`` (frozen) scores the KL reference when the loss asks for one."""
+    """Train ``model`` in place; ``ref_model`` (frozen) scores the KL reference when the loss asks for one.
+
+    ``bf16`` computes in bf16: under autocast over the model's own (float32) parameters, or, with
+    ``master_weights``, with the parameters of both models cast to bf16 (buffers such as RoPE frequencies keep
+    their dtype) and the optimizer stepping float32 masters seeded from the values before the cast.
+    ``master_weights`` without ``bf16`` is a ValueError.
+    """
 
     def __init__(
         self,
@@ -68,7 +80,10 @@ class TorchBackend:
         track_entropy: bool = True,
         offloaded: bool = False,
         fused_logprobs: bool = False,
+        master_weights: bool = False,
     ) -> None:
+        if master_weights and not bf16:
+            raise ValueError("TorchBackend: master_weights needs bf16 (float32 parameters need no masters)")
         self.device = torch.device(device)
         # where the states are now: the device, or host memory between colocated steps (see offload)
         self.location = torch.device("cpu") if offloaded else self.device
@@ -85,11 +100,19 @@ class TorchBackend:
         self.track_entropy = track_entropy  # the entropy metric costs a pass over [tokens, vocab]
         self.fused_logprobs = fused_logprobs  # trainer.vocab_logprobs's compiled chunks (GPU)
         self.optim_cfg = optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]  # tied weights once
+        self.trainable_names = [n for n, _ in named]
+        self.master = _bf16_with_masters(self.model, [p for _, p in named], ref_model) if master_weights else None
         self.optimizer = torch.optim.AdamW(
-            params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+            self._stepped(), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim))
+
+    def _stepped(self) -> list[torch.nn.Parameter]:
+        """What the optimizer steps: the float32 masters, or the trainable parameters themselves."""
+        if self.master is not None:
+            return self.master.masters
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     @property
     def vocab_size(self) -> int:
@@ -99,7 +122,7 @@ class TorchBackend:
 
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:
-        if self.bf16:
+        if self.bf16 and self.master is None:  # with masters the parameters already are bf16
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
                 yield
         else:
@@ -180,12 +203,13 @@ class TorchBackend:
         )
 
     def _clip_and_step(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
         limit = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self._stepped(), limit))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master is not None:
+            self.master.publish()
         return grad_norm
 
     # ------------------------------------------------------------------ colocation
@@ -205,6 +229,8 @@ class TorchBackend:
         for model in (self.model, self.ref_model):
             if model is not None:
                 model.to(where)  # type: ignore[arg-type]  # parameters keep their identity: the optimizer's keys
+        if self.master is not None:
+            self.master.move(where)
         for state in self.optimizer.state.values():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0:  # scalar step counters stay where they are
@@ -217,24 +243,57 @@ class TorchBackend:
     # ------------------------------------------------------------------ state
 
     def save_state(self, path: Path) -> None:
+        """``model.safetensors`` (the model as it computes), ``master.safetensors`` (with master weights: the
+        float32 masters under the parameters' names), ``optim.pt`` (AdamW and LR schedule)."""
         save_file(_contiguous(self.model.state_dict()), str(path / "model.safetensors"))
+        if self.master is not None:
+            masters = {n: m.detach() for n, m in zip(self.trainable_names, self.master.masters, strict=True)}
+            save_file(masters, str(path / MASTER_FILE))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    path / "optim.pt")
 
     def load_state(self, path: Path) -> None:
+        """Restore :meth:`save_state`'s files, from either precision: float32 values (masters, or a float32
+        model) take precedence, so a checkpoint moves between ``autocast`` and ``bf16_master`` without loss."""
         state = load_file(str(path / "model.safetensors"), device=str(self.location))
+        if (path / MASTER_FILE).exists():
+            state.update(load_file(str(path / MASTER_FILE), device=str(self.location)))
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
         if unexpected or set(missing) - tied:
             raise ValueError(f"checkpoint {path}: missing keys {missing}, unexpected keys {unexpected}")
         if missing:
             self.model.tie_weights()
+        if self.master is not None:
+            self.master.load([state[n] for n in self.trainable_names])
         opt = torch.load(path / "optim.pt", map_location=self.location, weights_only=False)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
 
     def export_hf(self, path: Path) -> None:
+        """The model in HF layout, in the dtype it computes in: bfloat16 with master weights (the masters
+        rounded: what the engines are sent too), else float32."""
         self.model.save_pretrained(str(path))
+
+
+MASTER_FILE = "master.safetensors"
+
+
+def _bf16_with_masters(
+    model: PreTrainedModel, trainable: list[torch.nn.Parameter], ref_model: PreTrainedModel | None
+) -> MasterWeights:
+    """Cast the parameters of ``model`` (and ``ref_model``) to bf16; masters keep the float32 values."""
+    initial = [p.detach().to(torch.float32, copy=True) for p in trainable]
+    for m in (model, ref_model):
+        if m is not None:
+            _cast_parameters(m, torch.bfloat16)
+    return MasterWeights(trainable, initial)
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters only: ``model.to(dtype)`` would also round buffers such as RoPE's inverse frequencies."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
 
 
 def _enable_checkpointing(model: PreTrainedModel) -> None:
@@ -274,6 +333,7 @@ def build_torch_backend(cfg: LearnerConfig) -> TorchBackend:
         raise ConfigError("config key learner.model: empty; expected a Hugging Face model directory")
     device = resolve_device(cfg.device)
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    masters = resolve_precision(cfg, device, bf16) == "bf16_master"
 
     def load() -> PreTrainedModel:
         try:
@@ -286,5 +346,18 @@ def build_torch_backend(cfg: LearnerConfig) -> TorchBackend:
     ref = load() if cfg.loss.kl_coef > 0 else None
     return TorchBackend(  # colocated: the states wait in host memory until the first step (the engines hold the device)
         load(), cfg.optim, device=device, bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, ref_model=ref,
-        offloaded=cfg.colocate, fused_logprobs=cfg.fused_kernels and device.type == "cuda",
+        offloaded=cfg.colocate, fused_logprobs=cfg.fused_kernels and device.type == "cuda", master_weights=masters,
     )
+
+
+def resolve_precision(cfg: LearnerConfig, device: torch.device, bf16: bool) -> str:
+    """``learner.precision`` for a run on ``device``: ``float32`` when not computing in bf16 (``autocast`` or
+    ``auto`` are then moot; ``bf16_master`` is a ConfigError), ``auto`` = ``bf16_master`` on a GPU."""
+    if not bf16:
+        if cfg.precision == "bf16_master":
+            raise ConfigError(f"config key learner.precision: bf16_master needs bf16; learner.dtype {cfg.dtype!r} "
+                              f"is float32 on {device.type}")
+        return "float32"
+    if cfg.precision == "auto":
+        return "bf16_master" if device.type == "cuda" else "autocast"
+    return cfg.precision
