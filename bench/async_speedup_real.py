@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,7 @@ from agentrl.errors import EngineError
 from agentrl.messages import BatchTaken, Task, Trajectory, decode
 from bench._async_usage import EngineCounters, engine_usage, learner_usage, read_metrics
 from bench.async_speedup import lognormal_length
+from bench.engine import SHAPES
 
 SIGMA = 1.0  # p99/p50 = exp(2.33 * sigma) = 10
 PROMPT_LEN = 4  # tokens of each task's prompt
@@ -256,8 +258,6 @@ def model_spec(args: argparse.Namespace) -> Any:
 
     if args.shape is None:
         return TinyModelSpec(hidden_size=args.hidden, intermediate_size=2 * args.hidden, layers=args.layers)
-    from bench.engine import SHAPES
-
     return SHAPES[args.shape]
 
 
@@ -266,6 +266,9 @@ async def main_async(args: argparse.Namespace) -> int:
 
     settings = [s for s in SETTINGS if (args.only is None or args.only in s.name)
                 and (args.settings is None or s.key in args.settings)]
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # a timeout: stop engine, learner
     results = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -340,8 +343,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="engine and learner device: cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="engine and learner dtype (auto: float32 on CPU, bf16 weights / autocast on GPU)")
-    p.add_argument("--shape", default=None, help="a model shape of bench/engine.py (small, qwen2.5-0.5b); default: "
-                   "the tiny model of --hidden and --layers")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="a model shape of bench/engine.py; default: the tiny model of --hidden and --layers")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--kv-tokens", type=int, default=0,
@@ -356,16 +359,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if args.shape is not None:
-        from bench.engine import SHAPES
-
-        if args.shape not in SHAPES:
-            raise SystemExit(f"--shape {args.shape!r}: choose one of {', '.join(sorted(SHAPES))}")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         return asyncio.run(main_async(args))
-    return 130
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 130
 
 
 if __name__ == "__main__":
