@@ -36,25 +36,24 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _split_len(n, NUM_SPLITS: tl.constexpr, BLOCK: tl.constexpr, MIN_BLOCKS: tl.constexpr):  # type: ignore[no-untyped-def]
+def _split_len(n, num_splits, BLOCK: tl.constexpr, MIN_BLOCKS: tl.constexpr):  # type: ignore[no-untyped-def]
     """Keys per split for a row of ``n`` keys: whole blocks, at least ``MIN_BLOCKS`` of them."""
-    per_split = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK) * BLOCK
+    per_split = tl.cdiv(tl.cdiv(n, num_splits), BLOCK) * BLOCK
     return tl.maximum(per_split, MIN_BLOCKS * BLOCK)
 
 
 @triton.jit
 def _split_kernel(  # type: ignore[no-untyped-def]
-    Q, K, V, Table, Lens, MidO, MidLse, scale,
+    Q, K, V, Table, Lens, MidO, MidLse, scale, num_splits,
     sq_b, sq_h, sk_p, sk_h, sv_p, sv_h, st_r, st_c,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-    BLOCK: tl.constexpr, MIN_BLOCKS: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, MIN_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     n = tl.load(Lens + b)
-    chunk = _split_len(n, NUM_SPLITS, BLOCK, MIN_BLOCKS)
+    chunk = _split_len(n, num_splits, BLOCK, MIN_BLOCKS)
     lo = split * chunk
     if lo < n:
         hi = tl.minimum(lo + chunk, n)
@@ -86,16 +85,16 @@ def _split_kernel(  # type: ignore[no-untyped-def]
             total = total * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
-        mid = (b * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # row of mid [B, H, splits, D]
+        mid = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split  # row of mid [B, H, splits, D]
         tl.store(MidO + mid[:, None] * HEAD_DIM + d[None, :], acc / total[:, None], mask=gmask[:, None] & dmask[None, :])
         tl.store(MidLse + mid, m + tl.log(total), mask=gmask)
 
 
 @triton.jit
 def _combine_kernel(  # type: ignore[no-untyped-def]
-    MidO, MidLse, Lens, Out, so_b, so_h,
+    MidO, MidLse, Lens, Out, num_splits, so_b, so_h,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK: tl.constexpr, MIN_BLOCKS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -104,10 +103,10 @@ def _combine_kernel(  # type: ignore[no-untyped-def]
     n = tl.load(Lens + b)
     out = tl.zeros([DIM_PAD], tl.float32)
     if n > 0:
-        active = tl.cdiv(n, _split_len(n, NUM_SPLITS, BLOCK, MIN_BLOCKS))
+        active = tl.cdiv(n, _split_len(n, num_splits, BLOCK, MIN_BLOCKS))
         sp = tl.arange(0, SPLITS_PAD)
         smask = sp < active
-        base = (b * tl.num_programs(1) + h) * NUM_SPLITS
+        base = (b * tl.num_programs(1) + h) * num_splits
         lse = tl.load(MidLse + base + sp, mask=smask, other=float("-inf"))
         weight = tl.exp(lse - tl.max(lse, 0))
         o = tl.load(MidO + (base + sp)[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
@@ -187,17 +186,17 @@ def paged_decode_attention(
     # tl.dot float32 copies (the same products a GPU's bf16 dot accumulates in float32).
     dot_f32 = _interpreted() and q.dtype != torch.float32
     _split_kernel[(batch, kv_heads, splits)](
-        q, k_pool, v_pool, table, lens, mid_o, mid_lse, scale,
+        q, k_pool, v_pool, table, lens, mid_o, mid_lse, scale, splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         table.stride(0), table.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, DIM_PAD=dim_pad,
-        BLOCK=BLOCK_N, MIN_BLOCKS=MIN_SPLIT_BLOCKS, NUM_SPLITS=splits, DOT_F32=dot_f32,
+        BLOCK=BLOCK_N, MIN_BLOCKS=MIN_SPLIT_BLOCKS, DOT_F32=dot_f32,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     _combine_kernel[(batch, heads)](
-        mid_o, mid_lse, lens, out, out.stride(0), out.stride(1),
-        HEAD_DIM=dim, DIM_PAD=dim_pad, BLOCK=BLOCK_N, MIN_BLOCKS=MIN_SPLIT_BLOCKS, NUM_SPLITS=splits,
-        SPLITS_PAD=triton.next_power_of_2(splits),
+        mid_o, mid_lse, lens, out, splits, out.stride(0), out.stride(1),
+        HEAD_DIM=dim, DIM_PAD=dim_pad, BLOCK=BLOCK_N, MIN_BLOCKS=MIN_SPLIT_BLOCKS,
+        SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
     )
     return out
 

@@ -300,8 +300,9 @@ class _DecodeGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):
-                runner._decode_eager(self.tokens, self.positions, None)
+            runner._decode_eager(self.tokens, self.positions, None)
+            for b in reversed(self.sizes):  # every size once, so no kernel is compiled while capturing
+                runner._decode_eager(self.tokens[:b], self.positions[:b], None)
         torch.cuda.current_stream().wait_stream(stream)
         with torch.inference_mode():
             for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory

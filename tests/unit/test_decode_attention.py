@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,6 +141,15 @@ def test_runner_decode_by_kernel_matches_gathered_sdpa(interpreted: dict[str, An
     runner = interpreted["runner"]
     assert runner["kernel_used"]
     assert runner["max_err"] < 1e-4 and runner["argmax_agree"], runner
+
+
+def test_the_benchmark_runs_on_cpu() -> None:
+    bench = Path(__file__).resolve().parents[2] / "bench" / "decode_attention.py"
+    cmd = [sys.executable, str(bench), "--device", "cpu", "--batches", "3", "--workloads", "longtail"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert row["batch"] == 3 and row["max_abs_diff"] < 1e-5 and row["kernel_ms"] > 0
 
 
 def test_wrong_inputs_are_clear_errors() -> None:
