@@ -67,13 +67,13 @@ class Runner(Protocol):
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor: ...
 
 
-@dataclass
+@dataclass(eq=False)
 class _InFlight:
-    """A decode step launched on the model thread whose tokens are not committed yet (overlap scheduling)."""
+    """A decode step handed to the model thread whose tokens are not committed yet (overlap scheduling)."""
 
     reqs: list[Request]
-    tokens: torch.Tensor  # the sampled tokens on the device, one per request of ``reqs``
-    copy: HostCopy
+    launched: asyncio.Future[tuple[HostCopy, float]] | None = None
+    tokens: torch.Tensor | None = None  # its sampled tokens on the device, set on the model thread when it ran
 
 
 @dataclass
@@ -246,11 +246,18 @@ class Scheduler:
                 await self._iteration()
             except Exception as exc:  # a failed step fails its requests, never the server
                 log.exception("engine step failed")
-                self._inflight = None
+                await self._abandon()
                 for req in self.running:
                     req.finish({"type": "abort", "message": f"engine step failed: {exc}"})
                 self._release_finished(failed=True)
             await asyncio.sleep(0)
+
+    async def _abandon(self) -> None:
+        """After a failure: wait until the model thread is done with the step in flight, and forget it."""
+        step, self._inflight = self._inflight, None
+        if step is not None and step.launched is not None:
+            with contextlib.suppress(Exception):
+                await step.launched
 
     def _settle(self) -> None:
         if not self.running:
@@ -449,33 +456,41 @@ class Scheduler:
         self._commit(list(reqs), out, prefill=False)
 
     async def _decode_overlapped(self) -> None:
-        """Launch a decode step, then commit the previous one while the device (or model thread) runs it.
+        """Hand the next decode step to the model thread, then commit the one before it while the new one runs.
 
-        The new step's input tokens are the previous step's sampled tokens, still on the device; a request the
-        commit finishes has one wasted token computed in the new step, which is dropped when that step commits.
+        The new step's input tokens are the previous step's sampled tokens, still on the device (the model thread
+        runs steps in order); a request the commit finishes has one wasted token computed in the new step,
+        dropped when that step commits. The model thread always has the next step queued behind the running one.
         """
         prev, reqs = self._inflight, list(self.running)
+        lag = int(prev is not None)
         order, n_rows = self._rows(reqs)
-        positions, kv_len = self._positions(reqs, order, n_rows, lag=int(prev is not None))
-        params = sampling_batch(reqs, lag=int(prev is not None))
-        processing = row_logits(reqs, self.eos_ids, lag=int(prev is not None))
+        positions, kv_len = self._positions(reqs, order, n_rows, lag=lag)
+        params, processing = sampling_batch(reqs, lag=lag), row_logits(reqs, self.eos_ids, lag=lag)
         feed = self._feed(reqs, order, n_rows, prev)
-        device = self.runner.device
+        this = _InFlight(reqs)
 
-        def step() -> _InFlight:
+        def step() -> HostCopy:
             self._flush_rows()
-            logits = self.runner.decode(feed(), _to_device(positions, device), kv_len)
+            logits = self.runner.decode(feed(), _to_device(positions, self.runner.device), kv_len)
             out = sample_on_device(apply_logits(self._in_order(logits, order, n_rows), processing), params)
-            return _InFlight(reqs, out.tokens, HostCopy(out, params.token_ids))
+            this.tokens = out.tokens
+            return HostCopy(out, params.token_ids)
 
-        launched = asyncio.ensure_future(self._timed(step, decode=True))
-        try:
-            if prev is not None:
-                self.stats.overlapped_steps += 1
-                self._commit(prev.reqs, await self._fetch(prev), prefill=False)
-                self._release_finished()  # the step in flight writes nothing they keep; rows are reused after it
-        finally:
-            self._inflight = await launched
+        this.launched = self._submit(step)
+        self._inflight = this
+        if prev is not None:
+            self.stats.overlapped_steps += 1
+            await self._retire(prev)
+
+    async def _retire(self, step: _InFlight) -> None:
+        """Wait for a step handed to the model thread, commit its tokens and release what finished."""
+        assert step.launched is not None
+        copy: HostCopy = await self._timed(step.launched.result, decode=True, submitted=step.launched)
+        if copy.event is not None:
+            await asyncio.get_running_loop().run_in_executor(self._waiter, copy.wait)
+        self._commit(step.reqs, copy.result(), prefill=False)
+        self._release_finished()  # a step still in flight writes nothing they keep; rows are reused after it
 
     def _feed(self, reqs: list[Request], order: list[int], n_rows: int, prev: _InFlight | None) -> Callable[[], torch.Tensor]:
         """Model thread: the step's input tokens per row, from the requests or from the step in flight."""
@@ -488,6 +503,7 @@ class Scheduler:
         src, rows = torch.tensor([index[id(r)] for r in reqs]), torch.tensor(order)
 
         def gather() -> torch.Tensor:
+            assert prev.tokens is not None, "the previous step did not run"
             tokens = torch.zeros(n_rows, dtype=torch.long, device=device)
             tokens[_to_device(rows, device)] = prev.tokens[_to_device(src, device)]
             return tokens
@@ -511,17 +527,11 @@ class Scheduler:
             return logits
         return logits[_to_device(torch.tensor(order), logits.device)]
 
-    async def _fetch(self, step: _InFlight) -> Sampled:
-        if step.copy.event is None:
-            return step.copy.result()
-        return await asyncio.get_running_loop().run_in_executor(self._waiter, step.copy.result)
-
     async def _drain(self) -> None:
         """Commit the decode step in flight."""
         step, self._inflight = self._inflight, None
         if step is not None:
-            self._commit(step.reqs, await self._fetch(step), prefill=False)
-            self._release_finished()
+            await self._retire(step)
 
     def _must_drain(self) -> bool:
         """Whether this iteration changes what the step in flight assumed (weights, rows, pausing, admission)."""
@@ -537,10 +547,18 @@ class Scheduler:
         head = self.waiting[0]
         return self.cache.available() >= len(head.input_ids) + head.options.max_new_tokens
 
-    async def _timed(self, step: Callable[[], Any], *, decode: bool) -> Any:
-        start = time.perf_counter()
-        out = await self.run_on_model_thread(step)
-        elapsed = time.perf_counter() - start
+    def _submit(self, step: Callable[[], Any]) -> asyncio.Future[tuple[Any, float]]:
+        """Start ``step`` on the model thread now; the future gives its result and its time there."""
+
+        def timed() -> tuple[Any, float]:
+            start = time.perf_counter()
+            return step(), time.perf_counter() - start
+
+        return asyncio.get_running_loop().run_in_executor(self._executor, timed)
+
+    async def _timed(self, step: Callable[[], Any], *, decode: bool,
+                     submitted: asyncio.Future[tuple[Any, float]] | None = None) -> Any:
+        out, elapsed = await (submitted or self._submit(step))
         if decode:
             self.stats.decode_steps += 1
             self.stats.decode_time_s += elapsed
