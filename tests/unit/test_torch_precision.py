@@ -78,9 +78,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_parameters_are_bf16_and_the_optimizer_steps_float32_masters() -> None:
     model = _model()
     fp32 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    backend = _master(model)
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert all(b.dtype == torch.float32 for b in model.buffers())  # RoPE frequencies not rounded
+    ref = _model()
+    backend = TorchBackend(model, OptimConfig(lr=1e-2), bf16=True, master_weights=True, ref_model=ref)
+    for m in (model, ref):
+        assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+        assert all(b.dtype == torch.float32 for b in m.buffers())  # RoPE frequencies not rounded
     assert backend.master is not None
     stepped = [p for g in backend.optimizer.param_groups for p in g["params"]]
     assert [id(p) for p in stepped] == [id(m) for m in backend.master.masters]
