@@ -72,6 +72,8 @@ def start_engine(model: Path, args: argparse.Namespace, log: Path) -> tuple[subp
     ]
     if args.no_cuda_graph:
         extra += ["--set", "engine.cuda_graph=false"]
+    if args.no_overlap:
+        extra += ["--disable-overlap-schedule"]
     return launch_engine(model, extra, log)
 
 
@@ -207,6 +209,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--skip-generate", action="store_true", help="engine only (no model.generate baseline)")
     p.add_argument("--no-cuda-graph", action="store_true")
+    p.add_argument("--no-overlap", action="store_true", help="the engine decodes step by step (no overlap scheduling)")
     p.add_argument("--check", action="store_true",
                    help="after timing, check prefix reuse, prompt logprobs and a weight update on this device")
     args = p.parse_args()

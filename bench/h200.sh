@@ -11,6 +11,8 @@
 #   nccl       learner -> engine weight sync by NCCL vs disk; needs two GPUs (issue 16)                  ~90
 #   async      real-components async vs sync RL, engine and learner side by side on one GPU, 0.5B shape,
 #              B = 128 in groups of 8, long-tail lengths capped at 4096 (issue 18; estimated)            ~300
+#   engine     the embedded engine at the issue-18 setup (0.5B, 128 + 256 tokens, C 256/512): overlap
+#              scheduling on vs off in the same call, then --check (issue 18)                             ~300
 #   decodeattn paged decode-attention kernel vs gathered SDPA (B 64/256/512), its GPU tests, engine
 #              --check with the kernel on (issue 18; estimated)                                          ~240
 #
@@ -53,11 +55,20 @@ for p in "$@"; do
         --batch 128 --group 8 --slots 128 --median 256 --cap 4096 --steps 5 --warmup 1 --checkpoint-every 1000 \
         --settings sync eta2
       grep -E '^\||^real model|^utilisation|staleness bound' "$OUT/async.log" ;;
+    engine)
+      part engine-overlap 150 python3 -m bench.engine --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
+        --concurrency 256,512 --prompt-len 128 --new-tokens 256
+      grep -E 'C=' "$OUT/engine-overlap.log"
+      part engine-step-by-step 100 python3 -m bench.engine --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
+        --concurrency 256,512 --prompt-len 128 --new-tokens 256 --skip-generate --no-overlap
+      grep -E 'C=' "$OUT/engine-step-by-step.log"
+      part engine-check 60 python3 -m bench.engine --shape small --device cuda --dtype bfloat16 --concurrency 16 \
+        --check ;;
     decodeattn)
       part decodeattn-bench 200 python3 bench/decode_attention.py --device cuda
       part decodeattn-gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_decode_attention.py
       part decodeattn-engine 240 python3 -m bench.engine --shape small --device cuda --dtype bfloat16 \
         --concurrency 16 --check ;;
-    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, decodeattn)"; exit 2 ;;
+    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, engine, decodeattn)"; exit 2 ;;
   esac
 done

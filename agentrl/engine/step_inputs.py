@@ -36,7 +36,18 @@ def sampling_batch(reqs: Sequence[Request], lag: int = 0) -> SamplingBatch:
 
 
 def row_logits(reqs: Sequence[Request], eos_ids: frozenset[int], lag: int = 0) -> list[RowLogits]:
+    """Per row, what to do to its logits; ``[]`` (nothing to do) when no request changes them this step."""
+    if not any(_changes_logits(r, lag) for r in reqs):
+        return []
     return [_row(r, eos_ids, lag) for r in reqs]
+
+
+def _changes_logits(r: Request, lag: int) -> bool:
+    opts = r.options
+    return bool(
+        opts.logit_bias or r.custom is not None or r.grammar is not None or opts.repetition_penalty != 1.0
+        or opts.frequency_penalty or opts.presence_penalty or len(r.output_ids) + lag < opts.min_new_tokens
+    )
 
 
 def pipelinable(r: Request) -> bool:
