@@ -63,7 +63,8 @@ for p in "$@"; do
         --concurrency 256,512 --prompt-len 128 --new-tokens 256 --skip-generate --no-overlap
       grep -E 'C=' "$OUT/engine-step-by-step.log"
       part engine-check 60 python3 -m bench.engine --shape small --device cuda --dtype bfloat16 --concurrency 16 \
-        --check ;;
+        --check
+      part engine-gpu-tests 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_engine_overlap.py ;;
     decodeattn)
       part decodeattn-bench 200 python3 bench/decode_attention.py --device cuda
       part decodeattn-gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_decode_attention.py

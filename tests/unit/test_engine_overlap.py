@@ -61,8 +61,10 @@ def scores(reqs: list[Request]) -> torch.Tensor:
     return torch.tensor(values)
 
 
-async def serve(model, reqs: list[Request], *, overlap: bool, rows: int) -> Scheduler:  # type: ignore[no-untyped-def]
+async def serve(model, reqs: list[Request], *, overlap: bool, rows: int, graphs: bool = False) -> Scheduler:  # type: ignore[no-untyped-def]
     runner = ModelRunner(model, num_rows=rows, context_length=64, pool_tokens=2000)
+    if graphs:
+        runner.capture_cuda_graphs([1, 2, 4, 8])
     scheduler = Scheduler(runner, Chars(), [EOS], KVCache(2000), max_running=rows, max_queued=100, overlap=overlap)
     scheduler.start()
     try:
@@ -95,3 +97,19 @@ async def test_a_request_with_penalties_runs_step_by_step(model) -> None:  # typ
     scheduler = await serve(model, reqs, overlap=True, rows=4)
     assert scheduler.stats.overlapped_steps == 0
     assert all(r.finished and r.output_ids for r in reqs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_overlapped_decoding_on_the_gpu_with_cuda_graphs(model) -> None:  # type: ignore[no-untyped-def]
+    """Tokens come back through pinned copies behind an event; the next step reads the previous graph's tokens."""
+    model.to("cuda")
+    try:
+        sync_reqs, overlap_reqs = requests(), requests()
+        await serve(model, sync_reqs, overlap=False, rows=4, graphs=True)
+        overlapped = await serve(model, overlap_reqs, overlap=True, rows=4, graphs=True)
+    finally:
+        model.to("cpu")
+    assert outcome(overlap_reqs) == outcome(sync_reqs)
+    assert torch.allclose(scores(overlap_reqs), scores(sync_reqs), atol=1e-4, rtol=0)
+    assert overlapped.stats.overlapped_steps > 10
