@@ -5,16 +5,20 @@ both backends load it, and the script prints JSON rows:
 
 - ``numerics``: per-token logprobs of one packed micro-batch, Megatron (bf16 params on GPU) and torch (fp32
   params under bf16 autocast on GPU) each against torch in float32, and against each other: max and mean
-  |Δ| over trained tokens;
+  |Δ| over trained tokens; a second ``numerics`` row (``torch_bf16_master_vs_*``) scores the same
+  micro-batch with the torch backend's bf16 parameters and fp32 master weights, before that row's timing;
 - ``first_step``: a Megatron train step on that micro-batch whose behaviour logprobs are (a) torch's scores
   of the initial weights, (b) Megatron's own scores right before the step: the importance ratio
   (``policy/ratio_mean``), approximate KL and logprob gap of the step;
 - ``throughput``: ``--steps`` timed optimizer steps (after ``--warmup``) of each backend over the
   ``bench/learner.py`` workload (ragged RL batch, first-fit-decreasing packing under ``--budget`` tokens):
-  real tokens per second and each one's ratio to the torch backend (``--unfused``: both backends also with
-  ``learner.fused_kernels: false``).
+  real tokens per second, peak device memory, and each one's ratio to the torch backend's autocast row
+  (``torch``: ``learner.precision: autocast``; ``torch-bf16-master``: ``learner.precision: bf16_master``, on
+  CPU in bf16 too while the other rows compute in float32 there; ``--unfused``: torch (autocast) and Megatron
+  also with ``learner.fused_kernels: false``).
 
     python bench/learner_megatron.py                                     # CPU, small shape, fp32
+    python bench/learner_megatron.py --seqs 8 --max-len 128 --budget 512 # CPU, seconds
     python bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b qwen2.5-1.5b --seqs 128 \\
         --max-len 4096 --budget 16384
 """
@@ -64,9 +68,19 @@ def write_model(shape: str, out: Path, device: str) -> None:
     del model
 
 
-def learner_config(model: Path, args: argparse.Namespace, fused: bool = True) -> LearnerConfig:
-    return msgspec.convert({"model": str(model), "device": args.device, "backend": "megatron", "dtype": "auto",
-                            "optim": {"lr": 1e-6}, "fused_kernels": fused}, LearnerConfig)
+def learner_config(model: Path, args: argparse.Namespace, fused: bool = True,
+                   precision: str = "autocast") -> LearnerConfig:
+    """The megatron backend's config; the torch backend reads ``precision`` (bf16_master: in bf16 on CPU too)."""
+    dtype = "bfloat16" if precision == "bf16_master" else "auto"
+    return msgspec.convert({"model": str(model), "device": args.device, "backend": "megatron", "dtype": dtype,
+                            "optim": {"lr": 1e-6}, "fused_kernels": fused, "precision": precision}, LearnerConfig)
+
+
+def build_row(name: str, path: Path, args: argparse.Namespace, rank: Rank) -> TrainBackend:
+    """``torch``, ``torch-bf16-master``, ``megatron``, each with ``-unfused`` for fused_kernels off."""
+    precision = "bf16_master" if "bf16-master" in name else "autocast"
+    cfg = learner_config(path, args, fused=not name.endswith("-unfused"), precision=precision)
+    return build_torch_backend(cfg) if name.startswith("torch") else MegatronBackend(MegatronEngine(rank, cfg))
 
 
 def masked_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -75,6 +89,7 @@ def masked_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict[str
 
 
 def numerics(meg: TrainBackend, torch_be: Any, mb: MicroBatch) -> dict[str, Any]:
+    """``torch_be`` computes under autocast (float32 parameters): without it, it scores in float32."""
     lp_meg = meg.logprobs(mb)
     lp_torch = torch_be.logprobs(mb)
     bf16 = torch_be.bf16
@@ -84,7 +99,13 @@ def numerics(meg: TrainBackend, torch_be: Any, mb: MicroBatch) -> dict[str, Any]
     return {"megatron_vs_torch": masked_gap(lp_meg, lp_torch, mb.mask),
             "megatron_vs_torch_fp32": masked_gap(lp_meg, lp_fp32, mb.mask),
             "torch_vs_torch_fp32": masked_gap(lp_torch, lp_fp32, mb.mask),
-            "_lp": (lp_meg, lp_torch)}
+            "_lp": {"megatron": lp_meg, "torch": lp_torch, "torch_fp32": lp_fp32}}
+
+
+def master_numerics(backend: TrainBackend, mb: MicroBatch, lps: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The bf16-master row's scores of the initial weights (before its timed steps) against the others'."""
+    lp = backend.logprobs(mb)
+    return {f"torch_bf16_master_vs_{name}": masked_gap(lp, other, mb.mask) for name, other in lps.items()}
 
 
 def first_step(meg: TrainBackend, mb: MicroBatch, behaviour: torch.Tensor, label: str) -> dict[str, Any]:
@@ -126,7 +147,7 @@ def run_shape(shape: str, rank: Rank, args: argparse.Namespace, tmp: Path) -> No
     torch_be = build_torch_backend(lc)
     num = numerics(meg, torch_be, mbs[0])
     emit({"shape": shape, "row": "numerics", "tokens": mbs[0].num_tokens, **num})
-    _, lp_torch = num["_lp"]  # torch's scores of the initial weights, as if an engine had sampled them
+    lp_torch = num["_lp"]["torch"]  # torch's scores of the initial weights, as if an engine had sampled them
     emit({"shape": shape, "row": "first_step", **first_step(meg, pack(samples, plan[0]), lp_torch, "torch")})
     own = meg.logprobs(mbs[0])  # the learner's own policy, right before its step: the ratio must be 1
     emit({"shape": shape, "row": "first_step", **first_step(meg, pack(samples, plan[0]), own, "megatron")})
@@ -134,16 +155,17 @@ def run_shape(shape: str, rank: Rank, args: argparse.Namespace, tmp: Path) -> No
     free()
     real = sum(len(s) for s in samples)
     times = {}
-    names = ("torch", "megatron") + (("torch-unfused", "megatron-unfused") if args.unfused else ())
+    names = ("torch", "torch-bf16-master", "megatron") + (("torch-unfused", "megatron-unfused") if args.unfused else ())
     for name in names:  # one backend on the GPU at a time (a 1.5B pair does not fit beside the other's activations)
-        cfg = learner_config(path, args, fused=not name.endswith("-unfused"))
-        backend = build_torch_backend(cfg) if name.startswith("torch") else MegatronBackend(MegatronEngine(rank, cfg))
+        backend = build_row(name, path, args, rank)
+        if name == "torch-bf16-master":
+            emit({"shape": shape, "row": "numerics", **master_numerics(backend, mbs[0], num["_lp"])})
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         times[name] = timed(backend, mbs, args.steps, args.warmup)
         if args.profile:
             profile(backend, mbs, f"{shape}/{name}", args.profile)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         emit({"shape": shape, "row": "throughput", "backend": name, "micro_batches": len(mbs), "real_tokens": real,
               "seconds_per_step": times[name], "tokens_per_s": real / times[name], "peak_mem_gb": peak})
         del backend
