@@ -121,9 +121,10 @@ class LearnerConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto = bf16 on GPU, float32 on CPU"""
     precision: Literal["auto", "autocast", "bf16_master"] = "auto"
-    """How the torch backend computes in bf16 (dtype bf16; ignored in float32). bf16_master: bf16 parameters,
-    float32 master weights and AdamW state, gradients summed over micro-batches in float32; autocast: float32
-    parameters under bf16 autocast (casts every weight at each use). auto = bf16_master on a GPU, else autocast."""
+    """How the torch backend computes in bf16 (learner.dtype bf16). bf16_master: bf16 parameters, float32 master
+    weights and AdamW state, gradients summed over micro-batches in float32; autocast: float32 parameters under
+    bf16 autocast (casts every weight at each use). auto = bf16_master on a GPU, else autocast. In float32,
+    auto and autocast change nothing and bf16_master is an error; the megatron backend always keeps masters."""
     fused_kernels: bool = True
     """on GPU: per-token logprobs and entropy (and the megatron backend's RoPE) through compiled fused kernels, in
     row chunks, never a float32 [tokens, vocab] tensor (torch.compile); false = plain PyTorch ops"""
