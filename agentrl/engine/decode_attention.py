@@ -4,7 +4,7 @@ A decode step reads, for row ``b``, only its ``lens[b]`` keys/values (pool indic
 instead of gathering the whole context and masking it. Each program of the first kernel handles one
 ``(row, kv_head, split)`` and all ``heads // kv_heads`` query heads of that group at once (padded to 16 rows
 for ``tl.dot``); it writes its partial softmax (normalised output and log-sum-exp) per split, and a second
-kernel combines the splits of each ``(row, head)``.
+kernel combines the splits of each ``(row, head)``. With one split the first kernel writes the output itself.
 
 The number of splits depends only on ``(rows, kv_heads, table width)`` and the device, never on ``lens``, so a
 CUDA graph can capture a step; the keys of a row are divided over the splits on the device (each split at
@@ -43,51 +43,74 @@ def _split_len(n, num_splits, BLOCK: tl.constexpr, MIN_BLOCKS: tl.constexpr):  #
 
 
 @triton.jit
-def _split_kernel(  # type: ignore[no-untyped-def]
-    Q, K, V, Table, Lens, MidO, MidLse, scale, num_splits,
-    sq_b, sq_h, sk_p, sk_h, sv_p, sv_h, st_r, st_c,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-    BLOCK: tl.constexpr, MIN_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+def _attend(  # type: ignore[no-untyped-def]
+    Q, K, V, Table, b, kvh, lo, hi, scale, sq_b, sq_h, sk_p, sk_h, sv_p, sv_h, st_r, st_c, heads, gmask, d, dmask,
+    GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    """Attention of row ``b``'s query heads ``heads`` over its keys ``lo..hi-1``: (output, log-sum-exp)."""
+    q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
+    for start in range(lo, hi, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < hi
+        idx = tl.load(Table + b * st_r + offs * st_c, mask=valid, other=0)
+        kv_mask = valid[:, None] & dmask[None, :]
+        k = tl.load(K + idx[:, None] * sk_p + kvh * sk_h + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + idx[:, None] * sv_p + kvh * sv_h + d[None, :], mask=kv_mask, other=0.0)
+        if DOT_F32:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        total = total * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    return acc / total[:, None], m + tl.log(total)
+
+
+@triton.jit
+def _split_kernel(  # type: ignore[no-untyped-def]
+    Q, K, V, Table, Lens, MidO, MidLse, Out, scale, num_splits,
+    sq_b, sq_h, sk_p, sk_h, sv_p, sv_h, st_r, st_c, so_b, so_h,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, MIN_BLOCKS: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One (row, kv head, split): its partial output and log-sum-exp to MidO/MidLse, or (DIRECT, one split) the
+    output itself to Out, zeros for an idle row."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     n = tl.load(Lens + b)
     chunk = _split_len(n, num_splits, BLOCK, MIN_BLOCKS)
     lo = split * chunk
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, DIM_PAD)
+    heads = kvh * GROUP + g
+    gmask = g < GROUP
+    dmask = d < HEAD_DIM
+    omask = gmask[:, None] & dmask[None, :]
+    out_ptr = Out + b * so_b + heads[:, None] * so_h + d[None, :]
     if lo < n:
-        hi = tl.minimum(lo + chunk, n)
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, DIM_PAD)
-        heads = kvh * GROUP + g
-        gmask = g < GROUP
-        dmask = d < HEAD_DIM
-        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        total = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-        for start in range(lo, hi, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            valid = offs < hi
-            idx = tl.load(Table + b * st_r + offs * st_c, mask=valid, other=0)
-            kv_mask = valid[:, None] & dmask[None, :]
-            k = tl.load(K + idx[:, None] * sk_p + kvh * sk_h + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + idx[:, None] * sv_p + kvh * sv_h + d[None, :], mask=kv_mask, other=0.0)
-            if DOT_F32:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            total = total * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
-        mid = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split  # row of mid [B, H, splits, D]
-        tl.store(MidO + mid[:, None] * HEAD_DIM + d[None, :], acc / total[:, None], mask=gmask[:, None] & dmask[None, :])
-        tl.store(MidLse + mid, m + tl.log(total), mask=gmask)
+        out, lse = _attend(
+            Q, K, V, Table, b, kvh, lo, tl.minimum(lo + chunk, n), scale, sq_b, sq_h, sk_p, sk_h, sv_p, sv_h,
+            st_r, st_c, heads, gmask, d, dmask, GROUP_PAD, DIM_PAD, BLOCK, DOT_F32, PRECISION,
+        )
+        if DIRECT:
+            tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=omask)
+        else:
+            mid = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split  # row of mid [B, H, splits, D]
+            tl.store(MidO + mid[:, None] * HEAD_DIM + d[None, :], out, mask=omask)
+            tl.store(MidLse + mid, lse, mask=gmask)
+    elif DIRECT:
+        tl.store(out_ptr, tl.zeros([GROUP_PAD, DIM_PAD], Out.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -179,20 +202,23 @@ def paged_decode_attention(
         raise EngineError(f"num_splits must be in 1..{MAX_SPLITS}; got {splits}")
     group = heads // kv_heads
     dim_pad = triton.next_power_of_2(dim)
-    mid_o = torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
     out = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
+    direct = splits == 1  # the split kernel writes the output; no partials, no combine
+    mid_o = out if direct else torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=q.device)
+    mid_lse = out if direct else torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
     # Triton 3.9's interpreter multiplies 16-bit float operands of tl.dot as integers: there the kernel gives
     # tl.dot float32 copies (the same products a GPU's bf16 dot accumulates in float32).
     dot_f32 = _interpreted() and q.dtype != torch.float32
     _split_kernel[(batch, kv_heads, splits)](
-        q, k_pool, v_pool, table, lens, mid_o, mid_lse, scale, splits,
+        q, k_pool, v_pool, table, lens, mid_o, mid_lse, out, scale, splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
-        table.stride(0), table.stride(1),
+        table.stride(0), table.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, DIM_PAD=dim_pad,
-        BLOCK=BLOCK_N, MIN_BLOCKS=MIN_SPLIT_BLOCKS, DOT_F32=dot_f32,
+        BLOCK=BLOCK_N, MIN_BLOCKS=MIN_SPLIT_BLOCKS, DIRECT=direct, DOT_F32=dot_f32,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
+    if direct:
+        return out
     _combine_kernel[(batch, heads)](
         mid_o, mid_lse, lens, out, splits, out.stride(0), out.stride(1),
         HEAD_DIM=dim, DIM_PAD=dim_pad, BLOCK=BLOCK_N, MIN_BLOCKS=MIN_SPLIT_BLOCKS,
