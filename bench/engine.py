@@ -74,6 +74,8 @@ def start_engine(model: Path, args: argparse.Namespace, log: Path) -> tuple[subp
         extra += ["--set", "engine.cuda_graph=false"]
     if args.no_overlap:
         extra += ["--disable-overlap-schedule"]
+    if args.decode_attention != "triton":
+        extra += ["--set", f"engine.decode_attention={args.decode_attention}"]
     return launch_engine(model, extra, log)
 
 
@@ -209,6 +211,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--skip-generate", action="store_true", help="engine only (no model.generate baseline)")
     p.add_argument("--no-cuda-graph", action="store_true")
+    p.add_argument("--decode-attention", choices=["triton", "sdpa"], default="triton", help="engine.decode_attention")
     p.add_argument("--no-overlap", action="store_true", help="the engine decodes step by step (no overlap scheduling)")
     p.add_argument("--check", action="store_true",
                    help="after timing, check prefix reuse, prompt logprobs and a weight update on this device")
