@@ -220,3 +220,21 @@ def test_precision_resolution_and_bad_combinations() -> None:
         TorchBackend(_model(), OptimConfig(), master_weights=True)
     with pytest.raises(ValueError, match="must be bfloat16"):
         MasterWeights(list(_model().parameters()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offloading_moves_the_masters_and_changes_no_step() -> None:
+    model, mbs = _model(), [pack(_samples(4))]
+    kept, moved = (TorchBackend(copy.deepcopy(model), OptimConfig(lr=1e-2), device="cuda", bf16=True,
+                                master_weights=True, offloaded=off) for off in (False, True))
+    for _ in range(2):
+        for backend in (kept, moved):
+            backend.train_step(mbs, ppo_loss, LossConfig())
+        moved.offload()
+        assert moved.master is not None
+        states = [v for st in moved.optimizer.state.values() for v in st.values() if v.dim() > 0]
+        assert all(t.device.type == "cpu" for t in [*moved.master.masters, *states, *moved.model.parameters()])
+    moved.onload()
+    for name, value in _params(kept).items():
+        assert torch.equal(_params(moved)[name].cuda(), value), name
