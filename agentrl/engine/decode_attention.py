@@ -191,18 +191,21 @@ def paged_decode_attention(
 
     ``q [B, H, D]`` (after rotary), ``k_pool``/``v_pool [P, KVH, D]`` (strided views are fine), ``table [R, C]``
     int64 pool index of each position of row ``b < R``, ``lens [B]`` int32 keys of row ``b`` (positions
-    ``0..lens[b]-1``; 0 = idle row, output zeros). Query head ``h`` attends kv head ``h // (H // KVH)``.
+    ``0..lens[b]-1``; 0 = idle row, output zeros; at most ``C``, unchecked: reading ``lens`` would sync the
+    host). Query head ``h`` attends kv head ``h // (H // KVH)``.
     ``num_splits`` (default :func:`default_num_splits`) must not depend on ``lens`` under a CUDA graph.
     Raises :class:`EngineError` on a wrong shape, dtype or device.
     """
     _check(q, k_pool, v_pool, table, lens)
     (batch, heads, dim), kv_heads = q.shape, k_pool.shape[1]
-    splits = num_splits or default_num_splits(batch, kv_heads, table.shape[1], q.device)
+    splits = default_num_splits(batch, kv_heads, table.shape[1], q.device) if num_splits is None else num_splits
     if not 1 <= splits <= MAX_SPLITS:
         raise EngineError(f"num_splits must be in 1..{MAX_SPLITS}; got {splits}")
     group = heads // kv_heads
     dim_pad = triton.next_power_of_2(dim)
     out = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
     direct = splits == 1  # the split kernel writes the output; no partials, no combine
     mid_o = out if direct else torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=q.device)
     mid_lse = out if direct else torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)

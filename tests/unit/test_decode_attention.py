@@ -169,8 +169,11 @@ def test_wrong_inputs_are_clear_errors() -> None:
     for message, args in bad.items():
         with pytest.raises(EngineError, match=message):
             paged_decode_attention(*args, scale=0.1)
-    with pytest.raises(EngineError, match="num_splits"):
-        paged_decode_attention(q, pool, pool, table, lens, 0.1, num_splits=1000)
+    for splits in (0, 1000):
+        with pytest.raises(EngineError, match="num_splits"):
+            paged_decode_attention(q, pool, pool, table, lens, 0.1, num_splits=splits)
+    empty = paged_decode_attention(q[:0], pool, pool, table, lens[:0], 0.1)
+    assert empty.shape == (0, 4, 64)
 
 
 def test_splits_fill_the_device_and_never_depend_on_lengths() -> None:
