@@ -87,7 +87,8 @@ def _tiny_qwen2() -> Any:
 
 
 def _runner_case() -> dict[str, Any]:
-    """Prefill three rows (one sharing another's prefix), decode greedily: kernel vs gathered SDPA logits."""
+    """Prefill three rows (one sharing another's prefix), decode greedily, prefill one-token chunks (the kernel
+    serves those too): kernel vs gathered SDPA logits."""
     import numpy as np
 
     from agentrl.engine.runner import ModelRunner
@@ -112,6 +113,8 @@ def _runner_case() -> dict[str, Any]:
         errs.append(float((logits[0][live] - logits[1][live]).abs().max()))
         agree &= bool(torch.equal(logits[0][live].argmax(-1), logits[1][live].argmax(-1)))
         lengths = [n + (b in live) for b, n in enumerate(lengths)]
+    one = [r.prefill([2, 0], [[42], [43]], [lengths[2], lengths[0]]).logits for r in runners]  # one-token chunks
+    errs.append(float((one[0] - one[1]).abs().max()))
     return {"max_err": max(errs), "argmax_agree": agree, "kernel_used": runners[0].decode_kernel}
 
 
