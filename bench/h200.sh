@@ -64,7 +64,10 @@ for p in "$@"; do
       grep -E 'C=' "$OUT/engine-step-by-step.log"
       part engine-check 60 python3 -m bench.engine --shape small --device cuda --dtype bfloat16 --concurrency 16 \
         --check
-      part engine-gpu-tests 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_engine_overlap.py ;;
+      part engine-sampling 60 python3 bench/sampling.py --device cuda
+      grep -E '^ +[0-9]+ \|' "$OUT/engine-sampling.log"
+      part engine-gpu-tests 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_engine_overlap.py \
+        tests/unit/test_sample_kernel.py ;;
     decodeattn)
       part decodeattn-bench 200 python3 bench/decode_attention.py --device cuda
       part decodeattn-gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_decode_attention.py

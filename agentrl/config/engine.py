@@ -77,6 +77,9 @@ class EngineConfig(Section):
         default_factory=lambda: [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256]
     )
     """decode batch sizes captured as CUDA graphs (CUDA only)"""
+    sampling: Literal["triton", "torch"] = "triton"
+    """sampling on CUDA: triton draws rows without top-k/top-p/min-p in one kernel over the logits
+    (agentrl/engine/sample_kernel.py); torch runs log-softmax, cumulative sum and search as separate kernels"""
     decode_attention: Literal["triton", "sdpa"] = "triton"
     """decode-step attention on CUDA: triton reads only each row's keys (agentrl/engine/decode_attention.py); sdpa
     gathers the whole context and masks it (the CPU path)"""

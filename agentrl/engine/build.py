@@ -72,6 +72,7 @@ def build_server(cfg: EngineConfig, *, nats_url: str | None = None) -> EngineSer
         max_queued=cfg.max_queued,
         drain_for_weights=cfg.weight_update == "drain",
         overlap=cfg.overlap_schedule,
+        fused_sampling=None if cfg.sampling == "triton" else False,
         max_prefill_tokens=cfg.max_prefill_tokens,
         weight_version=cfg.weight_version,
         waiting_timeout_s=cfg.waiting_timeout_s or _env_seconds("SGLANG_REQ_WAITING_TIMEOUT"),

@@ -118,8 +118,12 @@ class DeviceSampled(NamedTuple):
     ids_logprobs: torch.Tensor | None  # [B, longest token_ids list], rows padded
 
 
-def sample_on_device(logits: torch.Tensor, params: SamplingBatch) -> DeviceSampled:
-    """Sample one token per row of float32 ``logits [B, V]`` without waiting for the device."""
+def sample_on_device(logits: torch.Tensor, params: SamplingBatch, *, fused: bool | None = None) -> DeviceSampled:
+    """Sample one token per row of float32 ``logits [B, V]`` without waiting for the device.
+
+    ``fused`` (default: on CUDA) samples rows without truncation in one Triton kernel
+    (:mod:`agentrl.engine.sample_kernel`); the same tokens up to float rounding at CDF boundaries.
+    """
     device = logits.device
     p = SamplingBatch(
         params.temperature.to(device, non_blocking=True), params.top_p.to(device, non_blocking=True),
@@ -132,6 +136,8 @@ def sample_on_device(logits: torch.Tensor, params: SamplingBatch) -> DeviceSampl
         for row, banned in enumerate(p.ban):
             if banned:
                 logits[row, banned] = float("-inf")
+    if not p.truncate and (logits.is_cuda if fused is None else fused):
+        return _sample_fused(logits, p, params)
     greedy = p.temperature <= 0
     temp = torch.where(greedy, torch.ones_like(p.temperature), p.temperature)
     logp = torch.log_softmax(logits / temp.view(-1, 1), dim=-1)
@@ -146,6 +152,20 @@ def sample_on_device(logits: torch.Tensor, params: SamplingBatch) -> DeviceSampl
     return DeviceSampled(
         tokens, chosen, top.values if top is not None else None, top.indices if top is not None else None,
         _ids_logprobs(logp, params.token_ids),
+    )
+
+
+def _sample_fused(logits: torch.Tensor, p: SamplingBatch, params: SamplingBatch) -> DeviceSampled:
+    from agentrl.engine.sample_kernel import fused_sample
+
+    out = fused_sample(logits.contiguous(), p.temperature, hash_uniform(p.seed, p.step).float())
+    inv_t, logz = out.inv_temperature.view(-1, 1), out.log_normalizer.view(-1, 1)
+    k = max(params.top_logprobs, default=0)
+    top = logits.topk(k, dim=-1) if k else None  # logits / T and log-softmax rank the tokens alike
+    ids = _ids_logprobs(logits, params.token_ids)
+    return DeviceSampled(
+        out.tokens, out.logprobs, top.values * inv_t - logz if top is not None else None,
+        top.indices if top is not None else None, ids * inv_t - logz if ids is not None else None,
     )
 
 
@@ -198,6 +218,6 @@ def _to_pinned(t: torch.Tensor) -> torch.Tensor:
     return host.copy_(t, non_blocking=True)
 
 
-def sample(logits: torch.Tensor, params: SamplingBatch) -> Sampled:
+def sample(logits: torch.Tensor, params: SamplingBatch, *, fused: bool | None = None) -> Sampled:
     """Sample one token per row of float32 ``logits [B, V]`` (waits for the device; results on the host)."""
-    return HostCopy(sample_on_device(logits, params), params.token_ids).result()
+    return HostCopy(sample_on_device(logits, params, fused=fused), params.token_ids).result()

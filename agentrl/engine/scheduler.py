@@ -113,6 +113,7 @@ class Scheduler:
         running_timeout_s: float | None = None,
         timeout_status: int = 503,
         overlap: bool = True,
+        fused_sampling: bool | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -127,6 +128,7 @@ class Scheduler:
         self.running_timeout_s = running_timeout_s
         self.timeout_status = timeout_status
         self.overlap = overlap  # launch decode step N+1 before committing step N's tokens
+        self.fused_sampling = fused_sampling  # None: the Triton sampler where it runs (CUDA)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.free_rows = list(range(runner.num_rows))
@@ -423,7 +425,7 @@ class Scheduler:
         def step() -> tuple[Sampled, Prefill]:
             self._flush_rows()
             out = self.runner.prefill(rows, chunks, starts, score=score)
-            return sample(apply_logits(out.logits, processing), params), out
+            return sample(apply_logits(out.logits, processing), params, fused=self.fused_sampling), out
 
         sampled, out = await self._timed(step, decode=False)
         for b, scores in out.prompt_logprobs.items():
@@ -450,7 +452,8 @@ class Scheduler:
         def step() -> Sampled:
             self._flush_rows()
             logits = self.runner.decode(tokens.to(device), positions.to(device), kv_len)
-            return sample(apply_logits(self._in_order(logits, order, n_rows), processing), params)
+            logits = apply_logits(self._in_order(logits, order, n_rows), processing)
+            return sample(logits, params, fused=self.fused_sampling)
 
         out = await self._timed(step, decode=True)
         self._commit(list(reqs), out, prefill=False)
@@ -473,7 +476,8 @@ class Scheduler:
         def step() -> HostCopy:
             self._flush_rows()
             logits = self.runner.decode(feed(), _to_device(positions, self.runner.device), kv_len)
-            out = sample_on_device(apply_logits(self._in_order(logits, order, n_rows), processing), params)
+            logits = apply_logits(self._in_order(logits, order, n_rows), processing)
+            out = sample_on_device(logits, params, fused=self.fused_sampling)
             this.tokens = out.tokens
             return HostCopy(out, params.token_ids)
 
