@@ -96,7 +96,7 @@ def _silu_mul_kernel(  # type: ignore[no-untyped-def]
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     ty = Out.dtype.element_ty
-    act = _round(g / (1.0 + tl.exp(-g)), ty, RTNE)
+    act = _round(tl.math.div_rn(g, 1.0 + tl.exp(-g)), ty, RTNE)  # IEEE division, as torch's silu divides
     tl.store(Out + row * width + cols, _round(act.to(tl.float32) * u, ty, RTNE), mask=mask)
 
 
