@@ -43,9 +43,12 @@ def _norm_cases(dtype: torch.dtype, gen: torch.Generator) -> list[dict[str, Any]
     from agentrl.engine.fused_ops import add_rmsnorm_reference, fused_add_rmsnorm
 
     cases = []
-    for hidden, shape, with_residual in [(896, (33,), True), (896, (1,), False), (80, (4, 1), True), (80, (5,), False)]:
-        norm = Qwen2RMSNorm(hidden, eps=1e-6).to(dtype)
-        norm.weight.data = (torch.randn(hidden, generator=gen) * 0.5 + 1).to(dtype)
+    shapes = [(896, (33,), True), (896, (1,), False), (80, (4, 1), True), (80, (5,), False),
+              (64, (3, 14), False)]  # the last: Qwen3's q_norm over each head of q [rows, heads, head_dim]
+    for hidden, shape, with_residual in shapes:
+        norm = Qwen2RMSNorm(hidden, eps=1e-6)
+        norm.weight.data = torch.randn(hidden, generator=gen) * 0.5 + 1
+        norm.to(torch.float32 if hidden == 80 and with_residual else dtype)  # float32 weights: a float32 output
         x = (torch.randn((*shape, hidden), generator=gen) * 3).to(dtype)
         residual = torch.randn((*shape, hidden), generator=gen).to(dtype) if with_residual else None
         hf_residual = x if residual is None else residual + x  # the runner's `residual + attention(...)`
