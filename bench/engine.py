@@ -74,6 +74,10 @@ def start_engine(model: Path, args: argparse.Namespace, log: Path) -> tuple[subp
         extra += ["--set", "engine.cuda_graph=false"]
     if args.no_overlap:
         extra += ["--disable-overlap-schedule"]
+    if args.no_fused_ops:
+        extra += ["--set", "engine.fused_ops=false"]
+    if args.torch_sampling:
+        extra += ["--set", "engine.sampling=torch"]
     if args.decode_attention != "triton":
         extra += ["--set", f"engine.decode_attention={args.decode_attention}"]
     return launch_engine(model, extra, log)
@@ -213,6 +217,8 @@ def main() -> None:
     p.add_argument("--no-cuda-graph", action="store_true")
     p.add_argument("--decode-attention", choices=["triton", "sdpa"], default="triton", help="engine.decode_attention")
     p.add_argument("--no-overlap", action="store_true", help="the engine decodes step by step (no overlap scheduling)")
+    p.add_argument("--no-fused-ops", action="store_true", help="engine.fused_ops=false (the HF modules' small ops)")
+    p.add_argument("--torch-sampling", action="store_true", help="engine.sampling=torch (no fused sampler)")
     p.add_argument("--check", action="store_true",
                    help="after timing, check prefix reuse, prompt logprobs and a weight update on this device")
     args = p.parse_args()

@@ -77,6 +77,9 @@ class EngineConfig(Section):
         default_factory=lambda: [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256]
     )
     """decode batch sizes captured as CUDA graphs (CUDA only)"""
+    fused_ops: bool = True
+    """on CUDA, residual add + RMSNorm, SiLU-and-mul and rotary + KV store run as Triton kernels
+    (agentrl/engine/fused_ops.py) instead of the model's own modules (a few kernels each)"""
     sampling: Literal["triton", "torch"] = "triton"
     """sampling on CUDA: triton draws rows without top-k/top-p/min-p in one kernel over the logits
     (agentrl/engine/sample_kernel.py); torch runs log-softmax, cumulative sum and search as separate kernels"""

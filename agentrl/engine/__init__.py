@@ -7,9 +7,11 @@ Start it with ``agentrl engine --model DIR`` (see :mod:`agentrl.commands.engine`
   :mod:`~agentrl.engine.openai_api` — ``/v1/*``; :mod:`~agentrl.engine.auth` — API / admin keys.
 - :mod:`~agentrl.engine.api` / :mod:`~agentrl.engine.generate_in` — request schemas, batching and ``n``,
   validation (HTTP 400 naming the field).
-- :mod:`~agentrl.engine.scheduler` — continuous batching, aborts, pause/retract, timeouts, weight updates
-  between steps; :mod:`~agentrl.engine.step_inputs` — what a step needs from its requests.
-- :mod:`~agentrl.engine.runner` — batched prefill/decode over a paged KV pool (CUDA graphs on GPU).
+- :mod:`~agentrl.engine.scheduler` — continuous batching (overlapped decode steps), aborts, pause/retract,
+  timeouts, weight updates between steps; :mod:`~agentrl.engine.step_inputs` — what a step needs from its requests.
+- :mod:`~agentrl.engine.runner` — batched prefill/decode over a paged KV pool (CUDA graphs on GPU);
+  :mod:`~agentrl.engine.decode_attention` — the paged decode-attention kernel; :mod:`~agentrl.engine.fused_ops`
+  — fused norm, activation and rotary kernels; :mod:`~agentrl.engine.sample_kernel` — the fused sampler.
 - :mod:`~agentrl.engine.kv_cache` / :mod:`~agentrl.engine.radix` — pool bookkeeping and the radix prefix cache.
 - :mod:`~agentrl.engine.sampling` — per-row sampling, logprobs before truncation, per-request seeds;
   :mod:`~agentrl.engine.logits` — logit bias, penalties, custom processors, grammar masks;

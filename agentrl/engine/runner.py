@@ -47,15 +47,31 @@ def gathered_sdpa(
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
+def _use_triton(device: torch.device, wanted: bool | None, what: str) -> bool:
+    """Whether a Triton path is to be used (default: on CUDA); on CPU only under Triton's interpreter."""
+    if not (device.type == "cuda" if wanted is None else wanted):
+        return False
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "0":
+        raise EngineError(f"{what} on a CPU device needs TRITON_INTERPRET=1 (Triton's interpreter)")
+    return True
+
+
 def _decode_kernel(device: torch.device, wanted: bool | None) -> Callable[..., torch.Tensor] | None:
     """The decode-attention kernel if it is to be used (default: on CUDA), else None."""
-    if not (device.type == "cuda" if wanted is None else wanted):
+    if not _use_triton(device, wanted, "decode_kernel"):
         return None
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "0":
-        raise EngineError("decode_kernel on a CPU device needs TRITON_INTERPRET=1 (Triton's interpreter)")
     from agentrl.engine.decode_attention import paged_decode_attention  # imports triton: only when used
 
     return paged_decode_attention
+
+
+def _fused_ops(device: torch.device, wanted: bool | None) -> Any:
+    """The fused layer ops module (:mod:`agentrl.engine.fused_ops`) if they are to be used, else None."""
+    if not _use_triton(device, wanted, "fused_ops"):
+        return None
+    from agentrl.engine import fused_ops  # imports triton: only when used
+
+    return fused_ops
 
 
 class _Keys(NamedTuple):
@@ -96,10 +112,12 @@ class ModelRunner:
     """Prefill and decode for many sequences at once; returns float32 next-token logits."""
 
     def __init__(
-        self, model: Any, num_rows: int, context_length: int, pool_tokens: int, *, decode_kernel: bool | None = None
+        self, model: Any, num_rows: int, context_length: int, pool_tokens: int, *, decode_kernel: bool | None = None,
+        fused_ops: bool | None = None,
     ) -> None:
-        """``decode_kernel``: decode attention by the Triton kernel (default: on CUDA); True on CPU only under
-        ``TRITON_INTERPRET=1`` (the interpreter, for tests)."""
+        """``decode_kernel``: decode attention by the Triton kernel; ``fused_ops``: residual add + RMSNorm, SiLU-and-mul
+        and rotary + KV store by Triton kernels (:mod:`agentrl.engine.fused_ops`) instead of the HF modules. Both
+        default to on CUDA; True on CPU only under ``TRITON_INTERPRET=1`` (the interpreter, for tests)."""
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise EngineError(
@@ -121,6 +139,8 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self._kernel = _decode_kernel(self.device, decode_kernel)
         self.decode_kernel = self._kernel is not None
+        self._ops = _fused_ops(self.device, fused_ops)
+        self.fused_ops = self._ops is not None
         self.kv: torch.Tensor | None = None
         self.allocate_kv()
         self.table = torch.full((num_rows, context_length + 1), pool_tokens, dtype=torch.long, device=self.device)
@@ -232,15 +252,19 @@ class ModelRunner:
         return self._logits(hidden[:, 0])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.decoder.norm(hidden)).float()
+        norm = self.decoder.norm
+        if self._ops is not None:
+            return self.model.lm_head(self._ops.fused_add_rmsnorm(hidden, None, norm.weight, norm.variance_epsilon)[0]).float()
+        return self.model.lm_head(norm(hidden)).float()
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, kv_len: int) -> torch.Tensor:
         if self.kv is None:
             raise EngineError("the KV cache is released (resume_memory_occupation first)")
         hidden = self.decoder.embed_tokens(ids)
-        cos, sin = self.decoder.rotary_emb(hidden, pos)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = self.decoder.rotary_emb(hidden, pos)  # [B, Q, head_dim]
         keys = self._keys(pos, rows, kv_len)
+        if self._ops is not None:
+            return self._fused_layers(hidden, cos, sin, keys)
         for i, layer in enumerate(self.decoder.layers):
             residual = hidden
             attn_in = layer.input_layernorm(hidden)
@@ -248,6 +272,20 @@ class ModelRunner:
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden
+
+    def _fused_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: _Keys) -> torch.Tensor:
+        """The decoder layers with the residual adds fused into the norms and SiLU-and-mul fused (weights and
+        epsilons read from the HF modules at each call, so in-place weight updates reach captured graphs too)."""
+        ops, kv, x = self._ops, self.kv, hidden
+        residual: torch.Tensor | None = None
+        assert kv is not None
+        for i, layer in enumerate(self.decoder.layers):
+            norm1, norm2, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
+            x, residual = ops.fused_add_rmsnorm(x, residual, norm1.weight, norm1.variance_epsilon)
+            x = self._attention(kv[i], layer.self_attn, x, cos, sin, keys)
+            x, residual = ops.fused_add_rmsnorm(x, residual, norm2.weight, norm2.variance_epsilon)
+            x = mlp.down_proj(ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+        return x if residual is None else residual + x
 
     def _keys(self, pos: torch.Tensor, rows: torch.Tensor, kv_len: int) -> _Keys:
         table = self.table[rows]
@@ -268,11 +306,18 @@ class ModelRunner:
         v = attn.v_proj(x).view(b, q_len, -1, self.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        kv[0][keys.where] = k.transpose(1, 2)
-        kv[1][keys.where] = v
+        if self._ops is not None:  # rotary on q in place; rotated keys and the values go straight into the pool
+            d, flat = self.head_dim, b * q_len
+            q = self._ops.rotary_qk_to_pool(q.reshape(flat, -1, d), k.reshape(flat, -1, d), v.reshape(flat, -1, d),
+                                            cos.reshape(flat, d), sin.reshape(flat, d), kv, keys.where.reshape(-1))
+            q = q.view(b, q_len, -1, d).transpose(1, 2)
+        else:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kv[0][keys.where] = k.transpose(1, 2)
+            kv[1][keys.where] = v
         if self._kernel is not None and keys.lens is not None:
             out = self._kernel(q[:, :, 0], kv[0], kv[1], keys.table, keys.lens, attn.scaling).unsqueeze(2)
         else:

@@ -171,6 +171,33 @@ def _layers_case(dtype: torch.dtype) -> dict[str, Any]:
     return _compare(f"two decoder layers {dtype}", residual + x, h)
 
 
+def _runner_cases(dtype: torch.dtype) -> list[dict[str, Any]]:
+    """The engine's runner with the fused ops vs the HF modules: prefill, a prefix shared by another row, decode
+    steps with an idle row; logits and the whole KV pool (the fused rotary writes keys/values into it itself)."""
+    import numpy as np
+
+    from agentrl.engine.runner import ModelRunner
+
+    model = _tiny_layers(dtype)
+    for i, layer in enumerate(model.model.layers):  # every norm its own weights (the seeded noise repeats per size)
+        layer.post_attention_layernorm.weight.data.add_(0.1 * (i + 1))
+        model.model.norm.weight.data.sub_(0.05)
+    runners = [ModelRunner(model, 3, 32, 200, decode_kernel=False, fused_ops=flag) for flag in (True, False)]
+    outs: list[list[torch.Tensor]] = [[], []]
+    for runner, out in zip(runners, outs, strict=True):
+        runner.set_rows([0, 2], [np.arange(100, 120), np.concatenate([np.arange(100, 106), np.arange(150, 164)])])
+        out.append(runner.prefill([0], [[5, 17, 33, 40, 2, 9, 11]], [0]).logits)
+        out.append(runner.prefill([2], [[8, 1]], [6]).logits)  # row 2 reuses row 0's first 6 positions
+        for step in range(3):
+            pos = torch.tensor([7 + step, runner.scratch, 8 + step])
+            out.append(runner.decode(torch.tensor([3 + step, 0, 4 + step]), pos, kv_len=12))
+        assert runner.kv is not None
+        out.append(runner.kv[:, :, :200])
+    names = ["prefill logits", "prefix-sharing prefill logits", *(f"decode {i} logits" for i in range(3)), "kv pool"]
+    assert runners[0].fused_ops and not runners[1].fused_ops
+    return [_compare(f"runner {name} {dtype}", a, b) for name, a, b in zip(names, *outs, strict=True)]
+
+
 def _main() -> None:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -179,6 +206,7 @@ def _main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             cases += _norm_cases(dtype, gen) + _silu_cases(dtype, gen) + _rotary_cases(dtype, gen)
             cases.append(_layers_case(dtype))
+            cases += _runner_cases(dtype)
         cases += _norm_cases(torch.float16, gen)[:1] + _silu_cases(torch.float16, gen)[:1]
     print(json.dumps(cases))
 
