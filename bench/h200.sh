@@ -11,8 +11,10 @@
 #   nccl       learner -> engine weight sync by NCCL vs disk; needs two GPUs (issue 16)                  ~90
 #   async      real-components async vs sync RL, engine and learner side by side on one GPU, 0.5B shape,
 #              B = 128 in groups of 8, long-tail lengths capped at 4096 (issue 18; estimated)            ~300
-#   engine     the embedded engine at the issue-18 setup (0.5B, 128 + 256 tokens, C 256/512): overlap
-#              scheduling on vs off in the same call, then --check (issue 18)                             ~300
+#   engine     the embedded engine at the issue-18 setup (0.5B, 128 + 256 tokens, C 256/512, with the
+#              generate baseline), then at C 256 with each lever off in turn (issue 18)                   ~450
+#   engine-profile  one decode step in process, lever by lever, with kernel counts and top kernels; engine
+#              --check; the sampler bench; the engine's GPU tests (issue 18)                             ~450
 #   decodeattn paged decode-attention kernel vs gathered SDPA (B 64/256/512), its GPU tests, engine
 #              --check with the kernel on, the engine at 0.5B C=256 with sdpa then triton (issue 18; est.) ~450
 #   fusedops   fused add+RMSNorm, SiLU-and-mul, rotary (+ pool write) vs the HF modules, rows 64/256/512,
@@ -58,18 +60,26 @@ for p in "$@"; do
         --settings sync eta2
       grep -E '^\||^real model|^utilisation|staleness bound' "$OUT/async.log" ;;
     engine)
-      part engine-overlap 150 python3 -m bench.engine --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
+      part engine 170 python3 -m bench.engine --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
         --concurrency 256,512 --prompt-len 128 --new-tokens 256
-      grep -E 'C=' "$OUT/engine-overlap.log"
-      part engine-step-by-step 100 python3 -m bench.engine --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
-        --concurrency 256,512 --prompt-len 128 --new-tokens 256 --skip-generate --no-overlap
-      grep -E 'C=' "$OUT/engine-step-by-step.log"
+      grep -E 'C=' "$OUT/engine.log"
+      for off in no-overlap:--no-overlap sdpa:--decode-attention=sdpa no-fused-ops:--no-fused-ops \
+                 torch-sampling:--torch-sampling; do
+        part "engine-${off%%:*}" 80 python3 -m bench.engine --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
+          --concurrency 256 --prompt-len 128 --new-tokens 256 --skip-generate "${off#*:}"
+        grep -E 'C=' "$OUT/engine-${off%%:*}.log"
+      done ;;
+    engine-profile)
+      part engine-step 150 python3 -m bench.decode_step --device cuda
+      cat "$OUT/engine-step.log" | grep -v USDT
+      part engine-step-long 100 python3 -m bench.decode_step --device cuda --rows 256 --context 4096 --lengths longtail
+      cat "$OUT/engine-step-long.log" | grep -v USDT
       part engine-check 60 python3 -m bench.engine --shape small --device cuda --dtype bfloat16 --concurrency 16 \
         --check
       part engine-sampling 60 python3 bench/sampling.py --device cuda
       grep -E '^ +[0-9]+ \|' "$OUT/engine-sampling.log"
-      part engine-gpu-tests 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_engine_overlap.py \
-        tests/unit/test_sample_kernel.py ;;
+      part engine-gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_engine_overlap.py \
+        tests/unit/test_sample_kernel.py tests/unit/test_decode_attention.py tests/unit/test_fused_ops.py ;;
     decodeattn)
       part decodeattn-bench 200 python3 bench/decode_attention.py --device cuda
       part decodeattn-gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_decode_attention.py
@@ -82,6 +92,6 @@ for p in "$@"; do
     fusedops)
       part fusedops-bench 150 python3 bench/fused_ops.py --device cuda
       part fusedops-gpu-tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_fused_ops.py ;;
-    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, engine, decodeattn, fusedops)"; exit 2 ;;
+    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, engine, engine-profile, decodeattn, fusedops)"; exit 2 ;;
   esac
 done
