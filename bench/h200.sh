@@ -4,7 +4,7 @@
 #   OUT=/tmp/out bash bench/h200.sh megatron colocate        # parts in the order given
 #
 # Parts (seconds on one H200, measured or estimated):
-#   megatron   Megatron vs torch backend, 0.5B and 1.5B shapes, fused and unfused (issue 15)          ~300
+#   megatron   Megatron vs torch backend (autocast, bf16 masters), 0.5B and 1.5B, fused and unfused (15) ~360
 #   colocate   colocated vs side-by-side: the agentrl learner path, the in-process bench, GPU tests (20) ~330
 #   kernelgen  bench/kernelgen_gpu.sh: hand-written solutions, configs/kernelgen.yaml machinery,
 #              evaluation throughput (issue 13; MODEL= a small checkpoint, default .kgmodel)            ~330
@@ -40,7 +40,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run, keep the log, print its result li
 for p in "$@"; do
   case $p in
     megatron)
-      part megatron 330 python3 bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b qwen2.5-1.5b \
+      part megatron 400 python3 bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b qwen2.5-1.5b \
         --seqs 64 --max-len 4096 --budget 16384 --steps 2 --warmup 1 --unfused ;;
     colocate)
       part colocate-agentrl 150 python3 -m bench.colocate --learner agentrl --shape qwen2.5-0.5b --rollouts 512 \
