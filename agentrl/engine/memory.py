@@ -81,6 +81,7 @@ class MemoryManager:
             torch.save({name: p.data for name, p in params.items()}, self._spill / "weights.pt")
         for p in params.values():
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self.runner.drop_packed()  # the packed projections hold the weights too
 
     def _restore_weights(self) -> None:
         params = self._params()

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from agentrl.engine.packed import PackedLayer, PackedLayers, packable
 from agentrl.errors import EngineError
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "ModelRunner", "Prefill", "PromptScores", "ScoreSpec", "gathered_sdpa"]
@@ -72,6 +73,28 @@ def _fused_ops(device: torch.device, wanted: bool | None) -> Any:
     from agentrl.engine import fused_ops  # imports triton: only when used
 
     return fused_ops
+
+
+def _qkv(attn: Any, x: torch.Tensor, proj: PackedLayer | None, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v as ``[B, Q, heads, head_dim]`` (views of one GEMM's output when the layer is packed)."""
+    b, q_len, _ = x.shape
+    if proj is None:
+        outs: tuple[torch.Tensor, ...] = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    else:
+        outs = F.linear(x, proj.qkv_weight, proj.qkv_bias).split(proj.sizes, dim=-1)
+    return tuple(t.view(b, q_len, -1, head_dim) for t in outs)
+
+
+def _mlp(mlp: Any, x: torch.Tensor, proj: PackedLayer | None, ops: Any) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))``: one GEMM for gate and up when packed, SiLU-and-mul fused with ``ops``."""
+    if proj is None:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        return mlp.down_proj(ops.silu_mul(gate, up) if ops is not None else mlp.act_fn(gate) * up)
+    gate_up = F.linear(x, proj.gate_up)
+    if ops is not None:
+        return mlp.down_proj(ops.silu_mul(gate_up))
+    gate, up = gate_up.chunk(2, dim=-1)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 class _Keys(NamedTuple):
@@ -141,6 +164,8 @@ class ModelRunner:
         self.decode_kernel = self._kernel is not None
         self._ops = _fused_ops(self.device, fused_ops)
         self.fused_ops = self._ops is not None
+        self._packable = packable(self.decoder)
+        self._packed: PackedLayers | None = None
         self.kv: torch.Tensor | None = None
         self.allocate_kv()
         self.table = torch.full((num_rows, context_length + 1), pool_tokens, dtype=torch.long, device=self.device)
@@ -263,17 +288,34 @@ class ModelRunner:
         hidden = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(hidden, pos)  # [B, Q, head_dim]
         keys = self._keys(pos, rows, kv_len)
+        packed = self._packed_layers()
         if self._ops is not None:
-            return self._fused_layers(hidden, cos, sin, keys)
+            return self._fused_layers(hidden, cos, sin, keys, packed)
         for i, layer in enumerate(self.decoder.layers):
             residual = hidden
             attn_in = layer.input_layernorm(hidden)
-            hidden = residual + self._attention(self.kv[i], layer.self_attn, attn_in, cos, sin, keys)
+            hidden = residual + self._attention(self.kv[i], layer.self_attn, attn_in, cos, sin, keys, packed[i])
             residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = residual + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), packed[i], None)
         return hidden
 
-    def _fused_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: _Keys) -> torch.Tensor:
+    def _packed_layers(self) -> list[PackedLayer | None]:
+        """Each layer's packed projections, packing (again) where a parameter's storage was replaced."""
+        if not self._packable:
+            return [None] * len(self.decoder.layers)
+        if self._packed is None or not self._packed.intact():
+            if self._graphs is not None:  # they read the old tensors
+                self._graphs = None
+            self._packed = PackedLayers(self.decoder)
+        return list(self._packed.layers)
+
+    def drop_packed(self) -> None:
+        """Forget the packed tensors (the weights were released; the next forward packs the new ones)."""
+        self._packed = None
+
+    def _fused_layers(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: _Keys, packed: list[PackedLayer | None]
+    ) -> torch.Tensor:
         """The decoder layers with the residual adds fused into the norms and SiLU-and-mul fused (weights and
         epsilons read from the HF modules at each call, so in-place weight updates reach captured graphs too)."""
         ops, kv, x = self._ops, self.kv, hidden
@@ -282,9 +324,9 @@ class ModelRunner:
         for i, layer in enumerate(self.decoder.layers):
             norm1, norm2, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
             x, residual = ops.fused_add_rmsnorm(x, residual, norm1.weight, norm1.variance_epsilon)
-            x = self._attention(kv[i], layer.self_attn, x, cos, sin, keys)
+            x = self._attention(kv[i], layer.self_attn, x, cos, sin, keys, packed[i])
             x, residual = ops.fused_add_rmsnorm(x, residual, norm2.weight, norm2.variance_epsilon)
-            x = mlp.down_proj(ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+            x = _mlp(mlp, x, packed[i], ops)
         return x if residual is None else residual + x
 
     def _keys(self, pos: torch.Tensor, rows: torch.Tensor, kv_len: int) -> _Keys:
@@ -298,12 +340,11 @@ class ModelRunner:
         return _Keys(where, read=table[:, :kv_len], mask=mask)
 
     def _attention(
-        self, kv: torch.Tensor, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: _Keys
+        self, kv: torch.Tensor, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: _Keys,
+        proj: PackedLayer | None,
     ) -> torch.Tensor:
         b, q_len, _ = x.shape
-        q = attn.q_proj(x).view(b, q_len, -1, self.head_dim)
-        k = attn.k_proj(x).view(b, q_len, -1, self.head_dim)
-        v = attn.v_proj(x).view(b, q_len, -1, self.head_dim)
+        q, k, v = _qkv(attn, x, proj, self.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         if self._ops is not None:  # rotary on q in place; rotated keys and the values go straight into the pool
