@@ -70,7 +70,7 @@ class EngineConfig(Section):
     overlap_schedule: bool = True
     """launch decode step N+1 before step N's tokens are committed, so the host work of a step (stops, replies,
     the next step's inputs) overlaps the device's; steps with penalties, custom processors or grammars, and
-    the steps around admissions, weight updates and pauses, run one at a time (SGLang's overlap scheduler)"""
+    the steps around weight updates and pauses, run one at a time (SGLang's overlap scheduler)"""
     cuda_graph: bool = True
     """capture decode steps as CUDA graphs (CUDA only)"""
     cuda_graph_batch_sizes: list[int] = msgspec.field(

@@ -338,8 +338,8 @@ class Scheduler:
     def _admit(self) -> list[Request]:
         """Move waiting requests into the batch while rows, KV memory and the prefill budget allow (at least one)."""
         admitted: list[Request] = []
-        if self._inflight is not None or (self.drain_for_weights and self._pending_weights):
-            return admitted  # a step in flight assumes the batch it was launched with; or draining for weights
+        if self.drain_for_weights and self._pending_weights:
+            return admitted  # draining for a weight update
         budget = self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
@@ -444,7 +444,7 @@ class Scheduler:
         token_list = [0] * n_rows
         for r, row in zip(reqs, order, strict=True):
             token_list[row] = r.output_ids[-1]
-        positions, kv_len = self._positions(reqs, order, n_rows, lag=0)
+        positions, kv_len = self._positions(reqs, order, n_rows, [0] * len(reqs))
         tokens = torch.tensor(token_list)
         params, processing = sampling_batch(reqs), row_logits(reqs, self.eos_ids)
         device = self.runner.device
@@ -466,11 +466,12 @@ class Scheduler:
         dropped when that step commits. The model thread always has the next step queued behind the running one.
         """
         prev, reqs = self._inflight, list(self.running)
-        lag = int(prev is not None)
+        in_prev = {id(r): b for b, r in enumerate(prev.reqs)} if prev is not None else {}
+        lags = [int(id(r) in in_prev) for r in reqs]  # 0: admitted since (its last token is on the host)
         order, n_rows = self._rows(reqs)
-        positions, kv_len = self._positions(reqs, order, n_rows, lag=lag)
-        params, processing = sampling_batch(reqs, lag=lag), row_logits(reqs, self.eos_ids, lag=lag)
-        feed = self._feed(reqs, order, n_rows, prev)
+        positions, kv_len = self._positions(reqs, order, n_rows, lags)
+        params, processing = sampling_batch(reqs, lags), row_logits(reqs, self.eos_ids, lags)
+        feed = self._feed(reqs, order, n_rows, prev, in_prev)
         this = _InFlight(reqs)
 
         def step() -> HostCopy:
@@ -496,21 +497,25 @@ class Scheduler:
         self._commit(step.reqs, copy.result(), prefill=False)
         self._release_finished()  # a step still in flight writes nothing they keep; rows are reused after it
 
-    def _feed(self, reqs: list[Request], order: list[int], n_rows: int, prev: _InFlight | None) -> Callable[[], torch.Tensor]:
-        """Model thread: the step's input tokens per row, from the requests or from the step in flight."""
+    def _feed(self, reqs: list[Request], order: list[int], n_rows: int, prev: _InFlight | None,
+              in_prev: dict[int, int]) -> Callable[[], torch.Tensor]:
+        """Model thread: the step's input tokens per row: the last token of requests admitted since the step in
+        flight (known on the host), that step's sampled token for the others (on the device)."""
         device = self.runner.device
-        if prev is None:
-            tokens = torch.zeros(n_rows, dtype=torch.long)
-            tokens[order] = torch.tensor([r.output_ids[-1] for r in reqs])
+        tokens = torch.zeros(n_rows, dtype=torch.long)
+        carried = [(in_prev[id(r)], row) for r, row in zip(reqs, order, strict=True) if id(r) in in_prev]
+        for r, row in zip(reqs, order, strict=True):
+            if id(r) not in in_prev:
+                tokens[row] = r.output_ids[-1]
+        if prev is None or not carried:
             return lambda: _to_device(tokens, device)
-        index = {id(r): b for b, r in enumerate(prev.reqs)}  # no request is admitted while a step is in flight
-        src, rows = torch.tensor([index[id(r)] for r in reqs]), torch.tensor(order)
+        src, rows = torch.tensor([c[0] for c in carried]), torch.tensor([c[1] for c in carried])
 
         def gather() -> torch.Tensor:
             assert prev.tokens is not None, "the previous step did not run"
-            tokens = torch.zeros(n_rows, dtype=torch.long, device=device)
-            tokens[_to_device(rows, device)] = prev.tokens[_to_device(src, device)]
-            return tokens
+            out = _to_device(tokens, device)
+            out[_to_device(rows, device)] = prev.tokens[_to_device(src, device)]
+            return out
 
         return gather
 
@@ -518,10 +523,11 @@ class Scheduler:
         order = [r.row for r in reqs if r.row is not None]
         return order, max(order) + 1
 
-    def _positions(self, reqs: list[Request], order: list[int], n_rows: int, *, lag: int) -> tuple[torch.Tensor, int]:
-        """Each row's position (``lag`` tokens beyond what the request holds); idle rows use the scratch one."""
+    def _positions(self, reqs: list[Request], order: list[int], n_rows: int,
+                   lags: list[int]) -> tuple[torch.Tensor, int]:
+        """Each row's position (``lags[b]`` tokens beyond what request ``b`` holds); idle rows use the scratch one."""
         position_list = [self.runner.scratch] * n_rows
-        for r, row in zip(reqs, order, strict=True):
+        for r, row, lag in zip(reqs, order, lags, strict=True):
             position_list[row] = len(r.input_ids) + len(r.output_ids) - 1 + lag
         return torch.tensor(position_list), max(position_list[row] for row in order) + 1
 
@@ -538,18 +544,12 @@ class Scheduler:
             await self._retire(step)
 
     def _must_drain(self) -> bool:
-        """Whether this iteration changes what the step in flight assumed (weights, rows, pausing, admission)."""
+        """Whether this iteration changes what the step in flight assumed (weights, rows, pausing), or a running
+        request's logits need its last token (admissions do not drain: the prefill queues behind the step)."""
         return bool(
             self._retract_pending or self._pending_weights or self._settle_waiters or self.paused or self.released
-            or self._admissible()
+            or not all(pipelinable(r) for r in self.running)
         )
-
-    def _admissible(self) -> bool:
-        """Whether the head of the queue could be admitted now (memory counted without prefix reuse)."""
-        if not self.waiting or len(self.running) >= self.max_running:
-            return False
-        head = self.waiting[0]
-        return self.cache.available() >= len(head.input_ids) + head.options.max_new_tokens
 
     def _submit(self, step: Callable[[], Any]) -> asyncio.Future[tuple[Any, float]]:
         """Start ``step`` on the model thread now; the future gives its result and its time there."""

@@ -20,26 +20,28 @@ __all__ = [
 ]
 
 
-def sampling_batch(reqs: Sequence[Request], lag: int = 0) -> SamplingBatch:
-    """``lag``: tokens sampled for every request but not yet appended (a step still in flight)."""
+def sampling_batch(reqs: Sequence[Request], lags: Sequence[int] | None = None) -> SamplingBatch:
+    """``lags[b]``: tokens sampled for request ``b`` but not yet appended (a step still in flight)."""
+    lags = lags or [0] * len(reqs)
     return SamplingBatch.build(
         [r.options.temperature for r in reqs],
         [r.options.top_p for r in reqs],
         [r.options.top_k for r in reqs],
         [r.options.min_p for r in reqs],
         [r.options.seed for r in reqs],
-        [len(r.output_ids) + lag for r in reqs],
+        [len(r.output_ids) + lag for r, lag in zip(reqs, lags, strict=True)],
         [[] for _ in reqs],  # the min_new_tokens ban is applied with the other logits changes (row_logits)
         [r.logprobs_spec.top_k if r.return_logprob else 0 for r in reqs],
         [r.logprobs_spec.token_ids if r.return_logprob else None for r in reqs],
     )
 
 
-def row_logits(reqs: Sequence[Request], eos_ids: frozenset[int], lag: int = 0) -> list[RowLogits]:
+def row_logits(reqs: Sequence[Request], eos_ids: frozenset[int], lags: Sequence[int] | None = None) -> list[RowLogits]:
     """Per row, what to do to its logits; ``[]`` (nothing to do) when no request changes them this step."""
-    if not any(_changes_logits(r, lag) for r in reqs):
+    lags = lags or [0] * len(reqs)
+    if not any(_changes_logits(r, lag) for r, lag in zip(reqs, lags, strict=True)):
         return []
-    return [_row(r, eos_ids, lag) for r in reqs]
+    return [_row(r, eos_ids, lag) for r, lag in zip(reqs, lags, strict=True)]
 
 
 def _changes_logits(r: Request, lag: int) -> bool:
