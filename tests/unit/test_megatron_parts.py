@@ -125,3 +125,25 @@ def test_megatron_config_section() -> None:
         msgspec.convert({"megatron": {"tensor_paralel": 2}}, LearnerConfig)
     with pytest.raises(msgspec.ValidationError, match="pipeline_parallel"):
         msgspec.convert({"megatron": {"pipeline_parallel": 0}}, LearnerConfig)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # megatron-core warns on its own defaults; dynamo on .grad reads
+def test_fused_swiglu_is_megatron_cores_swiglu_fusion_and_computes_silu_times_up() -> None:
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+    from transformers import Qwen2Config
+
+    from trainer.backend.megatron.model import ModelOptions, transformer_config
+    from trainer.backend.megatron.shape import shape_from_hf
+
+    shape = shape_from_hf(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    assert not transformer_config(shape, ModelOptions()).bias_activation_fusion
+    assert transformer_config(shape, ModelOptions(fused_swiglu=True)).bias_activation_fusion  # a valid config
+    x = torch.randn(5, 2 * 96, requires_grad=True)
+    out = bias_swiglu_impl(x, None)  # what megatron-core's MLP calls with the fusion on (no bias)
+    gate, up = x.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    assert torch.allclose(out, ref, atol=1e-6)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    assert torch.allclose(g, g_ref, atol=1e-5)

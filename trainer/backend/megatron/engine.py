@@ -156,6 +156,7 @@ class MegatronEngine:
         self.opts = ModelOptions(tp=rank.tp, pp=rank.pp, sequence_parallel=mc.sequence_parallel, bf16=self.bf16,
                                  kernel=resolve_kernel(mc.attention, rank.device), recompute=lc.gradient_checkpointing,
                                  fused_rope=lc.fused_kernels and self.on_gpu,
+                                 fused_swiglu=lc.fused_kernels and self.on_gpu,
                                  cpu=rank.device.type == "cpu")
         per_rank = padded_vocab(self.shape, rank.tp) // rank.tp
         start = rank.tp_rank * per_rank

@@ -44,12 +44,14 @@ class ModelOptions:
     bf16: bool = False
     kernel: str = "sdpa"  # VarlenAttention kernel: varlen | sdpa
     fused_rope: bool = False  # VarlenAttention applies RoPE through torch.compile (GPU)
+    fused_swiglu: bool = False  # megatron-core's fused SwiGLU (torch.compile; saves only its input for backward)
     recompute: bool = False  # full activation recomputation of every layer
     cpu: bool = True  # parameters created on the CPU (no CUDA)
 
 
 def transformer_config(shape: ModelShape, opts: ModelOptions) -> Any:
-    """The ``TransformerConfig`` of ``shape`` (fusions that need Apex / TE off; per-token loss scaling)."""
+    """The ``TransformerConfig`` of ``shape`` (fusions that need Apex / TE off, SwiGLU's as asked; per-token loss
+    scaling)."""
     require()
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -64,7 +66,7 @@ def transformer_config(shape: ModelShape, opts: ModelOptions) -> Any:
         attention_dropout=0.0, bf16=opts.bf16, params_dtype=dtype, pipeline_dtype=dtype,
         tensor_model_parallel_size=opts.tp, pipeline_model_parallel_size=opts.pp,
         sequence_parallel=opts.sequence_parallel and opts.tp > 1, use_cpu_initialization=opts.cpu,
-        perform_initialization=False, bias_dropout_fusion=False, bias_activation_fusion=False,
+        perform_initialization=False, bias_dropout_fusion=False, bias_activation_fusion=opts.fused_swiglu,
         masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
         apply_rope_fusion=False, calculate_per_token_loss=True, variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall", **recompute,  # (no MoE; the default dispatcher refuses variable lengths)
