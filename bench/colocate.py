@@ -16,8 +16,8 @@ Both engines are warmed up (one small round of requests) before anything is time
 rollout in flight at once (no connection cap).
 
 ``--learner agentrl`` runs the learner path of ``agentrl run --set learner.colocate=true`` instead of the
-in-process bf16 model above: the trainer's :class:`~trainer.backend.TorchBackend` (float32 master weights, bf16
-autocast, AdamW, the PPO loss on packed micro-batches), colocated turns by
+in-process bf16 model above: the trainer's :class:`~trainer.backend.TorchBackend` (bf16 parameters with float32
+master weights on a GPU, ``learner.precision``; AdamW, the PPO loss on packed micro-batches), colocated turns by
 :class:`~trainer.colocate.ColocatedDevice` (retract + release, onload, step, offload + empty cache, resume), and new
 weights by disk as the controller loads them (``export_hf``, then ``/update_weights_from_disk``), in both modes.
 
