@@ -32,12 +32,14 @@ from agentrl.engine.request import Request, Tokenizer
 from agentrl.engine.runner import Prefill, ScoreSpec
 from agentrl.engine.sampling import HostCopy, Sampled, sample, sample_on_device
 from agentrl.engine.step_inputs import (
+    DecodeRows,
     pipelinable,
     record_prompt_scores,
     record_sampled,
     row_logits,
     sampling_batch,
     score_specs,
+    to_device,
 )
 from agentrl.errors import AgentRLError
 
@@ -439,21 +441,15 @@ class Scheduler:
         if self._inflight is not None or (self.overlap and all(pipelinable(r) for r in self.running)):
             await self._decode_overlapped()
             return
-        reqs = self.running
-        order, n_rows = self._rows(reqs)
-        token_list = [0] * n_rows
-        for r, row in zip(reqs, order, strict=True):
-            token_list[row] = r.output_ids[-1]
-        positions, kv_len = self._positions(reqs, order, n_rows, [0] * len(reqs))
-        tokens = torch.tensor(token_list)
+        reqs, device = self.running, self.runner.device
+        rows = DecodeRows.of(reqs, [0] * len(reqs), self.runner.scratch)
+        feed = rows.feed(reqs, {}, device, lambda: None)
         params, processing = sampling_batch(reqs), row_logits(reqs, self.eos_ids)
-        device = self.runner.device
 
         def step() -> Sampled:
             self._flush_rows()
-            logits = self.runner.decode(tokens.to(device), positions.to(device), kv_len)
-            logits = apply_logits(self._in_order(logits, order, n_rows), processing)
-            return sample(logits, params, fused=self.fused_sampling)
+            logits = self.runner.decode(feed(), to_device(rows.positions, device), rows.kv_len)
+            return sample(apply_logits(rows.in_order(logits), processing), params, fused=self.fused_sampling)
 
         out = await self._timed(step, decode=True)
         self._commit(list(reqs), out, prefill=False)
@@ -465,20 +461,18 @@ class Scheduler:
         runs steps in order); a request the commit finishes has one wasted token computed in the new step,
         dropped when that step commits. The model thread always has the next step queued behind the running one.
         """
-        prev, reqs = self._inflight, list(self.running)
-        in_prev = {id(r): b for b, r in enumerate(prev.reqs)} if prev is not None else {}
-        lags = [int(id(r) in in_prev) for r in reqs]  # 0: admitted since (its last token is on the host)
-        order, n_rows = self._rows(reqs)
-        positions, kv_len = self._positions(reqs, order, n_rows, lags)
+        prev, reqs, device = self._inflight, list(self.running), self.runner.device
+        carried = {id(r): b for b, r in enumerate(prev.reqs)} if prev is not None else {}
+        lags = [int(id(r) in carried) for r in reqs]  # 0: admitted since (its last token is on the host)
+        rows = DecodeRows.of(reqs, lags, self.runner.scratch)
+        feed = rows.feed(reqs, carried, device, lambda: prev.tokens if prev is not None else None)
         params, processing = sampling_batch(reqs, lags), row_logits(reqs, self.eos_ids, lags)
-        feed = self._feed(reqs, order, n_rows, prev, in_prev)
         this = _InFlight(reqs)
 
         def step() -> HostCopy:
             self._flush_rows()
-            logits = self.runner.decode(feed(), _to_device(positions, self.runner.device), kv_len)
-            logits = apply_logits(self._in_order(logits, order, n_rows), processing)
-            out = sample_on_device(logits, params, fused=self.fused_sampling)
+            logits = self.runner.decode(feed(), to_device(rows.positions, device), rows.kv_len)
+            out = sample_on_device(apply_logits(rows.in_order(logits), processing), params, fused=self.fused_sampling)
             this.tokens = out.tokens
             return HostCopy(out, params.token_ids)
 
@@ -496,46 +490,6 @@ class Scheduler:
             await asyncio.get_running_loop().run_in_executor(self._waiter, copy.wait)
         self._commit(step.reqs, copy.result(), prefill=False)
         self._release_finished()  # a step still in flight writes nothing they keep; rows are reused after it
-
-    def _feed(self, reqs: list[Request], order: list[int], n_rows: int, prev: _InFlight | None,
-              in_prev: dict[int, int]) -> Callable[[], torch.Tensor]:
-        """Model thread: the step's input tokens per row: the last token of requests admitted since the step in
-        flight (known on the host), that step's sampled token for the others (on the device)."""
-        device = self.runner.device
-        tokens = torch.zeros(n_rows, dtype=torch.long)
-        carried = [(in_prev[id(r)], row) for r, row in zip(reqs, order, strict=True) if id(r) in in_prev]
-        for r, row in zip(reqs, order, strict=True):
-            if id(r) not in in_prev:
-                tokens[row] = r.output_ids[-1]
-        if prev is None or not carried:
-            return lambda: _to_device(tokens, device)
-        src, rows = torch.tensor([c[0] for c in carried]), torch.tensor([c[1] for c in carried])
-
-        def gather() -> torch.Tensor:
-            assert prev.tokens is not None, "the previous step did not run"
-            out = _to_device(tokens, device)
-            out[_to_device(rows, device)] = prev.tokens[_to_device(src, device)]
-            return out
-
-        return gather
-
-    def _rows(self, reqs: list[Request]) -> tuple[list[int], int]:
-        order = [r.row for r in reqs if r.row is not None]
-        return order, max(order) + 1
-
-    def _positions(self, reqs: list[Request], order: list[int], n_rows: int,
-                   lags: list[int]) -> tuple[torch.Tensor, int]:
-        """Each row's position (``lags[b]`` tokens beyond what request ``b`` holds); idle rows use the scratch one."""
-        position_list = [self.runner.scratch] * n_rows
-        for r, row, lag in zip(reqs, order, lags, strict=True):
-            position_list[row] = len(r.input_ids) + len(r.output_ids) - 1 + lag
-        return torch.tensor(position_list), max(position_list[row] for row in order) + 1
-
-    def _in_order(self, logits: torch.Tensor, order: list[int], n_rows: int) -> torch.Tensor:
-        """Model thread: the logits rows in request order."""
-        if order == list(range(n_rows)):
-            return logits
-        return logits[_to_device(torch.tensor(order), logits.device)]
 
     async def _drain(self) -> None:
         """Commit the decode step in flight."""
@@ -590,9 +544,3 @@ class Scheduler:
             elif req.stream:
                 req.updates.put_nowait(False)
 
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host to device without waiting for the device (pinned staging on CUDA)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)

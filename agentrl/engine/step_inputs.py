@@ -7,7 +7,10 @@ nothing mutates the requests meanwhile).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
 
 from agentrl.engine.custom_processor import RequestView
 from agentrl.engine.logits import CustomCall, RowLogits
@@ -16,7 +19,8 @@ from agentrl.engine.runner import PromptScores, ScoreSpec
 from agentrl.engine.sampling import Sampled, SamplingBatch
 
 __all__ = [
-    "pipelinable", "record_prompt_scores", "record_sampled", "row_logits", "sampling_batch", "score_specs",
+    "DecodeRows", "pipelinable", "record_prompt_scores", "record_sampled", "row_logits", "sampling_batch",
+    "score_specs", "to_device",
 ]
 
 
@@ -111,3 +115,62 @@ def record_sampled(req: Request, b: int, out: Sampled) -> None:
         req.output_scores.top.append(list(pairs))
     if req.logprobs_spec.token_ids is not None and out.ids_logprobs is not None:
         req.output_scores.ids.append(out.ids_logprobs[b])
+
+
+@dataclass
+class DecodeRows:
+    """Where a decode step's requests sit among the runner's rows ``0..n_rows-1``, and each row's position.
+
+    ``lags[b]``: tokens request ``b`` has sampled in a step still in flight (not yet appended); idle rows use
+    the ``scratch`` position.
+    """
+
+    order: list[int]  # the row of each request
+    n_rows: int
+    positions: torch.Tensor  # [n_rows], host
+    kv_len: int  # keys the longest row reads
+
+    @classmethod
+    def of(cls, reqs: Sequence[Request], lags: Sequence[int], scratch: int) -> DecodeRows:
+        order = [r.row for r in reqs if r.row is not None]
+        n_rows = max(order) + 1
+        positions = [scratch] * n_rows
+        for r, row, lag in zip(reqs, order, lags, strict=True):
+            positions[row] = len(r.input_ids) + len(r.output_ids) - 1 + lag
+        return cls(order, n_rows, torch.tensor(positions), max(positions[row] for row in order) + 1)
+
+    def feed(self, reqs: Sequence[Request], carried: dict[int, int], device: torch.device,
+             carried_tokens: Callable[[], torch.Tensor | None]) -> Callable[[], torch.Tensor]:
+        """Model thread: each row's input token. Requests in ``carried`` (``id(request)`` -> its index in the step
+        in flight) take that step's sampled token (``carried_tokens()``, on the device once that step ran); the
+        others their last token, known on the host."""
+        host = torch.zeros(self.n_rows, dtype=torch.long)
+        moved = [(carried[id(r)], row) for r, row in zip(reqs, self.order, strict=True) if id(r) in carried]
+        for r, row in zip(reqs, self.order, strict=True):
+            if id(r) not in carried:
+                host[row] = r.output_ids[-1]
+        if not moved:
+            return lambda: to_device(host, device)
+        src, rows = torch.tensor([m[0] for m in moved]), torch.tensor([m[1] for m in moved])
+
+        def gather() -> torch.Tensor:
+            previous = carried_tokens()
+            assert previous is not None, "the step in flight did not run"
+            tokens = to_device(host, device)
+            tokens[to_device(rows, device)] = previous[to_device(src, device)]
+            return tokens
+
+        return gather
+
+    def in_order(self, logits: torch.Tensor) -> torch.Tensor:
+        """Model thread: the logits rows in request order."""
+        if self.order == list(range(self.n_rows)):
+            return logits
+        return logits[to_device(torch.tensor(self.order), logits.device)]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without waiting for the device (pinned staging on CUDA)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
