@@ -126,8 +126,9 @@ class LearnerConfig(Section):
     bf16 autocast (casts every weight at each use). auto = bf16_master on a GPU, else autocast. In float32,
     auto and autocast change nothing and bf16_master is an error; the megatron backend always keeps masters."""
     fused_kernels: bool = True
-    """on GPU: per-token logprobs and entropy (and the megatron backend's RoPE) through compiled fused kernels, in
-    row chunks, never a float32 [tokens, vocab] tensor (torch.compile); false = plain PyTorch ops"""
+    """on GPU: per-token logprobs and entropy through compiled fused kernels, in row chunks, never a float32
+    [tokens, vocab] tensor; RMSNorm and SwiGLU (torch backend) or RoPE and SwiGLU (megatron backend) fused too
+    (torch.compile); false = plain PyTorch ops"""
     attn_implementation: str = "sdpa_varlen"
     """sdpa_varlen: per-sequence causal SDPA on packed rows (trainer/backend/varlen.py); sdpa | eager build a
     block-diagonal mask from the position ids; flash_attention_2 uses its varlen kernels (needs flash-attn)."""

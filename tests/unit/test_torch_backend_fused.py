@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -44,3 +45,26 @@ def test_fused_logprobs_match_the_plain_path_in_scores_and_steps() -> None:
         for key in ("loss/total", "policy/entropy"):
             assert abs(fused.metrics[key] - plain.metrics[key]) < 1e-5, key
     torch.testing.assert_close(backends[1].logprobs(mbs[1]), backends[0].logprobs(mbs[1]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")  # dynamo inspecting inputs
+def test_compiled_norms_and_swiglu_match_the_hf_modules_in_scores_and_steps() -> None:
+    from trainer.backend.compiled_layers import _mlp_forward, compile_layers
+
+    torch.manual_seed(1)
+    cfg = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = Qwen2ForCausalLM(cfg)
+    for name, p in model.named_parameters():  # norms away from 1, so a misplaced weight product shows
+        if "norm" in name:
+            p.data.uniform_(0.5, 1.5)
+    assert compile_layers(copy.deepcopy(model)) == {"rms_norm": 5, "swiglu": 2}
+    backends = [TorchBackend(copy.deepcopy(model), OptimConfig(lr=1e-2), compiled_layers=c) for c in (False, True)]
+    mbs = _batch()
+    torch.testing.assert_close(backends[1].logprobs(mbs[0]), backends[0].logprobs(mbs[0]), atol=1e-5, rtol=1e-5)
+    plain, compiled = (b.train_step(mbs, ppo_loss, LossConfig()) for b in backends)
+    assert abs(compiled.grad_norm - plain.grad_norm) < 1e-4 * max(1.0, plain.grad_norm)
+    torch.testing.assert_close(backends[1].logprobs(mbs[1]), backends[0].logprobs(mbs[1]), atol=1e-5, rtol=1e-5)
+    assert backends[1].model.state_dict().keys() == backends[0].model.state_dict().keys()
+    plain_mlp, fused_mlp = (b.model.model.layers[0].mlp for b in backends)  # the backend did re-point them
+    assert fused_mlp.forward.__func__ is _mlp_forward and plain_mlp.forward.__func__ is not _mlp_forward

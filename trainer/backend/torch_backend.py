@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from agentrl.config.learner import LearnerConfig, LossConfig, OptimConfig
 from agentrl.errors import ConfigError
 from trainer.backend.base import StepResult
+from trainer.backend.compiled_layers import compile_layers
 from trainer.backend.master import MasterWeights
 from trainer.backend.varlen import VARLEN
 from trainer.losses import LossFn, LossInputs
@@ -81,6 +82,7 @@ class TorchBackend:
         offloaded: bool = False,
         fused_logprobs: bool = False,
         master_weights: bool = False,
+        compiled_layers: bool = False,
     ) -> None:
         if master_weights and not bf16:
             raise ValueError("TorchBackend: master_weights needs bf16 (float32 parameters need no masters)")
@@ -93,6 +95,10 @@ class TorchBackend:
         if gradient_checkpointing:
             _enable_checkpointing(self.model)
         self.ref_model = ref_model
+        if compiled_layers:  # RMSNorm and SwiGLU as fused kernels (trainer.backend.compiled_layers)
+            for m in (self.model, ref_model):
+                if m is not None:
+                    compile_layers(m)
         if ref_model is not None:
             ref_model.to(self.location)  # type: ignore[arg-type]
             ref_model.eval().requires_grad_(False)
@@ -347,6 +353,7 @@ def build_torch_backend(cfg: LearnerConfig) -> TorchBackend:
     return TorchBackend(  # colocated: the states wait in host memory until the first step (the engines hold the device)
         load(), cfg.optim, device=device, bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, ref_model=ref,
         offloaded=cfg.colocate, fused_logprobs=cfg.fused_kernels and device.type == "cuda", master_weights=masters,
+        compiled_layers=cfg.fused_kernels and device.type == "cuda",
     )
 
 
