@@ -23,15 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._timing import graph_time_ms
 
 HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
 
@@ -58,31 +58,6 @@ def layout(lens: torch.Tensor, context: int, gen: torch.Generator) -> tuple[torc
     return table, total + 1
 
 
-def time_ms(fn: Callable[[], torch.Tensor], layers: int, iters: int, device: torch.device) -> float:
-    """Median ms of ``layers`` calls: one CUDA graph replayed (CUDA), or plain calls (CPU)."""
-    fn()
-    if device.type != "cuda":
-        runs = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            for _ in range(layers):
-                fn()
-            runs.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(runs)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(layers):
-            fn()
-    graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
 def measure(batch: int, workload: str, args: argparse.Namespace, device: torch.device) -> dict[str, object]:
     from agentrl.engine.decode_attention import default_num_splits, paged_decode_attention
     from agentrl.engine.runner import gathered_sdpa
@@ -106,7 +81,7 @@ def measure(batch: int, workload: str, args: argparse.Namespace, device: torch.d
         "kernel": lambda: paged_decode_attention(q[:, :, 0], kv[0], kv[1], table, lens, scale),
     }
     err = float((ways["kernel"]().float() - ways["sdpa_graph"]()[:, :, 0].float()).abs().max())
-    ms = {name: time_ms(fn, args.layers, args.iters, device) for name, fn in ways.items()}
+    ms = {name: graph_time_ms(fn, args.layers, args.iters, device) for name, fn in ways.items()}
     return {
         "batch": batch, "workload": workload, "mean_len": round(float(lens.float().mean()), 1),
         "max_len": int(lens.max()), "splits": default_num_splits(batch, KV_HEADS, args.context + 1, device),

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,6 +33,8 @@ from typing import Any, NamedTuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._timing import graph_time_ms
 
 Outputs = Sequence[torch.Tensor]
 Op = Callable[[], Outputs]
@@ -148,31 +148,6 @@ def mismatch(a: Outputs, b: Outputs) -> float:
     return max(float((x != y).float().mean()) for x, y in zip(a, b, strict=True))
 
 
-def time_ms(fn: Op, layers: int, iters: int, device: torch.device) -> float:
-    """Median ms of ``layers`` calls: one CUDA graph replayed (CUDA), or plain calls (CPU)."""
-    fn()
-    if device.type != "cuda":
-        runs = []
-        for _ in range(iters):
-            began = time.perf_counter()
-            for _ in range(layers):
-                fn()
-            runs.append((time.perf_counter() - began) * 1e3)
-        return statistics.median(runs)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(layers):
-            fn()
-    graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
 def measure(rows: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     shape = SHAPES[device.type]
 
@@ -182,8 +157,8 @@ def measure(rows: int, args: argparse.Namespace, device: torch.device) -> list[d
     out = []
     for name in hf_ops(inputs()):
         diff = mismatch(fused_ops(inputs())[name](), hf_ops(inputs())[name]())
-        hf_ms = time_ms(hf_ops(inputs())[name], args.layers, args.iters, device)
-        fused_ms = time_ms(fused_ops(inputs())[name], args.layers, args.iters, device)
+        hf_ms = graph_time_ms(hf_ops(inputs())[name], args.layers, args.iters, device)
+        fused_ms = graph_time_ms(fused_ops(inputs())[name], args.layers, args.iters, device)
         out.append({"op": name, "rows": rows, "layers": args.layers, "hf_ms": round(hf_ms, 4),
                     "fused_ms": round(fused_ms, 4), "x": round(hf_ms / fused_ms, 3), "mismatch": diff})
     return out

@@ -12,12 +12,15 @@ ms per call and the ratio, plus how many tokens the two drew alike.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from agentrl.engine.sampling import SamplingBatch, sample_on_device
+from bench._timing import graph_time_ms
 
 
 def params(rows: int, top_logprobs: int, device: torch.device) -> SamplingBatch:
@@ -30,29 +33,6 @@ def params(rows: int, top_logprobs: int, device: torch.device) -> SamplingBatch:
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "step"):
         setattr(sb, name, getattr(sb, name).to(device))
     return sb
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, calls: int) -> float:
-    if device.type != "cuda":
-        fn()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return 1000 * (time.perf_counter() - start) / calls
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return begin.elapsed_time(end) / calls
 
 
 def main() -> None:
@@ -73,7 +53,8 @@ def main() -> None:
         logits = torch.randn(rows, vocab, device=device, generator=torch.Generator(device).manual_seed(rows)) * 3
         for k in (0, 5):
             sb = params(rows, k, device)
-            ms = {fused: time_ms(lambda f=fused, x=logits, b=sb: sample_on_device(x, b, fused=f), device, calls)
+            ms = {fused: graph_time_ms(lambda f=fused, x=logits, b=sb: sample_on_device(x, b, fused=f), calls, 3,
+                                      device) / calls
                   for fused in (False, True)}
             same = (sample_on_device(logits, sb, fused=False).tokens == sample_on_device(logits, sb, fused=True).tokens)
             print(f"{rows:>5} | {k:>5} | {ms[False]:>9.3f} | {ms[True]:>9.3f} | {ms[False] / ms[True]:>6.2f}x | "
