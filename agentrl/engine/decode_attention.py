@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from agentrl.engine.triton_mode import interpreted
 from agentrl.errors import EngineError
 
 __all__ = ["default_num_splits", "paged_decode_attention", "paged_decode_attention_reference"]
@@ -173,10 +173,6 @@ def _check(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: t
         raise EngineError("q and the pools must be contiguous along head_dim")
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -211,7 +207,7 @@ def paged_decode_attention(
     mid_lse = out if direct else torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
     # Triton 3.9's interpreter multiplies 16-bit float operands of tl.dot as integers: there the kernel gives
     # tl.dot float32 copies (the same products a GPU's bf16 dot accumulates in float32).
-    dot_f32 = _interpreted() and q.dtype != torch.float32
+    dot_f32 = interpreted() and q.dtype != torch.float32
     _split_kernel[(batch, kv_heads, splits)](
         q, k_pool, v_pool, table, lens, mid_o, mid_lse, out, scale, splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),

@@ -27,13 +27,12 @@ kernels round to nearest even by hand, as a GPU's conversion does, so CPU tests 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from agentrl.engine.triton_mode import interpreted
 from agentrl.errors import EngineError
 
 __all__ = [
@@ -159,13 +158,9 @@ def _rotary_kernel(  # type: ignore[no-untyped-def]
     _rotary_heads(K + row * sk_r, k_out, sk_h, sko_h, k_heads, c1, c2, s1, s2, HALF, HALF_PAD, KH_PAD, RTNE)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _rtne(dtype: torch.dtype) -> bool:
     """Whether a kernel must round to bfloat16 by hand (the interpreter truncates)."""
-    return dtype == torch.bfloat16 and _interpreted()
+    return dtype == torch.bfloat16 and interpreted()
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:

@@ -20,7 +20,6 @@ Supported: llama-family decoders (Qwen2, Qwen3, Llama, Mistral without sliding w
 from __future__ import annotations
 
 import bisect
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from agentrl.engine.packed import PackedLayer, PackedLayers, packable
+from agentrl.engine.triton_mode import interpreted
 from agentrl.errors import EngineError
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "ModelRunner", "Prefill", "PromptScores", "ScoreSpec", "gathered_sdpa"]
@@ -52,7 +52,7 @@ def _use_triton(device: torch.device, wanted: bool | None, what: str) -> bool:
     """Whether a Triton path is to be used (default: on CUDA); on CPU only under Triton's interpreter."""
     if not (device.type == "cuda" if wanted is None else wanted):
         return False
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "0":
+    if device.type != "cuda" and not interpreted():
         raise EngineError(f"{what} on a CPU device needs TRITON_INTERPRET=1 (Triton's interpreter)")
     return True
 
