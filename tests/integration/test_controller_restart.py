@@ -105,6 +105,20 @@ async def tap_admissions(bus: Bus, into: dict[str, Any]) -> Any:
     return await bus.nc.subscribe(bus.subjects.task("new"), cb=on_task)
 
 
+def one_epoch_run(tmp_path: Path, run_name: str, prompts: int, n: int, batch: int, eta: int) -> tuple[Path, int]:
+    """A run config over ``prompts`` prompts for one epoch, and its number of training steps."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [11 + i, 12, 13, 14]}) + "\n" for i in range(prompts)))
+    steps = prompts * n // batch
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": run_name, "dir": str(tmp_path / "run"),
+        "training": {"group_size": n, "batch_size": batch, "max_staleness": eta, "max_steps": steps},
+        "controller": {"dataset": {"path": str(data)}, "epochs": 1, "metrics_interval_s": 0.5},
+    }))
+    return config, steps
+
+
 async def test_controller_killed_between_batch_taken_and_its_receipt_never_over_admits(
     bus: Bus, nats_url: str, run_name: str, tmp_path: Path, start_rollout: Any
 ) -> None:
@@ -112,16 +126,8 @@ async def test_controller_killed_between_batch_taken_and_its_receipt_never_over_
     are durable, so the restarted controller still counts them: its books match the learner's, and admission
     never exceeds (v + eta + 1) * B at the version each task was admitted at."""
     prompts, n, batch, eta = 20, 2, 4, 1
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": [11 + i, 12, 13, 14]}) + "\n" for i in range(prompts)))
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": run_name, "dir": str(tmp_path / "run"),
-        "training": {"group_size": n, "batch_size": batch, "max_staleness": eta, "max_steps": prompts * n // batch},
-        "controller": {"dataset": {"path": str(data)}, "epochs": 1, "metrics_interval_s": 0.5},
-    }))
+    config, steps = one_epoch_run(tmp_path, run_name, prompts, n, batch, eta)
     log = tmp_path / "controller.log"
-    steps = prompts * n // batch
     seen: dict[str, Any] = {}
     await tap_admissions(bus, seen)
     procs = [controller_proc(config, nats_url, log)]
@@ -161,15 +167,7 @@ async def test_a_batch_taken_handed_to_the_dead_controller_is_still_counted(
     last batch_taken: the controller must not close its books before it is counted (it used to exit one step
     short, as the fault matrix's nats-server/controller case once showed)."""
     prompts, n, batch, eta = 12, 2, 4, 1
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": [11 + i, 12, 13, 14]}) + "\n" for i in range(prompts)))
-    config = tmp_path / "run.yaml"
-    steps = prompts * n // batch
-    config.write_text(yaml.safe_dump({
-        "name": run_name, "dir": str(tmp_path / "run"),
-        "training": {"group_size": n, "batch_size": batch, "max_staleness": eta, "max_steps": steps},
-        "controller": {"dataset": {"path": str(data)}, "epochs": 1, "metrics_interval_s": 0.5},
-    }))
+    config, steps = one_epoch_run(tmp_path, run_name, prompts, n, batch, eta)
     log = tmp_path / "controller.log"
     procs = [controller_proc(config, nats_url, log)]
     stream = bus.subjects.control_stream

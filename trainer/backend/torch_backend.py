@@ -108,7 +108,8 @@ class TorchBackend:
         self.optim_cfg = optim
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]  # tied weights once
         self.trainable_names = [n for n, _ in named]
-        self.master = _bf16_with_masters(self.model, [p for _, p in named], ref_model) if master_weights else None
+        self._trainable = [p for _, p in named]  # the same objects wherever the states move (see _move)
+        self.master = _bf16_with_masters(self.model, self._trainable, ref_model) if master_weights else None
         self.optimizer = torch.optim.AdamW(
             self._stepped(), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
         )
@@ -116,9 +117,7 @@ class TorchBackend:
 
     def _stepped(self) -> list[torch.nn.Parameter]:
         """What the optimizer steps: the float32 masters, or the trainable parameters themselves."""
-        if self.master is not None:
-            return self.master.masters
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return self.master.masters if self.master is not None else self._trainable
 
     @property
     def vocab_size(self) -> int:
