@@ -485,7 +485,7 @@ class Scheduler:
     async def _retire(self, step: _InFlight) -> None:
         """Wait for a step handed to the model thread, commit its tokens and release what finished."""
         assert step.launched is not None
-        copy: HostCopy = await self._timed(step.launched.result, decode=True, submitted=step.launched)
+        copy: HostCopy = await self._finished(step.launched, decode=True)
         if copy.event is not None:
             await asyncio.get_running_loop().run_in_executor(self._waiter, copy.wait)
         self._commit(step.reqs, copy.result(), prefill=False)
@@ -514,9 +514,12 @@ class Scheduler:
 
         return asyncio.get_running_loop().run_in_executor(self._executor, timed)
 
-    async def _timed(self, step: Callable[[], Any], *, decode: bool,
-                     submitted: asyncio.Future[tuple[Any, float]] | None = None) -> Any:
-        out, elapsed = await (submitted or self._submit(step))
+    async def _timed(self, step: Callable[[], Any], *, decode: bool) -> Any:
+        return await self._finished(self._submit(step), decode=decode)
+
+    async def _finished(self, submitted: asyncio.Future[tuple[Any, float]], *, decode: bool) -> Any:
+        """The result of a step handed to the model thread, its time there counted."""
+        out, elapsed = await submitted
         if decode:
             self.stats.decode_steps += 1
             self.stats.decode_time_s += elapsed
