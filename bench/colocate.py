@@ -326,10 +326,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def learner_footprint(learner: Trainer, batch: list[list[int]], args: argparse.Namespace) -> int:
-    """Device memory the learner's step reserves (a warm-up step on ``batch``); 0 on CPU."""
+    """Device memory the learner's step reserves in steady state; 0 on CPU.
+
+    Two warm-up steps on ``batch``: the optimizer's state is created at the end of the first step, after the
+    activations are freed, so only the second step holds both (the first step's peak is short by that state).
+    """
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    learner.step([b + b[: args.new_tokens] for b in batch], args.prompt_len)
+    for _ in range(2):
+        learner.step([b + b[: args.new_tokens] for b in batch], args.prompt_len)
     return torch.cuda.max_memory_reserved() if args.device == "cuda" else 0
 
 
@@ -354,8 +359,9 @@ def main() -> None:
     learner_peak = learner_footprint(learner, batches[0], args)
     per_token = kv_bytes_per_token(model)
     need = args.rollouts * (args.prompt_len + args.new_tokens)
-    budget = args.budget_gb * GIB or learner_peak + args.overhead_gb * GIB + need * per_token / 2
-    share = {"side by side": 1.05 * learner_peak, "colocated": budget}  # what the learner process may hold
+    share = {"side by side": 1.05 * learner_peak}  # what the learner process may hold: its peak and some slack
+    budget = args.budget_gb * GIB or share["side by side"] + args.overhead_gb * GIB + need * per_token / 2
+    share["colocated"] = budget
     kv = {"side by side": int((budget - share["side by side"] - args.overhead_gb * GIB) / per_token),
           "colocated": int((budget - args.overhead_gb * GIB) / per_token)}
     results: dict[str, tuple[dict[str, float], int]] = {}

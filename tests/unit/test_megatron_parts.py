@@ -73,6 +73,21 @@ def test_compiled_rope_matches_eager_in_values_and_gradients() -> None:
             torch.testing.assert_close(compiled, eager)
 
 
+def test_compiled_rope_scores_like_it_trains_in_bf16() -> None:
+    """Under ``no_grad`` (the learner scoring its own policy) the compiled RoPE gives the training graph's bits:
+    Inductor's inference graph alone rounds differently in bf16, and the importance ratio of a step against
+    the learner's own scores would not be 1."""
+    torch.manual_seed(0)
+    q, k = torch.randn(300, 14, 64, dtype=torch.bfloat16), torch.randn(300, 2, 64, dtype=torch.bfloat16)
+    cos, sin = rope_tables(torch.arange(300), 64, 1e6)
+    rope = fused_rope_qk()
+    with torch.no_grad():
+        scored = rope(q, k, cos, sin)
+    trained = rope(q.clone().requires_grad_(), k.clone().requires_grad_(), cos, sin)
+    for a, b in zip(scored, trained, strict=True):
+        assert not a.requires_grad and torch.equal(a, b.detach())
+
+
 def test_per_sequence_attention_does_not_cross_sequences() -> None:
     torch.manual_seed(0)
     q, k, v = torch.randn(9, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)

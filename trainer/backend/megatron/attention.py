@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from trainer.backend.compiled_layers import grad_mode_invariant
 from trainer.backend.megatron._mcore import MCORE_ERROR
 from trainer.backend.megatron.thd import PackedBatch
 
@@ -72,8 +73,9 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 @functools.cache
 def fused_rope_qk() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`rope_qk` compiled into one kernel per direction (instead of ~10 elementwise ones per tensor)."""
-    return torch.compile(rope_qk, dynamic=True, fullgraph=True)
+    """:func:`rope_qk` compiled into one kernel per direction (instead of ~10 elementwise ones per tensor), with
+    the same roundings when the learner scores under ``no_grad`` as in training (see ``grad_mode_invariant``)."""
+    return grad_mode_invariant(torch.compile(rope_qk, dynamic=True, fullgraph=True), (0, 1))
 
 
 def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: tuple[int, ...],
