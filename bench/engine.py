@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import random
@@ -153,9 +154,34 @@ def _greedy(model: Any, ids: list[int], n: int, device: torch.device) -> list[in
     return out[len(ids) :]
 
 
+def _token_logprobs(model: Any, ids: list[int], start: int, device: torch.device) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= start, by one forward pass of ``model`` (on the host, float32)."""
+    logits = model(torch.tensor([ids], device=device)).logits[0, start - 1 : -1].float()
+    target = torch.tensor(ids[start:], device=device).view(-1, 1)
+    return torch.log_softmax(logits, -1).gather(-1, target).view(-1).cpu()
+
+
+def _within_noise(name: str, got: list[float], ids: list[int], start: int, model: Any, exact: Any,
+                  device: torch.device) -> tuple[str, bool]:
+    """The engine's logprobs of ``ids[start:]`` against a forward pass of ``model`` in its dtype. In float32,
+    equal to 1e-3. In bf16/fp16 the engine's kernels round differently from HF's modules, so the bar is the
+    forward pass's own rounding noise: the engine within twice the same-dtype forward's distance to ``exact``
+    (a float32 copy) of the float32 logprobs, or 1e-3 of the same-dtype forward's."""
+    engine = torch.tensor(got)
+    same = _token_logprobs(model, ids, start, device)
+    diff = float((engine - same).abs().max())
+    if exact is None:
+        return f"{name} vs forward (diff {diff:.1e})", diff < 1e-3
+    ref = _token_logprobs(exact, ids, start, device)
+    noise, err = float((same - ref).abs().max()), float((engine - ref).abs().max())
+    return (f"{name} vs forward (diff {diff:.1e}; vs float32: engine {err:.1e}, same-dtype forward {noise:.1e})",
+            diff < 1e-3 or err <= 2 * noise)
+
+
 def check_engine(url: str, model: Any, model_dir: Path, device: torch.device, tmp: Path) -> list[tuple[str, bool]]:
     """Correctness of the serving path on this device (prefix reuse, prompt logprobs, weight update)."""
     results = []
+    exact = None if model.dtype == torch.float32 else copy.deepcopy(model).float()
     ids = prompts(1, 24, min(model.config.vocab_size, 50_000), seed=7)[0]
     greedy = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
     out = _post(url, "/generate", {"input_ids": ids, "sampling_params": greedy})
@@ -165,15 +191,13 @@ def check_engine(url: str, model: Any, model_dir: Path, device: torch.device, tm
                                       "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}})
     meta = second["meta_info"]
     results.append(("second turn reuses the cached prefix", meta["cached_tokens"] > 0))
-    diff = logprob_diff(model, turn2, second["output_ids"], [t[0] for t in meta["output_token_logprobs"]], device)
-    results.append((f"second-turn logprobs vs forward (diff {diff:.1e})", diff < 1e-3))
-    logits = model(torch.tensor([turn2], device=device)).logits[0, :-1].float()
-    ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(turn2[1:], device=device).view(-1, 1)).view(-1)
+    results.append(_within_noise("second-turn logprobs", [t[0] for t in meta["output_token_logprobs"]],
+                                 turn2 + second["output_ids"], len(turn2), model, exact, device))
     scored = _post(url, "/generate", {"input_ids": turn2, "return_logprob": True, "logprob_start_len": 1,
                                       "sampling_params": {"max_new_tokens": 1}})
-    got = torch.tensor([t[0] for t in scored["meta_info"]["input_token_logprobs"]])
-    pdiff = float((ref.cpu() - got).abs().max())
-    results.append((f"prompt logprobs vs forward (diff {pdiff:.1e})", pdiff < 1e-3))
+    results.append(_within_noise("prompt logprobs", [t[0] for t in scored["meta_info"]["input_token_logprobs"]],
+                                 turn2, 1, model, exact, device))
+    del exact
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(-1.0)

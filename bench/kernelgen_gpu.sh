@@ -32,6 +32,6 @@ timeout -s INT 85 python3 -m agentrl.cli run configs/kernelgen.yaml --set "dir=/
 echo "run exit: $?"
 tail -n 25 "$OUT/run.log"
 echo "== 3. throughput"
-timeout 150 python3 -m bench.kernel_eval --device cuda --n 8
+timeout 230 python3 -m bench.kernel_eval --device cuda --n 8
 tar czf "$OUT/kgrun.tgz" -C /tmp/kgrun . 2>/dev/null
 grep -h "outcome\|kernelgen\|Traceback" /tmp/kgrun/kernelgen/logs/envd-0.log 2>/dev/null | tail -n 5

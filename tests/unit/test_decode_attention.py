@@ -9,6 +9,7 @@ compiled, at the Qwen2.5-0.5B attention shape, and the runner's CUDA-graph decod
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -240,7 +241,9 @@ def test_graph_decode_by_kernel_matches_gathered_sdpa_on_gpu(dtype: torch.dtype)
     from agentrl.engine.runner import ModelRunner
 
     model = _tiny_qwen2().to("cuda", dtype)
-    runners = [ModelRunner(model, 8, 512, 4096, decode_kernel=flag) for flag in (True, False)]
+    # one model each: a runner packs its model's q/k/v and gate/up parameters into its own tensors
+    runners = [ModelRunner(m, 8, 512, 4096, decode_kernel=flag) for m, flag in ((model, True),
+                                                                               (copy.deepcopy(model), False))]
     slots = np.random.default_rng(0).permutation(4096).reshape(8, 512)
     lengths = [3, 70, 130, 200, 257]
     prompts = [[(7 * b + 3 * i) % 256 for i in range(n)] for b, n in enumerate(lengths)]
