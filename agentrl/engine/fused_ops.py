@@ -23,9 +23,16 @@ shapes, dtypes, devices or layouts raise :class:`~agentrl.errors.EngineError` na
 
 Under Triton's CPU interpreter (``TRITON_INTERPRET=1``, tests) float32 -> bfloat16 casts truncate; there the
 kernels round to nearest even by hand, as a GPU's conversion does, so CPU tests can compare bit patterns.
+
+On a GPU every launch passes :data:`LAUNCH_OPTIONS` (``enable_fp_fusion=False``): with fusion on, Triton
+(3.x default) contracts the rotary's ``round(x1 * c1) - round(x2 * s1)`` into ``fma.rn.bf16`` (``x1 * c1``
+never rounded), which differed from HF's rotary in 23% of bf16 elements by one ulp on an H200; the test that
+compiles every kernel for sm_90 checks the PTX holds no FMA.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +55,7 @@ __all__ = [
 
 MAX_HIDDEN = 65536  # one program holds a whole row of the norm
 SILU_BLOCK = 1024  # columns per program of silu_mul
+LAUNCH_OPTIONS: dict[str, Any] = {"enable_fp_fusion": False}  # every product rounded where HF rounds it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -219,7 +227,7 @@ def fused_add_rmsnorm(
         _add_rmsnorm_kernel[(rows,)](
             x, x if residual is None else residual, weight, normed, new_residual, hidden, float(eps),
             HAS_RESIDUAL=residual is not None, BLOCK=block, RTNE_IN=_rtne(x.dtype), RTNE_OUT=_rtne(normed.dtype),
-            num_warps=min(max(block // 256, 1), 16),
+            num_warps=min(max(block // 256, 1), 16), **LAUNCH_OPTIONS,
         )
     return normed, new_residual
 
@@ -264,7 +272,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor
     if g.shape[0] and width:
         block = min(SILU_BLOCK, triton.next_power_of_2(width))
         _silu_mul_kernel[(g.shape[0], triton.cdiv(width, block))](
-            g, u, out, width, g.stride(0), u.stride(0), BLOCK=block, RTNE=_rtne(gate.dtype), num_warps=4
+            g, u, out, width, g.stride(0), u.stride(0), BLOCK=block, RTNE=_rtne(gate.dtype), num_warps=4,
+            **LAUNCH_OPTIONS,
         )
     return out
 
@@ -307,6 +316,7 @@ def _launch_rotary(
         k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), QH_PAD=triton.next_power_of_2(heads),
         KH_PAD=triton.next_power_of_2(k.shape[1]), TO_POOL=where is not None, RTNE=_rtne(q.dtype), num_warps=2,
+        **LAUNCH_OPTIONS,
     )
 
 

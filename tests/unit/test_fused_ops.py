@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -226,8 +227,9 @@ def _compile_for_sm90() -> list[str]:
         signature = {name: pointers.get(name) or ("constexpr" if name in constants else scalars[name])
                      for name in fn.arg_names}
         kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": num_warps})
-        compiled.append(f"{fn.__name__} {constants} {len(kernel.asm['ptx'])}")
+                                options={"num_warps": num_warps, **ops.LAUNCH_OPTIONS})  # as launched
+        fused = re.findall(r"\bfma\.[a-z0-9.]+", kernel.asm["ptx"])  # a product added unrounded: not HF's bits
+        compiled.append(f"{fn.__name__} {constants} {len(kernel.asm['ptx'])} fma={sorted(set(fused))}")
 
     for t in ("bf16", "fp32"):
         for residual in (True, False):
@@ -361,7 +363,8 @@ def test_every_kernel_compiles_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, __file__, "sm90"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(json.loads(proc.stdout.strip().splitlines()[-1])) == 10
+    kernels = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(kernels) == 10 and all(k.endswith("fma=[]") for k in kernels), kernels
 
 
 if __name__ == "__main__":
