@@ -45,7 +45,7 @@ ADMIN_KEY_ENV = "AGENTRL_ENGINE_ADMIN_KEY"  # SGLang's --admin-api-key: the endp
 
 ADMIN_PATHS = frozenset({
     "/update_weights_from_disk", "/update_weights_from_tensor", "/pause_generation", "/continue_generation",
-    "/abort_request", "/flush_cache", "/release_memory_occupation", "/resume_memory_occupation",
+    "/abort_request", "/flush_cache", "/release_memory_occupation", "/resume_memory_occupation", "/freeze_gc",
     "/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group",
 })
 

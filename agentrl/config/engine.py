@@ -71,6 +71,10 @@ class EngineConfig(Section):
     """launch decode step N+1 before step N's tokens are committed, so the host work of a step (stops, replies,
     the next step's inputs) overlaps the device's; steps with penalties, custom processors or grammars, and
     the steps around weight updates and pauses, run one at a time (SGLang's overlap scheduler)"""
+    freeze_gc: bool = True
+    """freeze Python's garbage-collected heap once the engine is up (``gc.freeze``: the model, tokenizer and
+    graphs are never scanned again), so collections during decoding scan only the objects requests create;
+    ``/freeze_gc`` (as SGLang's) freezes again, e.g. after warm-up traffic"""
     cuda_graph: bool = True
     """capture decode steps as CUDA graphs (CUDA only)"""
     cuda_graph_batch_sizes: list[int] = msgspec.field(

@@ -3,7 +3,8 @@
 ``POST /update_weights_from_disk`` (a directory, or a bus object-store snapshot
 ``nats-object://agentrl_<run>_weights/<prefix>`` when the engine has a NATS URL), ``POST
 /update_weights_from_tensor``, ``POST /pause_generation`` / ``/continue_generation``, ``POST /abort_request``,
-``GET|POST /flush_cache``, ``GET|POST /release_memory_occupation`` / ``/resume_memory_occupation``.
+``GET|POST /flush_cache``, ``GET|POST /release_memory_occupation`` / ``/resume_memory_occupation``, ``GET|POST
+/freeze_gc``.
 
 Weight updates answer ``{"success", "message", "num_paused_requests"}`` (HTTP 400 with ``success: false`` when
 the weights cannot be loaded); the weights change between two decode steps. Keys/values computed under other
@@ -13,6 +14,7 @@ weights are never reused, whatever ``flush_cache`` says.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import tempfile
 from pathlib import Path
@@ -176,6 +178,20 @@ def weights_reply(body: dict[str, Any]) -> web.Response:
     return json_response(body, 200 if body["success"] else 400)
 
 
+def freeze_heap() -> int:
+    """Collect, then freeze every object the garbage collector tracks (``gc.freeze``): later collections skip
+    them. Returns how many objects are frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+async def freeze_gc(request: web.Request) -> web.Response:
+    """SGLang's ``/freeze_gc``: freeze the heap as it is now (after warm-up traffic, say)."""
+    log.info("froze %d objects of the garbage-collected heap (/freeze_gc)", freeze_heap())
+    return web.Response(text="Garbage collection frozen.\n")
+
+
 def add_admin_routes(app: web.Application, server: EngineServer) -> None:
     admin = _Admin(server)
     r = app.router
@@ -185,6 +201,7 @@ def add_admin_routes(app: web.Application, server: EngineServer) -> None:
     r.add_post("/pause_generation", admin.pause_generation)
     r.add_post("/continue_generation", admin.continue_generation)
     r.add_route("*", "/flush_cache", admin.flush_cache)
+    r.add_route("*", "/freeze_gc", freeze_gc)
     for method in ("GET", "POST"):
         r.add_route(method, "/release_memory_occupation", admin.release_memory)
         r.add_route(method, "/resume_memory_occupation", admin.resume_memory)

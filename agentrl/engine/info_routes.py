@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +90,7 @@ class _Info:
             "cached_tokens_in_tree": s.cache.cached_tokens,
             "tokens_in_use": s.tokens_in_use,
             "kv_cache_bytes": server.memory.runner.kv_bytes,
+            "gc_frozen_objects": gc.get_freeze_count(),  # agentrl extra: engine.freeze_gc, /freeze_gc
             **msgspec.to_builtins(s.stats.__dict__),
         }
         return self._json({

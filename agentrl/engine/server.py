@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import uuid
@@ -345,6 +346,10 @@ async def serve(server: EngineServer, host: str, port: int, ready: asyncio.Event
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
+    if server.cfg.freeze_gc:
+        from agentrl.engine.admin_routes import freeze_heap
+
+        log.info("froze %d objects of the garbage-collected heap", freeze_heap())
     log.info("agentrl engine listening on http://%s:%d", host, port)
     print(f"agentrl engine listening on http://{host}:{port}", flush=True)
     stop = asyncio.Event()
@@ -358,5 +363,6 @@ async def serve(server: EngineServer, host: str, port: int, ready: asyncio.Event
         await stop.wait()
     finally:
         await runner.cleanup()
+        gc.unfreeze()  # frozen objects are never freed: extensions' leak checks would report them at exit
 
 

@@ -226,6 +226,23 @@ async def test_info_endpoints(engine_url: str) -> None:
             assert state["generated_tokens"] > 0
 
 
+async def test_heap_is_frozen_at_start_and_by_freeze_gc(engine_url: str) -> None:
+    """engine.freeze_gc (default on): the model's objects are out of the collector's generations once the engine
+    is up; SGLang's /freeze_gc freezes again, taking in what requests created since."""
+    async with aiohttp.ClientSession() as s:
+
+        async def frozen() -> int:
+            async with s.get(engine_url + "/get_server_info") as r:
+                return int((await r.json())["internal_states"][0]["gc_frozen_objects"])
+
+        at_start = await frozen()
+        assert at_start > 10_000  # torch, transformers, the model's modules and parameters
+        await generate(engine_url, prompt(8, 3), max_new_tokens=4)
+        async with s.post(engine_url + "/freeze_gc") as r:
+            assert r.status == 200 and await r.text() == "Garbage collection frozen.\n"
+        assert await frozen() >= at_start
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
