@@ -8,6 +8,7 @@ checks, waking the requests — is the engine's own code. Same requests, same ru
 
     python -m bench.engine_host                       # 256 requests, 128 new tokens, 3 ms per device step
     python -m bench.engine_host --profile 15          # also the top host functions (cProfile, step by step)
+    python -m bench.engine_host --sampling-params     # also: a step's sampling parameters, rebuilt vs reused
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from agentrl.engine.kv_cache import KVCache
 from agentrl.engine.request import Request, RequestOptions
 from agentrl.engine.runner import Prefill
 from agentrl.engine.scheduler import Scheduler
+from agentrl.engine.step_inputs import DecodeSampling, sampling_batch
 
 VOCAB = 512
 
@@ -82,6 +84,22 @@ async def run(args: argparse.Namespace, *, overlap: bool) -> tuple[float, Schedu
     return took / scheduler.stats.decode_steps, scheduler
 
 
+def time_sampling_params(n: int, steps: int = 300) -> None:
+    """A decode step's sampling parameters for ``n`` running requests: built from every request (before
+    ``DecodeSampling``) vs the per-request columns reused, step indices new; interleaved rounds, best of each."""
+    reqs, lags, cache = requests(n, 8), [1] * n, DecodeSampling(torch.device("cpu"))
+    ways = {"rebuilt": lambda: sampling_batch(reqs, lags), "reused": lambda: cache.batch(reqs, lags)}
+    best = dict.fromkeys(ways, float("inf"))
+    for _ in range(5):
+        for name, way in ways.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                way()
+            best[name] = min(best[name], (time.perf_counter() - start) / steps)
+    print(f"  sampling parameters per step, C={n}: rebuilt {1e3 * best['rebuilt']:.3f} ms, reused "
+          f"{1e3 * best['reused']:.3f} ms ({best['rebuilt'] / best['reused']:.2f}x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concurrency", type=int, default=256)
@@ -89,6 +107,8 @@ def main() -> None:
     p.add_argument("--device-ms", type=float, default=3.0, help="wall time of one forward pass (the stand-in device)")
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs per mode")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N host functions")
+    p.add_argument("--sampling-params", action="store_true",
+                   help="also time a decode step's sampling parameters: built from every request vs reused")
     args = p.parse_args()
     torch.set_num_threads(1)
     best: dict[bool, tuple[float, float]] = {False: (float("inf"), 0.0), True: (float("inf"), 0.0)}
@@ -104,6 +124,8 @@ def main() -> None:
               f"(device stand-in + sampling + inputs), {1000 * (step_s - model_s):.2f} ms beyond it")
     print(f"  overlapped {sched.stats.overlapped_steps} of {sched.stats.decode_steps} steps; "
           f"speedup {sync_s / overlap_s:.2f}x (bound if the host work hid fully: {sync_s / max(sync_model, sync_s - sync_model):.2f}x)")
+    if args.sampling_params:
+        time_sampling_params(args.concurrency)
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

@@ -33,6 +33,7 @@ from agentrl.engine.runner import Prefill, ScoreSpec
 from agentrl.engine.sampling import HostCopy, Sampled, sample, sample_on_device
 from agentrl.engine.step_inputs import (
     DecodeRows,
+    DecodeSampling,
     pipelinable,
     record_prompt_scores,
     record_sampled,
@@ -131,6 +132,7 @@ class Scheduler:
         self.timeout_status = timeout_status
         self.overlap = overlap  # launch decode step N+1 before committing step N's tokens
         self.fused_sampling = fused_sampling  # None: the Triton sampler where it runs (CUDA)
+        self._sampling = DecodeSampling(runner.device)  # decode steps' per-request sampling columns, reused
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.free_rows = list(range(runner.num_rows))
@@ -444,7 +446,7 @@ class Scheduler:
         reqs, device = self.running, self.runner.device
         rows = DecodeRows.of(reqs, [0] * len(reqs), self.runner.scratch)
         feed = rows.feed(reqs, {}, device, lambda: None)
-        params, processing = sampling_batch(reqs), row_logits(reqs, self.eos_ids)
+        params, processing = self._sampling.batch(reqs), row_logits(reqs, self.eos_ids)
 
         def step() -> Sampled:
             self._flush_rows()
@@ -466,7 +468,7 @@ class Scheduler:
         lags = [int(id(r) in carried) for r in reqs]  # 0: admitted since (its last token is on the host)
         rows = DecodeRows.of(reqs, lags, self.runner.scratch)
         feed = rows.feed(reqs, carried, device, lambda: prev.tokens if prev is not None else None)
-        params, processing = sampling_batch(reqs, lags), row_logits(reqs, self.eos_ids, lags)
+        params, processing = self._sampling.batch(reqs, lags), row_logits(reqs, self.eos_ids, lags)
         this = _InFlight(reqs)
 
         def step() -> HostCopy:

@@ -8,7 +8,7 @@ nothing mutates the requests meanwhile).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,7 +19,7 @@ from agentrl.engine.runner import PromptScores, ScoreSpec
 from agentrl.engine.sampling import Sampled, SamplingBatch
 
 __all__ = [
-    "DecodeRows", "pipelinable", "record_prompt_scores", "record_sampled", "row_logits", "sampling_batch",
+    "DecodeRows", "DecodeSampling", "pipelinable", "record_prompt_scores", "record_sampled", "row_logits", "sampling_batch",
     "score_specs", "to_device",
 ]
 
@@ -38,6 +38,29 @@ def sampling_batch(reqs: Sequence[Request], lags: Sequence[int] | None = None) -
         [r.logprobs_spec.top_k if r.return_logprob else 0 for r in reqs],
         [r.logprobs_spec.token_ids if r.return_logprob else None for r in reqs],
     )
+
+
+class DecodeSampling:
+    """Decode steps' sampling parameters. The per-request columns (temperature, top-p/k, min-p, seed, logprob
+    requests) are built once for a running set, moved to the device once, and reused while the set is unchanged
+    (the same request objects in the same order); each step only sends its rows' step indices."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._reqs: tuple[Request, ...] = ()  # held, so no new request can take a cached one's place by id
+        self._columns: SamplingBatch | None = None
+
+    def batch(self, reqs: Sequence[Request], lags: Sequence[int] | None = None) -> SamplingBatch:
+        lags = lags or [0] * len(reqs)
+        step = [len(r.output_ids) + lag for r, lag in zip(reqs, lags, strict=True)]
+        if self._columns is None or len(reqs) != len(self._reqs) or any(
+                a is not b for a, b in zip(reqs, self._reqs, strict=True)):
+            b, dev = sampling_batch(reqs, lags), self.device
+            self._reqs = tuple(reqs)
+            self._columns = replace(b, temperature=to_device(b.temperature, dev), top_p=to_device(b.top_p, dev),
+                                    top_k=to_device(b.top_k, dev), min_p=to_device(b.min_p, dev),
+                                    seed=to_device(b.seed, dev))
+        return replace(self._columns, step=to_device(torch.tensor(step, dtype=torch.long), self.device))
 
 
 def row_logits(reqs: Sequence[Request], eos_ids: frozenset[int], lags: Sequence[int] | None = None) -> list[RowLogits]:
