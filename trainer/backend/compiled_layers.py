@@ -45,7 +45,7 @@ def grad_mode_invariant(fn: Callable[..., Any], grad_args: tuple[int, ...]) -> C
     come back detached. Costs the training graph's saved tensors until the call returns."""
 
     def call(*args: Any) -> Any:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.is_inference_mode_enabled():  # inference tensors cannot require grad
             return fn(*args)
         with torch.enable_grad():
             out = fn(*(a.detach().requires_grad_() if i in grad_args else a for i, a in enumerate(args)))
