@@ -167,18 +167,20 @@ class DecodeRows:
         """Model thread: each row's input token. Requests in ``carried`` (``id(request)`` -> its index in the step
         in flight) take that step's sampled token (``carried_tokens()``, on the device once that step ran); the
         others their last token, known on the host."""
-        host = torch.zeros(self.n_rows, dtype=torch.long)
         moved = [(carried[id(r)], row) for r, row in zip(reqs, self.order, strict=True) if id(r) in carried]
+        if len(moved) == self.n_rows and all(src == row for src, row in moved):
+            return lambda: _sampled(carried_tokens())[: self.n_rows]  # every row takes its own: no gather
+        last = [0] * self.n_rows
         for r, row in zip(reqs, self.order, strict=True):
             if id(r) not in carried:
-                host[row] = r.output_ids[-1]
+                last[row] = r.output_ids[-1]
+        host = torch.tensor(last, dtype=torch.long)
         if not moved:
             return lambda: to_device(host, device)
         src, rows = torch.tensor([m[0] for m in moved]), torch.tensor([m[1] for m in moved])
 
         def gather() -> torch.Tensor:
-            previous = carried_tokens()
-            assert previous is not None, "the step in flight did not run"
+            previous = _sampled(carried_tokens())
             tokens = to_device(host, device)
             tokens[to_device(rows, device)] = previous[to_device(src, device)]
             return tokens
@@ -190,6 +192,11 @@ class DecodeRows:
         if self.order == list(range(self.n_rows)):
             return logits
         return logits[to_device(torch.tensor(self.order), logits.device)]
+
+
+def _sampled(tokens: torch.Tensor | None) -> torch.Tensor:
+    assert tokens is not None, "the step in flight did not run"
+    return tokens.long()
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

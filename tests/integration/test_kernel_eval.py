@@ -78,11 +78,14 @@ class ModelNew(nn.Module):
                                            "    relu(x / 0.0, out[:1])\n    return out\n"), CFG),
     "wrong_shape": ("01_relu", relu_solution("def forward(self, x):\n    return relu(x).view(10, 100)\n"), CFG),
     "wrong_dtype": ("01_relu", relu_solution("def forward(self, x):\n    return relu(x.double())\n"), CFG),
-    "crash_oob_store": ("01_relu", HEAD.replace(", mask=mask), 0.0), mask=mask)", "), 0.0))") + """
+    # an unmasked store at a wild offset (2**46 elements past the output: no mapped memory is there, so the
+    # first store faults; a store just past the end may land in mapped heap and run on until the time limit)
+    "crash_oob_store": ("01_relu", HEAD.replace("tl.store(out_ptr + offs,", "tl.store(out_ptr + offs + (1 << 46),")
+                        .replace(", mask=mask), 0.0), mask=mask)", ", mask=mask), 0.0))") + """
 class ModelNew(nn.Module):
     def forward(self, x):
         out = torch.empty_like(x)
-        relu_kernel[(100000,)](x, out, x.numel(), BLOCK=256)
+        relu_kernel[(4,)](x, out, x.numel(), BLOCK=256)
         return out
 """, CFG),
     "timeout": ("01_relu", relu_solution("def forward(self, x):\n    while True:\n        pass\n"),
