@@ -130,12 +130,16 @@ async def logprob_sample(url: str, ids: list[int]) -> tuple[list[int], list[int]
     return ids, out["output_ids"], [t[0] for t in out["meta_info"]["output_token_logprobs"]]
 
 
+def _token_logprobs(model: Any, ids: list[int], start: int, device: torch.device) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= start, by one forward pass of ``model`` (on the host, float32)."""
+    logits = model(torch.tensor([ids], device=device)).logits[0, start - 1 : -1].float()
+    target = torch.tensor(ids[start:], device=device).view(-1, 1)
+    return torch.log_softmax(logits, -1).gather(-1, target).view(-1).cpu()
+
+
 def logprob_diff(model: object, ids: list[int], output: list[int], logprobs: list[float], device: torch.device) -> float:
     """Max |engine logprob - log_softmax(forward logits)| over the sampled tokens."""
-    full = torch.tensor([ids + output], device=device)
-    logits = model(full).logits[0, len(ids) - 1 : -1].float()  # type: ignore[operator]
-    ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(output, device=device).view(-1, 1)).view(-1)
-    return float((ref.cpu() - torch.tensor(logprobs)).abs().max())
+    return float((_token_logprobs(model, ids + output, len(ids), device) - torch.tensor(logprobs)).abs().max())
 
 
 def _post(url: str, path: str, body: dict[str, Any]) -> Any:
@@ -152,13 +156,6 @@ def _greedy(model: Any, ids: list[int], n: int, device: torch.device) -> list[in
     for _ in range(n):
         out.append(int(model(torch.tensor([out], device=device)).logits[0, -1].argmax()))
     return out[len(ids) :]
-
-
-def _token_logprobs(model: Any, ids: list[int], start: int, device: torch.device) -> torch.Tensor:
-    """log p(ids[t] | ids[:t]) for t >= start, by one forward pass of ``model`` (on the host, float32)."""
-    logits = model(torch.tensor([ids], device=device)).logits[0, start - 1 : -1].float()
-    target = torch.tensor(ids[start:], device=device).view(-1, 1)
-    return torch.log_softmax(logits, -1).gather(-1, target).view(-1).cpu()
 
 
 def _within_noise(name: str, got: list[float], ids: list[int], start: int, model: Any, exact: Any,

@@ -19,8 +19,8 @@ from agentrl.engine.runner import PromptScores, ScoreSpec
 from agentrl.engine.sampling import Sampled, SamplingBatch
 
 __all__ = [
-    "DecodeRows", "DecodeSampling", "pipelinable", "record_prompt_scores", "record_sampled", "row_logits", "sampling_batch",
-    "score_specs", "to_device",
+    "DecodeRows", "DecodeSampling", "pipelinable", "record_prompt_scores", "record_sampled", "row_logits",
+    "sampling_batch", "score_specs", "to_device",
 ]
 
 
