@@ -168,12 +168,26 @@ def interpret(run: SandboxResult, nonce: str, cfg: EvalConfig) -> EvalResult:
     if raw.get("harness_error"):
         raise EnvCrashed(f"kernel evaluation harness failed at stage {raw.get('stage')}: {raw.get('error', '')[-1500:]}")
     violations = list(raw.get("violations") or [])
+    error = str(raw.get("error") or "")
     outcome: Outcome = ("violation" if violations else "correct" if raw.get("correct")
-                        else "wrong" if raw.get("mismatch") else "error")
+                        else "wrong" if raw.get("mismatch") else "crash" if device_fault(error) else "error")
     return EvalResult(outcome=outcome, compiled=bool(raw.get("compiled")), correct=outcome == "correct",
-                      stage=str(raw.get("stage", stage)), error=str(raw.get("error") or ""), violations=violations,
+                      stage=str(raw.get("stage", stage)), error=error, violations=violations,
                       mismatch=raw.get("mismatch"), timing=raw.get("timing"), sets_passed=int(raw.get("sets_passed", 0)),
                       raw=raw, **base)
+
+
+# CUDA's sticky errors: the solution's kernel faulted on the device and the context is lost. The process lives on
+# to report them as a Python exception, but they are crashes as much as a segfault under the CPU interpreter is
+# (the policy's, like any crash once the solution runs: the pool counts only faults before it).
+_DEVICE_FAULTS = ("an illegal memory access was encountered", "misaligned address", "unspecified launch failure",
+                  "an illegal instruction was encountered", "device-side assert triggered")
+
+
+def device_fault(error: str) -> str | None:
+    """The line of ``error`` that reports a CUDA device fault, if one does."""
+    lines = [ln.strip() for ln in error.splitlines() if "CUDA" in ln]  # torch's "CUDA error: ...", Triton's "[CUDA]: ..."
+    return next((ln for ln in lines if any(f in ln for f in _DEVICE_FAULTS)), None)
 
 
 def _read_channel(stdout: str, nonce: str) -> tuple[list[str], dict[str, Any] | None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from envs.kernelgen.evaluate import EvalResult
+from envs.kernelgen.evaluate import EvalResult, device_fault
 
 __all__ = ["feedback_text"]
 
@@ -39,8 +39,8 @@ def _trim_traceback(error: str, keep: int = 1500) -> str:
 
 
 def _crash(r: EvalResult) -> str:
-    why = _SIGNALS.get(r.signal or "", r.error or "an unknown reason")
-    frames = [ln.strip() for ln in r.stderr_tail.splitlines() if "solution.py" in ln][-3:]
+    why = _SIGNALS.get(r.signal or "") or device_fault(r.error) or r.error or "an unknown reason"
+    frames = [ln.strip() for ln in (r.stderr_tail + "\n" + r.error).splitlines() if "solution.py" in ln][-3:]
     where = ("\nLast lines of your code on the stack:\n" + "\n".join(frames)) if frames else ""
     return f"The evaluation process crashed during {_STAGES.get(r.stage, r.stage)}: {why}.{where}"
 

@@ -11,6 +11,7 @@ from agentrl.errors import ConfigError, EnvCrashed
 from envs.kernelgen import harness
 from envs.kernelgen.evaluate import EvalConfig, interpret
 from envs.kernelgen.extract import extract_code
+from envs.kernelgen.feedback import feedback_text
 from envs.kernelgen.problem import load_problem, load_problems, parse_problem
 from envs.kernelgen.reward import RewardConfig, episode_reward, turn_score
 from envs.sandbox import SandboxResult
@@ -124,6 +125,22 @@ def test_interpret_deaths_by_stage_and_signal() -> None:
     assert (timeout.outcome, timeout.stage) == ("timeout", "run")
     exited = interpret(_run(staged, status="error", code=3), "n", cfg)
     assert exited.outcome == "crash" and "exited with code 3" in exited.error
+
+
+def test_cuda_faults_reported_as_exceptions_are_crashes() -> None:
+    """On a GPU an out-of-bounds store surfaces as a Python exception (the process lives): still a crash."""
+    tb = ('Traceback (most recent call last):\n  File "solution.py", line 21, in forward\n'
+          "RuntimeError: Triton Error [CUDA]: an illegal memory access was encountered\n")
+    body = {"stage": "run", "compiled": True, "correct": False, "violations": [], "error": tb}
+    r = interpret(_run(_line(harness.RESULT_TAG, "n", json.dumps(body))), "n", EvalConfig())
+    assert (r.outcome, r.compiled, r.stage) == ("crash", True, "run")
+    text = feedback_text(r)
+    assert "crashed during the first forward call: RuntimeError: Triton Error [CUDA]: an illegal memory" in text
+    assert 'File "solution.py", line 21' in text
+    for error in ("RuntimeError: shape '[4]' is invalid for input of size 8",  # an error, not a device fault
+                  "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"):
+        plain = interpret(_run(_line(harness.RESULT_TAG, "n", json.dumps({**body, "error": error}))), "n", EvalConfig())
+        assert plain.outcome == "error"
 
 
 def test_harness_and_start_up_failures_are_not_the_policys() -> None:

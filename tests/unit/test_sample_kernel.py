@@ -40,7 +40,8 @@ def _compare(logits: torch.Tensor, params: SamplingBatch) -> dict[str, Any]:
     assert plain.top_values is not None and fused.top_values is not None
     return {
         "same_tokens": float((plain.tokens == fused.tokens).float().mean()),
-        "logprob_err": float((plain.logprobs - fused.logprobs).abs().max()),
+        # where the two drew different tokens (float32 CDF rounding at a large vocabulary) their logprobs differ
+        "logprob_err": float((plain.logprobs - fused.logprobs)[plain.tokens == fused.tokens].abs().max()),
         "top_err": float((plain.top_values - fused.top_values).abs().max()),
         "top_ids_equal": bool(torch.equal(plain.top_ids, fused.top_ids)),
         "ids_err": ids_err,
@@ -141,6 +142,11 @@ def test_fused_sampling_on_the_gpu_at_qwen_vocab() -> None:
         assert float(gap.max()) < 1e-4 and float((gap > 0).float().mean()) < 0.05  # an off-by-one: most rows
     assert torch.equal(plain.tokens[~sampled], fused.tokens[~sampled])  # greedy: exactly the argmax
     assert float((plain.tokens == fused.tokens).float().mean()) > 0.9
+    temp = torch.where(sampled, params.temperature, torch.ones_like(params.temperature)).cuda().double().view(-1, 1)
+    exact = torch.log_softmax(logits.double() / temp, dim=-1)
+    for drawn in (plain, fused):  # each logprob is its own token's, whichever token it drew
+        own = exact.gather(-1, drawn.tokens.cuda().view(-1, 1)).view(-1).cpu()
+        assert float((drawn.logprobs.double() - own).abs().max()) < 1e-4
     r = _compare(logits, params)
     assert r["logprob_err"] < 1e-4 and r["top_err"] < 1e-4 and r["top_ids_equal"]
 

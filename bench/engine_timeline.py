@@ -1,0 +1,178 @@
+"""Where a serving engine's decode step goes between the device and the host: device busy vs idle per step, and
+every host sync the engine's own code makes while decoding.
+
+The engine is built in process as ``agentrl engine`` builds it (runner, CUDA graphs, scheduler) on a random
+model of ``--shape``; C requests of ``--prompt-len`` random tokens and ``--new-tokens`` each run together
+(temperature 1, ``ignore_eos``) once to warm up, then once measured. During the measured round:
+
+- each step handed to the model thread records a CUDA event before and after its work (on the stream it
+  launches on). ``device span`` is the time between a step's two events on the device's clock; ``gap`` is the
+  time from one step's end to the next one's start, where the device had nothing of the engine's queued: host
+  time the overlap did not hide. span + gap over the steps is the round's device time line.
+- ``torch.cuda.set_sync_debug_mode("warn")`` flags every synchronizing CUDA call (``.item()``, ``.tolist()``
+  of a device tensor, pageable copies, ...); each is counted by the engine source line that made it.
+
+    python -m bench.engine_timeline --device cuda                 # 0.5B shape, C=256, 128 + 256 tokens
+    python -m bench.engine_timeline --device cuda --concurrency 512 --no-overlap
+
+On CPU (a small model) it runs so it cannot rot; there are no device events and no CUDA syncs to flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import itertools
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agentrl.config.engine import EngineConfig
+from agentrl.engine.build import build_server
+from agentrl.engine.request import Request, RequestOptions
+from agentrl.engine.server import EngineServer
+from agentrl.engine.tiny import init_model
+from bench.engine import SHAPES, prompts
+
+
+class Timeline:
+    """CUDA events around every step the scheduler hands to its model thread, and the host time of each."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda, self.on = cuda, False
+        self.events: list[tuple[Any, Any]] = []
+        self.host_s: list[float] = []
+
+    def wrap(self, step: Callable[[], Any]) -> Callable[[], Any]:
+        def timed() -> Any:
+            if not self.on:
+                return step()
+            start = time.perf_counter()
+            begin = torch.cuda.Event(enable_timing=True) if self.cuda else None
+            if begin is not None:
+                begin.record()
+            out = step()
+            if begin is not None:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self.events.append((begin, end))
+            self.host_s.append(time.perf_counter() - start)
+            return out
+
+        return timed
+
+    def summary(self) -> dict[str, float]:
+        out = {"steps": float(len(self.host_s)), "host_ms": 1000 * sum(self.host_s) / max(len(self.host_s), 1)}
+        if self.events:
+            torch.cuda.synchronize()
+            spans = [b.elapsed_time(e) for b, e in self.events]
+            gaps = [max(e.elapsed_time(b2), 0.0) for (_, e), (b2, _) in itertools.pairwise(self.events)]
+            out.update(span_ms=sum(spans) / len(spans), gap_ms=sum(gaps) / max(len(gaps), 1),
+                       timeline_ms=self.events[0][0].elapsed_time(self.events[-1][1]) / len(self.events))
+        return out
+
+
+class SyncSites:
+    """Counts CUDA sync warnings by the innermost agentrl source line that triggered them."""
+
+    def __init__(self) -> None:
+        self.sites: collections.Counter[str] = collections.Counter()
+
+    def __enter__(self) -> SyncSites:
+        self._show = warnings.showwarning
+        warnings.showwarning = self._record  # type: ignore[assignment]
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = self._show
+
+    def _record(self, message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+        if "synchroniz" not in str(message):
+            return
+        ours = [f for f in traceback.extract_stack() if "/agentrl/" in f.filename]
+        site = f"{Path(ours[-1].filename).name}:{ours[-1].lineno} {ours[-1].line}" if ours else f"{filename}:{lineno}"
+        self.sites[site] += 1
+
+
+async def one_round(server: EngineServer, batch: list[list[int]], new_tokens: int) -> float:
+    opts = RequestOptions(max_new_tokens=new_tokens, ignore_eos=True, temperature=1.0)
+    reqs = [Request(rid=uuid.uuid4().hex, input_ids=list(ids), options=opts) for ids in batch]
+    start = time.perf_counter()
+    await server.run_all(reqs)
+    assert all(len(r.output_ids) == new_tokens for r in reqs)
+    return time.perf_counter() - start
+
+
+async def measure(server: EngineServer, batch: list[list[int]], new_tokens: int, timeline: Timeline,
+                  sites: SyncSites) -> tuple[float, int]:
+    scheduler = server.scheduler
+    submit = scheduler._submit
+    scheduler._submit = lambda step: submit(timeline.wrap(step))  # type: ignore[method-assign]
+    scheduler.start()
+    try:
+        await one_round(server, batch, new_tokens)  # warm-up: graphs, kernels, allocator
+        before = scheduler.stats.decode_steps
+        timeline.on = True
+        with sites:
+            took = await one_round(server, batch, new_tokens)
+        timeline.on = False
+        return took, scheduler.stats.decode_steps - before
+    finally:
+        await scheduler.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="qwen2.5-0.5b on CUDA, small on CPU")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--concurrency", type=int, default=None, help="256 on CUDA, 16 on CPU")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=None, help="256 on CUDA, 16 on CPU")
+    p.add_argument("--no-overlap", action="store_true")
+    args = p.parse_args()
+    cuda = args.device.startswith("cuda")
+    shape = args.shape or ("qwen2.5-0.5b" if cuda else "small")
+    c, new = args.concurrency or (256 if cuda else 16), args.new_tokens or (256 if cuda else 16)
+    model = init_model(Path(tempfile.mkdtemp(prefix="agentrl-timeline-")) / "model", SHAPES[shape])
+    cfg = {"model": str(model), "device": args.device, "dtype": args.dtype, "max_running": c,
+           "context_length": max(args.prompt_len + new + 8, 128), "prefix_cache": False,
+           "overlap_schedule": not args.no_overlap, "freeze_gc": False}
+    server = build_server(msgspec.convert(cfg, EngineConfig))
+    batch = prompts(c, args.prompt_len, min(SHAPES[shape].vocab_size, 50_000), seed=c)
+    timeline, sites = Timeline(cuda), SyncSites()
+    took, steps = asyncio.run(measure(server, batch, new, timeline, sites))
+    s = timeline.summary()
+    print(f"shape={shape} device={args.device} C={c} prompt={args.prompt_len} new={new} "
+          f"overlap={not args.no_overlap}")
+    print(f"round: {c * new / took:,.0f} tok/s, {1000 * took / max(steps, 1):.2f} ms wall per decode step "
+          f"({steps} decode steps, {int(s['steps'])} model-thread steps incl. prefill)")
+    print(f"model thread: {s['host_ms']:.2f} ms host time per step")
+    if "span_ms" in s:
+        print(f"device: {s['span_ms']:.2f} ms span + {s['gap_ms']:.2f} ms idle gap per step "
+              f"(timeline {s['timeline_ms']:.2f} ms per step; idle {s['gap_ms'] / s['timeline_ms']:.0%})")
+    total = sum(sites.sites.values())
+    print(f"host syncs flagged while measuring: {total} ({total / max(steps, 1):.2f} per decode step)")
+    for site, n in sites.sites.most_common(12):
+        print(f"  {n:>6}  {site}")
+
+
+if __name__ == "__main__":
+    main()
