@@ -67,6 +67,35 @@ from trainer.packing import Sample, pack, plan_micro_batches
 GIB = 2**30
 
 
+class StepLog:
+    """Per learner step, by mode: seconds, CUDA allocator retries and device allocations (cudaMalloc calls), and
+    graphs torch.compile built: what makes one mode's step slower than the other's."""
+
+    def __init__(self) -> None:
+        self.mode = "warm-up"
+        self.steps: dict[str, list[tuple[float, int, int, int]]] = {}
+
+    @staticmethod
+    def counters() -> tuple[int, int, int]:
+        from torch._dynamo.utils import counters
+
+        stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+        return (int(stats.get("num_alloc_retries", 0)), int(stats.get("num_device_alloc", 0)),
+                int(counters["stats"]["unique_graphs"]))
+
+    def record(self, seconds: float, before: tuple[int, int, int]) -> None:
+        after = self.counters()
+        self.steps.setdefault(self.mode, []).append((seconds, *(a - b for a, b in zip(after, before, strict=True))))
+
+    def line(self, mode: str) -> str:
+        rows = self.steps.get(mode, [])
+        return (f"{mode:>12}  learner steps: " + ", ".join(f"{s:.2f} s (retries {r}, cudaMalloc {m}, compiled {g})"
+                                                         for s, r, m, g in rows))
+
+
+STEPS = StepLog()
+
+
 class Learner:
     """The model in bf16 with AdamW, trained on rollout tokens; can offload its states to the host."""
 
@@ -80,7 +109,7 @@ class Learner:
 
     def step(self, seqs: list[list[int]], prompt_len: int) -> float:
         """One AdamW step of the LM loss over every token of ``seqs`` (``prompt_len`` is not used)."""
-        start = time.perf_counter()
+        start, before = time.perf_counter(), STEPS.counters()
         for i in range(0, len(seqs), self.micro_batch):
             ids = torch.tensor(seqs[i : i + self.micro_batch], device=self.device)
             loss = self.model(input_ids=ids, labels=ids).loss * len(ids) / len(seqs)
@@ -88,6 +117,7 @@ class Learner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         sync()
+        STEPS.record(time.perf_counter() - start, before)
         return time.perf_counter() - start
 
     def drop_cache(self) -> None:
@@ -129,11 +159,12 @@ class AgentrlLearner:
         self.rng = np.random.default_rng(0)
 
     def step(self, seqs: list[list[int]], prompt_len: int) -> float:
-        start = time.perf_counter()
+        start, before = time.perf_counter(), STEPS.counters()
         samples = [self._sample(seq, prompt_len) for seq in seqs]
         plan = plan_micro_batches([len(x) for x in samples], self.cfg.batch.max_tokens_per_micro_batch)
         self.backend.train_step([pack(samples, bin_) for bin_ in plan], ppo_loss, self.cfg.loss)
         sync()
+        STEPS.record(time.perf_counter() - start, before)
         return time.perf_counter() - start
 
     def _sample(self, seq: list[int], prompt_len: int) -> Sample:
@@ -189,10 +220,13 @@ class Engine:
 
 
 class PeakMemory:
-    """Samples the whole device's used memory (every process) in a background thread."""
+    """Samples the whole device's used memory (every process) in a background thread; ``label`` names the phase
+    the loop is in, and the peak is kept per label too."""
 
     def __init__(self) -> None:
         self.peak = 0
+        self.label = "start"
+        self.peaks: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -200,6 +234,7 @@ class PeakMemory:
         while torch.cuda.is_available() and not self._stop.is_set():
             free, total = torch.cuda.mem_get_info()
             self.peak = max(self.peak, total - free)
+            self.peaks[self.label] = max(self.peaks.get(self.label, 0), total - free)
             time.sleep(0.02)
 
     def __enter__(self) -> PeakMemory:
@@ -224,33 +259,42 @@ Trainer = Learner | AgentrlLearner
 
 
 async def side_by_side(engine: Engine, learner: Trainer, batches: list[list[list[int]]],
-                       args: argparse.Namespace) -> dict[str, float]:
+                       args: argparse.Namespace, peak: PeakMemory) -> dict[str, float]:
+    """As many generations and training steps as the colocated loop: generate batch 0, then train on batch i
+    while generating batch i+1 (the last step trains alone)."""
     phases: dict[str, float] = {}
+
+    def add(name: str, seconds: float) -> None:
+        phases[name] = phases.get(name, 0.0) + seconds
+
     await warm_up(engine, batches[0])
     async with session() as s:
         start = time.perf_counter()
+        peak.label = "generate + train"
         done = await engine.rollouts(s, batches[0], args.new_tokens)
-        for version, batch in enumerate(batches[1:], 1):  # train on batch i while generating batch i+1
+        add("generate", time.perf_counter() - start)
+        for version in range(1, len(batches) + 1):
             train = asyncio.create_task(asyncio.to_thread(learner.step, done, args.prompt_len))
-            t0 = time.perf_counter()
-            done = await engine.rollouts(s, batch, args.new_tokens)
-            phases["generate"] = phases.get("generate", 0.0) + time.perf_counter() - t0
-            phases["train"] = phases.get("train", 0.0) + await train
+            if version < len(batches):
+                t0 = time.perf_counter()
+                done = await engine.rollouts(s, batches[version], args.new_tokens)
+                add("generate", time.perf_counter() - t0)
+            add("train", await train)
             t0 = time.perf_counter()
             await learner.update(engine, s, version)
-            phases["update weights"] = phases.get("update weights", 0.0) + time.perf_counter() - t0
+            add("update weights", time.perf_counter() - t0)
         phases["iteration"] = (time.perf_counter() - start) / len(batches)
     return phases
 
 
 async def colocated(engine: Engine, learner: Trainer, batches: list[list[list[int]]],
-                    args: argparse.Namespace) -> dict[str, float]:
+                    args: argparse.Namespace, peak: PeakMemory) -> dict[str, float]:
     if isinstance(learner, AgentrlLearner):
-        return await colocated_turns(engine, learner, batches, args)
+        return await colocated_turns(engine, learner, batches, args, peak)
     phases: dict[str, float] = {}
 
     async def phase(name: str, coro: Any) -> Any:
-        t0 = time.perf_counter()
+        t0, peak.label = time.perf_counter(), name
         out = await coro
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
         return out
@@ -273,7 +317,7 @@ async def colocated(engine: Engine, learner: Trainer, batches: list[list[list[in
 
 
 async def colocated_turns(engine: Engine, learner: AgentrlLearner, batches: list[list[list[int]]],
-                          args: argparse.Namespace) -> dict[str, float]:
+                          args: argparse.Namespace, peak: PeakMemory) -> dict[str, float]:
     """The loop of a colocated ``agentrl run``: the learner's turn (trainer.colocate), then the version by disk."""
     phases = Phases()
     await warm_up(engine, batches[0])
@@ -281,11 +325,14 @@ async def colocated_turns(engine: Engine, learner: AgentrlLearner, batches: list
         device = ColocatedDevice([client], learner.backend, load_wait_s=0.0)
         start = time.perf_counter()
         for version, batch in enumerate(batches, 1):
+            peak.label = "generate"
             with phases("generate"):
                 done = await engine.rollouts(s, batch, args.new_tokens)
+            peak.label = "learner's turn (release, onload, train, offload, resume)"
             async with device.turn(version - 1, phases):
                 with phases("train"):
                     await asyncio.to_thread(learner.step, done, args.prompt_len)
+            peak.label = "update weights"
             with phases("update weights"):
                 await learner.update(engine, s, version)
         seconds = dict(phases.seconds)
@@ -365,6 +412,7 @@ def main() -> None:
     kv = {"side by side": int((budget - share["side by side"] - args.overhead_gb * GIB) / per_token),
           "colocated": int((budget - args.overhead_gb * GIB) / per_token)}
     results: dict[str, tuple[dict[str, float], int]] = {}
+    peaks: dict[str, dict[str, int]] = {}
     for mode in ("side by side", "colocated"):
         if kv[mode] < args.prompt_len + args.new_tokens:
             print(f"{mode}: the budget leaves no room for a KV pool ({kv[mode]} positions)")
@@ -372,15 +420,20 @@ def main() -> None:
         if mode == "colocated":
             learner.offload()
         hold_learner_to(share[mode], args)
+        STEPS.mode = mode
         engine = Engine(model, kv[mode], args, tmp / f"engine-{mode.replace(' ', '-')}.log")
         try:
             with PeakMemory() as peak:
                 run = side_by_side if mode == "side by side" else colocated
-                phases = asyncio.run(run(engine, learner, batches[1:], args))
+                phases = asyncio.run(run(engine, learner, batches[1:], args, peak))
             results[mode] = (phases, peak.peak)
+            peaks[mode] = peak.peaks
         finally:
             engine.stop()
     report(args, model, budget, learner_peak, need, kv, results)
+    for mode, by_phase in peaks.items():
+        print(f"{mode:>12}  peak device memory by phase: "
+              + ", ".join(f"{label} {used / GIB:.1f} GiB" for label, used in by_phase.items()))
 
 
 def report(args: argparse.Namespace, model: Path, budget: float, learner_peak: int, need: int, kv: dict[str, int],
@@ -392,6 +445,8 @@ def report(args: argparse.Namespace, model: Path, budget: float, learner_peak: i
         detail = ", ".join(f"{k} {v / args.iterations:.2f}s" for k, v in phases.items() if k != "iteration")
         print(f"{mode:>12}: {phases['iteration']:.2f} s/iteration | KV pool {kv[mode]:,} positions | "
               f"peak device memory {peak / GIB:.1f} GiB (budget {budget / GIB:.1f}) | per iteration: {detail}")
+    for mode in ("warm-up", *results):
+        print(STEPS.line(mode))
     if len(results) == 2:
         ratio = results["side by side"][0]["iteration"] / results["colocated"][0]["iteration"]
         print(f"colocated speedup over side by side: {ratio:.2f}x")

@@ -42,7 +42,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run, keep the log, print its result li
   echo "== $name: $*"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "== $name exit $?"
-  grep -E '^\{|x  |tok/s|s / iteration|passed|failed|error' "$OUT/$name.log" | grep -v '"row": "numerics"' | tail -n 30
+  grep -E '^\{|x  |tok/s|s / iteration|s/iteration|speedup|GB/s|passed|failed|error' "$OUT/$name.log" | grep -v '"row": "numerics"' | tail -n 30
 }
 
 for p in "$@"; do
@@ -51,10 +51,13 @@ for p in "$@"; do
       part megatron 400 python3 bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b qwen2.5-1.5b \
         --seqs 64 --max-len 4096 --budget 16384 --steps 2 --warmup 1 --unfused ;;
     colocate)
-      part colocate-agentrl 150 python3 -m bench.colocate --learner agentrl --shape qwen2.5-0.5b --rollouts 512 \
+      part colocate-offload 60 python3 -m bench.offload --device cuda
+      part colocate-agentrl 200 python3 -m bench.colocate --learner agentrl --shape qwen2.5-0.5b --rollouts 512 \
         --prompt-len 256 --new-tokens 256 --iterations 2
-      part colocate-bench 120 python3 -m bench.colocate --shape qwen2.5-0.5b --rollouts 512 --prompt-len 256 \
+      grep -E "learner steps|by phase" "$OUT/colocate-agentrl.log"
+      part colocate-bench 200 python3 -m bench.colocate --shape qwen2.5-0.5b --rollouts 512 --prompt-len 256 \
         --new-tokens 256 --iterations 2
+      grep -E "learner steps|by phase" "$OUT/colocate-bench.log"
       part colocate-gpu-tests 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_colocate.py \
         tests/integration/test_engine_memory.py ;;
     kernelgen)

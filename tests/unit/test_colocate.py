@@ -216,14 +216,19 @@ def test_offloading_between_steps_frees_the_device_and_changes_no_step(tiny_qwen
         backend = build_torch_backend(cfg)
         assert backend.location.type == ("cpu" if colocate else device)  # colocated: host memory until a step
         base = torch.cuda.memory_allocated() if device == "cuda" else 0  # the other backend's, if not yet freed
+        host: list[list[int]] = []
         for _ in range(2):
             backend.train_step(build_micro_batches(batch, grpo, 40), ppo_loss, cfg.loss)
             if colocate:
                 backend.offload()
                 states = [v for st in backend.optimizer.state.values() for v in st.values() if v.dim() > 0]
-                assert states and all(v.device.type == "cpu" for v in [*states, *backend.model.parameters()])
+                offloaded = [*states, *backend.model.parameters()]
+                assert states and all(v.device.type == "cpu" for v in offloaded)
                 if device == "cuda":
                     assert torch.cuda.memory_allocated() - base < 2**20
+                    assert all(v.is_pinned() for v in offloaded)  # DMA copies, not staged through pageable memory
+                    host.append([v.data_ptr() for v in offloaded])
+        assert len(set(map(tuple, host))) <= 1  # the second offload reuses the first one's host buffers
         models.append({k: v.detach().cpu() for k, v in backend.model.state_dict().items()})
     for name, value in models[0].items():
         torch.testing.assert_close(models[1][name], value, rtol=1e-6, atol=1e-7)

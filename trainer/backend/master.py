@@ -58,11 +58,6 @@ class MasterWeights:
             master.copy_(value)
         self.publish()
 
-    def move(self, where: torch.device) -> None:
-        """Move the masters (keeping their identity: they are the optimizer's keys)."""
-        for master in self.masters:
-            master.data = master.data.to(where)
-
 
 def _check(params: list[torch.nn.Parameter], initial: list[torch.Tensor] | None) -> None:
     wrong = [tuple(p.shape) for p in params if p.dtype != torch.bfloat16]

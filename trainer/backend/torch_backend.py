@@ -30,6 +30,7 @@ from agentrl.config.learner import LearnerConfig, LossConfig, OptimConfig
 from agentrl.errors import ConfigError
 from trainer.backend.base import StepResult
 from trainer.backend.compiled_layers import compile_layers
+from trainer.backend.host_stash import HostStash
 from trainer.backend.master import MasterWeights
 from trainer.backend.varlen import VARLEN
 from trainer.losses import LossFn, LossInputs
@@ -89,6 +90,7 @@ class TorchBackend:
         self.device = torch.device(device)
         # where the states are now: the device, or host memory between colocated steps (see offload)
         self.location = torch.device("cpu") if offloaded else self.device
+        self.stash = HostStash()  # pinned host copies of the states between colocated steps (see offload)
         self.model = model
         self.model.to(self.location)  # type: ignore[arg-type]  # transformers' wrapped .to() is mistyped
         self.model.config.use_cache = False
@@ -229,20 +231,30 @@ class TorchBackend:
         self._move(self.device)
 
     def _move(self, where: torch.device) -> None:
+        """Every state onto ``where`` through the pinned host stash (asynchronous copies, one wait). Parameters and
+        masters keep their identity (``.data`` is swapped): they are the optimizer's keys."""
         if where == self.location:
             return
-        for model in (self.model, self.ref_model):
-            if model is not None:
-                model.to(where)  # type: ignore[arg-type]  # parameters keep their identity: the optimizer's keys
-        if self.master is not None:
-            self.master.move(where)
-        for state in self.optimizer.state.values():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0:  # scalar step counters stay where they are
-                    state[key] = value.to(where)
+        stash = self.stash
+        for tag, model in (("model", self.model), ("ref", self.ref_model)):
+            if model is None:
+                continue
+            for name, param in model.named_parameters():
+                param.data = stash.move(f"{tag}.{name}", param.data, where)
+                if param.grad is not None:
+                    param.grad = stash.move(f"{tag}.{name}.grad", param.grad, where)
+            model.to(where)  # type: ignore[arg-type]  # the buffers (small); the parameters are there already
+        for i, master in enumerate(self.master.masters if self.master is not None else []):
+            master.data = stash.move(f"master.{i}", master.data, where)
+        for g, group in enumerate(self.optimizer.param_groups):
+            for i, param in enumerate(group["params"]):
+                state = self.optimizer.state.get(param, {})
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0:  # scalar step counters stay put
+                        state[key] = stash.move(f"optim.{g}.{i}.{key}", value, where)
+        stash.wait(self.device)
         self.location = where
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ state
