@@ -530,22 +530,28 @@ class Scheduler:
         return out
 
     def _commit(self, reqs: list[Request], out: Sampled, *, prefill: bool) -> None:
+        """Append each request's sampled token and finish the requests it stops. Runs once per step for every
+        running request, on the event loop (whose time per step the device waits for when it exceeds a step's):
+        plain Python values, no per-token counters, the logprob extras only where asked."""
         self.stats.steps += 1
+        version, eos_ids, tokenizer, generated = self.weight_version, self.eos_ids, self.tokenizer, 0
         for b, (req, token, lp) in enumerate(zip(reqs, out.tokens.tolist(), out.logprobs.tolist(), strict=True)):
-            if req.finished:
+            if req.finish_reason is not None:
                 continue
             if prefill and req.options.max_new_tokens == 0:
                 req.finish({"type": "length", "length": 0})  # prompt scoring only
                 continue
-            if req.grammar is not None and not req.grammar.accept(int(token)):
+            if req.grammar is not None and not req.grammar.accept(token):
                 req.finish({"type": "abort", "message": f"sampled token {token} is not allowed by the grammar"})
                 continue
-            req.append(int(token), float(lp), self.weight_version)
-            record_sampled(req, b, out)
-            self.stats.generated_tokens += 1
-            reason = req.check_stop(self.eos_ids, self.tokenizer)
+            req.append(token, lp, version)
+            if req.return_logprob:
+                record_sampled(req, b, out)
+            generated += 1
+            reason = req.check_stop(eos_ids, tokenizer)
             if reason is not None:
                 req.finish(reason)
             elif req.stream:
                 req.updates.put_nowait(False)
+        self.stats.generated_tokens += generated
 
