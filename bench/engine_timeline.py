@@ -14,6 +14,10 @@ model of ``--shape``; C requests of ``--prompt-len`` random tokens and ``--new-t
 
     python -m bench.engine_timeline --device cuda                 # 0.5B shape, C=256, 128 + 256 tokens
     python -m bench.engine_timeline --device cuda --concurrency 512 --no-overlap
+    python -m bench.engine_timeline --device cuda --profile 15    # also the top functions of each thread
+
+``--profile N`` runs cProfile on the model thread (inside each step) and on the event loop during the measured
+round and prints each one's top N functions by own time: a call that blocks on the device stands out there.
 
 On CPU (a small model) it runs so it cannot rot; there are no device events and no CUDA syncs to flag.
 """
@@ -23,7 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import cProfile
 import itertools
+import pstats
 import sys
 import tempfile
 import time
@@ -48,39 +54,46 @@ from bench.engine import SHAPES, prompts
 
 
 class Timeline:
-    """CUDA events around every step the scheduler hands to its model thread, and the host time of each."""
+    """CUDA events around every step the scheduler hands to its model thread, its host time, and its kind
+    (``kind`` is what the scheduler is doing when it hands the step over: "decode", or "prefill")."""
 
-    def __init__(self, cuda: bool) -> None:
-        self.cuda, self.on = cuda, False
-        self.events: list[tuple[Any, Any]] = []
-        self.host_s: list[float] = []
+    def __init__(self, cuda: bool, profile: cProfile.Profile | None = None) -> None:
+        self.cuda, self.on, self.profile, self.kind = cuda, False, profile, "decode"
+        self.steps: list[tuple[str, float, Any, Any]] = []  # kind, host seconds, begin and end events
 
     def wrap(self, step: Callable[[], Any]) -> Callable[[], Any]:
+        kind = self.kind
+
         def timed() -> Any:
             if not self.on:
                 return step()
             start = time.perf_counter()
-            begin = torch.cuda.Event(enable_timing=True) if self.cuda else None
-            if begin is not None:
+            begin = end = None
+            if self.cuda:
+                begin = torch.cuda.Event(enable_timing=True)
                 begin.record()
-            out = step()
-            if begin is not None:
+            # the model thread's own calls (a profiler is per thread)
+            out = self.profile.runcall(step) if self.profile is not None else step()
+            if self.cuda:
                 end = torch.cuda.Event(enable_timing=True)
                 end.record()
-                self.events.append((begin, end))
-            self.host_s.append(time.perf_counter() - start)
+            self.steps.append((kind, time.perf_counter() - start, begin, end))
             return out
 
         return timed
 
-    def summary(self) -> dict[str, float]:
-        out = {"steps": float(len(self.host_s)), "host_ms": 1000 * sum(self.host_s) / max(len(self.host_s), 1)}
-        if self.events:
+    def summary(self, kind: str) -> dict[str, float]:
+        steps = [s for s in self.steps if s[0] == kind]
+        out = {"steps": float(len(steps)), "host_ms": 1000 * sum(s[1] for s in steps) / max(len(steps), 1)}
+        if self.cuda and steps:
             torch.cuda.synchronize()
-            spans = [b.elapsed_time(e) for b, e in self.events]
-            gaps = [max(e.elapsed_time(b2), 0.0) for (_, e), (b2, _) in itertools.pairwise(self.events)]
-            out.update(span_ms=sum(spans) / len(spans), gap_ms=sum(gaps) / max(len(gaps), 1),
-                       timeline_ms=self.events[0][0].elapsed_time(self.events[-1][1]) / len(self.events))
+            spans = [b.elapsed_time(e) for _, _, b, e in steps]
+            # idle between consecutive steps of this kind handed over one after the other
+            order = {id(s): i for i, s in enumerate(self.steps)}
+            gaps = [max(a[3].elapsed_time(b[2]), 0.0) for a, b in itertools.pairwise(steps)
+                    if order[id(b)] == order[id(a)] + 1]
+            out.update(span_ms=sum(spans) / len(spans), total_ms=sum(spans),
+                       gap_ms=sum(gaps) / max(len(gaps), 1))
         return out
 
 
@@ -121,17 +134,30 @@ async def one_round(server: EngineServer, batch: list[list[int]], new_tokens: in
 
 
 async def measure(server: EngineServer, batch: list[list[int]], new_tokens: int, timeline: Timeline,
-                  sites: SyncSites) -> tuple[float, int]:
+                  sites: SyncSites, loop_profile: cProfile.Profile | None) -> tuple[float, int]:
     scheduler = server.scheduler
-    submit = scheduler._submit
+    submit, prefill = scheduler._submit, scheduler._prefill
     scheduler._submit = lambda step: submit(timeline.wrap(step))  # type: ignore[method-assign]
+
+    async def prefill_marked(reqs: list[Request]) -> None:
+        timeline.kind = "prefill"
+        try:
+            await prefill(reqs)
+        finally:
+            timeline.kind = "decode"
+
+    scheduler._prefill = prefill_marked  # type: ignore[method-assign]
     scheduler.start()
     try:
         await one_round(server, batch, new_tokens)  # warm-up: graphs, kernels, allocator
         before = scheduler.stats.decode_steps
         timeline.on = True
         with sites:
+            if loop_profile is not None:
+                loop_profile.enable()
             took = await one_round(server, batch, new_tokens)
+            if loop_profile is not None:
+                loop_profile.disable()
         timeline.on = False
         return took, scheduler.stats.decode_steps - before
     finally:
@@ -147,6 +173,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=None, help="256 on CUDA, 16 on CPU")
     p.add_argument("--no-overlap", action="store_true")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="top N functions of each thread (cProfile)")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     shape = args.shape or ("qwen2.5-0.5b" if cuda else "small")
@@ -157,21 +184,28 @@ def main() -> None:
            "overlap_schedule": not args.no_overlap, "freeze_gc": False}
     server = build_server(msgspec.convert(cfg, EngineConfig))
     batch = prompts(c, args.prompt_len, min(SHAPES[shape].vocab_size, 50_000), seed=c)
-    timeline, sites = Timeline(cuda), SyncSites()
-    took, steps = asyncio.run(measure(server, batch, new, timeline, sites))
-    s = timeline.summary()
+    profiles = (cProfile.Profile(), cProfile.Profile()) if args.profile else (None, None)
+    timeline, sites = Timeline(cuda, profiles[0]), SyncSites()
+    took, steps = asyncio.run(measure(server, batch, new, timeline, sites, profiles[1]))
+    d, pre = timeline.summary("decode"), timeline.summary("prefill")
     print(f"shape={shape} device={args.device} C={c} prompt={args.prompt_len} new={new} "
           f"overlap={not args.no_overlap}")
     print(f"round: {c * new / took:,.0f} tok/s, {1000 * took / max(steps, 1):.2f} ms wall per decode step "
-          f"({steps} decode steps, {int(s['steps'])} model-thread steps incl. prefill)")
-    print(f"model thread: {s['host_ms']:.2f} ms host time per step")
-    if "span_ms" in s:
-        print(f"device: {s['span_ms']:.2f} ms span + {s['gap_ms']:.2f} ms idle gap per step "
-              f"(timeline {s['timeline_ms']:.2f} ms per step; idle {s['gap_ms'] / s['timeline_ms']:.0%})")
+          f"({steps} decode steps, {int(pre['steps'])} prefill steps)")
+    print(f"model thread: {d['host_ms']:.2f} ms host time per decode step, {pre['host_ms']:.2f} ms per prefill step")
+    if "span_ms" in d:
+        per = d["span_ms"] + d["gap_ms"]
+        print(f"device: {d['span_ms']:.2f} ms span + {d['gap_ms']:.2f} ms idle gap per decode step "
+              f"(idle {d['gap_ms'] / per:.0%}); prefill {pre.get('total_ms', 0.0):.1f} ms in all "
+              f"({1000 * took:.0f} ms round)")
     total = sum(sites.sites.values())
     print(f"host syncs flagged while measuring: {total} ({total / max(steps, 1):.2f} per decode step)")
     for site, n in sites.sites.most_common(12):
         print(f"  {n:>6}  {site}")
+    for name, prof in zip(("model thread", "event loop"), profiles, strict=True):
+        if prof is not None:
+            print(f"--- {name}: top {args.profile} functions by own time over the measured round")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
 
 
 if __name__ == "__main__":
