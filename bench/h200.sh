@@ -24,8 +24,8 @@
 #              and their GPU tests (issue 18; estimated)                                                  ~120
 #
 #   timeline   the served decode step between device and host: device span vs idle gap per step and the host
-#              syncs the engine makes (bench/engine_timeline.py; C 256 overlapped and not, C 512), and the
-#              fused sampler's GPU test (its logprob check fixed after 2026-12-05) (issue 18)                  ~200
+#              syncs the engine makes (bench/engine_timeline.py; C 256 overlapped and not, C 512); the fused
+#              sampler (split over the vocabulary since 2026-12-05) vs torch, and its GPU test (issue 18)       ~260
 #
 # Measured on 2026-12-05 (H200, then an H100): megatron, kernelgen (all three parts), engine, recheck (all but the
 # sampler test passed), the decode-step profile, colocate (invalid: fixed since). Next, one part per call:
@@ -110,6 +110,8 @@ for p in "$@"; do
         part "timeline${a// /}" 100 python3 -m bench.engine_timeline --device cuda $a
         grep -E "^(round|model thread|device|host syncs|  +[0-9]+  )" "$OUT/timeline${a// /}.log"
       done
+      part timeline-sampler 60 python3 bench/sampling.py --device cuda
+      grep -E '^ +[0-9]+ \|' "$OUT/timeline-sampler.log"
       part timeline-sampler-test 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_sample_kernel.py ;;
     decodeattn)
       part decodeattn-bench 200 python3 bench/decode_attention.py --device cuda

@@ -151,6 +151,45 @@ def test_fused_sampling_on_the_gpu_at_qwen_vocab() -> None:
     assert r["logprob_err"] < 1e-4 and r["top_err"] < 1e-4 and r["top_ids_equal"]
 
 
+def _compile_for_sm90() -> list[str]:
+    """Both sampler kernels lowered to PTX for an H100/H200 (sm_90) at Qwen's vocabulary, no GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from agentrl.engine import sample_kernel as sk
+
+    stats, pick = sk._build()
+    pointers = {"logits": "*fp32", "inv_t_ptr": "*fp32", "u_ptr": "*fp32", "greedy_ptr": "*i1", "parts": "*fp32",
+                "tokens": "*i64", "logprobs": "*fp32", "logz_out": "*fp32"}
+    out = []
+    for rows in (1, 64, 256, 512):
+        splits = sk.split_sizes(rows, 151_936)[1]
+        for fn, constants in ((stats, {"BLOCK": sk._BLOCK}),
+                              (pick, {"BLOCK": sk._BLOCK, "SPLITS": max(sk.triton_next_power_of_2(splits), 2)})):
+            signature = {n: pointers.get(n) or ("constexpr" if n in constants else "i32") for n in fn.arg_names}
+            kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32))
+            out.append(f"{fn.__name__} rows={rows} splits={splits} ptx={len(kernel.asm['ptx'])}")
+    return out
+
+
+def test_split_sizes_fill_the_gpu_and_cover_the_vocabulary() -> None:
+    from agentrl.engine.sample_kernel import _BLOCK, split_sizes
+
+    for rows in (1, 7, 64, 256, 512, 4096):
+        for vocab in (100, 2048, 5001, 151_936):
+            chunk, splits = split_sizes(rows, vocab)
+            assert chunk % _BLOCK == 0 and (splits - 1) * chunk < vocab <= splits * chunk  # no empty split
+    assert split_sizes(64, 151_936)[1] >= 16 and split_sizes(512, 151_936)[1] <= 8  # small batches split more
+
+
+def test_sampler_kernels_compile_for_sm90() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__, "sm90"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(json.loads(proc.stdout.strip().splitlines()[-1])) == 8
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print(json.dumps(_cases()))
+    print(json.dumps(_compile_for_sm90() if sys.argv[1:] == ["sm90"] else _cases()))
