@@ -39,27 +39,32 @@ class FusedSample(NamedTuple):
     inv_temperature: torch.Tensor  # float32 [B]: 1 / T (1 for greedy rows)
 
 
-def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tensor) -> FusedSample:
-    """Sample from ``softmax(logits / T)`` at ``uniform`` per row (float32 ``logits [B, V]``, all on one device)."""
+def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tensor | None = None, *,
+                 seed: torch.Tensor | None = None, step: torch.Tensor | None = None) -> FusedSample:
+    """Sample from ``softmax(logits / T)`` per row (float32 ``logits [B, V]``, float32 ``temperature [B]``, all on
+    one device) at ``uniform [B]``, or at :func:`~agentrl.engine.sampling.hash_uniform` of int64 ``seed`` and
+    ``step`` computed in the kernel (bit for bit the same numbers, without its dozen small kernels)."""
     if logits.dim() != 2 or logits.dtype != torch.float32 or logits.stride(1) != 1:
         raise ValueError(f"logits must be a row-contiguous float32 [B, V] tensor, got {logits.dtype} {tuple(logits.shape)}")
     b, vocab = logits.shape
-    if temperature.shape != (b,) or uniform.shape != (b,):
-        raise ValueError(f"temperature and uniform must be [{b}], got {tuple(temperature.shape)}, {tuple(uniform.shape)}")
-    greedy = temperature <= 0
-    inv_t = torch.where(greedy, torch.ones_like(temperature), 1.0 / temperature).float().contiguous()
-    u = torch.where(greedy, torch.zeros_like(uniform), uniform).float().contiguous()
-    tokens = torch.empty(b, dtype=torch.long, device=logits.device)
-    logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
-    logz = torch.empty(b, dtype=torch.float32, device=logits.device)
+    hashed = uniform is None
+    draws = [seed, step] if hashed else [uniform]
+    if temperature.shape != (b,) or temperature.dtype != torch.float32 or any(
+            t is None or t.shape != (b,) for t in draws):
+        raise ValueError(f"temperature (float32) and uniform, or seed and step, must be [{b}], got "
+                         f"{temperature.dtype} {tuple(temperature.shape)}, {[None if t is None else tuple(t.shape) for t in draws]}")
+    device = logits.device
+    tokens = torch.empty(b, dtype=torch.long, device=device)
+    out = torch.empty((3, b), dtype=torch.float32, device=device)  # logprob, logZ, 1 / T
     if b:
         chunk, splits = split_sizes(b, vocab)
-        parts = torch.empty((4, b, splits), dtype=torch.float32, device=logits.device)  # max, sum, best, best index
+        parts = torch.empty((4, b, splits), dtype=torch.float32, device=device)  # max, sum, best, best index
+        first, second = (seed, step) if hashed else (uniform, uniform)
         stats, pick = _compiled()
-        stats[(b, splits)](logits, logits.stride(0), inv_t, parts, vocab, chunk, splits, BLOCK=_BLOCK)
-        pick[(b,)](logits, logits.stride(0), inv_t, u, greedy.contiguous(), parts, tokens, logprobs, logz, vocab, chunk,
-                   splits, SPLITS=max(triton_next_power_of_2(splits), 2), BLOCK=_BLOCK)
-    return FusedSample(tokens, logprobs, logz, inv_t)
+        stats[(b, splits)](logits, logits.stride(0), temperature, parts, vocab, chunk, splits, BLOCK=_BLOCK)
+        pick[(b,)](logits, logits.stride(0), temperature, first, second, parts, tokens, out, vocab, chunk, splits,
+                   HASH=hashed, SPLITS=max(triton_next_power_of_2(splits), 2), BLOCK=_BLOCK)
+    return FusedSample(tokens, out[0], out[1], out[2])
 
 
 def split_sizes(rows: int, vocab: int) -> tuple[int, int]:
@@ -89,10 +94,11 @@ def _build() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def stats(logits, stride, inv_t_ptr, parts, vocab, chunk, splits, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    def stats(logits, stride, temp_ptr, parts, vocab, chunk, splits, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
         row, split = tl.program_id(0), tl.program_id(1)
         base = logits + row.to(tl.int64) * stride
-        inv_t = tl.load(inv_t_ptr + row)
+        t = tl.load(temp_ptr + row)
+        inv_t = tl.where(t <= 0, 1.0, tl.math.div_rn(1.0, tl.where(t <= 0, 1.0, t)))  # 1 / T rounded as torch's
         offs = tl.arange(0, BLOCK)
         m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
         s = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
@@ -118,11 +124,26 @@ def _build() -> Any:
         tl.store(out + 3 * plane, best_idx.to(tl.float32))  # exact: vocab < 2**24
 
     @triton.jit
-    def pick(logits, stride, inv_t_ptr, u_ptr, greedy_ptr, parts, tokens, logprobs, logz_out, vocab, chunk,  # type: ignore[no-untyped-def]
-             splits, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    def pick(logits, stride, temp_ptr, first_ptr, second_ptr, parts, tokens, out, vocab, chunk, splits,  # type: ignore[no-untyped-def]
+             HASH: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         base = logits + row.to(tl.int64) * stride
-        inv_t = tl.load(inv_t_ptr + row)
+        t = tl.load(temp_ptr + row)
+        greedy = t <= 0
+        inv_t = tl.where(greedy, 1.0, tl.math.div_rn(1.0, tl.where(greedy, 1.0, t)))
+        if HASH:  # first, second: seed and step. agentrl.engine.sampling.hash_uniform, the same int64 arithmetic
+            h = tl.load(first_ptr + row) * -7046029254386353131 + tl.load(second_ptr + row) * -7723592293110705685
+            h = h ^ (h >> 31)
+            h = h * -4658895280553007687
+            h = h ^ (h >> 29)
+            h = h ^ (h >> 31)
+            h = h * -7723592293110705685
+            h = h ^ (h >> 29)
+            h = (h >> 10) & 9007199254740991
+            target = ((h.to(tl.float64) + 0.5) / 9007199254740992.0).to(tl.float32)
+        else:  # first: the uniform
+            target = tl.load(first_ptr + row)
+        target = tl.where(greedy, 0.0, target)
         k = tl.arange(0, SPLITS)
         have = k < splits
         plane = tl.num_programs(0) * splits
@@ -137,7 +158,6 @@ def _build() -> Any:
         best_idx = tl.min(tl.where(have & (best_k == best), idx_k, vocab), 0)  # splits run in vocabulary order
         mass = tl.where(s_k > 0, s_k * tl.exp(m_k - logz), 0.0)
         cum = tl.cumsum(mass, 0)
-        target = tl.load(u_ptr + row)
         reached = tl.min(tl.where(have & (cum >= target), k, splits), 0)
         last_split = tl.max(tl.where(mass > 0, k, 0), 0)
         split = tl.where(reached < splits, reached, last_split)
@@ -156,9 +176,11 @@ def _build() -> Any:
             last = tl.maximum(last, tl.max(tl.where(p > 0, idx, 0), 0))
             run += tl.sum(p, 0)
         token = tl.where(token < vocab, token, last)
-        token = tl.where(tl.load(greedy_ptr + row), best_idx, token).to(tl.int64)
+        token = tl.where(greedy, best_idx, token).to(tl.int64)
         tl.store(tokens + row, token)
-        tl.store(logprobs + row, tl.load(base + token) * inv_t - logz)
-        tl.store(logz_out + row, logz)
+        b = tl.num_programs(0)
+        tl.store(out + row, tl.load(base + token) * inv_t - logz)
+        tl.store(out + b + row, logz)
+        tl.store(out + 2 * b + row, inv_t)
 
     return stats, pick

@@ -158,7 +158,7 @@ def sample_on_device(logits: torch.Tensor, params: SamplingBatch, *, fused: bool
 def _sample_fused(logits: torch.Tensor, p: SamplingBatch, params: SamplingBatch) -> DeviceSampled:
     from agentrl.engine.sample_kernel import fused_sample
 
-    out = fused_sample(logits.contiguous(), p.temperature, hash_uniform(p.seed, p.step).float())
+    out = fused_sample(logits.contiguous(), p.temperature, seed=p.seed, step=p.step)  # the uniform in the kernel
     inv_t, logz = out.inv_temperature.view(-1, 1), out.log_normalizer.view(-1, 1)
     k = max(params.top_logprobs, default=0)
     top = logits.topk(k, dim=-1) if k else None  # logits / T and log-softmax rank the tokens alike

@@ -160,13 +160,14 @@ def _compile_for_sm90() -> list[str]:
     from agentrl.engine import sample_kernel as sk
 
     stats, pick = sk._build()
-    pointers = {"logits": "*fp32", "inv_t_ptr": "*fp32", "u_ptr": "*fp32", "greedy_ptr": "*i1", "parts": "*fp32",
-                "tokens": "*i64", "logprobs": "*fp32", "logz_out": "*fp32"}
+    pointers = {"logits": "*fp32", "temp_ptr": "*fp32", "first_ptr": "*i64", "second_ptr": "*i64", "parts": "*fp32",
+                "tokens": "*i64", "out": "*fp32"}  # as the engine launches it: the uniform hashed in the kernel
     out = []
     for rows in (1, 64, 256, 512):
         splits = sk.split_sizes(rows, 151_936)[1]
         for fn, constants in ((stats, {"BLOCK": sk._BLOCK}),
-                              (pick, {"BLOCK": sk._BLOCK, "SPLITS": max(sk.triton_next_power_of_2(splits), 2)})):
+                              (pick, {"BLOCK": sk._BLOCK, "SPLITS": max(sk.triton_next_power_of_2(splits), 2),
+                                      "HASH": True})):
             signature = {n: pointers.get(n) or ("constexpr" if n in constants else "i32") for n in fn.arg_names}
             kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32))
             out.append(f"{fn.__name__} rows={rows} splits={splits} ptx={len(kernel.asm['ptx'])}")
