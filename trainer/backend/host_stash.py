@@ -14,9 +14,13 @@ for benchmarks and for hosts without CUDA).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 __all__ = ["HostStash"]
+
+log = logging.getLogger(__name__)
 
 
 class HostStash:
@@ -40,7 +44,13 @@ class HostStash:
         if where.type == "cpu":
             host = self._host.get(key)
             if host is None or (host.shape, host.dtype, host.stride()) != (tensor.shape, tensor.dtype, tensor.stride()):
-                host = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=True)
+                try:
+                    host = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=True)
+                except RuntimeError as exc:  # the host cannot lock that much memory: pageable from here on
+                    log.warning("HostStash: cannot pin %.1f GiB more host memory (%s); offloading to pageable "
+                                "memory from now on", tensor.numel() * tensor.element_size() / 2**30, exc)
+                    self.pinned = False
+                    return tensor.to(where)
                 self._host[key] = host
             host.copy_(tensor, non_blocking=True)
             return host
