@@ -27,19 +27,21 @@ import numpy as np
 import torch
 
 from agentrl.engine.kv_cache import KVCache
-from agentrl.engine.logits import apply_logits
+from agentrl.engine.logits import RowLogits, apply_logits
 from agentrl.engine.request import Request, Tokenizer
 from agentrl.engine.runner import Prefill, ScoreSpec
 from agentrl.engine.sampling import HostCopy, Sampled, sample, sample_on_device
 from agentrl.engine.step_inputs import (
     DecodeRows,
     DecodeSampling,
+    SteadyDecode,
     pipelinable,
     record_prompt_scores,
     record_sampled,
     row_logits,
     sampling_batch,
     score_specs,
+    steady,
     to_device,
 )
 from agentrl.errors import AgentRLError
@@ -87,6 +89,7 @@ class SchedulerStats:
     decode_steps: int = 0
     decode_time_s: float = 0.0  # wall time of decode steps on the model thread (forward + sampling)
     overlapped_steps: int = 0  # decode steps launched before the previous step's tokens were committed
+    steady_steps: int = 0  # overlapped steps whose inputs advanced the previous step's (an unchanged batch)
     prefill_time_s: float = 0.0
     generated_tokens: int = 0
     prompt_tokens: int = 0  # prompt tokens of admitted requests (what prefill would cost without the cache)
@@ -133,6 +136,7 @@ class Scheduler:
         self.overlap = overlap  # launch decode step N+1 before committing step N's tokens
         self.fused_sampling = fused_sampling  # None: the Triton sampler where it runs (CUDA)
         self._sampling = DecodeSampling(runner.device)  # decode steps' per-request sampling columns, reused
+        self._steady = SteadyDecode()  # the next decode step's inputs while the batch is unchanged
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.free_rows = list(range(runner.num_rows))
@@ -464,12 +468,25 @@ class Scheduler:
         dropped when that step commits. The model thread always has the next step queued behind the running one.
         """
         prev, reqs, device = self._inflight, list(self.running), self.runner.device
-        carried = {id(r): b for b, r in enumerate(prev.reqs)} if prev is not None else {}
-        lags = [int(id(r) in carried) for r in reqs]  # 0: admitted since (its last token is on the host)
-        rows = DecodeRows.of(reqs, lags, self.runner.scratch)
-        feed = rows.feed(reqs, carried, device, lambda: prev.tokens if prev is not None else None)
-        params, processing = self._sampling.batch(reqs, lags), row_logits(reqs, self.eos_ids, lags)
         this = _InFlight(reqs)
+        advanced = self._steady.advance(prev, reqs)
+        if advanced is not None:  # the batch as it was: each row its own sampled token, one position on
+            assert prev is not None
+            rows, params = advanced
+            processing: list[RowLogits] = []
+            self.stats.steady_steps += 1
+            feed = rows.own_tokens(lambda: prev.tokens)
+            self._steady.keep(this, rows, params)
+        else:
+            carried = {id(r): b for b, r in enumerate(prev.reqs)} if prev is not None else {}
+            lags = [int(id(r) in carried) for r in reqs]  # 0: admitted since (its last token is on the host)
+            rows = DecodeRows.of(reqs, lags, self.runner.scratch)
+            feed = rows.feed(reqs, carried, device, lambda: prev.tokens if prev is not None else None)
+            params, processing = self._sampling.batch(reqs, lags), row_logits(reqs, self.eos_ids, lags)
+            if steady(reqs, prev.reqs if prev is not None else None, rows, lags, processing):
+                self._steady.keep(this, rows, params)
+            else:
+                self._steady.forget()
 
         def step() -> HostCopy:
             self._flush_rows()

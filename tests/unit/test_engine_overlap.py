@@ -93,6 +93,28 @@ async def test_overlapped_decoding_equals_step_by_step_decoding(model, rows: int
     assert overlapped.cache.allocator.available + overlapped.cache.cached_tokens == 2000  # nothing leaked
 
 
+async def test_an_unchanged_batch_advances_its_inputs_and_decodes_the_same(model) -> None:  # type: ignore[no-untyped-def]
+    """While no request joins or leaves, each step's inputs are the last step's advanced by one position and one
+    sampling step (no pass over the requests); tokens, logprobs and versions equal step-by-step decoding."""
+
+    def plain() -> list[Request]:  # no logits processing; finishing at different steps changes the batch
+        return [Request(rid=f"p{i}", input_ids=[(7 * i + k) % 500 + 1 for k in range(4 + i)], return_logprob=True,
+                        options=RequestOptions(temperature=[1.0, 0.7, 0.0][i % 3], max_new_tokens=[12, 20][i % 2],
+                                               seed=i, top_k=[-1, 20][i % 2], ignore_eos=True),
+                        logprobs_spec=LogprobSpec(top_k=2 if i % 2 else 0))
+                for i in range(6)]
+
+    sync_reqs, overlap_reqs = plain(), plain()
+    sync = await serve(model, sync_reqs, overlap=False, rows=6)
+    overlapped = await serve(model, overlap_reqs, overlap=True, rows=6)
+    assert outcome(overlap_reqs) == outcome(sync_reqs)
+    assert torch.allclose(scores(overlap_reqs), scores(sync_reqs), atol=1e-4, rtol=0)
+    assert sync.stats.steady_steps == 0
+    # the steps while all six run (but the first two); the three 20-token requests left after that sit in rows
+    # 1, 3, 5, not 0..2, so their steps rebuild the inputs
+    assert overlapped.stats.steady_steps >= 8, overlapped.stats
+
+
 async def test_a_request_with_penalties_runs_step_by_step(model) -> None:  # type: ignore[no-untyped-def]
     reqs = requests()[:3]
     reqs[1].options.repetition_penalty = 1.3  # its logits depend on the token still in flight
