@@ -30,7 +30,7 @@ from agentrl.engine.kv_cache import KVCache
 from agentrl.engine.logits import RowLogits, apply_logits
 from agentrl.engine.request import Request, Tokenizer
 from agentrl.engine.runner import Prefill, ScoreSpec
-from agentrl.engine.sampling import HostCopy, Sampled, sample, sample_on_device
+from agentrl.engine.sampling import HostCopy, Sampled, SamplingBatch, sample, sample_on_device
 from agentrl.engine.step_inputs import (
     DecodeRows,
     DecodeSampling,
@@ -467,26 +467,9 @@ class Scheduler:
         runs steps in order); a request the commit finishes has one wasted token computed in the new step,
         dropped when that step commits. The model thread always has the next step queued behind the running one.
         """
-        prev, reqs, device = self._inflight, list(self.running), self.runner.device
-        this = _InFlight(reqs)
-        advanced = self._steady.advance(prev, reqs)
-        if advanced is not None:  # the batch as it was: each row its own sampled token, one position on
-            assert prev is not None
-            rows, params = advanced
-            processing: list[RowLogits] = []
-            self.stats.steady_steps += 1
-            feed = rows.own_tokens(lambda: prev.tokens)
-            self._steady.keep(this, rows, params)
-        else:
-            carried = {id(r): b for b, r in enumerate(prev.reqs)} if prev is not None else {}
-            lags = [int(id(r) in carried) for r in reqs]  # 0: admitted since (its last token is on the host)
-            rows = DecodeRows.of(reqs, lags, self.runner.scratch)
-            feed = rows.feed(reqs, carried, device, lambda: prev.tokens if prev is not None else None)
-            params, processing = self._sampling.batch(reqs, lags), row_logits(reqs, self.eos_ids, lags)
-            if steady(reqs, prev.reqs if prev is not None else None, rows, lags, processing):
-                self._steady.keep(this, rows, params)
-            else:
-                self._steady.forget()
+        prev, device = self._inflight, self.runner.device
+        this = _InFlight(list(self.running))
+        rows, feed, params, processing = self._overlapped_inputs(prev, this)
 
         def step() -> HostCopy:
             self._flush_rows()
@@ -500,6 +483,28 @@ class Scheduler:
         if prev is not None:
             self.stats.overlapped_steps += 1
             await self._retire(prev)
+
+    def _overlapped_inputs(self, prev: _InFlight | None, this: _InFlight) -> tuple[
+            DecodeRows, Callable[[], torch.Tensor], SamplingBatch, list[RowLogits]]:
+        """Step ``this``'s rows, input tokens, sampling parameters and logits processing, after ``prev``."""
+        reqs = this.reqs
+        advanced = self._steady.advance(prev, reqs)
+        if advanced is not None:  # the batch as it was: each row its own sampled token, one position on
+            assert prev is not None
+            rows, params = advanced
+            self.stats.steady_steps += 1
+            self._steady.keep(this, rows, params)
+            return rows, rows.own_tokens(lambda: prev.tokens), params, []
+        carried = {id(r): b for b, r in enumerate(prev.reqs)} if prev is not None else {}
+        lags = [int(id(r) in carried) for r in reqs]  # 0: admitted since (its last token is on the host)
+        rows = DecodeRows.of(reqs, lags, self.runner.scratch)
+        feed = rows.feed(reqs, carried, self.runner.device, lambda: prev.tokens if prev is not None else None)
+        params, processing = self._sampling.batch(reqs, lags), row_logits(reqs, self.eos_ids, lags)
+        if steady(reqs, prev.reqs if prev is not None else None, rows, lags, processing):
+            self._steady.keep(this, rows, params)
+        else:
+            self._steady.forget()
+        return rows, feed, params, processing
 
     async def _retire(self, step: _InFlight) -> None:
         """Wait for a step handed to the model thread, commit its tokens and release what finished."""
