@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import random
 import signal
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,20 @@ class StepLog:
 STEPS = StepLog()
 
 
+def logged_step(step: Callable[[Any, list[list[int]], int], None]) -> Callable[[Any, list[list[int]], int], float]:
+    """A learner's step, timed (seconds returned) and recorded in :data:`STEPS`."""
+
+    @functools.wraps(step)
+    def run(self: Any, seqs: list[list[int]], prompt_len: int) -> float:
+        start, before = time.perf_counter(), STEPS.counters()
+        step(self, seqs, prompt_len)
+        seconds = time.perf_counter() - start
+        STEPS.record(seconds, before)
+        return seconds
+
+    return run
+
+
 class Learner:
     """The model in bf16 with AdamW, trained on rollout tokens; can offload its states to the host."""
 
@@ -107,9 +123,9 @@ class Learner:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5, foreach=True)
         self.micro_batch = micro_batch
 
-    def step(self, seqs: list[list[int]], prompt_len: int) -> float:
+    @logged_step
+    def step(self, seqs: list[list[int]], prompt_len: int) -> None:
         """One AdamW step of the LM loss over every token of ``seqs`` (``prompt_len`` is not used)."""
-        start, before = time.perf_counter(), STEPS.counters()
         for i in range(0, len(seqs), self.micro_batch):
             ids = torch.tensor(seqs[i : i + self.micro_batch], device=self.device)
             loss = self.model(input_ids=ids, labels=ids).loss * len(ids) / len(seqs)
@@ -117,8 +133,6 @@ class Learner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         sync()
-        STEPS.record(time.perf_counter() - start, before)
-        return time.perf_counter() - start
 
     def drop_cache(self) -> None:
         """Return the step's cached activation memory to the device (the engine needs it next)."""
@@ -158,14 +172,12 @@ class AgentrlLearner:
         self.out = out
         self.rng = np.random.default_rng(0)
 
-    def step(self, seqs: list[list[int]], prompt_len: int) -> float:
-        start, before = time.perf_counter(), STEPS.counters()
+    @logged_step
+    def step(self, seqs: list[list[int]], prompt_len: int) -> None:
         samples = [self._sample(seq, prompt_len) for seq in seqs]
         plan = plan_micro_batches([len(x) for x in samples], self.cfg.batch.max_tokens_per_micro_batch)
         self.backend.train_step([pack(samples, bin_) for bin_ in plan], ppo_loss, self.cfg.loss)
         sync()
-        STEPS.record(time.perf_counter() - start, before)
-        return time.perf_counter() - start
 
     def _sample(self, seq: list[int], prompt_len: int) -> Sample:
         mask = np.zeros(len(seq), dtype=np.float32)

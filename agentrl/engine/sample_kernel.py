@@ -57,29 +57,25 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, uniform: torch
     tokens = torch.empty(b, dtype=torch.long, device=device)
     out = torch.empty((3, b), dtype=torch.float32, device=device)  # logprob, logZ, 1 / T
     if b:
+        from triton import next_power_of_2  # here: tests set TRITON_INTERPRET before triton loads
+
         chunk, splits = split_sizes(b, vocab)
         parts = torch.empty((4, b, splits), dtype=torch.float32, device=device)  # max, sum, best, best index
         first, second = (seed, step) if hashed else (uniform, uniform)
         stats, pick = _compiled()
         stats[(b, splits)](logits, logits.stride(0), temperature, parts, vocab, chunk, splits, BLOCK=_BLOCK)
         pick[(b,)](logits, logits.stride(0), temperature, first, second, parts, tokens, out, vocab, chunk, splits,
-                   HASH=hashed, SPLITS=max(triton_next_power_of_2(splits), 2), BLOCK=_BLOCK)
+                   HASH=hashed, SPLITS=max(next_power_of_2(splits), 2), BLOCK=_BLOCK)
     return FusedSample(tokens, out[0], out[1], out[2])
 
 
 def split_sizes(rows: int, vocab: int) -> tuple[int, int]:
     """(tokens per split, a multiple of the block; splits per row): about ``_PROGRAMS`` programs in all."""
-    want = min(_MAX_SPLITS, max(1, _cdiv(_PROGRAMS, rows)))
-    chunk = _cdiv(_cdiv(vocab, want), _BLOCK) * _BLOCK
-    return chunk, _cdiv(vocab, chunk)
+    from triton import cdiv
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+    want = min(_MAX_SPLITS, max(1, cdiv(_PROGRAMS, rows)))
+    chunk = cdiv(cdiv(vocab, want), _BLOCK) * _BLOCK
+    return chunk, cdiv(vocab, chunk)
 
 
 def _compiled() -> Any:

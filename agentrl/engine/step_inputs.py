@@ -54,8 +54,7 @@ class DecodeSampling:
     def batch(self, reqs: Sequence[Request], lags: Sequence[int] | None = None) -> SamplingBatch:
         lags = lags or [0] * len(reqs)
         step = [len(r.output_ids) + lag for r, lag in zip(reqs, lags, strict=True)]
-        if self._columns is None or len(reqs) != len(self._reqs) or any(
-                a is not b for a, b in zip(reqs, self._reqs, strict=True)):
+        if self._columns is None or not same(reqs, self._reqs):
             b, dev = sampling_batch(reqs, lags), self.device
             self._reqs = tuple(reqs)
             self._columns = replace(b, temperature=to_device(b.temperature, dev), top_p=to_device(b.top_p, dev),

@@ -166,7 +166,7 @@ def _compile_for_sm90() -> list[str]:
     for rows in (1, 64, 256, 512):
         splits = sk.split_sizes(rows, 151_936)[1]
         for fn, constants in ((stats, {"BLOCK": sk._BLOCK}),
-                              (pick, {"BLOCK": sk._BLOCK, "SPLITS": max(sk.triton_next_power_of_2(splits), 2),
+                              (pick, {"BLOCK": sk._BLOCK, "SPLITS": max(triton.next_power_of_2(splits), 2),
                                       "HASH": True})):
             signature = {n: pointers.get(n) or ("constexpr" if n in constants else "i32") for n in fn.arg_names}
             kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32))
