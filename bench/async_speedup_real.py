@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -229,6 +230,11 @@ async def run_setting(url: str, model: Path, tmp: Path, setting: Setting, args: 
                 await asyncio.wait(actors, timeout=60)
                 await asyncio.gather(*(c.close() for c in [*clients, *router.engines]))
     records = read_metrics(tmp / run / "learner_metrics.jsonl")
+    if args.artifacts:
+        keep = Path(args.artifacts) / setting.key
+        keep.mkdir(parents=True, exist_ok=True)
+        for path in (log, tmp / run / "learner_metrics.jsonl"):
+            shutil.copy(path, keep / path.name)
     return summarise(setting, core, worker.stats.resumed_here, running, probe, records, args)
 
 
@@ -351,6 +357,7 @@ def parse_args() -> argparse.Namespace:
                    help="engine KV pool positions; 0 = the engine's default, (slots + 16) x (prompt + cap + 8)")
     p.add_argument("--checkpoint-every", type=int, default=1,
                    help="learner checkpoint interval in steps (it always checkpoints after the last one)")
+    p.add_argument("--artifacts", default="", help="copy each setting's learner log and metrics into DIR/<setting>")
     args = p.parse_args()
     if args.steps < args.warmup + 2:
         p.error(f"--steps {args.steps} leaves no window after --warmup {args.warmup} (need steps >= warmup + 2)")

@@ -60,6 +60,7 @@ from agentrl.client.protocol import build_memory_request, build_update_weights_f
 from agentrl.config.learner import BatchConfig, LearnerConfig, OptimConfig
 from agentrl.engine.tiny import init_model
 from bench.engine import SHAPES, launch_engine
+from trainer.backend.host_stash import HostStash
 from trainer.backend.torch_backend import TorchBackend, build_torch_backend
 from trainer.colocate import ColocatedDevice
 from trainer.losses import ppo_loss
@@ -122,6 +123,7 @@ class Learner:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).train()  # type: ignore[arg-type]
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5, foreach=True)
         self.micro_batch = micro_batch
+        self.stash = HostStash()
 
     @logged_step
     def step(self, seqs: list[list[int]], prompt_len: int) -> None:
@@ -140,12 +142,15 @@ class Learner:
             torch.cuda.empty_cache()
 
     def move(self, device: str) -> None:
-        self.model.to(device)
-        for state in self.opt.state.values():
+        """Parameters and AdamW state onto ``device`` through pinned host buffers, as the trainer's backend does."""
+        where = torch.device(device)
+        for name, p in self.model.named_parameters():
+            p.data = self.stash.move(name, p.data, where)
+        for i, state in enumerate(self.opt.state.values()):
             for k, v in state.items():
                 if isinstance(v, torch.Tensor):
-                    state[k] = v.to(device)
-        sync()
+                    state[k] = self.stash.move(f"{i}.{k}", v, where)
+        self.stash.wait(torch.device(self.device))
         self.drop_cache()
 
     def offload(self) -> None:

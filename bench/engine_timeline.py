@@ -18,6 +18,8 @@ model of ``--shape``; C requests of ``--prompt-len`` random tokens and ``--new-t
 
 ``--profile N`` runs cProfile on the model thread (inside each step) and on the event loop during the measured
 round and prints each one's top N functions by own time: a call that blocks on the device stands out there.
+From Python 3.12 cProfile runs on ``sys.monitoring``, one profiler per process that sees every thread: there one
+profile of the measured round covers both threads together.
 
 On CPU (a small model) it runs so it cannot rot; there are no device events and no CUDA syncs to flag.
 """
@@ -184,7 +186,7 @@ def main() -> None:
            "overlap_schedule": not args.no_overlap, "freeze_gc": False}
     server = build_server(msgspec.convert(cfg, EngineConfig))
     batch = prompts(c, args.prompt_len, min(SHAPES[shape].vocab_size, 50_000), seed=c)
-    profiles = (cProfile.Profile(), cProfile.Profile()) if args.profile else (None, None)
+    profiles = profilers(args.profile > 0)
     timeline, sites = Timeline(cuda, profiles[0]), SyncSites()
     took, steps = asyncio.run(measure(server, batch, new, timeline, sites, profiles[1]))
     d, pre = timeline.summary("decode"), timeline.summary("prefill")
@@ -202,10 +204,21 @@ def main() -> None:
     print(f"host syncs flagged while measuring: {total} ({total / max(steps, 1):.2f} per decode step)")
     for site, n in sites.sites.most_common(12):
         print(f"  {n:>6}  {site}")
-    for name, prof in zip(("model thread", "event loop"), profiles, strict=True):
+    names = ("model thread", "event loop") if PER_THREAD_PROFILES else ("", "model thread and event loop")
+    for name, prof in zip(names, profiles, strict=True):
         if prof is not None:
             print(f"--- {name}: top {args.profile} functions by own time over the measured round")
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+
+
+PER_THREAD_PROFILES = sys.version_info < (3, 12)  # 3.12+: cProfile is process-wide (sys.monitoring)
+
+
+def profilers(on: bool) -> tuple[cProfile.Profile | None, cProfile.Profile | None]:
+    """The model thread's profiler and the event loop's (before 3.12), or one for the whole round."""
+    if not on:
+        return None, None
+    return (cProfile.Profile(), cProfile.Profile()) if PER_THREAD_PROFILES else (None, cProfile.Profile())
 
 
 if __name__ == "__main__":

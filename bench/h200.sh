@@ -23,6 +23,9 @@
 #   fusedops   fused add+RMSNorm, SiLU-and-mul, rotary (+ pool write) vs the HF modules, rows 64/256/512,
 #              and their GPU tests (issue 18; estimated)                                                  ~120
 #
+#   attention  the learner's packed attention on new lengths every micro-batch: per-sequence SDPA (PyTorch's
+#              choice, then without cuDNN) vs the flash varlen kernel; its GPU test; bench/learner.py on short
+#              sequences (issue 18: the async run's learner trained at ~3k tok/s on 2026-12-05)            ~200
 #   timeline   the served decode step between device and host: device span vs idle gap per step and the host
 #              syncs the engine makes (bench/engine_timeline.py; C 256 overlapped and not, C 512); the fused
 #              sampler (split over the vocabulary since 2026-12-05) vs torch, and its GPU test (issue 18)       ~260
@@ -72,8 +75,19 @@ for p in "$@"; do
     async)
       part async 420 python3 bench/async_speedup_real.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
         --batch 128 --group 8 --slots 128 --median 256 --cap 4096 --steps 5 --warmup 1 --checkpoint-every 1000 \
-        --settings sync eta2
-      grep -E '^\||^real model|^utilisation|staleness bound' "$OUT/async.log" ;;
+        --settings sync eta2 --artifacts "$OUT/async"
+      grep -E '^\||^real model|^utilisation|staleness bound' "$OUT/async.log"
+      python3 -c 'import json, pathlib, sys
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*/learner_metrics.jsonl")):
+    for r in map(json.loads, f.read_text().splitlines()):
+        print(f.parent.name, r["step"], r["learner/batch/tokens"], "tokens", round(r["learner/time/train"], 2), "s train")' \
+        "$OUT/async" ;;
+    attention)
+      part attention-fresh 150 python3 bench/attention_lengths.py --device cuda
+      part attention-repeat 150 python3 bench/attention_lengths.py --device cuda --repeat
+      part attention-tests 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_packing.py
+      part attention-learner 150 python3 bench/learner.py --shape qwen2.5-0.5b --device cuda --seqs 128 \
+        --max-len 1280 --budget 8192 --steps 2 --warmup 1 ;;
     engine)
       part engine 170 python3 -m bench.engine --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
         --concurrency 256,512 --prompt-len 128 --new-tokens 256
@@ -125,6 +139,6 @@ for p in "$@"; do
     fusedops)
       part fusedops-bench 150 python3 bench/fused_ops.py --device cuda
       part fusedops-gpu-tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_fused_ops.py ;;
-    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, engine, engine-profile, recheck, timeline, decodeattn, fusedops)"; exit 2 ;;
+    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, attention, engine, engine-profile, recheck, timeline, decodeattn, fusedops)"; exit 2 ;;
   esac
 done

@@ -161,3 +161,44 @@ def test_pack_carries_temperatures_and_omits_them_when_all_one() -> None:
     mb = pack([a, b])
     assert mb.temperature is not None and mb.temperature.tolist() == pytest.approx([1, 0.7, 0.7, 1, 1])
     assert pack([b, b]).temperature is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_flash_varlen_matches_per_sequence_sdpa_on_gpu(dtype: torch.dtype) -> None:
+    """On a GPU in half precision (float32 here runs under bf16 autocast, as the torch backend's autocast
+    precision does) sdpa_varlen runs the flash varlen kernel over the packed row: outputs and the gradients of
+    q, k, v match per-sequence causal SDPA (GQA, a sequence of length 1 included)."""
+    import contextlib
+
+    from trainer.backend import varlen
+
+    half = torch.bfloat16 if dtype == torch.float32 else dtype
+    autocast = torch.autocast("cuda", torch.bfloat16) if dtype == torch.float32 else contextlib.nullcontext()
+
+    assert varlen.varlen_available(), "this PyTorch has no torch.nn.attention.varlen"
+    lens = [37, 1, 300, 64, 5, 129]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = {"q": 14, "k": 2, "v": 2}  # Qwen2.5-0.5B's heads: 14 query, 2 key/value
+    leaves = {n: torch.randn(1, h, sum(lens), 64, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+              for n, h in shape.items()}
+    grad_out = torch.randn(1, sum(lens), 14, 64, device="cuda", dtype=dtype, generator=gen)
+    results = []
+    for use_flash in (True, False):
+        for t in leaves.values():
+            t.grad = None
+        q, k, v = leaves.values()
+        with autocast:
+            if use_flash:
+                assert varlen._flash_dtype(q, 0.0) == half  # not the per-sequence fallback
+                out, _ = varlen.sdpa_varlen_attention(torch.nn.Module(), q, k, v, None, packed_seq_lens=lens)
+            else:
+                out = varlen._per_sequence(q, k, v, lens, 0.0, None)
+        out.float().backward(grad_out.float())
+        results.append((out.detach(), [t.grad.clone() for t in leaves.values()]))  # type: ignore[union-attr]
+    (flash, flash_g), (ref, ref_g) = results
+    tol = {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(flash, ref, **tol)
+    for a, b, name in zip(flash_g, ref_g, shape, strict=True):
+        torch.testing.assert_close(a, b, **tol, msg=f"grad of {name}")

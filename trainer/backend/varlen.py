@@ -7,20 +7,79 @@ memory-efficient kernels on GPU), so compute is ``Σ L_i²`` rather than ``T²``
 needed. Sequence lengths come from the ``packed_seq_lens`` keyword that :class:`TorchBackend` passes to the
 model, or else from the position ids (a new sequence starts at position 0).
 
+On a GPU, in bf16 or fp16, the whole packed row goes through PyTorch's flash-attention varlen kernel instead
+(``torch.nn.attention.varlen``, one launch per layer with ``cu_seqlens``): a loop of per-sequence SDPA calls costs
+a launch and Python work per sequence, and on recent PyTorch builds SDPA prefers cuDNN attention on Hopper, which
+builds an execution plan for every new sequence length — an RL batch brings new lengths every step. Where the
+varlen kernel is missing (CPU, float32, an older PyTorch), each sequence gets SDPA with cuDNN left out.
+
 It ignores ``attention_mask``: use it only for packed rows without padding (what the backend feeds it).
 """
 
 from __future__ import annotations
 
+import functools
+from inspect import signature
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
-__all__ = ["VARLEN", "register", "sdpa_varlen_attention"]
+__all__ = ["PER_SEQUENCE_BACKENDS", "VARLEN", "flash_varlen", "register", "sdpa_varlen_attention", "varlen_available"]
 
 VARLEN = "sdpa_varlen"
+# per-sequence SDPA: every backend but cuDNN's, whose plan is built (slowly) for each new sequence length
+PER_SEQUENCE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@functools.cache
+def varlen_available() -> bool:
+    """True when PyTorch ships the flash varlen attention and a GPU can run it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def _varlen_kwargs() -> dict[str, Any]:
+    """Causal masking across torch versions: ``is_causal=True`` (2.9-2.12) or a (-1, 0) window (newer)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = signature(varlen_attn).parameters
+    kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    return kwargs
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                 scale: float | None) -> torch.Tensor:
+    """Causal attention within each sequence of THD tensors ``q [T, heads, d]``, ``k``/``v`` ``[T, groups, d]``
+    (``cu_seqlens`` int32 on the device, ``[n + 1]``): one flash varlen launch."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, **_varlen_kwargs())
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _flash_dtype(query: torch.Tensor, dropout: float) -> torch.dtype | None:
+    """The half dtype the flash varlen kernel would run in here (autocast's, as SDPA would cast to), or None."""
+    if not query.is_cuda or dropout != 0.0 or not varlen_available():
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
+@functools.lru_cache(maxsize=4)
+def _cu_seqlens(lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Cumulative lengths on ``device`` (cached: every layer of a micro-batch asks for the same ones)."""
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.as_tensor(lens, dtype=torch.int32).cumsum(0)
+    return cu.to(device, non_blocking=True)
 
 
 def _lengths(kwargs: dict[str, Any], total: int) -> list[int]:
@@ -53,18 +112,30 @@ def sdpa_varlen_attention(
     lens = _lengths(kwargs, total)
     if sum(lens) != total:
         raise ValueError(f"{VARLEN}: packed sequence lengths sum to {sum(lens)}, row has {total} tokens")
+    dtype = _flash_dtype(query, dropout)
+    if dtype is not None:
+        q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # [T, heads, d]
+        out = flash_varlen(q, k, v, _cu_seqlens(tuple(lens), query.device), max(lens), scaling)
+        return out.unsqueeze(0), None
+    return _per_sequence(query, key, value, lens, dropout, scaling), None
+
+
+def _per_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lens: list[int], dropout: float,
+                  scaling: float | None) -> torch.Tensor:
+    """One causal SDPA per sequence of a ``[1, heads, T, d]`` row (cuDNN left out); ``[1, T, heads, d]``."""
     gqa = query.shape[1] != key.shape[1]
     outs = []
     start = 0
-    for n in lens:
-        sl = slice(start, start + n)
-        outs.append(F.scaled_dot_product_attention(
-            query[:, :, sl], key[:, :, sl], value[:, :, sl], dropout_p=dropout, is_causal=True, scale=scaling,
-            enable_gqa=gqa,
-        ))
-        start += n
+    with sdpa_kernel(PER_SEQUENCE_BACKENDS):
+        for n in lens:
+            sl = slice(start, start + n)
+            outs.append(F.scaled_dot_product_attention(
+                query[:, :, sl], key[:, :, sl], value[:, :, sl], dropout_p=dropout, is_causal=True, scale=scaling,
+                enable_gqa=gqa,
+            ))
+            start += n
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 def register() -> None:

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from inspect import signature
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 
 from trainer.backend.compiled_layers import grad_mode_invariant
 from trainer.backend.megatron._mcore import MCORE_ERROR
 from trainer.backend.megatron.thd import PackedBatch
+from trainer.backend.varlen import PER_SEQUENCE_BACKENDS, flash_varlen, varlen_available
 
 __all__ = ["VarlenAttention", "apply_rope", "fused_rope_qk", "resolve_kernel", "rope_qk", "varlen_available"]
 
@@ -33,15 +34,6 @@ if MCORE_ERROR is None:
     from megatron.core.transformer.module import MegatronModule
 else:  # pure helpers below still import
     MegatronModule = torch.nn.Module
-
-
-def varlen_available() -> bool:
-    """True when PyTorch ships the flash varlen attention and a GPU can run it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
 
 
 def resolve_kernel(name: str, device: torch.device) -> str:
@@ -82,30 +74,16 @@ def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: 
                        scale: float) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
     outs = []
-    for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens), strict=True):
-        out = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
-                                             is_causal=True, scale=scale, enable_gqa=gqa)
-        outs.append(out.transpose(0, 1))
+    with sdpa_kernel(PER_SEQUENCE_BACKENDS):  # cuDNN builds a plan per new length
+        for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens), strict=True):
+            out = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                                 is_causal=True, scale=scale, enable_gqa=gqa)
+            outs.append(out.transpose(0, 1))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def _varlen_kwargs() -> dict[str, Any]:
-    """Causal masking across torch versions: ``is_causal=True`` (2.9-2.12) or a (-1, 0) window (newer)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = signature(varlen_attn).parameters
-    kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    if "enable_gqa" in params:
-        kwargs["enable_gqa"] = True
-    return kwargs
-
-
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedBatch, scale: float) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
-
-    cu = packed.cu_seqlens_q
-    out = varlen_attn(q, k, v, cu, cu, packed.max_seqlen_q, packed.max_seqlen_q, scale=scale, **_varlen_kwargs())
-    return out[0] if isinstance(out, tuple) else out
+    return flash_varlen(q, k, v, packed.cu_seqlens_q, packed.max_seqlen_q, scale)
 
 
 class VarlenAttention(MegatronModule):
