@@ -12,6 +12,9 @@ benchmark that replays one batch does). Three ways, each timed over the same dra
 - ``flash varlen``: ``torch.nn.attention.varlen`` over the whole row, one launch per layer (the learner's path on
   a GPU in bf16).
 
+Then the engine's prefill attention (``gathered_sdpa``: a padded batch with a boolean mask, GQA), forward only, on a
+new (rows, prompt length) each iteration, with PyTorch's default backends and with cuDNN left out.
+
     python bench/attention_lengths.py --device cuda                  # new lengths every iteration
     python bench/attention_lengths.py --device cuda --repeat         # one draw replayed
 """
@@ -19,6 +22,7 @@ benchmark that replays one batch does). Three ways, each timed over the same dra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -75,12 +80,11 @@ def sdp_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: obje
     return BACKEND_NAMES.get(choice, str(choice))
 
 
-def engine_prefill_choice(device: torch.device) -> str:
+def engine_prefill_choice(device: torch.device, no_cudnn: bool = False) -> str:
     """What SDPA picks for ``agentrl.engine.runner.gathered_sdpa``'s prefill call (boolean mask, GQA)."""
-    q = torch.randn(8, HEADS, 300, DIM, device=device, dtype=torch.bfloat16)
-    k, v = (torch.randn(8, GROUPS, 300, DIM, device=device, dtype=torch.bfloat16) for _ in range(2))
-    mask = torch.ones(300, 300, device=device, dtype=torch.bool).tril().expand(8, 1, 300, 300)
-    return sdp_choice(q, k, v, attn_mask=mask)
+    q, k, v, mask = prefill_inputs(8, 300, device)
+    with sdpa_kernel(varlen.PER_SEQUENCE_BACKENDS) if no_cudnn else contextlib.nullcontext():
+        return sdp_choice(q, k, v, attn_mask=mask)
 
 
 def micro_batch(fn: Callable[..., torch.Tensor], lens: list[int], layers: int, device: torch.device) -> float:
@@ -121,12 +125,47 @@ def main() -> None:
     for fn in ways.values():  # warm-up draw (first launches, the varlen kernel's load)
         micro_batch(fn, draws[0], 1, device)
     times = {name: [micro_batch(fn, d, args.layers, device) for d in draws[1:]] for name, fn in ways.items()}
+    table("micro-batch", times)
+    shapes = [(int(rng.integers(4, 65)), int(rng.integers(64, 1025))) for _ in range(args.iterations + 1)]
+    if args.repeat:
+        shapes = [shapes[0]] * len(shapes)
+    print(f"the engine's masked prefill (gathered_sdpa), {args.layers} layers forward, batch and prompt length "
+          f"{'replayed' if args.repeat else 'new each'} (rows 4-64, 64-1,024 tokens); without cuDNN SDPA picks "
+          f"{engine_prefill_choice(device, no_cudnn=True)}")
+    prefill_ways = {"sdpa default": False, "sdpa no cuDNN": True}
+    for no_cudnn in prefill_ways.values():
+        prefill(shapes[0], 1, device, no_cudnn)
+    table("prefill", {name: [prefill(s, args.layers, device, no_cudnn) for s in shapes[1:]]
+                      for name, no_cudnn in prefill_ways.items()})
+
+
+def table(what: str, times: dict[str, list[float]]) -> None:
     base = float(np.mean(times["sdpa default"]))
-    print(f"{'way':<14} {'ms / micro-batch':>17} {'first':>9} {'median':>9}  vs sdpa default")
+    print(f"{'way':<14} {'ms / ' + what:>17} {'first':>9} {'median':>9}  vs sdpa default")
     for name, ts in times.items():
         mean = float(np.mean(ts))
         print(f"{name:<14} {1e3 * mean:>17.1f} {1e3 * ts[0]:>9.1f} {1e3 * float(np.median(ts)):>9.1f}  "
               f"{base / mean:.2f}x")
+
+
+def prefill_inputs(rows: int, length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    q = torch.randn(rows, HEADS, length, DIM, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(rows, GROUPS, length, DIM, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(length, length, device=device, dtype=torch.bool).tril().expand(rows, 1, length, length)
+    return q, k, v, mask
+
+
+def prefill(shape: tuple[int, int], layers: int, device: torch.device, no_cudnn: bool) -> float:
+    """Seconds for ``layers`` masked SDPA calls of one prefill batch of ``shape`` = (rows, prompt length)."""
+    q, k, v, mask = prefill_inputs(*shape, device)
+    ctx = sdpa_kernel(varlen.PER_SEQUENCE_BACKENDS) if no_cudnn else contextlib.nullcontext()
+    torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    with torch.inference_mode(), ctx:
+        for _ in range(layers):
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - began
 
 
 if __name__ == "__main__":
