@@ -25,7 +25,8 @@
 #
 #   attention  the learner's packed attention on new lengths every micro-batch: per-sequence SDPA (PyTorch's
 #              choice, then without cuDNN) vs the flash varlen kernel; its GPU test; bench/learner.py on short
-#              sequences (issue 18: the async run's learner trained at ~3k tok/s on 2026-12-05)            ~200
+#              sequences, one batch replayed and a new batch every step (issue 18: the async run's learner
+#              trained at ~3k tok/s on 2026-12-05)                                                         ~330
 #   timeline   the served decode step between device and host: device span vs idle gap per step and the host
 #              syncs the engine makes (bench/engine_timeline.py; C 256 overlapped and not, C 512); the fused
 #              sampler (split over the vocabulary since 2026-12-05) vs torch, and its GPU test (issue 18)       ~260
@@ -86,8 +87,10 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*/learner_metrics.jsonl")):
       part attention-fresh 150 python3 bench/attention_lengths.py --device cuda
       part attention-repeat 150 python3 bench/attention_lengths.py --device cuda --repeat
       part attention-tests 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_packing.py
-      part attention-learner 150 python3 bench/learner.py --shape qwen2.5-0.5b --device cuda --seqs 128 \
-        --max-len 1280 --budget 8192 --steps 2 --warmup 1 ;;
+      for mode in replayed fresh; do
+        part attention-learner-$mode 150 python3 bench/learner.py --shape qwen2.5-0.5b --device cuda --seqs 128 \
+          --max-len 1280 --budget 8192 --steps 3 --warmup 1 $([ $mode = fresh ] && echo --fresh)
+      done ;;
     engine)
       part engine 170 python3 -m bench.engine --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
         --concurrency 256,512 --prompt-len 128 --new-tokens 256

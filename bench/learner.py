@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,14 +99,16 @@ def padded_plan(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return plan
 
 
-def timed_steps(backend: TorchBackend, mbs: list[MicroBatch], steps: int, warmup: int) -> float:
+def timed_steps(backend: TorchBackend, batches: list[list[MicroBatch]], steps: int, warmup: int) -> float:
+    """Seconds per optimizer step over ``steps`` timed steps after ``warmup``; step i trains batch i (mod the
+    number of batches: one batch is replayed, ``warmup + steps`` batches are each trained once)."""
     cfg = LossConfig()
-    for _ in range(warmup):
-        backend.train_step(mbs, ppo_loss, cfg)
+    for i in range(warmup):
+        backend.train_step(batches[i % len(batches)], ppo_loss, cfg)
     sync(backend.device)
     start = time.perf_counter()
-    for _ in range(steps):
-        backend.train_step(mbs, ppo_loss, cfg)
+    for i in range(warmup, warmup + steps):
+        backend.train_step(batches[i % len(batches)], ppo_loss, cfg)
     sync(backend.device)
     return (time.perf_counter() - start) / steps
 
@@ -159,7 +161,10 @@ def make_model(shape: str, attn: str, device: torch.device) -> Qwen2ForCausalLM:
         return Qwen2ForCausalLM(cfg).float()
 
 
-def run_mode(name: str, args: argparse.Namespace, samples: list[Sample], plan: list[list[int]]) -> dict[str, float]:
+Batch = tuple[list[Sample], list[list[int]]]  # sequences and their micro-batch plan
+
+
+def run_mode(name: str, args: argparse.Namespace, batches: list[Batch]) -> dict[str, float]:
     cls = PaddedBackend if name == "padded" else TorchBackend
     device = torch.device(args.device)
     model = make_model(args.shape, "sdpa" if name in ("padded", "packed-mask") else "sdpa_varlen", device)
@@ -168,12 +173,15 @@ def run_mode(name: str, args: argparse.Namespace, samples: list[Sample], plan: l
         model = model.to(torch.bfloat16)
     backend = cls(model, OptimConfig(lr=1e-6), device=device, bf16=device.type == "cuda" and not pure_bf16,
                   gradient_checkpointing=args.checkpointing, track_entropy="no-entropy" not in name)
-    mbs = [pack(samples, ids) for ids in plan]
+    packed = [[pack(samples, ids) for ids in plan] for samples, plan in batches]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = timed_steps(backend, mbs, args.steps, args.warmup)
-    real = sum(len(s) for s in samples)
-    slots = sum(len(ids) * max(len(samples[i]) for i in ids) for ids in plan) if name == "padded" else real
+    seconds = timed_steps(backend, packed, args.steps, args.warmup)
+    timed = [batches[i % len(batches)] for i in range(args.warmup, args.warmup + args.steps)]
+    real = sum(len(s) for samples, _ in timed for s in samples) // len(timed)  # per step
+    slots = sum(len(ids) * max(len(samples[i]) for i in ids) for samples, plan in timed
+                for ids in plan) // len(timed) if name == "padded" else real
+    plan = timed[0][1]
     params = sum(p.numel() for p in model.parameters())
     row = {"mode": name, "micro_batches": len(plan), "real_tokens": real, "padded_tokens": slots,
            "seconds_per_step": seconds, "tokens_per_s": real / seconds, "model_tflops": 6 * params * real / seconds / 1e12}
@@ -202,18 +210,25 @@ def main() -> None:
     p.add_argument("--only-uniform", action="store_true", help="skip the ragged packed/padded comparison")
     p.add_argument("--variants", action="store_true",
                    help="uniform also without the entropy metric, and with pure bf16 weights (attribution)")
+    p.add_argument("--fresh", action="store_true",
+                   help="a new ragged batch (new lengths) every step, as RL training sees, instead of one replayed")
     p.add_argument("--mask-mode", action="store_true", help="also packed with plain sdpa (T x T block mask)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     vocab = int(SHAPES[args.shape]["vocab_size"])  # type: ignore[call-overload]
-    samples = rl_batch(args.seqs, args.max_len, vocab, seed=0)
-    lengths = [len(s) for s in samples]
+    ragged = [rl_batch(args.seqs, args.max_len, vocab, seed=i)
+              for i in range(args.warmup + args.steps if args.fresh else 1)]
+    lengths = [len(s) for samples in ragged for s in samples]
+
+    def plans(plan: Callable[[Sequence[int], int], list[list[int]]]) -> list[Batch]:
+        return [(samples, plan([len(s) for s in samples], args.budget)) for samples in ragged]
+
     rows = [] if args.only_uniform else [
-        run_mode("packed", args, samples, plan_micro_batches(lengths, args.budget)),
-        run_mode("padded", args, samples, padded_plan(lengths, args.budget)),
+        run_mode("packed", args, plans(plan_micro_batches)),
+        run_mode("padded", args, plans(padded_plan)),
     ]
     if args.mask_mode:
-        rows.append(run_mode("packed-mask", args, samples, plan_micro_batches(lengths, args.budget)))
+        rows.append(run_mode("packed-mask", args, plans(plan_micro_batches)))
     if args.uniform:
         rng = np.random.default_rng(1)
         n = args.uniform_len
@@ -221,11 +236,12 @@ def main() -> None:
                           behaviour_logprobs=np.zeros(n, np.float32), advantage=1.0) for _ in range(8)]
         plan = plan_micro_batches([n] * 8, max(args.budget, 8 * n))
         for variant in ["packed", *(["packed-no-entropy", "packed-no-entropy-pure-bf16"] if args.variants else [])]:
-            row = run_mode(variant, args, uniform, plan)
+            row = run_mode(variant, args, [(uniform, plan)])
             rows.append({**row, "mode": f"{variant}-uniform-8x{n}"})
         rows.append(hf_baseline(args, uniform))
     print(f"shape={args.shape} device={args.device} seqs={args.seqs} max_len={args.max_len} budget={args.budget} "
-          f"lengths: mean={np.mean(lengths):.0f} max={max(lengths)} total={sum(lengths)}")
+          f"lengths: mean={np.mean(lengths):.0f} max={max(lengths)} total={sum(lengths) // len(ragged)} per batch, "
+          + (f"a new batch every step ({len(ragged)})" if args.fresh else "one batch replayed"))
     print(f"{'mode':24} {'mbs':>4} {'real tok':>9} {'slots':>9} {'s/step':>8} {'tok/s':>10} {'TFLOP/s':>8}")
     for r in rows:
         print(f"{r['mode']:24} {r['micro_batches']:>4} {r['real_tokens']:>9} {r['padded_tokens']:>9} "
