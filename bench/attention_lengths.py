@@ -36,6 +36,7 @@ from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agentrl.engine import ragged
 from trainer.backend import varlen
 
 HEADS, GROUPS, DIM = 14, 2, 64
@@ -83,7 +84,7 @@ def sdp_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: obje
 def engine_prefill_choice(device: torch.device, no_cudnn: bool = False) -> str:
     """What SDPA picks for ``agentrl.engine.runner.gathered_sdpa``'s prefill call (boolean mask, GQA)."""
     q, k, v, mask = prefill_inputs(8, 300, device)
-    with sdpa_kernel(varlen.PER_SEQUENCE_BACKENDS) if no_cudnn else contextlib.nullcontext():
+    with sdpa_kernel(ragged.PER_SEQUENCE_BACKENDS) if no_cudnn else contextlib.nullcontext():
         return sdp_choice(q, k, v, attn_mask=mask)
 
 
@@ -109,7 +110,7 @@ def main() -> None:
     p.add_argument("--repeat", action="store_true", help="replay the first draw instead of new lengths")
     args = p.parse_args()
     device = torch.device(args.device)
-    if device.type != "cuda" or not varlen.varlen_available():
+    if device.type != "cuda" or not ragged.varlen_available():
         raise SystemExit("bench/attention_lengths.py needs CUDA and torch.nn.attention.varlen")
     rng = np.random.default_rng(0)
     draws = [draw(rng, args.tokens, args.median, args.cap) for _ in range(args.iterations + 1)]
@@ -158,7 +159,7 @@ def prefill_inputs(rows: int, length: int, device: torch.device) -> tuple[torch.
 def prefill(shape: tuple[int, int], layers: int, device: torch.device, no_cudnn: bool) -> float:
     """Seconds for ``layers`` masked SDPA calls of one prefill batch of ``shape`` = (rows, prompt length)."""
     q, k, v, mask = prefill_inputs(*shape, device)
-    ctx = sdpa_kernel(varlen.PER_SEQUENCE_BACKENDS) if no_cudnn else contextlib.nullcontext()
+    ctx = sdpa_kernel(ragged.PER_SEQUENCE_BACKENDS) if no_cudnn else contextlib.nullcontext()
     torch.cuda.synchronize(device)
     began = time.perf_counter()
     with torch.inference_mode(), ctx:

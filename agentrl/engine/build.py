@@ -59,7 +59,7 @@ def build_server(cfg: EngineConfig, *, nats_url: str | None = None) -> EngineSer
     pool = pool_tokens_for(cfg, context)
     kernel = None if cfg.decode_attention == "triton" else False  # None: the kernel where it runs (CUDA)
     runner = ModelRunner(loaded.model, cfg.max_running, context, pool, decode_kernel=kernel,
-                         fused_ops=None if cfg.fused_ops else False)
+                         fused_ops=None if cfg.fused_ops else False, ragged_prefill=cfg.prefill == "ragged")
     sizes = None
     if device.type == "cuda" and cfg.cuda_graph:
         sizes = runner.capture_cuda_graphs(cfg.cuda_graph_batch_sizes)

@@ -20,13 +20,16 @@ Supported: llama-family decoders (Qwen2, Qwen3, Llama, Mistral without sliding w
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from agentrl.engine.packed import PackedLayer, PackedLayers, packable
+from agentrl.engine.ragged import ragged_attention
 from agentrl.engine.triton_mode import interpreted
 from agentrl.errors import EngineError
 
@@ -105,6 +108,16 @@ class _Keys(NamedTuple):
     mask: torch.Tensor | None = None  # SDPA: [B, 1, Q, kv_len] key allowed
     table: torch.Tensor | None = None  # decode kernel: [B, context + 1] the rows' tables
     lens: torch.Tensor | None = None  # decode kernel: [B] int32 keys of each row (0: idle row)
+    ragged: Ragged | None = None  # ragged prefill (B = 1, one packed row): ``read`` is [keys] of all sequences
+
+
+class Ragged(NamedTuple):
+    """A ragged prefill's sequences: query and key counts, and their cumulative sums on the device."""
+
+    q_lens: list[int]
+    k_lens: list[int]
+    cu_q: torch.Tensor  # int32 [n + 1]
+    cu_k: torch.Tensor  # int32 [n + 1]
 
 
 class ScoreSpec(NamedTuple):
@@ -136,11 +149,13 @@ class ModelRunner:
 
     def __init__(
         self, model: Any, num_rows: int, context_length: int, pool_tokens: int, *, decode_kernel: bool | None = None,
-        fused_ops: bool | None = None,
+        fused_ops: bool | None = None, ragged_prefill: bool = True,
     ) -> None:
         """``decode_kernel``: decode attention by the Triton kernel; ``fused_ops``: residual add + RMSNorm, SiLU-and-mul
         and rotary + KV store by Triton kernels (:mod:`agentrl.engine.fused_ops`) instead of the HF modules. Both
-        default to on CUDA; True on CPU only under ``TRITON_INTERPRET=1`` (the interpreter, for tests)."""
+        default to on CUDA; True on CPU only under ``TRITON_INTERPRET=1`` (the interpreter, for tests).
+        ``ragged_prefill``: a prefill packs its chunks into one row (:meth:`_prefill_ragged`) instead of padding
+        each to the longest and masking."""
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise EngineError(
@@ -164,6 +179,7 @@ class ModelRunner:
         self.decode_kernel = self._kernel is not None
         self._ops = _fused_ops(self.device, fused_ops)
         self.fused_ops = self._ops is not None
+        self.ragged_prefill = ragged_prefill
         self._packable = packable(self.decoder)
         self._packed: PackedLayers | None = None
         self.kv: torch.Tensor | None = None
@@ -210,6 +226,8 @@ class ModelRunner:
         the float32 logits after each chunk's last token (``[len(rows), vocab]``) and, for each row ``b`` in
         ``score``, the scores (:class:`PromptScores`) of ``chunks[b][1:]`` under ``log_softmax(logits / T)``.
         """
+        if self.ragged_prefill:
+            return self._prefill_ragged(rows, chunks, starts, score or {})
         width = max(len(c) for c in chunks)
         ids = torch.zeros((len(chunks), width), dtype=torch.long)
         pos = torch.full((len(chunks), width), self.scratch, dtype=torch.long)
@@ -220,13 +238,39 @@ class ModelRunner:
         ids, pos, last = ids.to(self.device), pos.to(self.device), last.to(self.device)
         row_t = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
         kv_len = max(s + len(c) for s, c in zip(starts, chunks, strict=True))
-        hidden = self._forward(ids, pos, row_t, kv_len)
+        hidden = self._forward(ids, pos, self._keys(pos, row_t, kv_len))
         batch = torch.arange(len(chunks), device=self.device)
         scores = {
             b: self.score(hidden[b, : len(chunks[b]) - 1], ids[b, 1 : len(chunks[b])], spec)
             for b, spec in (score or {}).items()
         }
         return Prefill(self._logits(hidden[batch, last]), scores)
+
+    def _prefill_ragged(self, rows: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int],
+                        score: Mapping[int, ScoreSpec]) -> Prefill:
+        """:meth:`prefill` with every chunk's tokens in one packed row: no padding to the longest chunk, and each
+        chunk's queries attend only to its own sequence's keys (``ragged_attention``)."""
+        q_lens = [len(c) for c in chunks]
+        k_lens = [s + n for s, n in zip(starts, q_lens, strict=True)]
+        pos = np.concatenate([np.arange(s, k) for s, k in zip(starts, k_lens, strict=True)])
+        key_pos = np.concatenate([np.arange(k) for k in k_lens])
+        cu = np.zeros((2, len(chunks) + 1), dtype=np.int32)
+        np.cumsum(q_lens, out=cu[0, 1:])
+        np.cumsum(k_lens, out=cu[1, 1:])
+        host = {"ids": torch.as_tensor(np.fromiter(itertools.chain.from_iterable(chunks), np.int64, sum(q_lens))),
+                "pos": torch.from_numpy(pos), "q_rows": torch.from_numpy(np.repeat(np.asarray(rows), q_lens)),
+                "key_pos": torch.from_numpy(key_pos), "k_rows": torch.from_numpy(np.repeat(np.asarray(rows), k_lens)),
+                "cu": torch.from_numpy(cu)}
+        dev = {name: t.to(self.device, non_blocking=True) for name, t in host.items()}
+        ids, pos_t = dev["ids"].view(1, -1), dev["pos"].view(1, -1)
+        keys = _Keys(self.table[dev["q_rows"], dev["pos"]].view(1, -1), read=self.table[dev["k_rows"], dev["key_pos"]],
+                     ragged=Ragged(q_lens, k_lens, dev["cu"][0], dev["cu"][1]))
+        hidden = self._forward(ids, pos_t, keys)[0]  # [tokens, hidden]
+        first = cu[0, :-1].tolist()
+        scores = {b: self.score(hidden[first[b] : first[b] + q_lens[b] - 1], ids[0, first[b] + 1 : first[b] + q_lens[b]],
+                                spec) for b, spec in score.items()}
+        last = dev["cu"][0, 1:].long() - 1
+        return Prefill(self._logits(hidden[last]), scores)
 
     def score(self, hidden: torch.Tensor, targets: torch.Tensor, spec: ScoreSpec, chunk: int = 512) -> PromptScores:
         """Scores of ``targets`` under ``log_softmax(logits / T)``, ``chunk`` positions at a time (bounded memory)."""
@@ -273,7 +317,8 @@ class ModelRunner:
     def _decode_eager(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None) -> torch.Tensor:
         n = tokens.shape[0]
         rows = torch.arange(n, device=self.device)
-        hidden = self._forward(tokens.view(n, 1), positions.view(n, 1), rows, kv_len or self.scratch + 1)
+        pos = positions.view(n, 1)
+        hidden = self._forward(tokens.view(n, 1), pos, self._keys(pos, rows, kv_len or self.scratch + 1))
         return self._logits(hidden[:, 0])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -282,12 +327,11 @@ class ModelRunner:
             return self.model.lm_head(self._ops.fused_add_rmsnorm(hidden, None, norm.weight, norm.variance_epsilon)[0]).float()
         return self.model.lm_head(norm(hidden)).float()
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, keys: _Keys) -> torch.Tensor:
         if self.kv is None:
             raise EngineError("the KV cache is released (resume_memory_occupation first)")
         hidden = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(hidden, pos)  # [B, Q, head_dim]
-        keys = self._keys(pos, rows, kv_len)
         packed = self._packed_layers()
         if self._ops is not None:
             return self._fused_layers(hidden, cos, sin, keys, packed)
@@ -361,6 +405,11 @@ class ModelRunner:
             kv[1][keys.where] = v
         if self._kernel is not None and keys.lens is not None:
             out = self._kernel(q[:, :, 0], kv[0], kv[1], keys.table, keys.lens, attn.scaling).unsqueeze(2)
+        elif keys.ragged is not None:
+            assert keys.read is not None
+            r = keys.ragged
+            out = ragged_attention(q[0].transpose(0, 1).contiguous(), kv[0][keys.read], kv[1][keys.read], r.cu_q,
+                                   r.cu_k, r.q_lens, r.k_lens, attn.scaling).transpose(0, 1).unsqueeze(0)
         else:
             assert keys.read is not None and keys.mask is not None
             out = gathered_sdpa(q, kv[0], kv[1], keys.read, keys.mask, attn.scaling)

@@ -172,12 +172,13 @@ def test_flash_varlen_matches_per_sequence_sdpa_on_gpu(dtype: torch.dtype) -> No
     q, k, v match per-sequence causal SDPA (GQA, a sequence of length 1 included)."""
     import contextlib
 
+    from agentrl.engine import ragged
     from trainer.backend import varlen
 
     half = torch.bfloat16 if dtype == torch.float32 else dtype
     autocast = torch.autocast("cuda", torch.bfloat16) if dtype == torch.float32 else contextlib.nullcontext()
 
-    assert varlen.varlen_available(), "this PyTorch has no torch.nn.attention.varlen"
+    assert ragged.varlen_available(), "this PyTorch has no torch.nn.attention.varlen"
     lens = [37, 1, 300, 64, 5, 129]
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape = {"q": 14, "k": 2, "v": 2}  # Qwen2.5-0.5B's heads: 14 query, 2 key/value

@@ -19,53 +19,18 @@ It ignores ``attention_mask``: use it only for packed rows without padding (what
 from __future__ import annotations
 
 import functools
-from inspect import signature
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 from transformers import AttentionInterface
 
-__all__ = ["PER_SEQUENCE_BACKENDS", "VARLEN", "flash_varlen", "register", "sdpa_varlen_attention", "varlen_available"]
+from agentrl.engine.ragged import PER_SEQUENCE_BACKENDS, flash_varlen, varlen_available
+
+__all__ = ["VARLEN", "register", "sdpa_varlen_attention"]
 
 VARLEN = "sdpa_varlen"
-# per-sequence SDPA: every backend but cuDNN's, whose plan is built (slowly) for each new sequence length
-PER_SEQUENCE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-@functools.cache
-def varlen_available() -> bool:
-    """True when PyTorch ships the flash varlen attention and a GPU can run it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-@functools.cache
-def _varlen_kwargs() -> dict[str, Any]:
-    """Causal masking across torch versions: ``is_causal=True`` (2.9-2.12) or a (-1, 0) window (newer)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = signature(varlen_attn).parameters
-    kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    if "enable_gqa" in params:
-        kwargs["enable_gqa"] = True
-    return kwargs
-
-
-def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                 scale: float | None) -> torch.Tensor:
-    """Causal attention within each sequence of THD tensors ``q [T, heads, d]``, ``k``/``v`` ``[T, groups, d]``
-    (``cu_seqlens`` int32 on the device, ``[n + 1]``): one flash varlen launch."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, **_varlen_kwargs())
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _flash_dtype(query: torch.Tensor, dropout: float) -> torch.dtype | None:
     """The half dtype the flash varlen kernel would run in here (autocast's, as SDPA would cast to), or None."""
     if not query.is_cuda or dropout != 0.0 or not varlen_available():
@@ -115,7 +80,8 @@ def sdpa_varlen_attention(
     dtype = _flash_dtype(query, dropout)
     if dtype is not None:
         q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # [T, heads, d]
-        out = flash_varlen(q, k, v, _cu_seqlens(tuple(lens), query.device), max(lens), scaling)
+        cu = _cu_seqlens(tuple(lens), query.device)
+        out = flash_varlen(q, k, v, cu, cu, max(lens), max(lens), scaling)
         return out.unsqueeze(0), None
     return _per_sequence(query, key, value, lens, dropout, scaling), None
 

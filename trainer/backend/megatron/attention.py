@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
+from agentrl.engine.ragged import PER_SEQUENCE_BACKENDS, flash_varlen, varlen_available
 from trainer.backend.compiled_layers import grad_mode_invariant
 from trainer.backend.megatron._mcore import MCORE_ERROR
 from trainer.backend.megatron.thd import PackedBatch
-from trainer.backend.varlen import PER_SEQUENCE_BACKENDS, flash_varlen, varlen_available
 
 __all__ = ["VarlenAttention", "apply_rope", "fused_rope_qk", "resolve_kernel", "rope_qk", "varlen_available"]
 
@@ -83,7 +83,8 @@ def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: 
 
 
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedBatch, scale: float) -> torch.Tensor:
-    return flash_varlen(q, k, v, packed.cu_seqlens_q, packed.max_seqlen_q, scale)
+    cu, longest = packed.cu_seqlens_q, packed.max_seqlen_q
+    return flash_varlen(q, k, v, cu, cu, longest, longest, scale)
 
 
 class VarlenAttention(MegatronModule):

@@ -1,0 +1,54 @@
+"""Ragged attention (agentrl.engine.ragged): a query sees its own sequence's keys up to its own position."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from agentrl.engine import ragged
+
+Q_LENS, K_LENS = [3, 1, 7, 5], [3, 9, 7, 12]  # equal counts (a fresh prompt) and prefix continuations
+
+
+def _packed(dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(sum(Q_LENS), 4, 16, generator=gen, device=device, dtype=dtype)
+    k, v = (torch.randn(sum(K_LENS), 2, 16, generator=gen, device=device, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention written out: query i of a sequence with nq queries and nk keys is at position
+    nk - nq + i and sees keys 0..that position of its own sequence; GQA repeats each key head."""
+    out, qs, ks = [], 0, 0
+    for nq, nk in zip(Q_LENS, K_LENS, strict=True):
+        kk = k[ks : ks + nk].repeat_interleave(2, dim=1).float()
+        vv = v[ks : ks + nk].repeat_interleave(2, dim=1).float()
+        scores = torch.einsum("qhd,khd->hqk", q[qs : qs + nq].float(), kk) / math.sqrt(q.shape[-1])
+        allowed = torch.arange(nk)[None, :] <= (nk - nq + torch.arange(nq))[:, None]
+        scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv))
+        qs, ks = qs + nq, ks + nk
+    return torch.cat(out)
+
+
+def test_per_sequence_attention_matches_the_written_out_reference() -> None:
+    q, k, v = _packed(torch.float32, "cpu")
+    out = ragged.per_sequence(q, k, v, Q_LENS, K_LENS, None)
+    torch.testing.assert_close(out, _reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_varlen_aligns_the_causal_mask_to_the_bottom_right_on_gpu() -> None:
+    """The engine's ragged prefill continues cached prefixes: fewer queries than keys. The flash varlen kernel
+    must mask as the reference does (a top-left mask would hide most of the prefix)."""
+    assert ragged.varlen_available()
+    q, k, v = _packed(torch.bfloat16, "cuda")
+    cu_q = torch.tensor([0, *torch.tensor(Q_LENS).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, *torch.tensor(K_LENS).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    out = ragged.ragged_attention(q, k, v, cu_q, cu_k, Q_LENS, K_LENS, None)
+    torch.testing.assert_close(out.float(), _reference(q, k, v), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ragged.per_sequence(q, k, v, Q_LENS, K_LENS, None), rtol=2e-2, atol=2e-2)
