@@ -15,6 +15,7 @@ causal mask aligned to the bottom right. Two ways:
 from __future__ import annotations
 
 import functools
+import logging
 from inspect import signature
 from typing import Any
 
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["PER_SEQUENCE_BACKENDS", "flash_varlen", "per_sequence", "ragged_attention", "varlen_available"]
+
+log = logging.getLogger(__name__)
 
 # per-sequence SDPA: every backend but cuDNN's, whose plan is built (slowly) for each new sequence length
 PER_SEQUENCE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -78,7 +81,28 @@ def per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: list
 
 def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                      q_lens: list[int], k_lens: list[int], scale: float | None) -> torch.Tensor:
-    """:func:`flash_varlen` where it runs (CUDA, half precision), else :func:`per_sequence`."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_available():
+    """:func:`flash_varlen` where it runs (CUDA, half precision) and masks as :func:`per_sequence` does, else
+    :func:`per_sequence`."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_available() \
+            and (q_lens == k_lens or flash_aligns_bottom_right(q.device, q.dtype)):
         return flash_varlen(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), scale)
     return per_sequence(q, k, v, q_lens, k_lens, scale)
+
+
+@functools.cache
+def flash_aligns_bottom_right(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this PyTorch's flash varlen kernel aligns its causal mask to the bottom right when a sequence has
+    fewer queries than keys (a prefill continuing a cached prefix), checked once against :func:`per_sequence` on
+    a small input. The varlen API is young and has changed between releases; where it masks otherwise, prefixes
+    are attended to one sequence at a time instead (logged)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q_lens, k_lens = [3, 2], [7, 2]
+    q = torch.randn(sum(q_lens), 2, 64, generator=gen, device=device, dtype=dtype)
+    k, v = (torch.randn(sum(k_lens), 1, 64, generator=gen, device=device, dtype=dtype) for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0, n[0], sum(n)], dtype=torch.int32, device=device) for n in (q_lens, k_lens))
+    flash = flash_varlen(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), None).float()
+    ok = bool(torch.allclose(flash, per_sequence(q, k, v, q_lens, k_lens, None).float(), rtol=2e-2, atol=2e-2))
+    if not ok:
+        log.warning("torch.nn.attention.varlen does not align the causal mask to the bottom right in this "
+                    "PyTorch (%s): prefills that continue a cached prefix attend one sequence at a time", torch.__version__)
+    return ok
