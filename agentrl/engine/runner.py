@@ -11,8 +11,11 @@ recomputed here against a pool of keys/values shaped ``[layers, 2, pool_tokens +
 - a decode step runs over rows ``0..n-1``, so it has static shapes when ``n`` is one of a few bucket sizes
   (what CUDA graphs need; a captured step reads the whole table, indices included);
 - on CUDA a decode step's attention is :func:`~agentrl.engine.decode_attention.paged_decode_attention`, which
-  reads only each row's own keys (its length comes from its position, on the device); prefill, and every step
-  on CPU, gather the keys up to ``kv_len`` and run masked SDPA (:func:`gathered_sdpa`).
+  reads only each row's own keys (its length comes from its position, on the device); decode steps on CPU
+  gather the keys up to ``kv_len`` and run masked SDPA (:func:`gathered_sdpa`);
+- a prefill packs its chunks into one row and gathers each sequence's own keys for
+  :func:`~agentrl.engine.ragged.ragged_attention` (``ragged_prefill``, the default), or pads them to the longest
+  and runs :func:`gathered_sdpa`.
 
 Supported: llama-family decoders (Qwen2, Qwen3, Llama, Mistral without sliding window).
 """
