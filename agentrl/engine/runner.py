@@ -229,7 +229,7 @@ class ModelRunner:
         the float32 logits after each chunk's last token (``[len(rows), vocab]``) and, for each row ``b`` in
         ``score``, the scores (:class:`PromptScores`) of ``chunks[b][1:]`` under ``log_softmax(logits / T)``.
         """
-        if self.ragged_prefill:
+        if self.ragged_prefill and not self._nothing_to_unpad(chunks, starts):
             return self._prefill_ragged(rows, chunks, starts, score or {})
         width = max(len(c) for c in chunks)
         ids = torch.zeros((len(chunks), width), dtype=torch.long)
@@ -248,6 +248,12 @@ class ModelRunner:
             for b, spec in (score or {}).items()
         }
         return Prefill(self._logits(hidden[batch, last]), scores)
+
+    def _nothing_to_unpad(self, chunks: Sequence[Sequence[int]], starts: Sequence[int]) -> bool:
+        """Off CUDA, fresh prompts of one length run padded: nothing is padded there, so packing saves nothing, and
+        one SDPA call serves the batch instead of one per prompt (on CUDA one flash varlen launch does either)."""
+        return (self.device.type != "cuda" and not any(starts)
+                and len({len(c) for c in chunks}) == 1)
 
     def _prefill_ragged(self, rows: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int],
                         score: Mapping[int, ScoreSpec]) -> Prefill:
