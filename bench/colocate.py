@@ -21,8 +21,11 @@ master weights on a GPU, ``learner.precision``; AdamW, the PPO loss on packed mi
 :class:`~trainer.colocate.ColocatedDevice` (retract + release, onload, step, offload + empty cache, resume), and new
 weights by disk as the controller loads them (``export_hf``, then ``/update_weights_from_disk``), in both modes.
 
-The learner process is held to its share of the budget (``torch.cuda.set_per_process_memory_fraction``): side by
-side its measured peak (reserved memory), colocated the whole budget; the engine's KV pool is sized to what is left.
+What both modes hold all the time counts against the budget first: this process's CUDA context (measured before
+the learner loads) and the engine's memory besides its KV pool (weights, CUDA graphs, workspaces, its context;
+measured by starting an engine with a small pool, or ``--overhead-gb``). The learner process is held to its share
+(``torch.cuda.set_per_process_memory_fraction``): side by side its measured peak (reserved memory), colocated all
+the rest; the engine's KV pool is sized to what is left.
 
 Printed: seconds per iteration and per phase, KV positions each mode could afford, peak device memory used
 (whole device, both processes), and the ratio colocated / side by side.
@@ -378,7 +381,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per micro-batch (--learner bench)")
     p.add_argument("--tokens-per-micro-batch", type=int, default=8192, help="packing budget (--learner agentrl)")
     p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--overhead-gb", type=float, default=3.0, help="engine weights, CUDA graphs and context")
+    p.add_argument("--overhead-gb", type=float, default=0.0,
+                   help="the engine's memory besides its KV pool (weights, CUDA graphs, context); 0 = measured")
     p.add_argument("--learner", choices=["bench", "agentrl"], default="bench",
                    help="bench: an in-process bf16 model, weights by CUDA IPC; agentrl: the learner path of agentrl "
                         "run (TorchBackend, trainer.colocate, weights by disk)")
@@ -402,6 +406,29 @@ def learner_footprint(learner: Trainer, batch: list[list[int]], args: argparse.N
     return torch.cuda.max_memory_reserved() if args.device == "cuda" else 0
 
 
+def device_used() -> int:
+    """Bytes in use on the device by every process (0 without CUDA); creates this process's context first."""
+    if not torch.cuda.is_available():
+        return 0
+    torch.zeros(1, device="cuda")
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def engine_overhead(model: Path, per_token: int, args: argparse.Namespace, tmp: Path) -> float:
+    """What an engine holds on the device besides its KV pool (weights, CUDA graphs and their memory pool,
+    workspaces, its CUDA context): ``--overhead-gb`` when given, else measured by starting one with a small pool."""
+    if args.overhead_gb or args.device != "cuda":
+        return args.overhead_gb * GIB
+    small = 4 * (args.prompt_len + args.new_tokens)
+    before = device_used()
+    engine = Engine(model, small, args, tmp / "engine-overhead.log")
+    try:
+        return device_used() - before - small * per_token
+    finally:
+        engine.stop()
+
+
 def hold_learner_to(share: float, args: argparse.Namespace) -> None:
     """Cap this process's CUDA allocator (the learner's memory) at ``share`` bytes."""
     if args.device == "cuda":
@@ -418,16 +445,21 @@ def main() -> None:
     batches = [[[rng.randrange(10, vocab) for _ in range(args.prompt_len)] for _ in range(args.rollouts)]
                for _ in range(args.iterations + 1)]
 
+    baseline = device_used()  # this process's CUDA context (and anything else already on the device)
+    per_token = kv_bytes_per_token(model)
+    overhead = engine_overhead(model, per_token, args, tmp)
     learner: Trainer = Learner(model, args.micro_batch) if args.learner == "bench" else AgentrlLearner(
         model, args.tokens_per_micro_batch, args.device, tmp / "weights", colocated=False)
     learner_peak = learner_footprint(learner, batches[0], args)
-    per_token = kv_bytes_per_token(model)
     need = args.rollouts * (args.prompt_len + args.new_tokens)
     share = {"side by side": 1.05 * learner_peak}  # what the learner process may hold: its peak and some slack
-    budget = args.budget_gb * GIB or share["side by side"] + args.overhead_gb * GIB + need * per_token / 2
-    share["colocated"] = budget
-    kv = {"side by side": int((budget - share["side by side"] - args.overhead_gb * GIB) / per_token),
-          "colocated": int((budget - args.overhead_gb * GIB) / per_token)}
+    fixed = baseline + overhead  # held in both modes all the time
+    budget = args.budget_gb * GIB or fixed + share["side by side"] + need * per_token / 2
+    share["colocated"] = budget - fixed
+    kv = {"side by side": int((budget - fixed - share["side by side"]) / per_token),
+          "colocated": int((budget - fixed) / per_token)}
+    print(f"device memory held in both modes: {baseline / GIB:.2f} GiB before the learner (CUDA context), "
+          f"{overhead / GIB:.2f} GiB engine besides its KV pool ({'given' if args.overhead_gb else 'measured'})")
     results: dict[str, tuple[dict[str, float], int]] = {}
     peaks: dict[str, dict[str, int]] = {}
     for mode in ("side by side", "colocated"):

@@ -64,10 +64,10 @@ for p in "$@"; do
         --seqs 64 --max-len 4096 --budget 16384 --steps 2 --warmup 1 --unfused ;;
     colocate)
       part colocate-offload 60 python3 -m bench.offload --device cuda
-      part colocate-agentrl 200 python3 -m bench.colocate --learner agentrl --shape qwen2.5-0.5b --rollouts 512 \
+      part colocate-agentrl 250 python3 -m bench.colocate --learner agentrl --shape qwen2.5-0.5b --rollouts 512 \
         --prompt-len 256 --new-tokens 256 --iterations 2
       grep -E "learner steps|by phase" "$OUT/colocate-agentrl.log"
-      part colocate-bench 200 python3 -m bench.colocate --shape qwen2.5-0.5b --rollouts 512 --prompt-len 256 \
+      part colocate-bench 250 python3 -m bench.colocate --shape qwen2.5-0.5b --rollouts 512 --prompt-len 256 \
         --new-tokens 256 --iterations 2
       grep -E "learner steps|by phase" "$OUT/colocate-bench.log"
       part colocate-gpu-tests 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_colocate.py \
