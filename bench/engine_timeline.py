@@ -9,6 +9,8 @@ model of ``--shape``; C requests of ``--prompt-len`` random tokens and ``--new-t
   launches on). ``device span`` is the time between a step's two events on the device's clock; ``gap`` is the
   time from one step's end to the next one's start, where the device had nothing of the engine's queued: host
   time the overlap did not hide. span + gap over the steps is the round's device time line.
+- ``--served``: the engine's HTTP app serves the rounds, sent by a client in another process (as
+  ``bench.engine`` does), so the event loop also runs the server and the GIL is shared as in production;
 - ``torch.cuda.set_sync_debug_mode("warn")`` flags every synchronizing CUDA call (``.item()``, ``.tolist()``
   of a device tensor, pageable copies, ...); each is counted by the engine source line that made it.
 
@@ -29,21 +31,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import cProfile
+import functools
 import itertools
 import pstats
+import socket
 import sys
 import tempfile
 import time
 import traceback
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import torch
+from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -136,7 +143,8 @@ async def one_round(server: EngineServer, batch: list[list[int]], new_tokens: in
 
 
 async def measure(server: EngineServer, batch: list[list[int]], new_tokens: int, timeline: Timeline,
-                  sites: SyncSites, loop_profile: cProfile.Profile | None) -> tuple[float, int]:
+                  sites: SyncSites, loop_profile: cProfile.Profile | None,
+                  client: list[str] | None = None) -> tuple[float, int]:
     scheduler = server.scheduler
     submit, prefill = scheduler._submit, scheduler._prefill
     scheduler._submit = lambda step: submit(timeline.wrap(step))  # type: ignore[method-assign]
@@ -149,21 +157,68 @@ async def measure(server: EngineServer, batch: list[list[int]], new_tokens: int,
             timeline.kind = "decode"
 
     scheduler._prefill = prefill_marked  # type: ignore[method-assign]
-    scheduler.start()
-    try:
-        await one_round(server, batch, new_tokens)  # warm-up: graphs, kernels, allocator
+    async with rounds(server, client) as run_round:
+        await run_round(batch, new_tokens)  # warm-up: graphs, kernels, allocator
         before = scheduler.stats.decode_steps
         timeline.on = True
         with sites:
             if loop_profile is not None:
                 loop_profile.enable()
-            took = await one_round(server, batch, new_tokens)
+            took = await run_round(batch, new_tokens)
             if loop_profile is not None:
                 loop_profile.disable()
         timeline.on = False
         return took, scheduler.stats.decode_steps - before
+
+
+@contextlib.asynccontextmanager
+async def rounds(server: EngineServer, client: list[str] | None) -> AsyncIterator[Callable[..., Awaitable[float]]]:
+    """How a round runs: in process (``client`` None), or sent over HTTP to the engine's app on a free port by a
+    client process (``client``: its argv, to which the URL is appended)."""
+    if client is None:
+        server.scheduler.start()
+        try:
+            yield functools.partial(one_round, server)
+        finally:
+            await server.scheduler.stop()
+        return
+    runner = web.AppRunner(server.app(), access_log=None, handler_cancellation=True)
+    await runner.setup()  # its startup starts the scheduler
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    async def over_http(batch: list[list[int]], new_tokens: int) -> float:
+        proc = await asyncio.create_subprocess_exec(*client, f"http://127.0.0.1:{port}",
+                                                    stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"the client process exited with {proc.returncode}")
+        return float(out.decode().split()[-1])
+
+    try:
+        yield over_http
     finally:
-        await scheduler.stop()
+        await runner.cleanup()
+
+
+async def client_round(url: str, batch: list[list[int]], new_tokens: int) -> float:
+    """``--client``: send one round to ``url`` at once; prints (and returns) its seconds."""
+    sampling = {"max_new_tokens": new_tokens, "ignore_eos": True, "temperature": 1.0}
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
+
+        async def one(ids: list[int]) -> int:
+            async with s.post(url + "/generate", json={"input_ids": ids, "sampling_params": sampling}) as r:
+                return len((await r.json())["output_ids"])
+
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one(ids) for ids in batch))
+        took = time.perf_counter() - start
+    assert all(n == new_tokens for n in counts), counts
+    print(f"{took:.6f}", flush=True)
+    return took
 
 
 def main() -> None:
@@ -176,22 +231,29 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=None, help="256 on CUDA, 16 on CPU")
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="top N functions of each thread (cProfile)")
+    p.add_argument("--served", action="store_true", help="rounds over HTTP from a client process")
+    p.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the client process of --served
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     shape = args.shape or ("qwen2.5-0.5b" if cuda else "small")
     c, new = args.concurrency or (256 if cuda else 16), args.new_tokens or (256 if cuda else 16)
+    batch = prompts(c, args.prompt_len, min(SHAPES[shape].vocab_size, 50_000), seed=c)
+    if args.client:
+        asyncio.run(client_round(args.client, batch, new))
+        return
+    client = [sys.executable, "-m", "bench.engine_timeline", "--shape", shape, "--concurrency", str(c),
+              "--prompt-len", str(args.prompt_len), "--new-tokens", str(new), "--client"] if args.served else None
     model = init_model(Path(tempfile.mkdtemp(prefix="agentrl-timeline-")) / "model", SHAPES[shape])
     cfg = {"model": str(model), "device": args.device, "dtype": args.dtype, "max_running": c,
            "context_length": max(args.prompt_len + new + 8, 128), "prefix_cache": False,
            "overlap_schedule": not args.no_overlap, "freeze_gc": False}
     server = build_server(msgspec.convert(cfg, EngineConfig))
-    batch = prompts(c, args.prompt_len, min(SHAPES[shape].vocab_size, 50_000), seed=c)
     profiles = profilers(args.profile > 0)
     timeline, sites = Timeline(cuda, profiles[0]), SyncSites()
-    took, steps = asyncio.run(measure(server, batch, new, timeline, sites, profiles[1]))
+    took, steps = asyncio.run(measure(server, batch, new, timeline, sites, profiles[1], client))
     d, pre = timeline.summary("decode"), timeline.summary("prefill")
     print(f"shape={shape} device={args.device} C={c} prompt={args.prompt_len} new={new} "
-          f"overlap={not args.no_overlap}")
+          f"overlap={not args.no_overlap} {'served over HTTP' if args.served else 'in process'}")
     print(f"round: {c * new / took:,.0f} tok/s, {1000 * took / max(steps, 1):.2f} ms wall per decode step "
           f"({steps} decode steps, {int(pre['steps'])} prefill steps)")
     print(f"model thread: {d['host_ms']:.2f} ms host time per decode step, {pre['host_ms']:.2f} ms per prefill step")

