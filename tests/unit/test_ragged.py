@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +58,40 @@ def test_flash_varlen_aligns_the_causal_mask_to_the_bottom_right_on_gpu() -> Non
     torch.testing.assert_close(out.float(), _reference(q, k, v), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out, ragged.per_sequence(q, k, v, Q_LENS, K_LENS, None), rtol=2e-2, atol=2e-2)
     assert ragged.flash_aligns_bottom_right(q.device, q.dtype)  # so the engine's prefill takes the kernel
+
+
+def _fused_runner_diffs(model_dir: str) -> dict[str, float]:
+    """Run in a subprocess under Triton's interpreter: the runner with the fused ops (the GPU default) prefills
+    fresh prompts and then continues two of them, ragged and padded; each way's distance to the HF forward pass."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from agentrl.engine.runner import ModelRunner
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows, chunks = [0, 1, 2], [[5, 17, 33, 99, 100, 7, 8], [8, 9, 10], [11, 12, 13, 14, 15]]
+    with torch.no_grad():
+        hf = [model(torch.tensor([c])).logits[0, -1] for c in (*chunks, chunks[0] + [3, 4], chunks[2] + [6])]
+    out = {}
+    for ragged_prefill in (True, False):
+        runner = ModelRunner(model, 4, 64, 300, fused_ops=True, decode_kernel=False, ragged_prefill=ragged_prefill)
+        assert runner.fused_ops
+        runner.set_rows(rows, [np.arange(r * 64, r * 64 + 64) for r in rows])
+        first = runner.prefill(rows, chunks, [0, 0, 0]).logits
+        more = runner.prefill([0, 2], [[3, 4], [6]], [7, 5]).logits  # continued from the cached prefixes
+        got = torch.cat([first, more])
+        out["ragged" if ragged_prefill else "padded"] = float((got - torch.stack(hf)).abs().max())
+    return out
+
+
+def test_ragged_prefill_with_the_fused_ops_matches_hf_under_the_interpreter(tiny_model_dir: Path) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, __file__, str(tiny_model_dir)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    diffs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert diffs["ragged"] < 1e-4 and diffs["padded"] < 1e-4, diffs
+
+
+if __name__ == "__main__":
+    print(json.dumps(_fused_runner_diffs(sys.argv[1])))
