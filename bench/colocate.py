@@ -67,7 +67,7 @@ from trainer.backend.host_stash import HostStash
 from trainer.backend.torch_backend import TorchBackend, build_torch_backend
 from trainer.colocate import ColocatedDevice
 from trainer.losses import ppo_loss
-from trainer.metrics import Phases
+from trainer.metrics import Phases, StepCounters
 from trainer.packing import Sample, pack, plan_micro_batches
 
 GIB = 2**30
@@ -82,16 +82,11 @@ class StepLog:
         self.steps: dict[str, list[tuple[float, int, int, int]]] = {}
 
     @staticmethod
-    def counters() -> tuple[int, int, int]:
-        from torch._dynamo.utils import counters
+    def counters() -> StepCounters:
+        return StepCounters.now()
 
-        stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
-        return (int(stats.get("num_alloc_retries", 0)), int(stats.get("num_device_alloc", 0)),
-                int(counters["stats"]["unique_graphs"]))
-
-    def record(self, seconds: float, before: tuple[int, int, int]) -> None:
-        after = self.counters()
-        self.steps.setdefault(self.mode, []).append((seconds, *(a - b for a, b in zip(after, before, strict=True))))
+    def record(self, seconds: float, before: StepCounters) -> None:
+        self.steps.setdefault(self.mode, []).append((seconds, *StepCounters.now().since(before)))
 
     def line(self, mode: str) -> str:
         rows = self.steps.get(mode, [])

@@ -86,7 +86,9 @@ for p in "$@"; do
       python3 -c 'import json, pathlib, sys
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*/learner_metrics.jsonl")):
     for r in map(json.loads, f.read_text().splitlines()):
-        print(f.parent.name, r["step"], r["learner/batch/tokens"], "tokens", round(r["learner/time/train"], 2), "s train")' \
+        print(f.parent.name, r["step"], r["learner/batch/tokens"], "tokens", round(r["learner/time/train"], 2), "s train",
+              *(k.split("/")[-1] + " " + str(int(r.get(k, 0))) for k in ("learner/perf/compiled_graphs",
+                "learner/perf/alloc_retries", "learner/perf/cuda_mallocs")))' \
         "$OUT/async" ;;
     attention)
       part attention-fresh 150 python3 bench/attention_lengths.py --device cuda

@@ -36,7 +36,7 @@ from trainer.batching import Batch, GroupBuffer, GroupFilter, Received, TrainIte
 from trainer.checkpoint import Checkpointer, LearnerState, StepRecord
 from trainer.colocate import DedicatedDevice, DeviceTurns
 from trainer.losses import LossFn
-from trainer.metrics import MetricsSink, Phases
+from trainer.metrics import MetricsSink, Phases, StepCounters
 from trainer.packing import MicroBatch, Sample, pack, plan_micro_batches
 from trainer.weights import WeightSink
 
@@ -217,7 +217,7 @@ class Learner:
 
     def train(self, batch: Batch) -> StepResult:
         """Advantages → packed micro-batches → ``minibatches`` optimizer steps (runs in a worker thread)."""
-        start = time.perf_counter()
+        start, counters = time.perf_counter(), StepCounters.now()
         parts = build_minibatches(batch, self.advantage, self.cfg.batch.max_tokens_per_micro_batch,
                                   self.cfg.minibatches)
         if len(parts) > 1 and self.cfg.loss.proximal:
@@ -225,6 +225,7 @@ class Learner:
                 mb.proximal_logprobs = self.backend.logprobs(mb)  # the pre-update policy, for every step
         result = merge_results([self.backend.train_step(part, self.loss_fn, self.cfg.loss) for part in parts])
         result.metrics["learner/perf/tokens_per_s"] = result.tokens / max(time.perf_counter() - start, 1e-9)
+        result.metrics.update(StepCounters.now().since(counters).as_metrics())
         return result
 
     def _done(self, state: LearnerState) -> bool:

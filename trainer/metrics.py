@@ -10,15 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from agentrl.messages import Event
 from agentrl.tracking import Tracking
 
-__all__ = ["EventSink", "MetricsSink", "Phases", "step_line"]
+__all__ = ["EventSink", "MetricsSink", "Phases", "StepCounters", "step_line"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,31 @@ class Phases:
 
     def as_metrics(self) -> dict[str, float]:
         return {f"learner/time/{k}": v for k, v in self.seconds.items()}
+
+
+class StepCounters(NamedTuple):
+    """Process-wide counters whose growth over a step explains a slow one: the CUDA caching allocator's retries
+    (it ran out and freed its cache to try again) and device allocations (cudaMalloc calls), and the graphs
+    torch.compile has built (a recompile costs seconds)."""
+
+    alloc_retries: int
+    cuda_mallocs: int
+    compiled_graphs: int
+
+    @classmethod
+    def now(cls) -> StepCounters:
+        import torch
+
+        stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+        dynamo = sys.modules.get("torch._dynamo.utils")  # not imported: nothing was compiled (and no import cost)
+        graphs = int(dynamo.counters["stats"]["unique_graphs"]) if dynamo is not None else 0
+        return cls(int(stats.get("num_alloc_retries", 0)), int(stats.get("num_device_alloc", 0)), graphs)
+
+    def since(self, before: StepCounters) -> StepCounters:
+        return StepCounters(*(a - b for a, b in zip(self, before, strict=True)))
+
+    def as_metrics(self) -> dict[str, float]:
+        return {f"learner/perf/{k}": float(v) for k, v in self._asdict().items()}
 
 
 def step_line(step: int, values: dict[str, Any]) -> str:

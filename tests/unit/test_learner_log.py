@@ -41,3 +41,18 @@ async def test_the_learner_turns_off_transformers_progress_bars(tmp_path: Path, 
         await main.serve_learner(RunConfig(dir=str(tmp_path / "run")), None)
     assert not transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.enable_progress_bar()
+
+
+def test_step_counters_count_the_graphs_torch_compile_builds() -> None:
+    """A learner step's metrics say when it recompiled (or, on a GPU, reallocated): what makes one step slow."""
+    import torch
+
+    from trainer.metrics import StepCounters
+
+    before = StepCounters.now()
+    fn = torch.compile(lambda x: x.sin() * 3, dynamic=False)
+    fn(torch.ones(3))
+    fn(torch.ones(5))  # a new static shape: a second graph
+    grew = StepCounters.now().since(before)
+    assert grew.compiled_graphs == 2 and grew.alloc_retries == 0
+    assert grew.as_metrics()["learner/perf/compiled_graphs"] == 2.0
