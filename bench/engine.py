@@ -89,31 +89,42 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
 
 
-async def engine_tokens_per_s(url: str, batch: list[list[int]], new_tokens: int) -> float:
-    sampling = {"max_new_tokens": new_tokens, "ignore_eos": True, "temperature": 1.0}
+def client_session() -> aiohttp.ClientSession:
+    """A session that keeps every request of a round in flight at once."""
     conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
+    return aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600))
 
-        async def one(ids: list[int]) -> int:
-            async with s.post(url + "/generate", json={"input_ids": ids, "sampling_params": sampling}) as r:
-                body = await r.json()
-                return len(body["output_ids"])
 
-        await asyncio.gather(*(one(ids) for ids in batch))  # warm-up at the same concurrency
+async def timed_round(s: aiohttp.ClientSession, url: str, batch: list[list[int]], new_tokens: int) -> float:
+    """Send every prompt of ``batch`` to ``/generate`` at once (``new_tokens`` each, ``ignore_eos``); the round's
+    seconds, from the first request sent to the last reply."""
+    sampling = {"max_new_tokens": new_tokens, "ignore_eos": True, "temperature": 1.0}
+
+    async def one(ids: list[int]) -> int:
+        async with s.post(url + "/generate", json={"input_ids": ids, "sampling_params": sampling}) as r:
+            return len((await r.json())["output_ids"])
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(ids) for ids in batch))
+    took = time.perf_counter() - start
+    assert all(c == new_tokens for c in counts), counts
+    return took
+
+
+async def engine_tokens_per_s(url: str, batch: list[list[int]], new_tokens: int) -> float:
+    async with client_session() as s:
+        await timed_round(s, url, batch, new_tokens)  # warm-up at the same concurrency
         runs = []
         for _ in range(2):  # keep the faster of two runs, as for the baseline
             before = await server_stats(s, url)
-            start = time.perf_counter()
-            counts = await asyncio.gather(*(one(ids) for ids in batch))
-            took = time.perf_counter() - start
-            assert all(c == new_tokens for c in counts), counts
+            took = await timed_round(s, url, batch, new_tokens)
             runs.append((took, before, await server_stats(s, url)))
     elapsed, before, after = min(runs, key=lambda r: r[0])
     steps = after["decode_steps"] - before["decode_steps"]
     model_ms = 1000 * (after["decode_time_s"] - before["decode_time_s"]) / max(steps, 1)
     print(f"  C={len(batch)}: {steps} decode steps, {model_ms:.2f} ms/step on the model thread, "
           f"{1000 * elapsed / max(steps, 1):.2f} ms/step wall, prefill {after['prefill_time_s'] - before['prefill_time_s']:.2f} s")
-    return sum(counts) / elapsed
+    return len(batch) * new_tokens / elapsed  # every reply had new_tokens (checked)
 
 
 async def server_stats(s: aiohttp.ClientSession, url: str) -> dict[str, float]:

@@ -47,7 +47,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 import torch
 from aiohttp import web
@@ -59,7 +58,7 @@ from agentrl.engine.build import build_server
 from agentrl.engine.request import Request, RequestOptions
 from agentrl.engine.server import EngineServer
 from agentrl.engine.tiny import init_model
-from bench.engine import SHAPES, prompts
+from bench.engine import SHAPES, client_session, prompts, timed_round
 
 
 class Timeline:
@@ -205,18 +204,8 @@ async def rounds(server: EngineServer, client: list[str] | None) -> AsyncIterato
 
 async def client_round(url: str, batch: list[list[int]], new_tokens: int) -> float:
     """``--client``: send one round to ``url`` at once; prints (and returns) its seconds."""
-    sampling = {"max_new_tokens": new_tokens, "ignore_eos": True, "temperature": 1.0}
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
-
-        async def one(ids: list[int]) -> int:
-            async with s.post(url + "/generate", json={"input_ids": ids, "sampling_params": sampling}) as r:
-                return len((await r.json())["output_ids"])
-
-        start = time.perf_counter()
-        counts = await asyncio.gather(*(one(ids) for ids in batch))
-        took = time.perf_counter() - start
-    assert all(n == new_tokens for n in counts), counts
+    async with client_session() as s:
+        took = await timed_round(s, url, batch, new_tokens)
     print(f"{took:.6f}", flush=True)
     return took
 

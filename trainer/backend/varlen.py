@@ -31,6 +31,8 @@ from agentrl.engine.ragged import PER_SEQUENCE_BACKENDS, flash_varlen, varlen_av
 __all__ = ["VARLEN", "register", "sdpa_varlen_attention"]
 
 VARLEN = "sdpa_varlen"
+
+
 def _flash_dtype(query: torch.Tensor, dropout: float) -> torch.dtype | None:
     """The half dtype the flash varlen kernel would run in here (autocast's, as SDPA would cast to), or None."""
     if not query.is_cuda or dropout != 0.0 or not varlen_available():
