@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from agentrl.engine.chunked import prefill_in_pieces
 from agentrl.engine.kv_cache import KVCache
 from agentrl.engine.logits import RowLogits, apply_logits
 from agentrl.engine.request import Request, Tokenizer
@@ -128,7 +129,7 @@ class Scheduler:
         self.max_running = min(max_running, runner.num_rows)
         self.drain_for_weights = drain_for_weights  # a weight update waits for the running requests (SGLang)
         self.max_queued = max_queued
-        self.max_prefill_tokens = max_prefill_tokens  # new prompt tokens per prefill step (bounds its memory)
+        self.max_prefill_tokens = max_prefill_tokens  # new prompt tokens per prefill forward pass (bounds its memory)
         self.weight_version = weight_version
         self.waiting_timeout_s = waiting_timeout_s
         self.running_timeout_s = running_timeout_s
@@ -432,7 +433,7 @@ class Scheduler:
 
         def step() -> tuple[Sampled, Prefill]:
             self._flush_rows()
-            out = self.runner.prefill(rows, chunks, starts, score=score)
+            out = prefill_in_pieces(self.runner.prefill, rows, chunks, starts, score, self.max_prefill_tokens)
             return sample(apply_logits(out.logits, processing), params, fused=self.fused_sampling), out
 
         sampled, out = await self._timed(step, decode=False)

@@ -73,3 +73,29 @@ def test_prompt_logprobs_match_hf(model) -> None:  # type: ignore[no-untyped-def
     assert torch.equal(scores.top_ids, logp.topk(3).indices)
     assert (scores.top_values - logp.topk(3).values).abs().max() < 1e-4
     assert (scores.ids_logprobs - logp[:, [4, 9]]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("ragged", [True, False])
+def test_prefill_in_pieces_matches_one_pass(model, ragged: bool) -> None:  # type: ignore[no-untyped-def]
+    """Chunked prefill: a 13-token prompt fed 4 tokens at a time gives one pass's logits and prompt scores, and
+    no forward pass sees more than 4 new tokens."""
+    from agentrl.engine.chunked import prefill_in_pieces
+
+    runner = ModelRunner(model, num_rows=3, context_length=64, pool_tokens=64, ragged_prefill=ragged)
+    ids, other = [5, 17, 33, 99, 100, 7, 8, 40, 41, 2, 9, 11, 60], [3, 4, 5]
+    runner.set_rows([0, 1, 2], [positions((0, 20)), positions((20, 40)), positions((40, 60))])
+    spec = ScoreSpec(0.7, top_k=2, token_ids=(4, 9))
+    whole = runner.prefill([0, 2], [ids, other], [0, 0], score={0: spec})
+    widths: list[int] = []
+
+    def spy(rows, chunks, starts, *, score=None):  # type: ignore[no-untyped-def]
+        widths.append(sum(len(c) for c in chunks))
+        return runner.prefill(rows, chunks, starts, score=score)
+
+    pieces = prefill_in_pieces(spy, [1, 2], [ids, other], [0, 0], {0: spec}, limit=4)
+    assert max(widths) <= 4 and len(widths) > 4
+    assert (pieces.logits - whole.logits).abs().max() < 1e-4
+    got, ref = pieces.prompt_logprobs[0], whole.prompt_logprobs[0]
+    assert got.logprobs.shape == (len(ids) - 1,)
+    for a, b in zip(got, ref, strict=True):
+        assert a is not None and b is not None and (a.float() - b.float()).abs().max() < 1e-4

@@ -206,3 +206,13 @@ async def test_waiting_timeout_finishes_with_an_error_status() -> None:
     finally:
         await scheduler.stop()
     assert req.error_status == 503 and "waiting timeout" in req.finish_reason["message"]  # type: ignore[index]
+
+
+async def test_a_prompt_over_the_prefill_budget_is_prefilled_in_pieces() -> None:
+    runner = FakeRunner(num_rows=2)
+    scheduler = scheduler_for(runner, max_prefill_tokens=10)
+    long, short = make(25, 2), make(4, 2, first=3)
+    await run_all(scheduler, [long, short])
+    assert runner.prefill_batches[:3] == [[10], [10], [5]]  # no overlap: nothing asked for prompt logprobs
+    assert long.output_ids == [25 % VOCAB, 26 % VOCAB] and short.output_ids == [4 % VOCAB, 5 % VOCAB]
+    assert max(sum(b) for b in runner.prefill_batches) <= 10
