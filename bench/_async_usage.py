@@ -3,8 +3,10 @@
 The window runs from one ``BatchTaken`` (the learner's step ``first`` taking its batch) to a later one (step
 ``last``). What each side did in it comes from what the actors already publish, no extra plumbing:
 
-- the engine: ``GET /get_server_info`` counters (``decode_time_s`` + ``prefill_time_s``: wall time of forward
-  passes on the model thread; ``generated_tokens``), read when each ``BatchTaken`` arrives;
+- the engine: ``GET /get_server_info`` counters (``active_time_s``: wall time of scheduler iterations that ran a
+  forward step; engines without it, ``decode_time_s`` + ``prefill_time_s``, the model thread's time, which with
+  overlapped decode is only the host's share of each step; ``generated_tokens``), read when each ``BatchTaken``
+  arrives;
 - the learner: its per-step metrics (``learner_metrics.jsonl``: ``learner/time/<phase>`` seconds of the step's
   ``wait`` for a batch, ``train``, ``publish`` of the new weights and ``checkpoint``). The learner loop is
   sequential, so the window holds the train, publish and checkpoint phases of steps ``first .. last - 1`` and
@@ -24,7 +26,7 @@ __all__ = ["EngineCounters", "engine_usage", "learner_usage", "read_metrics"]
 
 @dataclass(frozen=True)
 class EngineCounters:
-    """The engine's cumulative busy seconds (decode + prefill on the model thread) and generated tokens."""
+    """The engine's cumulative busy seconds and generated tokens."""
 
     busy_s: float
     generated: int
@@ -34,10 +36,11 @@ class EngineCounters:
         """From a ``/get_server_info`` reply; None when it lacks the counters (another engine, e.g. SGLang)."""
         states = info.get("internal_states") if isinstance(info, dict) else None
         state = states[0] if isinstance(states, list) and states and isinstance(states[0], dict) else {}
-        values = [state.get(k) for k in ("decode_time_s", "prefill_time_s", "generated_tokens")]
-        if not all(isinstance(v, int | float) for v in values):
+        generated, active = state.get("generated_tokens"), state.get("active_time_s")
+        parts = [state.get("decode_time_s"), state.get("prefill_time_s")] if active is None else [active]
+        if not all(isinstance(v, int | float) for v in (generated, *parts)):
             return None
-        return cls(busy_s=float(values[0]) + float(values[1]), generated=int(values[2]))  # type: ignore[arg-type]
+        return cls(busy_s=sum(float(v) for v in parts), generated=int(generated))  # type: ignore[arg-type,misc]
 
 
 def engine_usage(start: EngineCounters | None, end: EngineCounters | None, seconds: float) -> dict[str, float]:

@@ -92,6 +92,7 @@ class SchedulerStats:
     overlapped_steps: int = 0  # decode steps launched before the previous step's tokens were committed
     steady_steps: int = 0  # overlapped steps whose inputs advanced the previous step's (an unchanged batch)
     prefill_time_s: float = 0.0
+    active_time_s: float = 0.0  # wall time of scheduler iterations that ran a forward step (the engine's busy time)
     generated_tokens: int = 0
     prompt_tokens: int = 0  # prompt tokens of admitted requests (what prefill would cost without the cache)
     prefilled_tokens: int = 0  # prompt tokens actually computed
@@ -254,7 +255,7 @@ class Scheduler:
                 self._expire()
                 continue
             try:
-                await self._iteration()
+                await self._counted_iteration()
             except Exception as exc:  # a failed step fails its requests, never the server
                 log.exception("engine step failed")
                 await self._abandon()
@@ -287,6 +288,14 @@ class Scheduler:
         ):
             return True  # weight updates, retractions and aborts are served while paused too
         return not self.paused and not self.released and bool(self.waiting or self.running)
+
+    async def _counted_iteration(self) -> None:
+        """An iteration; its wall time counts as active when it ran a forward step (with overlapped decode the model
+        thread's time is only the host's share of a step, so the busy fraction comes from here)."""
+        steps, start = self.stats.steps, time.perf_counter()
+        await self._iteration()
+        if self.stats.steps != steps:
+            self.stats.active_time_s += time.perf_counter() - start
 
     async def _iteration(self) -> None:
         if self._inflight is not None and self._must_drain():

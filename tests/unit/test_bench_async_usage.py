@@ -16,6 +16,9 @@ def test_engine_counters_from_server_info() -> None:
     assert EngineCounters.from_info(info(1.5, 0.5, 300)) == EngineCounters(busy_s=2.0, generated=300)
     assert EngineCounters.from_info({"internal_states": [{"num_running_reqs": 3}]}) is None  # e.g. SGLang
     assert EngineCounters.from_info("not a dict") is None
+    active = {"internal_states": [{"decode_time_s": 0.1, "prefill_time_s": 0.1, "active_time_s": 3.0,
+                                   "generated_tokens": 7}]}
+    assert EngineCounters.from_info(active) == EngineCounters(busy_s=3.0, generated=7)  # the wall-time counter wins
 
 
 def test_engine_usage_is_the_counters_delta_over_wall_time() -> None:

@@ -216,3 +216,23 @@ async def test_a_prompt_over_the_prefill_budget_is_prefilled_in_pieces() -> None
     assert runner.prefill_batches[:3] == [[10], [10], [5]]  # no overlap: nothing asked for prompt logprobs
     assert long.output_ids == [25 % VOCAB, 26 % VOCAB] and short.output_ids == [4 % VOCAB, 5 % VOCAB]
     assert max(sum(b) for b in runner.prefill_batches) <= 10
+
+
+async def test_active_time_counts_the_iterations_that_ran_a_step_and_not_idle_time() -> None:
+    import time
+
+    class SlowRunner(FakeRunner):
+        def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+            time.sleep(0.005)
+            return super().decode(tokens, positions, kv_len)
+
+    scheduler = scheduler_for(SlowRunner(num_rows=2))
+    start = time.perf_counter()
+    await run_all(scheduler, [make(4, 10)], stop=False)
+    await asyncio.sleep(0.05)  # the overlapped step in flight when the request finished completes
+    elapsed = time.perf_counter() - start
+    active = scheduler.stats.active_time_s
+    assert scheduler.stats.decode_time_s <= active <= elapsed and active >= 9 * 0.005
+    await asyncio.sleep(0.1)  # idle: nothing runs, nothing counts
+    assert scheduler.stats.active_time_s == active
+    await scheduler.stop()
