@@ -30,6 +30,8 @@
 #   prefill    the engine's ragged prefill (prompts packed into one row, flash varlen) on the GPU: its test
 #              (bottom-right causal mask), engine --check, ragged vs padded (bench/prefill.py), and the
 #              engine at C=512 x 1,024 with it (issue 18)                                                  ~250
+#   publish    a weights version to disk phase by phase at 0.5B: export, the serial sha256 vs digest_dir's
+#              parallel blocks, the whole write (bench/publish.py)                                        ~40
 #   timeline   the served decode step between device and host: device span vs idle gap per step and the host
 #              syncs the engine makes (bench/engine_timeline.py; C 256 overlapped and not, C 512; C 512 x 1,024
 #              in process and served over HTTP, and a served profile of both threads); the fused sampler vs
@@ -90,6 +92,9 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*/learner_metrics.jsonl")):
               *(k.split("/")[-1] + " " + str(int(r.get(k, 0))) for k in ("learner/perf/compiled_graphs",
                 "learner/perf/alloc_retries", "learner/perf/cuda_mallocs")))' \
         "$OUT/async" ;;
+    publish)
+      part publish 120 python3 bench/publish.py --shape qwen2.5-0.5b --device cuda --dtype bfloat16
+      grep -vE "Writing|Warn" "$OUT/publish.log" ;;
     attention)
       part attention-fresh 150 python3 bench/attention_lengths.py --device cuda
       part attention-repeat 150 python3 bench/attention_lengths.py --device cuda --repeat
@@ -161,6 +166,6 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*/learner_metrics.jsonl")):
     fusedops)
       part fusedops-bench 150 python3 bench/fused_ops.py --device cuda
       part fusedops-gpu-tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_fused_ops.py ;;
-    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, attention, prefill, engine, engine-profile, recheck, timeline, decodeattn, fusedops)"; exit 2 ;;
+    *) echo "unknown part $p (megatron, colocate, kernelgen, nccl, async, attention, prefill, engine, engine-profile, recheck, timeline, decodeattn, fusedops, publish)"; exit 2 ;;
   esac
 done

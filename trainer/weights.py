@@ -14,6 +14,8 @@ import hashlib
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -41,17 +43,34 @@ class BlobStore(Protocol):
     async def put_blob(self, name: str, data: bytes | str | Path) -> int: ...
 
 
-def digest_dir(path: Path) -> tuple[str, int]:
-    """``(sha256, nbytes)`` over every file of ``path`` in sorted relative-name order (name, NUL, bytes)."""
-    h = hashlib.sha256()
-    total = 0
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-                total += len(chunk)
+DIGEST_BLOCK = 1 << 24  # bytes of a file hashed as one block
+
+
+def digest_dir(path: Path, *, workers: int | None = None) -> tuple[str, int]:
+    """``(digest, nbytes)`` of every file of ``path``: a sha256 over, file by file in sorted relative-name order,
+    the name, a NUL, the size (8 bytes, little-endian) and the sha256 of each 16 MiB block of the file's bytes.
+    Blocks are hashed on ``workers`` threads at once (hashlib releases the GIL): a serial sha256 of a 0.5B model's
+    1 GB ran at ~1.6 GB/s, a large share of publishing a version."""
+    h, total = hashlib.sha256(), 0
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                h.update(f.relative_to(path).as_posix().encode() + b"\0" + size.to_bytes(8, "little"))
+                for block in pool.map(partial(_block_digest, fd, size), range(0, size, DIGEST_BLOCK)):
+                    h.update(block)
+            finally:
+                os.close(fd)
+            total += size
     return h.hexdigest(), total
+
+
+def _block_digest(fd: int, size: int, offset: int) -> bytes:
+    data = os.pread(fd, DIGEST_BLOCK, offset)
+    if len(data) != min(DIGEST_BLOCK, size - offset):
+        raise OSError(f"short read at offset {offset} of a weights file")
+    return hashlib.sha256(data).digest()
 
 
 class DiskWeightSink:
