@@ -18,7 +18,8 @@ before every weight update (``--weight-update drain``, as SGLang does), ``drain-
 ``drain-eta2-april`` (in-flight requests aborted at each update, resumed at once token for token).
 
 Besides the speedup, each actor's utilisation over the same window (:mod:`bench._async_usage`): the engine's busy
-fraction (decode + prefill time on its model thread over wall time, from ``/get_server_info``) and output
+fraction (``active_time_s`` from ``/get_server_info``: wall time of scheduler iterations that ran a forward step,
+over wall time) and output
 tokens/s, and the learner's fractions of wall time training, waiting for a batch and publishing weights (its
 per-step ``learner/time/*`` metrics).
 
@@ -325,7 +326,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         print(f"| {r['setting'].name} | {r['per_traj_ms']:.0f} | {speedup} | {r['busy']:.0%} | "
               f"{r['trained_max']} (bound {r['setting'].eta}) | {masked:.1%} | {r['aborted']} | {r['resumed']} |")
     print("\nutilisation over the same window (fractions of wall time):")
-    print("| setting | s / step | engine busy (decode + prefill) | engine idle | engine output tok/s "
+    print("| setting | s / step | engine busy (iterations with a forward step) | engine idle | engine output tok/s "
           "| learner training | learner tok/s (train time) | learner waiting for a batch | learner publishing weights |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
