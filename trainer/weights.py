@@ -49,8 +49,8 @@ DIGEST_BLOCK = 1 << 24  # bytes of a file hashed as one block
 def digest_dir(path: Path, *, workers: int | None = None) -> tuple[str, int]:
     """``(digest, nbytes)`` of every file of ``path``: a sha256 over, file by file in sorted relative-name order,
     the name, a NUL, the size (8 bytes, little-endian) and the sha256 of each 16 MiB block of the file's bytes.
-    Blocks are hashed on ``workers`` threads at once (hashlib releases the GIL): a serial sha256 of a 0.5B model's
-    1 GB ran at ~1.6 GB/s, a large share of publishing a version."""
+    A file of several blocks has them hashed on ``workers`` threads at once (hashlib releases the GIL): a serial
+    sha256 of a 0.5B model's 1 GB ran at ~1.6 GB/s, a large share of publishing a version."""
     h, total = hashlib.sha256(), 0
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -58,7 +58,9 @@ def digest_dir(path: Path, *, workers: int | None = None) -> tuple[str, int]:
             try:
                 size = os.fstat(fd).st_size
                 h.update(f.relative_to(path).as_posix().encode() + b"\0" + size.to_bytes(8, "little"))
-                for block in pool.map(partial(_block_digest, fd, size), range(0, size, DIGEST_BLOCK)):
+                offsets = range(0, size, DIGEST_BLOCK)
+                digest = partial(_block_digest, fd, size)
+                for block in pool.map(digest, offsets) if len(offsets) > 1 else map(digest, offsets):
                     h.update(block)
             finally:
                 os.close(fd)
@@ -67,8 +69,9 @@ def digest_dir(path: Path, *, workers: int | None = None) -> tuple[str, int]:
 
 
 def _block_digest(fd: int, size: int, offset: int) -> bytes:
-    data = os.pread(fd, DIGEST_BLOCK, offset)
-    if len(data) != min(DIGEST_BLOCK, size - offset):
+    want = min(DIGEST_BLOCK, size - offset)
+    data = os.pread(fd, want, offset)
+    if len(data) != want:
         raise OSError(f"short read at offset {offset} of a weights file")
     return hashlib.sha256(data).digest()
 
