@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running", "--max-running-requests", type=int, help="requests decoded together (engine.max_running)")
     p.add_argument("--context-length", type=int, help="max prompt + output tokens (engine.context_length)")
     p.add_argument("--max-total-tokens", type=int, help="KV pool positions (engine.max_total_tokens)")
+    p.add_argument("--max-prefill-tokens", "--chunked-prefill-size", type=int,
+                   help="new tokens per prefill pass; longer prompts are prefilled in pieces (engine.max_prefill_tokens)")
     p.add_argument("--disable-radix-cache", action="store_const", const="false", help="engine.prefix_cache=false")
     p.add_argument("--disable-overlap-schedule", action="store_const", const="false",
                    help="engine.overlap_schedule=false")
@@ -35,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _FLAGS = {
     "model": "engine.model", "host": "engine.host", "port": "engine.port", "dtype": "engine.dtype",
     "device": "engine.device", "max_running": "engine.max_running", "context_length": "engine.context_length",
-    "max_total_tokens": "engine.max_total_tokens", "disable_radix_cache": "engine.prefix_cache",
+    "max_total_tokens": "engine.max_total_tokens", "max_prefill_tokens": "engine.max_prefill_tokens",
+    "disable_radix_cache": "engine.prefix_cache",
     "disable_overlap_schedule": "engine.overlap_schedule",
     "enable_custom_logit_processor": "engine.enable_custom_logit_processor", "weight_update": "engine.weight_update",
 }

@@ -131,3 +131,30 @@ async def test_token_ids_logprob_agrees_with_input_token_logprobs(engine_url: st
         assert abs({t: v for v, t, _ in probe}[tok] - lp) < 1e-5
         checked += 1
     assert checked >= 8
+
+
+@pytest.fixture(scope="module")
+def chunked_engine_url(tiny_model_dir: Path) -> Any:
+    """An engine that prefills at most 16 new tokens per pass (SGLang's ``--chunked-prefill-size``)."""
+    from tests.fixtures.engine import start_engine
+
+    with start_engine(tiny_model_dir, "--max-running", "4", "--chunked-prefill-size", "16") as url:
+        yield url
+
+
+async def test_logprobs_with_chunked_prefill(chunked_engine_url: str, engine_url: str, hf_model: Any) -> None:
+    """SGLang's test_logprob_with_chunked_prefill, at a tiny model's size: prompts of 70 tokens prefilled 16 at a
+    time score as one forward pass does, and generate what an engine prefilling them whole generates."""
+    prompts = [prompt(70, 10 + i) for i in range(3)]
+    body = {"return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 3,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}}
+    chunked = await generate(chunked_engine_url, {**body, "input_ids": prompts})
+    whole = await generate(engine_url, {**body, "input_ids": prompts})
+    for p, res, ref_res in zip(prompts, chunked, whole, strict=True):
+        meta = res["meta_info"]
+        assert res["output_ids"] == ref_res["output_ids"]
+        assert len(meta["input_token_logprobs"]) == len(p) and len(meta["input_top_logprobs"]) == len(p)
+        ref = forward_logprobs(hf_model, p)
+        got = torch.tensor([t[0] for t in meta["input_token_logprobs"][1:]])
+        assert (got - ref.gather(-1, torch.tensor(p[1:]).view(-1, 1)).view(-1)).abs().max().item() <= 1e-4
+        assert [[t[1] for t in top] for top in meta["input_top_logprobs"][1:]] == ref.topk(3).indices.tolist()
