@@ -326,7 +326,7 @@ class WeightUpdate(Message, kw_only=True):
     version: int
     uri: str  # file:///abs/dir (HF layout) or nats-object://<bucket>/<name>
     format: str = "safetensors"
-    sha256: str = ""
+    sha256: str = ""  # trainer.weights.digest_dir of the version's files (sha256 over names, sizes and 16 MiB block digests)
     nbytes: int = 0
     created_at: float = msgspec.field(default_factory=time.time)
     broadcast: BroadcastSpec | None = None  # also sent by torch.distributed broadcast (see BroadcastSpec)
