@@ -36,11 +36,11 @@ class EngineCounters:
         """From a ``/get_server_info`` reply; None when it lacks the counters (another engine, e.g. SGLang)."""
         states = info.get("internal_states") if isinstance(info, dict) else None
         state = states[0] if isinstance(states, list) and states and isinstance(states[0], dict) else {}
-        generated, active = state.get("generated_tokens"), state.get("active_time_s")
-        parts = [state.get("decode_time_s"), state.get("prefill_time_s")] if active is None else [active]
-        if not all(isinstance(v, int | float) for v in (generated, *parts)):
+        busy = ("active_time_s",) if "active_time_s" in state else ("decode_time_s", "prefill_time_s")
+        values = [state.get(k) for k in (*busy, "generated_tokens")]
+        if not all(isinstance(v, int | float) for v in values):
             return None
-        return cls(busy_s=sum(float(v) for v in parts), generated=int(generated))  # type: ignore[arg-type,misc]
+        return cls(busy_s=float(sum(values[:-1])), generated=int(values[-1]))  # type: ignore[arg-type]
 
 
 def engine_usage(start: EngineCounters | None, end: EngineCounters | None, seconds: float) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Timing of device work for the kernel micro-benchmarks: ``calls`` calls captured in one CUDA graph."""
+"""Timing for the benchmarks: device work of the kernel micro-benchmarks (``calls`` calls captured in one CUDA
+graph), and one call on the wall clock."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["graph_time_ms"]
+__all__ = ["graph_time_ms", "wall_seconds"]
 
 
 def graph_time_ms(fn: Callable[[], object], calls: int, iters: int, device: torch.device) -> float:
@@ -35,3 +36,10 @@ def graph_time_ms(fn: Callable[[], object], calls: int, iters: int, device: torc
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def wall_seconds(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes on the wall clock."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

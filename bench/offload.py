@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agentrl.config.learner import LossConfig, OptimConfig
+from bench._timing import wall_seconds as timed
 from bench.learner import SHAPES, make_model
 from trainer.backend.host_stash import HostStash
 from trainer.backend.torch_backend import TorchBackend
@@ -48,12 +48,6 @@ def one_step(backend: TorchBackend, vocab: int) -> None:
     samples = [Sample(tokens=rng.integers(10, vocab, 256), mask=np.r_[0.0, np.ones(255)].astype(np.float32),
                       behaviour_logprobs=np.zeros(256, np.float32), advantage=1.0) for _ in range(4)]
     backend.train_step([pack(samples, [0, 1, 2, 3])], ppo_loss, LossConfig())
-
-
-def timed(fn: object) -> float:
-    start = time.perf_counter()
-    fn()  # type: ignore[operator]
-    return time.perf_counter() - start
 
 
 def main() -> None:

@@ -30,10 +30,9 @@ class PrefillFn(Protocol):
 
 
 def piece_bounds(length: int, limit: int, *, overlap: bool) -> list[tuple[int, int]]:
-    """``[begin, end)`` slices of a ``length``-token chunk, each at most ``limit`` tokens (``limit >= 2`` when
-    ``overlap``), consecutive ones sharing one token when ``overlap``."""
-    if limit < (2 if overlap else 1):
-        raise ValueError(f"a prefill piece limit of {limit} tokens cannot make progress (overlap={overlap})")
+    """``[begin, end)`` slices of a ``length``-token chunk, each at most ``limit`` tokens (at least 2 when
+    ``overlap``, so that pieces advance), consecutive ones sharing one token when ``overlap``."""
+    limit = max(limit, 2 if overlap else 1)
     step = limit - 1 if overlap else limit
     bounds, begin = [], 0
     while True:
@@ -54,7 +53,7 @@ def prefill_in_pieces(prefill: PrefillFn, rows: Sequence[int], chunks: Sequence[
     for b, (row, chunk, start) in enumerate(zip(rows, chunks, starts, strict=True)):
         spec = score.get(b)
         parts: list[PromptScores] = []
-        for begin, end in piece_bounds(len(chunk), max(limit, 2) if spec else limit, overlap=spec is not None):
+        for begin, end in piece_bounds(len(chunk), limit, overlap=spec is not None):
             out = prefill([row], [chunk[begin:end]], [start + begin], score={0: spec} if spec else None)
             parts.extend(out.prompt_logprobs.values())
         logits.append(out.logits)

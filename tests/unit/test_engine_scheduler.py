@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -219,8 +220,6 @@ async def test_a_prompt_over_the_prefill_budget_is_prefilled_in_pieces() -> None
 
 
 async def test_active_time_counts_the_iterations_that_ran_a_step_and_not_idle_time() -> None:
-    import time
-
     class SlowRunner(FakeRunner):
         def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
             time.sleep(0.005)
