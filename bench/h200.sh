@@ -30,6 +30,8 @@
 #   prefill    the engine's ragged prefill (prompts packed into one row, flash varlen) on the GPU: its test
 #              (bottom-right causal mask), engine --check, ragged vs padded (bench/prefill.py), and the
 #              engine at C=512 x 1,024 with it (issue 18)                                                  ~250
+#   learner    the issue-18 learner row: torch (autocast, bf16 masters) and Megatron on the ragged 0.5B batch, and
+#              plain transformers on uniform 8 x 2,048 rows in the same process, with the ratios          ~200
 #   publish    a weights version to disk phase by phase at 0.5B: export, the serial sha256 vs digest_dir's
 #              parallel blocks, the whole write (bench/publish.py)                                        ~40
 #   timeline   the served decode step between device and host: device span vs idle gap per step and the host
@@ -66,6 +68,9 @@ for p in "$@"; do
     megatron)
       part megatron 400 python3 bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b qwen2.5-1.5b \
         --seqs 64 --max-len 4096 --budget 16384 --steps 2 --warmup 1 --unfused ;;
+    learner)
+      part learner 300 python3 bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b --seqs 64 --max-len 4096 \
+        --budget 16384 --steps 3 --warmup 1 --plain ;;
     colocate)
       part colocate-offload 60 python3 -m bench.offload --device cuda
       part colocate-agentrl 250 python3 -m bench.colocate --learner agentrl --shape qwen2.5-0.5b --rollouts 512 \

@@ -44,6 +44,8 @@ SHAPES = {
                   num_attention_heads=8, num_key_value_heads=2),
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, rope_theta=1_000_000.0),
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, rope_theta=1_000_000.0),
 }
 
 
@@ -118,10 +120,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def hf_baseline(args: argparse.Namespace, samples: list[Sample]) -> dict[str, float]:
-    """Plain transformers training on the same uniform rows: ``model(ids, labels=ids).loss``, same precision."""
+def uniform_batch(vocab: int, length: int, rows: int = 8) -> list[Sample]:
+    """``rows`` random sequences of ``length`` tokens, every token but the first trained (the baseline's shape)."""
+    rng = np.random.default_rng(1)
+    return [Sample(tokens=rng.integers(0, vocab, length), mask=np.r_[0, np.ones(length - 1)].astype(np.float32),
+                   behaviour_logprobs=np.zeros(length, np.float32), advantage=1.0) for _ in range(rows)]
+
+
+def hf_baseline(args: argparse.Namespace, samples: list[Sample], shape: str | None = None) -> dict[str, float]:
+    """Plain transformers training on the same uniform rows: ``model(ids, labels=ids).loss``, under bf16
+    autocast on a GPU (float32 weights and AdamW state); ``shape`` defaults to ``args.shape``."""
     device = torch.device(args.device)
-    model = make_model(args.shape, "sdpa", device)
+    model = make_model(shape or args.shape, "sdpa", device)
     ids = torch.stack([torch.as_tensor(s.tokens, dtype=torch.long) for s in samples]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -230,10 +240,8 @@ def main() -> None:
     if args.mask_mode:
         rows.append(run_mode("packed-mask", args, plans(plan_micro_batches)))
     if args.uniform:
-        rng = np.random.default_rng(1)
         n = args.uniform_len
-        uniform = [Sample(tokens=rng.integers(0, vocab, n), mask=np.r_[0, np.ones(n - 1)].astype(np.float32),
-                          behaviour_logprobs=np.zeros(n, np.float32), advantage=1.0) for _ in range(8)]
+        uniform = uniform_batch(vocab, n)
         plan = plan_micro_batches([n] * 8, max(args.budget, 8 * n))
         for variant in ["packed", *(["packed-no-entropy", "packed-no-entropy-pure-bf16"] if args.variants else [])]:
             row = run_mode(variant, args, [(uniform, plan)])

@@ -41,7 +41,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agentrl.config.learner import LearnerConfig, LossConfig
-from bench.learner import SHAPES, rl_batch
+from bench.learner import SHAPES, hf_baseline, rl_batch, uniform_batch
 from trainer.backend.base import TrainBackend
 from trainer.backend.megatron.driver import MegatronBackend
 from trainer.backend.megatron.engine import MegatronEngine
@@ -51,11 +51,7 @@ from trainer.backend.torch_backend import build_torch_backend
 from trainer.losses import ppo_loss
 from trainer.packing import MicroBatch, Sample, pack, plan_micro_batches
 
-ALL_SHAPES: dict[str, dict[str, Any]] = {
-    **{name: cast(dict[str, Any], shape) for name, shape in SHAPES.items()},
-    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, rope_theta=1_000_000.0),
-}
+ALL_SHAPES: dict[str, dict[str, Any]] = {name: cast(dict[str, Any], shape) for name, shape in SHAPES.items()}
 
 
 def write_model(shape: str, out: Path, device: str) -> None:
@@ -171,6 +167,19 @@ def run_shape(shape: str, rank: Rank, args: argparse.Namespace, tmp: Path) -> No
         del backend
         free()
     emit({"shape": shape, "row": "ratio", **{f"{n}_over_torch": times["torch"] / times[n] for n in names[1:]}})
+    if args.plain:
+        plain_baseline(shape, args, {n: real / t for n, t in times.items()})
+
+
+def plain_baseline(shape: str, args: argparse.Namespace, tokens_per_s: dict[str, float]) -> None:
+    """Plain transformers on uniform ``8 x --plain-len`` rows in this process, after the backends (the issue's
+    baseline): its row, then each backend's real tokens/s on the ragged batch over the baseline's."""
+    vocab = int(ALL_SHAPES[shape]["vocab_size"])
+    row = hf_baseline(argparse.Namespace(device=args.device, steps=args.steps, warmup=args.warmup),
+                      uniform_batch(vocab, args.plain_len), shape)
+    free()
+    emit({"shape": shape, "row": "ratio_to_plain", "plain_tokens_per_s": row["tokens_per_s"],
+          **{f"{n}_over_plain": t / row["tokens_per_s"] for n, t in tokens_per_s.items()}})
 
 
 def profile(backend: TrainBackend, mbs: list[MicroBatch], label: str, rows: int) -> None:
@@ -203,6 +212,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--unfused", action="store_true",
                    help="also time both backends with learner.fused_kernels = false")
+    p.add_argument("--plain", action="store_true",
+                   help="also plain transformers training on uniform 8 x --plain-len rows, same process, and ratios")
+    p.add_argument("--plain-len", type=int, default=2048)
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile one more step of each backend and print its top ROWS ops")
     args = p.parse_args()
