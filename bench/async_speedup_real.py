@@ -13,7 +13,8 @@ trajectory is measured between two ``BatchTaken`` messages, the ``--warmup``-th 
 
 The synchronous baseline admits exactly B tasks per policy version, so B >= the engine's slots (the defaults:
 16 and 16) lets it use the whole engine: a fair baseline. Settings (``--settings``, default all): ``sync`` (eta =
-0); ``eta2``; ``eta2-alpha1`` (over-provisioning alpha = 1); and, with the engine draining its running requests
+0); ``eta2``; ``eta2-alpha1`` (over-provisioning alpha = 1); ``eta2-overlap`` (``learner.overlap_publish``: each
+version written while the learner takes its next batch); and, with the engine draining its running requests
 before every weight update (``--weight-update drain``, as SGLang does), ``drain-sync``, ``drain-eta2`` and
 ``drain-eta2-april`` (in-flight requests aborted at each update, resumed at once token for token).
 
@@ -95,6 +96,7 @@ class Setting:
     alpha: float | None = None
     drain: bool = False  # the engine drains its running requests before a weight update (SGLang)
     abort: bool = False  # APRIL: the controller aborts in-flight requests at each update
+    overlap: bool = False  # learner.overlap_publish: each version written while the learner takes its next batch
 
     @property
     def is_sync(self) -> bool:
@@ -105,6 +107,7 @@ SETTINGS = [
     Setting("sync", "sync (eta=0)", 0),
     Setting("eta2", "async eta=2", 2),
     Setting("eta2-alpha1", "async eta=2, alpha=1", 2, 1.0),
+    Setting("eta2-overlap", "async eta=2, overlapped publish", 2, overlap=True),
     Setting("drain-sync", "drain engine: sync (eta=0)", 0, drain=True),
     Setting("drain-eta2", "drain engine: async eta=2", 2, drain=True),
     Setting("drain-eta2-april", "drain engine: async eta=2 + APRIL (abort at update)", 2, drain=True, abort=True),
@@ -139,10 +142,12 @@ def learner_section(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     return section
 
 
-def write_config(path: Path, run: str, model: Path, eta: int, args: argparse.Namespace) -> None:
-    training = {"batch_size": args.batch, "group_size": args.group, "max_staleness": eta, "max_steps": args.steps}
+def write_config(path: Path, run: str, model: Path, setting: Setting, args: argparse.Namespace) -> None:
+    training = {"batch_size": args.batch, "group_size": args.group, "max_staleness": setting.eta,
+                "max_steps": args.steps}
+    learner = {**learner_section(model, args), **({"overlap_publish": True} if setting.overlap else {})}
     path.write_text(yaml.safe_dump({"name": run, "dir": str(path.parent / run), "training": training,
-                                    "learner": learner_section(model, args)}))
+                                    "learner": learner}))
 
 
 def engine_args(args: argparse.Namespace, drain: bool) -> list[str]:
@@ -195,7 +200,7 @@ async def run_setting(url: str, model: Path, tmp: Path, setting: Setting, args: 
     from tests.fixtures.engine import start_engine
 
     run = f"real{uuid.uuid4().hex[:8]}"
-    write_config(tmp / f"{run}.yaml", run, model, setting.eta, args)
+    write_config(tmp / f"{run}.yaml", run, model, setting, args)
     training = TrainingConfig(batch_size=args.batch, group_size=args.group, max_staleness=setting.eta,
                               max_steps=args.steps)
     rows = [{"prompt": [5 + i % 300, 17, 23, 42], "median": args.median} for i in range(400)]

@@ -89,7 +89,7 @@ for p in "$@"; do
     async)
       part async 420 python3 bench/async_speedup_real.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
         --batch 128 --group 8 --slots 128 --median 256 --cap 4096 --steps 5 --warmup 1 --checkpoint-every 1000 \
-        --settings sync eta2 --artifacts "$OUT/async"
+        --settings sync eta2 eta2-overlap --artifacts "$OUT/async"
       grep -E '^\||^real model|^utilisation|staleness bound' "$OUT/async.log"
       python3 -c 'import json, pathlib, sys
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*/learner_metrics.jsonl")):

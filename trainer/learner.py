@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -148,30 +148,43 @@ class Learner:
                 await keepalive
 
     async def _loop(self, state: LearnerState, buffer: GroupBuffer) -> LearnerState:
-        while not self._done(state):
-            phases = Phases()
-            with phases("wait"):
-                batch = await self.collect(buffer, state.version)
-            if batch is None:
-                break
-            self._unacked += batch.consumed
-            taken = batch_taken(state, batch)
-            await self.bus.publish_control("batch_taken", taken, content_id(f"batch-{taken.step}", taken))
-            async with self.device.turn(state.version, phases):
-                with phases("train"):
-                    result = await asyncio.to_thread(self.train, batch)
-            with phases("publish"):
-                update = await self.weights.publish(state.version + 1, self.backend.export_hf)
-                await self.bus.publish_control("weights", update, f"weights-{update.version}")
-                await self.bus.cas_version(state.version, state.version + 1)
-            self.state = state = advance(state, batch)
-            if state.step % self.cfg.checkpoint_every == 0 or self._done(state):
-                with phases("checkpoint"):
-                    await self.commit(state, buffer)
-            await self.metrics.record(state.step, step_metrics(batch, result, state, phases, self.training.max_staleness))
+        publishing = _Publishing()
+        try:
+            while not self._done(state):
+                phases = Phases()
+                with phases("wait"):
+                    batch = await self.collect(buffer, state.version)
+                if batch is None:
+                    break
+                self._unacked += batch.consumed
+                taken = batch_taken(state, batch)
+                await self.bus.publish_control("batch_taken", taken, content_id(f"batch-{taken.step}", taken))
+                await publishing.join(phases)  # overlap_publish: the previous version, if still being written
+                async with self.device.turn(state.version, phases):
+                    with phases("train"):
+                        result = await asyncio.to_thread(self.train, batch)
+                publishing.start(self.publish(state.version))
+                if not self.cfg.overlap_publish:
+                    await publishing.join(phases)
+                self.state = state = advance(state, batch)
+                if state.step % self.cfg.checkpoint_every == 0 or self._done(state):
+                    await publishing.join(phases)  # a checkpoint never runs ahead of the bus's version
+                    with phases("checkpoint"):
+                        await self.commit(state, buffer)
+                await self.metrics.record(state.step,
+                                          step_metrics(batch, result, state, phases, self.training.max_staleness))
+            await publishing.join(Phases())
+        finally:
+            await publishing.settle()
         if self._unacked:  # stopped between checkpoints: commit what was trained
             await self.commit(state, buffer)
         return state
+
+    async def publish(self, version: int) -> None:
+        """Write ``version + 1`` (the weights trained from ``version``), announce it, then bump the bus's version."""
+        update = await self.weights.publish(version + 1, self.backend.export_hf)
+        await self.bus.publish_control("weights", update, f"weights-{update.version}")
+        await self.bus.cas_version(version, version + 1)
 
     async def commit(self, state: LearnerState, buffer: GroupBuffer) -> None:
         """Checkpoint ``state`` atomically, THEN ack every delivery consumed since the last commit."""
@@ -231,6 +244,34 @@ class Learner:
     def _done(self, state: LearnerState) -> bool:
         last = self.training.max_steps
         return self._stop.is_set() or (last is not None and state.step >= last)
+
+
+class _Publishing:
+    """The learner's one publish in flight (``learner.overlap_publish``); time spent waiting for it is the step's
+    ``publish`` phase."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, publish: Coroutine[Any, Any, None]) -> None:
+        assert self.task is None, "one publish at a time"
+        self.task = asyncio.create_task(publish)
+
+    async def join(self, phases: Phases) -> None:
+        """Wait for the publish in flight; its error is raised here."""
+        task, self.task = self.task, None
+        if task is not None:
+            with phases("publish"):
+                await task
+
+    async def settle(self) -> None:
+        """On the way out: let a publish in flight finish (its thread cannot be cancelled); its error is logged,
+        as the loop is already failing or returning."""
+        task, self.task = self.task, None
+        if task is not None:
+            await asyncio.wait([task])
+            if not task.cancelled() and task.exception() is not None:
+                log.error("publishing weights failed: %r", task.exception())
 
 
 def advance(state: LearnerState, batch: Batch) -> LearnerState:

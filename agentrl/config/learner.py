@@ -149,6 +149,12 @@ class LearnerConfig(Section):
     """v<version>/ in HF layout, one per published version"""
     keep_weights: Annotated[int, msgspec.Meta(ge=1)] = 3
     """published versions kept on disk"""
+    overlap_publish: bool = False
+    """Write and announce each version in the background while the learner waits for its next batch (the next
+    step trains only once it is out: it changes the parameters being written, and checkpoints wait for it too).
+    Hides the publish (~0.5-1.5 s a version at 0.5B) behind the wait of an async run. The learner's version then
+    runs one ahead of the engines' while a version is written, so more tokens can reach the staleness bound
+    (masked or dropped past it, as always). No gain with max_staleness 0: the next batch needs the new weights."""
     publish_to_object_store: bool = False
     """also put the safetensors into the bus object store"""
     weight_sync: Literal["disk", "distributed"] = "disk"

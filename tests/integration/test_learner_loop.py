@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import msgspec
@@ -160,6 +161,75 @@ async def test_loop_trains_publishes_checkpoints_then_acks(
     assert (restored.step, restored.version, restored.consumed) == (3, 3, state.consumed)
     for k, v in again.backend.model.state_dict().items():  # type: ignore[attr-defined]
         torch.testing.assert_close(v, after[k], rtol=0, atol=0)
+
+
+class SlowSink(DiskWeightSink):
+    """A disk sink that takes ``delay`` s per version (a large model's write) and records when each publish ran;
+    ``fail_at``: that version's publish raises."""
+
+    def __init__(self, root: Path, delay: float, fail_at: int | None = None) -> None:
+        super().__init__(root, keep=2)
+        self.delay, self.fail_at = delay, fail_at
+        self.spans: list[tuple[float, float]] = []
+
+    async def publish(self, version: int, export) -> WeightUpdate:  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        await asyncio.sleep(self.delay)
+        if version == self.fail_at:
+            raise OSError(f"disk full writing v{version}")
+        update = await super().publish(version, export)
+        self.spans.append((start, time.perf_counter()))
+        return update
+
+
+def overlapping_learner(tmp: Path, model: Path, bus: FakeBus, sink: SlowSink,
+                        trajs: list[Trajectory]) -> tuple[Learner, list[tuple[float, float]]]:
+    cfg = msgspec.structs.replace(learner_config(model), overlap_publish=True, checkpoint_every=3)
+    source = FakeSource([FakeDelivery(t, lambda _: None) for t in trajs])
+    learner = Learner(cfg, TRAINING, build_torch_backend(cfg), source, bus, sink, Checkpointer(tmp / "ckpt"),
+                      MetricsSink(tmp / "metrics.jsonl", bus))
+    trains: list[tuple[float, float]] = []
+    train = learner.train
+
+    def timed_train(batch):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        try:
+            return train(batch)
+        finally:
+            trains.append((start, time.perf_counter()))
+
+    learner.train = timed_train  # type: ignore[method-assign]
+    return learner, trains
+
+
+async def test_overlapped_publish_runs_while_the_next_batch_is_taken_never_while_training(
+    tiny_qwen2_dir: Path, tmp_path: Path
+) -> None:
+    bus, sink = FakeBus(), SlowSink(tmp_path / "weights", delay=0.4)
+    learner, trains = overlapping_learner(tmp_path, tiny_qwen2_dir, bus, sink, synth_trajectories(6, 2))
+    state = await learner.run()
+
+    assert state.step == 3 and bus.version == 3 and [u.version for u in bus.updates] == [1, 2, 3]
+    # the next batch was taken while the previous version was still being written...
+    kinds = [i.rsplit("-", 1)[0] if k == "batch_taken" else i for k, _, i in bus.controls]
+    assert kinds == ["batch-0", "batch-1", "weights-1", "batch-2", "weights-2", "weights-3"]
+    # ...but no step trained while a version was being written (it changes the weights being exported)
+    for t0, t1 in trains:
+        assert all(t1 <= p0 or p1 <= t0 for p0, p1 in sink.spans), (trains, sink.spans)
+    assert digest_dir(tmp_path / "weights" / "v3") == (bus.updates[-1].sha256, bus.updates[-1].nbytes)
+    latest = Checkpointer(tmp_path / "ckpt").latest()  # the final checkpoint came after the last publish
+    assert latest is not None and json.loads((latest / "state.json").read_text())["version"] == 3
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["learner/time/publish"] > 0.2  # step 2 waited for v1's write: the wait is its publish phase
+
+
+async def test_an_overlapped_publish_that_fails_stops_the_learner(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    bus, sink = FakeBus(), SlowSink(tmp_path / "weights", delay=0.05, fail_at=2)
+    learner, _ = overlapping_learner(tmp_path, tiny_qwen2_dir, bus, sink, synth_trajectories(6, 2))
+    with pytest.raises(OSError, match="disk full writing v2"):
+        await learner.run()
+    assert bus.version == 1 and [u.version for u in bus.updates] == [1]
+    assert Checkpointer(tmp_path / "ckpt").latest() is None  # nothing checkpointed past the failed version
 
 
 async def test_restore_adopts_a_newer_bus_version(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
