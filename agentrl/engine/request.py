@@ -102,6 +102,7 @@ class Request:
     input_scores: _Scores = field(default_factory=_Scores)  # prompt positions logprobs_spec.start..
     finish_reason: dict[str, Any] | None = None
     cached_tokens: int = 0
+    computed: int = 0  # leading tokens whose keys/values its row holds (the cache hit, then a long prompt's pieces)
     row: int | None = None  # row of the runner's table while running
     kv: KVSeq | None = None
     kv_version: int = -1  # weight version when its keys/values started being computed

@@ -100,6 +100,7 @@ class SchedulerStats:
     finished: int = 0
     timed_out: int = 0
     retracted: int = 0  # running requests sent back to the queue by a retract pause (they continue later)
+    prefill_pieces: int = 0  # pieces of long prompts run between decode steps (chunked prefill)
 
 
 class Scheduler:
@@ -153,6 +154,7 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="agentrl-engine-model")
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="agentrl-engine-wait")  # waits for device copies
         self._inflight: _InFlight | None = None
+        self._chunked: Request | None = None  # a long prompt prefilled a piece per iteration, between decode steps
         self._task: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -312,15 +314,23 @@ class Scheduler:
         if self.paused or self.released:
             self._settle()
             return
-        admitted = self._admit()
+        admitted = self._admit() if self._chunked is None else []
+        if self._in_pieces(admitted):
+            self._chunked, admitted = admitted[0], []
+        if self._chunked is not None:
+            admitted = await self._prefill_piece()
         if admitted:
             await self._prefill(admitted)
             self._release_finished()
-        if self.running:
+        if self._decodable():
             await self._decode()
             self._release_finished()
         elif self._inflight is not None:
             await self._drain()
+
+    def _decodable(self) -> list[Request]:
+        """The running requests a decode step feeds: all but a long prompt still being prefilled."""
+        return self.running if self._chunked is None else [r for r in self.running if r is not self._chunked]
 
     async def _apply_weights(self) -> None:
         if self.drain_for_weights and any(not r.finished for r in self.running):
@@ -372,7 +382,7 @@ class Scheduler:
             self.waiting.popleft()
             budget -= new
             req.row = self.free_rows.pop(self.free_rows.index(min(self.free_rows)))
-            req.cached_tokens = req.kv.cached
+            req.cached_tokens = req.computed = req.kv.cached
             req.kv_version, req.admitted = self.weight_version, time.monotonic()
             self._dirty[req.row] = req
             self.stats.cached_tokens += req.kv.cached
@@ -380,6 +390,21 @@ class Scheduler:
             self.running.append(req)
             admitted.append(req)
         return admitted
+
+    def _in_pieces(self, admitted: list[Request]) -> bool:
+        """Whether the admission is one prompt over the prefill budget to feed a piece per iteration, so that the
+        running requests keep decoding in between (SGLang's chunked prefill)."""
+        return len(admitted) == 1 and self._next_piece(admitted[0]) > 0
+
+    def _next_piece(self, req: Request) -> int:
+        """Tokens the next piece of ``req``'s prompt feeds; 0: prefill (and sample) the rest now. Pieces stop where
+        scored prompt positions begin: those are scored by :meth:`_prefill` (its pieces, if it still needs them,
+        run back to back, :func:`~agentrl.engine.chunked.prefill_in_pieces`)."""
+        n = self.max_prefill_tokens
+        if len(req.input_ids) + len(req.output_ids) - req.computed <= n:
+            return 0
+        start = req.logprob_start if not req.output_ids else None
+        return max(min(n, start - 1 - req.computed), 0) if start is not None else n
 
     def _reserve(self, req: Request) -> bool:
         seq = req.input_ids + req.output_ids  # a retracted request resumes from what it had
@@ -410,9 +435,11 @@ class Scheduler:
             req.row = None
         if req.kv is not None:
             seq = req.input_ids + req.output_ids
-            computed = None if failed else np.asarray(seq[: len(req.input_ids) + max(len(req.output_ids) - 1, 0)])
-            self.cache.release(req.kv, computed)
+            done = req.computed if req is self._chunked else len(req.input_ids) + max(len(req.output_ids) - 1, 0)
+            self.cache.release(req.kv, None if failed else np.asarray(seq[:done]))
             req.kv = None
+        if req is self._chunked:
+            self._chunked = None
 
     def _release_finished(self, *, failed: bool = False) -> None:
         keep = []
@@ -434,8 +461,8 @@ class Scheduler:
     async def _prefill(self, reqs: list[Request]) -> None:
         seqs = [r.input_ids + r.output_ids for r in reqs]
         rows = [r.row for r in reqs if r.row is not None]
-        chunks = [seq[r.cached_tokens :] for seq, r in zip(seqs, reqs, strict=True)]
-        starts = [r.cached_tokens for r in reqs]
+        chunks = [seq[r.computed :] for seq, r in zip(seqs, reqs, strict=True)]
+        starts = [r.computed for r in reqs]
         score = score_specs(reqs)
         params, processing = sampling_batch(reqs), row_logits(reqs, self.eos_ids)
         self.stats.prefilled_tokens += sum(len(c) for c in chunks)
@@ -453,11 +480,33 @@ class Scheduler:
                 self._dirty[req.row] = req
         self._commit(reqs, sampled, prefill=True)
 
+    async def _prefill_piece(self) -> list[Request]:
+        """The next piece of the long prompt being prefilled (no sampling); once no piece is left (:meth:`_next_piece`),
+        that request, for :meth:`_prefill` to finish, score and sample in this iteration."""
+        req = self._chunked
+        assert req is not None and req.row is not None
+        seq, start, row, n = req.input_ids + req.output_ids, req.computed, req.row, self._next_piece(req)
+        if n == 0:
+            self._chunked = None
+            return [req]
+        piece = seq[start : start + n]
+
+        def step() -> None:
+            self._flush_rows()
+            self.runner.prefill([row], [piece], [start])
+
+        await self._timed(step, decode=False)
+        req.computed = start + len(piece)  # what a retraction or an abort keeps in the prefix cache
+        self.stats.steps += 1
+        self.stats.prefill_pieces += 1
+        self.stats.prefilled_tokens += len(piece)
+        return []
+
     async def _decode(self) -> None:
-        if self._inflight is not None or (self.overlap and all(pipelinable(r) for r in self.running)):
+        if self._inflight is not None or (self.overlap and all(pipelinable(r) for r in self._decodable())):
             await self._decode_overlapped()
             return
-        reqs, device = self.running, self.runner.device
+        reqs, device = self._decodable(), self.runner.device
         rows = DecodeRows.of(reqs, [0] * len(reqs), self.runner.scratch)
         feed = rows.feed(reqs, {}, device, lambda: None)
         params, processing = self._sampling.batch(reqs), row_logits(reqs, self.eos_ids)
@@ -478,7 +527,7 @@ class Scheduler:
         dropped when that step commits. The model thread always has the next step queued behind the running one.
         """
         prev, device = self._inflight, self.runner.device
-        this = _InFlight(list(self.running))
+        this = _InFlight(list(self._decodable()))
         rows, feed, params, processing = self._overlapped_inputs(prev, this)
 
         def step() -> HostCopy:
@@ -536,7 +585,7 @@ class Scheduler:
         request's logits need its last token (admissions do not drain: the prefill queues behind the step)."""
         return bool(
             self._retract_pending or self._pending_weights or self._settle_waiters or self.paused or self.released
-            or not all(pipelinable(r) for r in self.running)
+            or not all(pipelinable(r) for r in self._decodable())
         )
 
     def _submit(self, step: Callable[[], Any]) -> asyncio.Future[tuple[Any, float]]:

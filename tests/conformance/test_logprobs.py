@@ -11,10 +11,12 @@ Values are checked against one plain forward pass of the model (|diff| <= 1e-4).
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import torch
 
@@ -158,3 +160,27 @@ async def test_logprobs_with_chunked_prefill(chunked_engine_url: str, engine_url
         got = torch.tensor([t[0] for t in meta["input_token_logprobs"][1:]])
         assert (got - ref.gather(-1, torch.tensor(p[1:]).view(-1, 1)).view(-1)).abs().max().item() <= 1e-4
         assert [[t[1] for t in top] for top in meta["input_top_logprobs"][1:]] == ref.topk(3).indices.tolist()
+
+
+async def test_long_prompts_prefilled_between_decode_steps_generate_as_prefilled_whole(
+    chunked_engine_url: str, engine_url: str
+) -> None:
+    """Without prompt logprobs a prompt over the budget is fed a piece per scheduler iteration while the other
+    requests decode: the outputs and their logprobs are those of an engine that prefills it in one pass."""
+    long = [prompt(n, 20 + i) for i, n in enumerate((65, 70, 66))]  # 65: one token left after whole pieces
+    body = {"return_logprob": True, "sampling_params": {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}}
+    running = asyncio.ensure_future(generate(chunked_engine_url, {**body, "input_ids": [prompt(8, 5)]}))
+    chunked = await generate(chunked_engine_url, {**body, "input_ids": long})
+    await running
+    whole = await generate(engine_url, {**body, "input_ids": long})
+    for res, ref in zip(chunked, whole, strict=True):
+        assert res["output_ids"] == ref["output_ids"]
+        got = [t[0] for t in res["meta_info"]["output_token_logprobs"]]
+        want = [t[0] for t in ref["meta_info"]["output_token_logprobs"]]
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-4
+        (lp, tok, _), (ref_lp, ref_tok, _) = res["meta_info"]["input_token_logprobs"][-1], \
+            ref["meta_info"]["input_token_logprobs"][-1]  # the last prompt token's (logprob_start_len -1)
+        assert tok == ref_tok and abs(lp - ref_lp) <= 1e-4
+    async with aiohttp.ClientSession() as s, s.get(f"{chunked_engine_url}/get_server_info") as r:
+        info = await r.json()
+    assert info["internal_states"][0]["prefill_pieces"] >= 3 * 4  # 16 a piece up to the scored last token

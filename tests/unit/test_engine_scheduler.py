@@ -235,3 +235,62 @@ async def test_active_time_counts_the_iterations_that_ran_a_step_and_not_idle_ti
     await asyncio.sleep(0.1)  # idle: nothing runs, nothing counts
     assert scheduler.stats.active_time_s == active
     await scheduler.stop()
+
+
+class LoggingRunner(FakeRunner):
+    """Records every forward step in order: ``P<new tokens>`` for a prefill, ``D<rows>`` for a decode step;
+    ``on_prefill`` runs on the model thread after each prefill."""
+
+    def __init__(self, num_rows: int) -> None:
+        super().__init__(num_rows)
+        self.log: list[str] = []
+        self.on_prefill = lambda: None
+
+    def prefill(self, rows, chunks, starts, *, score=None) -> Prefill:  # type: ignore[no-untyped-def]
+        self.log.append(f"P{sum(len(c) for c in chunks)}")
+        out = super().prefill(rows, chunks, starts, score=score)
+        self.on_prefill()
+        return out
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        self.log.append(f"D{int((positions != self.scratch).sum())}")
+        time.sleep(0.001)
+        return super().decode(tokens, positions, kv_len)
+
+
+async def test_decode_steps_run_between_the_pieces_of_a_long_prompt() -> None:
+    runner = LoggingRunner(num_rows=2)
+    scheduler = scheduler_for(runner, max_prefill_tokens=10)
+    short, long = make(4, 40, first=3), make(35, 2)
+    short.stream = True
+    scheduler.start()
+    try:
+        scheduler.submit(short)
+        await asyncio.wait_for(short.updates.get(), 5)  # decoding
+        await run_all(scheduler, [long], start=False, stop=False)
+        while not await asyncio.wait_for(short.updates.get(), 5):
+            pass
+    finally:
+        await scheduler.stop()
+    pieces = [i for i, e in enumerate(runner.log) if e.startswith("P") and i > 0]
+    assert [runner.log[i] for i in pieces] == ["P10", "P10", "P10", "P5"]
+    assert all(runner.log[i + 1] == "D1" for i in pieces[:-1])  # the short one decoded between pieces
+    assert long.output_ids == [35 % VOCAB, 36 % VOCAB]
+    assert short.output_ids == [(4 + k) % VOCAB for k in range(40)]
+    assert scheduler.stats.prefill_pieces == 3 and scheduler.stats.prefilled_tokens == 4 + 35
+
+
+async def test_a_long_prompt_aborted_between_pieces_leaves_only_its_computed_pieces_cached() -> None:
+    runner = LoggingRunner(num_rows=2)
+    scheduler = scheduler_for(runner, max_prefill_tokens=10, prefix_cache=True)
+    long = make(35, 2)
+    runner.on_prefill = lambda: scheduler.abort(long.rid) if runner.log.count("P10") == 2 else None
+    await run_all(scheduler, [long], stop=False)
+    assert long.finish_reason["type"] == "abort" and long.output_ids == []  # type: ignore[index]
+    runner.on_prefill = lambda: None
+    again = make(35, 2)
+    again.rid = "again"
+    await run_all(scheduler, [again], start=False)
+    assert again.cached_tokens == 20  # the two pieces computed, not the 15 tokens never fed
+    assert again.output_ids == [35 % VOCAB, 36 % VOCAB]
+    assert scheduler.cache.allocator.available == 1000 - scheduler.cache.cached_tokens
