@@ -67,7 +67,8 @@ class EngineConfig(Section):
     """KV pool positions; 0 = (max_running + 16) * context"""
     max_prefill_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16384
     """new prompt tokens per prefill forward pass: requests are admitted up to it, and a longer prompt is
-    prefilled in pieces of at most this many tokens (chunked prefill; bounds the prefill's memory)"""
+    prefilled in pieces of at most this many tokens, one per scheduler iteration with a decode step of the running
+    requests between pieces (chunked prefill: bounds the prefill's memory and the others' wait)"""
     overlap_schedule: bool = True
     """launch decode step N+1 before step N's tokens are committed, so the host work of a step (stops, replies,
     the next step's inputs) overlaps the device's; steps with penalties, custom processors or grammars, and

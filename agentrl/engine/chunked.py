@@ -8,8 +8,10 @@ the logits after the last piece are those of one pass. Where prompt logprobs are
 overlap by one token: piece ``i + 1`` starts with piece ``i``'s last token (its keys/values are rewritten with
 the same values), so every target token is scored exactly once from the logits before it.
 
-The pieces run back to back within one scheduler step: this bounds memory, not the other requests' latency
-(decode steps do not interleave with a long prompt's pieces).
+Here the pieces run back to back within one scheduler step: this bounds memory, not the other requests' latency.
+The scheduler uses it where prompt scoring starts early in a long prompt; otherwise it feeds a long prompt one
+piece per iteration, the running requests decoding in between (``Scheduler._prefill_piece``), and calls this
+only for the last piece.
 """
 
 from __future__ import annotations
