@@ -32,6 +32,8 @@
 #              engine at C=512 x 1,024 with it (issue 18)                                                  ~250
 #   learner    the issue-18 learner row: torch (autocast, bf16 masters) and Megatron on the ragged 0.5B batch, and
 #              plain transformers on uniform 8 x 2,048 rows in the same process, with the ratios          ~200
+#   chunked    the running requests' stall while 16k-token prompts arrive: one prefill pass vs pieces of 2,048
+#              with decode steps between them (bench/chunked_prefill.py; estimated)                        ~120
 #   publish    a weights version to disk phase by phase at 0.5B: export, the serial sha256 vs digest_dir's
 #              parallel blocks, the whole write (bench/publish.py)                                        ~40
 #   timeline   the served decode step between device and host: device span vs idle gap per step and the host
@@ -68,6 +70,9 @@ for p in "$@"; do
     megatron)
       part megatron 400 python3 bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b qwen2.5-1.5b \
         --seqs 64 --max-len 4096 --budget 16384 --steps 2 --warmup 1 --unfused ;;
+    chunked)
+      part chunked 200 python3 -m bench.chunked_prefill --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
+        --long-len 16384 --piece 2048 --decoders 64 --decode-tokens 3000 --long 4 ;;
     learner)
       part learner 300 python3 bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b --seqs 64 --max-len 4096 \
         --budget 16384 --steps 3 --warmup 1 --plain ;;
