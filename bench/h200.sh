@@ -72,7 +72,8 @@ for p in "$@"; do
         --seqs 64 --max-len 4096 --budget 16384 --steps 2 --warmup 1 --unfused ;;
     chunked)
       part chunked 200 python3 -m bench.chunked_prefill --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
-        --long-len 16384 --piece 2048 --decoders 64 --decode-tokens 3000 --long 4 ;;
+        --long-len 16384 --piece 2048 --decoders 64 --decode-tokens 3000 --long 4
+      grep -E '^\||one pass /' "$OUT/chunked.log" ;;
     learner)
       part learner 300 python3 bench/learner_megatron.py --device cuda --shapes qwen2.5-0.5b --seqs 64 --max-len 4096 \
         --budget 16384 --steps 3 --warmup 1 --plain ;;
