@@ -294,3 +294,24 @@ async def test_a_long_prompt_aborted_between_pieces_leaves_only_its_computed_pie
     assert again.cached_tokens == 20  # the two pieces computed, not the 15 tokens never fed
     assert again.output_ids == [35 % VOCAB, 36 % VOCAB]
     assert scheduler.cache.allocator.available == 1000 - scheduler.cache.cached_tokens
+
+
+async def test_a_long_prompt_retracted_between_pieces_resumes_from_its_computed_pieces() -> None:
+    runner, piece, loop = LoggingRunner(num_rows=2), asyncio.Event(), asyncio.get_running_loop()
+    runner.on_prefill = lambda: (time.sleep(0.02), loop.call_soon_threadsafe(piece.set))
+    scheduler = scheduler_for(runner, max_prefill_tokens=10, prefix_cache=True)
+    long = make(35, 2)
+    scheduler.start()
+    try:
+        scheduler.submit(long)
+        await asyncio.wait_for(piece.wait(), 5)
+        await scheduler.pause("retract")  # the release of memory (colocated turns) retracts the same way
+        assert scheduler.stats.retracted == 1 and not scheduler.running and long.kv is None
+        scheduler.resume()
+        while not await asyncio.wait_for(long.updates.get(), 5):
+            pass
+    finally:
+        await scheduler.stop()
+    assert long.output_ids == [35 % VOCAB, 36 % VOCAB]
+    assert long.cached_tokens in (10, 20, 30)  # resumed from the pieces it had computed, whole pieces only
+    assert sum(int(e[1:]) for e in runner.log if e[0] == "P") == 35  # no prompt token prefilled twice
