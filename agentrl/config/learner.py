@@ -152,7 +152,8 @@ class LearnerConfig(Section):
     overlap_publish: bool = False
     """Write and announce each version in the background while the learner waits for its next batch (the next
     step trains only once it is out: it changes the parameters being written, and checkpoints wait for it too).
-    Hides the publish (~0.5-1.5 s a version at 0.5B) behind the wait of an async run. The learner's version then
+    Hides the publish (~0.9 s a version at 0.5B on an H100) behind the learner's wait; a run the engines bound
+    gains nothing (bench/RESULTS.md, Async speedup: 0.92x there). The learner's version then
     runs one ahead of the engines' while a version is written, so more tokens can reach the staleness bound
     (masked or dropped past it, as always). No gain with max_staleness 0: the next batch needs the new weights."""
     publish_to_object_store: bool = False
