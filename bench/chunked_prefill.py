@@ -23,7 +23,6 @@ import json
 import random
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agentrl.engine.tiny import init_model
-from bench.engine import SHAPES, launch_engine
+from bench.engine import SHAPES, bench_model, launch_engine, model_arguments
 
 
 async def decoder(s: aiohttp.ClientSession, url: str, i: int, args: argparse.Namespace, vocab: int) -> list[float]:
@@ -95,10 +93,7 @@ def run(model: Path, args: argparse.Namespace, piece: int, log: Path, vocab: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="HF model directory (default: random model of --shape)")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="small")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
+    model_arguments(p)
     p.add_argument("--decoders", type=int, default=8)
     p.add_argument("--decode-tokens", type=int, default=400)
     p.add_argument("--long", type=int, default=3, help="long prompts, one after the other")
@@ -107,8 +102,7 @@ def main() -> None:
     p.add_argument("--lead", type=float, default=1.0, help="seconds the decoders run before the long prompts")
     args = p.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="agentrl-bench-chunked-"))
-    model = args.model or init_model(tmp / "model", SHAPES[args.shape])
+    tmp, model = bench_model(args, "agentrl-bench-chunked-")
     vocab = min(SHAPES[args.shape].vocab_size, 50_000)
     runs: dict[str, dict[str, Any]] = {
         "one pass": run(model, args, args.long_len, tmp / "engine-whole.log", vocab),

@@ -236,12 +236,23 @@ def generate_tokens_per_s(model: object, batch: list[list[int]], new_tokens: int
     return best
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model options every engine bench takes: a checkpoint, or a random model of a shape; device; dtype."""
     p.add_argument("--model", type=Path, help="HF model directory (default: random model of --shape)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
+
+
+def bench_model(args: argparse.Namespace, prefix: str) -> tuple[Path, Path]:
+    """A scratch directory for the bench, and ``--model`` or a random model of ``--shape`` written in it."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    return tmp, args.model or init_model(tmp / "model", SHAPES[args.shape])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(p)
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 256])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -255,8 +266,7 @@ def main() -> None:
                    help="after timing, check prefix reuse, prompt logprobs and a weight update on this device")
     args = p.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="agentrl-bench-"))
-    model_dir = args.model or init_model(tmp / "model", SHAPES[args.shape])
+    tmp, model_dir = bench_model(args, "agentrl-bench-")
     from transformers import AutoModelForCausalLM
 
     from agentrl.engine.weights import resolve_device

@@ -20,7 +20,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agentrl.engine.tiny import init_model
-from bench.engine import SHAPES, launch_engine
+from bench.engine import SHAPES, bench_model, launch_engine, model_arguments
 
 
 def start(model: Path, args: argparse.Namespace, cache: bool, log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -90,10 +88,7 @@ async def workload(url: str, args: argparse.Namespace, vocab: int) -> dict[str, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="HF model directory (default: random model of --shape)")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="small")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
+    model_arguments(p)
     p.add_argument("--conversations", type=int, default=16)
     p.add_argument("--system", type=int, default=512, help="shared system prompt + tool descriptions (tokens)")
     p.add_argument("--task", type=int, default=48, help="per-conversation task (tokens)")
@@ -102,8 +97,7 @@ def main() -> None:
     p.add_argument("--tool", type=int, default=48, help="tool-result tokens appended per turn")
     args = p.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="agentrl-bench-prefix-"))
-    model = args.model or init_model(tmp / "model", SHAPES[args.shape])
+    tmp, model = bench_model(args, "agentrl-bench-prefix-")
     vocab = min(SHAPES[args.shape].vocab_size, 50_000)
     runs: dict[bool, dict[str, float]] = {}
     for cache in (False, True):
